@@ -1,0 +1,182 @@
+//! Loading the TC program, attaching it, and owning its maps.
+
+use std::os::fd::AsRawFd;
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, SockMap},
+    programs::{ProgramError, SchedClassifier, TcAttachType, tc},
+};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    task::JoinHandle,
+};
+use tproxy_ebpf::{PortKey, PortRule, RULE_INTERCEPT, names, stat};
+use tracing::{debug, warn};
+
+use crate::error::{Error, Result};
+
+/// The TC program, built by build.rs from the tproxy-ebpf crate.
+static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tproxy"));
+
+/// Counters kept by the TC program, summed over all CPUs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DatapathStats {
+    /// Packets handed to the relay's listener: the first packets of new flows.
+    pub to_listener: u64,
+    /// Packets handed to a socket that already owned their tuple.
+    pub to_socket: u64,
+    /// Matched packets passed untouched because no relay socket was there.
+    pub no_listener: u64,
+    /// Packets whose `bpf_sk_assign` failed; they passed untouched.
+    pub assign_failed: u64,
+}
+
+/// The loaded TC program and its maps. Dropping it detaches the program
+/// from every interface it was attached to.
+pub struct Datapath {
+    ebpf: Ebpf,
+    attached: Vec<String>,
+    logger: Option<JoinHandle<()>>,
+}
+
+impl Datapath {
+    /// Loads the embedded program. `mark` is put on steered packets;
+    /// packets that already carry `bypass_mark` are never steered.
+    pub fn load(mark: u32, bypass_mark: u32) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .override_global(names::MARK, &mark, true)
+            .override_global(names::BYPASS_MARK, &bypass_mark, true)
+            .load(PROGRAM_OBJECT)
+            .map_err(Error::Load)?;
+        // aya-log's ring buffer must stay open and be drained, or the records
+        // the program writes are lost.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(tokio::spawn(drain_log(logger))),
+            Err(e) => {
+                warn!("eBPF logs unavailable: {e}");
+                None
+            }
+        };
+        let program = program_mut(&mut ebpf)?;
+        program.load().map_err(|e| match e {
+            ProgramError::LoadError { io_error, verifier_log } => {
+                debug!("verifier log:\n{verifier_log}");
+                Error::ProgramRejected(io_error)
+            }
+            e => Error::Load(EbpfError::ProgramError(e)),
+        })?;
+        Ok(Self { ebpf, attached: Vec::new(), logger })
+    }
+
+    /// Attaches at TC ingress of `iface`: TCX on 6.6+, a netlink clsact
+    /// filter before that (aya decides).
+    pub fn attach(&mut self, iface: &str, tcx: bool) -> Result<()> {
+        if !tcx {
+            // The qdisc may exist already; the attach below reports real errors.
+            if let Err(e) = tc::qdisc_add_clsact(iface) {
+                debug!("clsact on {iface}: {e}");
+            }
+        }
+        let program = program_mut(&mut self.ebpf)?;
+        program
+            .attach(iface, TcAttachType::Ingress)
+            .map_err(|source| Error::Attach { iface: iface.to_owned(), source })?;
+        self.attached.push(iface.to_owned());
+        Ok(())
+    }
+
+    /// Interfaces the program is attached to.
+    pub fn interfaces(&self) -> &[String] {
+        &self.attached
+    }
+
+    /// Starts or stops intercepting `proto` traffic to `port`.
+    pub fn set_port(&mut self, proto: u8, port: u16, intercept: bool) -> Result<()> {
+        let mut ports = self.ports()?;
+        let key = PortKey::new(proto, port);
+        let result = if intercept {
+            ports.insert(key, PortRule { flags: RULE_INTERCEPT }, 0)
+        } else {
+            ports.remove(&key)
+        };
+        result.map_err(|source| Error::Map { name: names::PORTS, source })
+    }
+
+    /// Puts one of the relay's sockets into `slot` (see `tproxy_ebpf::slot`).
+    pub fn set_listener(&mut self, slot: u32, socket: &impl AsRawFd) -> Result<()> {
+        let map = self.ebpf.map_mut(names::LISTENERS).ok_or_else(|| missing(names::LISTENERS))?;
+        let mut sockets: SockMap<&mut MapData> =
+            SockMap::try_from(map).map_err(|source| Error::Map { name: names::LISTENERS, source })?;
+        sockets.set(slot, socket, 0).map_err(|source| Error::Map { name: names::LISTENERS, source })
+    }
+
+    /// Reads the program's counters.
+    pub fn stats(&self) -> Result<DatapathStats> {
+        let map = self.ebpf.map(names::STATS).ok_or_else(|| missing(names::STATS))?;
+        let counters: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|source| Error::Map { name: names::STATS, source })?;
+        let sum = |index: u32| -> Result<u64> {
+            let values =
+                counters.get(&index, 0).map_err(|source| Error::Map { name: names::STATS, source })?;
+            Ok(values.iter().sum())
+        };
+        Ok(DatapathStats {
+            to_listener: sum(stat::TO_LISTENER)?,
+            to_socket: sum(stat::TO_SOCKET)?,
+            no_listener: sum(stat::NO_LISTENER)?,
+            assign_failed: sum(stat::ASSIGN_FAILED)?,
+        })
+    }
+
+    fn ports(&mut self) -> Result<HashMap<&mut MapData, PortKey, PortRule>> {
+        let map = self.ebpf.map_mut(names::PORTS).ok_or_else(|| missing(names::PORTS))?;
+        HashMap::try_from(map).map_err(|source| Error::Map { name: names::PORTS, source })
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        if let Some(task) = self.logger.take() {
+            task.abort();
+        }
+        // aya detaches the program's links when `ebpf` drops.
+    }
+}
+
+/// Removes netlink clsact filters that an earlier, killed instance left on
+/// `iface`. TCX links cannot be left behind: they die with their owner.
+pub fn remove_leftover_filters(iface: &str) {
+    match tc::qdisc_detach_program(iface, TcAttachType::Ingress, names::PROGRAM) {
+        Ok(()) => warn!("removed a TC filter left on {iface} by an earlier run"),
+        Err(e) => debug!("no leftover TC filter on {iface}: {e}"),
+    }
+}
+
+fn program_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+    let program = ebpf.program_mut(names::PROGRAM).ok_or_else(|| {
+        Error::Load(EbpfError::ProgramError(ProgramError::UnexpectedProgramType))
+    })?;
+    program.try_into().map_err(|e| Error::Load(EbpfError::ProgramError(e)))
+}
+
+fn missing(name: &'static str) -> Error {
+    Error::Map { name, source: aya::maps::MapError::InvalidName { name: name.to_owned() } }
+}
+
+async fn drain_log<T: log::Log>(logger: aya_log::EbpfLogger<T>) {
+    // SAFETY: the logger owns its ring buffer fd, which stays open and the
+    // same for as long as the logger lives inside the AsyncFd.
+    let mut fd = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!("eBPF logs unavailable: {e}");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else { return };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}

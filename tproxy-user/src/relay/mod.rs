@@ -1,0 +1,6 @@
+//! The relay: accepts what the TC program steers and forwards it to the
+//! original destination.
+
+pub mod tcp;
+
+pub use tcp::{TcpRelay, TcpRelayConfig, TcpRelayStats};

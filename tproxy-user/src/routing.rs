@@ -1,0 +1,254 @@
+//! The policy routing that makes the kernel deliver steered packets locally:
+//! `ip rule fwmark M lookup T` and `local default dev lo table T`, for IPv4
+//! and IPv6, installed and removed over rtnetlink.
+//!
+//! `bpf_sk_assign` alone is not enough: routing runs after TC ingress, and a
+//! packet whose destination is not local would be forwarded or dropped.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use futures::TryStreamExt as _;
+use rtnetlink::{
+    Handle, IpVersion, RouteMessageBuilder,
+    packet_route::{
+        AddressFamily,
+        route::{RouteAttribute, RouteMessage, RouteScope, RouteType},
+        rule::{RuleAction, RuleAttribute, RuleMessage},
+    },
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    error::{Error, Result},
+    system,
+};
+
+/// Identifies our routing state: the mark our program sets, the table it
+/// routes to, and the rule priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoutingConfig {
+    pub mark: u32,
+    pub table: u32,
+    pub priority: u32,
+    /// Also install the IPv6 rule and route.
+    pub ipv6: bool,
+}
+
+/// Installed policy routing. `remove` takes it down; if the value is dropped
+/// without that (an error path, a panic), `Drop` removes it all the same.
+pub struct PolicyRouting {
+    config: RoutingConfig,
+    installed: bool,
+}
+
+impl PolicyRouting {
+    /// Removes leftovers of an earlier run with the same mark and table,
+    /// checks that nothing else uses them, and installs the rules and routes.
+    pub async fn install(config: RoutingConfig) -> Result<Self> {
+        let lo = system::ifindex("lo")?;
+        let netlink = Netlink::connect()?;
+        remove_with(&netlink.handle, &config).await?;
+        check_conflicts(&netlink.handle, &config).await?;
+        // From here on, Drop undoes whatever part was added.
+        let routing = Self { config, installed: true };
+        for family in config.families() {
+            netlink.add_route(family, config.table, lo).await?;
+            netlink.add_rule(family, &config).await?;
+        }
+        info!(
+            "policy routing: fwmark {:#x} -> table {} (local default dev lo), priority {}",
+            config.mark, config.table, config.priority
+        );
+        Ok(routing)
+    }
+
+    /// Removes the rules and routes.
+    pub async fn remove(mut self) -> Result<()> {
+        self.installed = false;
+        remove(&self.config).await
+    }
+}
+
+impl Drop for PolicyRouting {
+    fn drop(&mut self) {
+        if !self.installed {
+            return;
+        }
+        let config = self.config;
+        // Drop cannot await; use a private runtime on its own thread so this
+        // works whether or not the caller is inside a tokio runtime.
+        let result = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Error::io("starting a cleanup runtime", e))?
+                .block_on(remove(&config))
+        })
+        .join();
+        if !matches!(result, Ok(Ok(()))) {
+            warn!("could not remove policy routing for table {}", config.table);
+        }
+    }
+}
+
+impl RoutingConfig {
+    fn families(&self) -> &'static [IpVersion] {
+        if self.ipv6 { &[IpVersion::V4, IpVersion::V6] } else { &[IpVersion::V4] }
+    }
+}
+
+/// Removes our rules (fwmark M → table T) and our local default routes in
+/// table T, in both families. Succeeds when there is nothing to remove.
+pub async fn remove(config: &RoutingConfig) -> Result<()> {
+    let netlink = Netlink::connect()?;
+    remove_with(&netlink.handle, config).await
+}
+
+async fn remove_with(handle: &Handle, config: &RoutingConfig) -> Result<()> {
+    for family in [IpVersion::V4, IpVersion::V6] {
+        if family == IpVersion::V6 && !system::ipv6_enabled() {
+            continue;
+        }
+        for rule in rules(handle, family.clone()).await? {
+            if rule_mark(&rule) == Some(config.mark) && rule_table(&rule) == config.table {
+                debug!("removing rule {rule:?}");
+                handle.rule().del(rule).execute().await.map_err(routing_err("removing a rule"))?;
+            }
+        }
+        for route in routes(handle, family).await? {
+            if route_table(&route) == config.table && is_local_default(&route) {
+                debug!("removing route {route:?}");
+                handle.route().del(route).execute().await.map_err(routing_err("removing a route"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses to share a mark or a table with someone else's routing.
+async fn check_conflicts(handle: &Handle, config: &RoutingConfig) -> Result<()> {
+    for family in config.families() {
+        for rule in rules(handle, family.clone()).await? {
+            if rule_mark(&rule) == Some(config.mark) {
+                return Err(Error::Routing(format!(
+                    "fwmark {:#x} is already used by another rule (table {}); choose another --mark",
+                    config.mark,
+                    rule_table(&rule)
+                )));
+            }
+        }
+        if routes(handle, family.clone()).await?.iter().any(|r| route_table(r) == config.table) {
+            return Err(Error::Routing(format!(
+                "routing table {} already has routes; choose another --table",
+                config.table
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A connection to rtnetlink whose background task ends with it.
+struct Netlink {
+    handle: Handle,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Netlink {
+    fn connect() -> Result<Self> {
+        let (connection, handle, _) =
+            rtnetlink::new_connection().map_err(|e| Error::io("opening rtnetlink", e))?;
+        Ok(Self { handle, task: tokio::spawn(connection) })
+    }
+
+    async fn add_route(&self, family: &IpVersion, table: u32, lo: u32) -> Result<()> {
+        let message = match family {
+            IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+                .table_id(table)
+                .kind(RouteType::Local)
+                .scope(RouteScope::Host)
+                .output_interface(lo)
+                .build(),
+            IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+                .table_id(table)
+                .kind(RouteType::Local)
+                .scope(RouteScope::Host)
+                .output_interface(lo)
+                .build(),
+        };
+        self.handle.route().add(message).execute().await.map_err(routing_err("adding the local route"))
+    }
+
+    async fn add_rule(&self, family: &IpVersion, config: &RoutingConfig) -> Result<()> {
+        let request = self
+            .handle
+            .rule()
+            .add()
+            .fw_mark(config.mark)
+            .table_id(config.table)
+            .priority(config.priority)
+            .action(RuleAction::ToTable);
+        let result = match family {
+            IpVersion::V4 => request.v4().execute().await,
+            IpVersion::V6 => request.v6().execute().await,
+        };
+        result.map_err(routing_err("adding the fwmark rule"))
+    }
+}
+
+impl Drop for Netlink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn rules(handle: &Handle, family: IpVersion) -> Result<Vec<RuleMessage>> {
+    handle.rule().get(family).execute().try_collect().await.map_err(routing_err("listing rules"))
+}
+
+async fn routes(handle: &Handle, family: IpVersion) -> Result<Vec<RouteMessage>> {
+    let message = match family {
+        IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+    };
+    handle.route().get(message).execute().try_collect().await.map_err(routing_err("listing routes"))
+}
+
+fn rule_mark(rule: &RuleMessage) -> Option<u32> {
+    rule.attributes.iter().find_map(|a| match a {
+        RuleAttribute::FwMark(mark) => Some(*mark),
+        _ => None,
+    })
+}
+
+fn rule_table(rule: &RuleMessage) -> u32 {
+    rule.attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Table(table) => Some(*table),
+            _ => None,
+        })
+        .unwrap_or(rule.header.table.into())
+}
+
+fn route_table(route: &RouteMessage) -> u32 {
+    route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(table) => Some(*table),
+            _ => None,
+        })
+        .unwrap_or(route.header.table.into())
+}
+
+fn is_local_default(route: &RouteMessage) -> bool {
+    route.header.kind == RouteType::Local
+        && route.header.destination_prefix_length == 0
+        && matches!(route.header.address_family, AddressFamily::Inet | AddressFamily::Inet6)
+}
+
+fn routing_err(what: &'static str) -> impl Fn(rtnetlink::Error) -> Error {
+    move |e| Error::Routing(format!("{what}: {e}"))
+}
