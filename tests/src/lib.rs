@@ -1,0 +1,425 @@
+//! The sandbox the integration tests, the demo and the benchmarks run in:
+//! three network namespaces on documentation address ranges.
+//!
+//! ```text
+//!  client ns            proxy ns                     server ns
+//!  c0 192.0.2.2 ---- p0 192.0.2.1 | p1 198.51.100.1 ---- s0 198.51.100.10
+//!  2001:db8:1::2       2001:db8:1::1 | 2001:db8:2::1      2001:db8:2::10
+//! ```
+//!
+//! The client and the server route through the proxy, which forwards.
+//! Everything is removed when the [`Topology`] drops.
+
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+pub const PROXY_CLIENT_SIDE_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const PROXY_SERVER_SIDE_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+pub const SERVER_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
+pub const PROXY_CLIENT_SIDE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+pub const PROXY_SERVER_SIDE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
+pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x10);
+
+/// The proxy's client-facing interface, where `attach` runs.
+pub const PROXY_CLIENT_IFACE: &str = "p0";
+/// The proxy's server-facing interface.
+pub const PROXY_SERVER_IFACE: &str = "p1";
+
+/// One network namespace, by name.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Runs `f` on a thread that has entered this namespace. Sockets created
+    /// there stay in it, and can be used from any thread afterwards.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let path = format!("/run/netns/{}", self.name);
+        thread::spawn(move || -> Result<T> {
+            let ns = File::open(&path).with_context(|| format!("opening {path}"))?;
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns {path}: {}", std::io::Error::last_os_error());
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
+    }
+
+    /// A command that runs inside this namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// Runs a command in this namespace and returns its stdout; fails on a
+    /// non-zero exit.
+    pub fn exec(&self, args: &[&str]) -> Result<String> {
+        let output = self.command(args[0]).args(&args[1..]).output()?;
+        ensure!(
+            output.status.success(),
+            "{args:?} in {} failed: {}",
+            self.name,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Binds a TCP listener inside this namespace.
+    pub fn tcp_listen(&self, addr: SocketAddr) -> Result<TcpListener> {
+        self.run(move || TcpListener::bind(addr))?
+            .with_context(|| format!("binding {addr}"))
+    }
+
+    /// Connects from inside this namespace.
+    pub fn tcp_connect(&self, addr: SocketAddr) -> Result<TcpStream> {
+        let stream = self
+            .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))?
+            .with_context(|| format!("connecting to {addr}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        stream.set_write_timeout(Some(Duration::from_secs(20)))?;
+        Ok(stream)
+    }
+
+    /// Policy routing, TC filters and TCX programs that `attach` could have
+    /// left on `iface`, as text; empty when nothing is there.
+    pub fn interception_state(&self, iface: &str, table: u32) -> Result<String> {
+        let mut state = String::new();
+        for family in ["-4", "-6"] {
+            for line in self.exec(&["ip", family, "rule", "show"])?.lines() {
+                if line.contains("fwmark") {
+                    state += &format!("rule: {line}\n");
+                }
+            }
+            // `show table N` fails while table N does not exist; list all.
+            let ours = format!("table {table} ");
+            for line in self
+                .exec(&["ip", family, "route", "show", "table", "all"])?
+                .lines()
+            {
+                if format!("{line} ").contains(&ours) {
+                    state += &format!("route: {line}\n");
+                }
+            }
+        }
+        for line in self
+            .exec(&["tc", "filter", "show", "dev", iface, "ingress"])?
+            .lines()
+        {
+            state += &format!("tc filter: {line}\n");
+        }
+        let iface = iface.to_owned();
+        let tcx = self.run(move || {
+            aya::programs::SchedClassifier::query_tcx(&iface, aya::programs::TcAttachType::Ingress)
+                .map(|(_, programs)| programs.len())
+        })?;
+        // Kernels before 6.6 have no TCX; the query fails there.
+        if let Ok(count) = tcx
+            && count > 0
+        {
+            state += &format!("tcx programs: {count}\n");
+        }
+        Ok(state)
+    }
+}
+
+/// The three namespaces and their links.
+pub struct Topology {
+    pub client: Netns,
+    pub proxy: Netns,
+    pub server: Netns,
+}
+
+static NEXT_TOPOLOGY: AtomicU32 = AtomicU32::new(0);
+
+impl Topology {
+    /// Creates the namespaces, links, addresses and routes. `tag` names the
+    /// namespaces (with the process id, so parallel tests never collide).
+    pub fn new(tag: &str) -> Result<Self> {
+        let n = NEXT_TOPOLOGY.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("tp{}-{}-{tag}", std::process::id(), n);
+        let topology = Self {
+            client: Netns {
+                name: format!("{prefix}-c"),
+            },
+            proxy: Netns {
+                name: format!("{prefix}-p"),
+            },
+            server: Netns {
+                name: format!("{prefix}-s"),
+            },
+        };
+        // Drop removes whatever part gets created if a step fails.
+        topology
+            .create()
+            .with_context(|| format!("creating the {prefix} namespaces"))?;
+        Ok(topology)
+    }
+
+    fn create(&self) -> Result<()> {
+        let (c, p, s) = (&self.client.name, &self.proxy.name, &self.server.name);
+        run_ip_batch(
+            &[],
+            &format!(
+                "netns add {c}\nnetns add {p}\nnetns add {s}\n\
+                 link add c0 netns {c} type veth peer name p0 netns {p}\n\
+                 link add s0 netns {s} type veth peer name p1 netns {p}\n"
+            ),
+        )?;
+        let addresses = |dev: &str, v4: Ipv4Addr, v6: Ipv6Addr| {
+            format!(
+                "addr add {v4}/24 dev {dev}\naddr add {v6}/64 dev {dev} nodad\nlink set {dev} up\n"
+            )
+        };
+        let client = addresses("c0", CLIENT_V4, CLIENT_V6)
+            + &format!("route add default via {PROXY_CLIENT_SIDE_V4}\n")
+            + &format!("route add default via {PROXY_CLIENT_SIDE_V6}\n");
+        let proxy = addresses("p0", PROXY_CLIENT_SIDE_V4, PROXY_CLIENT_SIDE_V6)
+            + &addresses("p1", PROXY_SERVER_SIDE_V4, PROXY_SERVER_SIDE_V6);
+        let server = addresses("s0", SERVER_V4, SERVER_V6)
+            + &format!("route add default via {PROXY_SERVER_SIDE_V4}\n")
+            + &format!("route add default via {PROXY_SERVER_SIDE_V6}\n");
+        for (ns, script) in [(c, client), (p, proxy), (s, server)] {
+            run_ip_batch(&["-n", ns], &(script + "link set lo up\n"))?;
+        }
+        self.proxy.exec(&[
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+        ])?;
+        Ok(())
+    }
+
+    /// The server's address in the family of `v6`.
+    pub fn server_addr(v6: bool, port: u16) -> SocketAddr {
+        if v6 {
+            (SERVER_V6, port).into()
+        } else {
+            (SERVER_V4, port).into()
+        }
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for ns in [&self.client, &self.server, &self.proxy] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &ns.name])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn run_ip_batch(options: &[&str], script: &str) -> Result<()> {
+    let mut child = Command::new("ip")
+        .args(options)
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running ip (iproute2)")?;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())?;
+    let output = child.wait_with_output()?;
+    ensure!(
+        output.status.success(),
+        "ip -batch: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// Path of the `tproxy-user` binary under test: `$TPROXY_USER_BIN`, or the
+/// workspace's debug build.
+pub fn tproxy_bin() -> PathBuf {
+    match std::env::var_os("TPROXY_USER_BIN") {
+        Some(path) => path.into(),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tproxy-user"),
+    }
+}
+
+/// A running `tproxy-user attach`, with its log collected.
+pub struct Proxy {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Proxy {
+    /// Starts `tproxy-user <args>` in `ns` and waits until it is ready.
+    pub fn start(ns: &Netns, args: &[&str]) -> Result<Self> {
+        let proxy = Self::spawn(ns, args)?;
+        proxy.wait_for_log("ready:", Duration::from_secs(30))?;
+        Ok(proxy)
+    }
+
+    /// Starts `tproxy-user <args>` in `ns` without waiting.
+    pub fn spawn(ns: &Netns, args: &[&str]) -> Result<Self> {
+        let mut child = ns
+            .command(tproxy_bin())
+            .args(args)
+            .env("RUST_LOG", "debug,aya::bpf=error")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting tproxy-user")?;
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Ok(Self { child, log })
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "no {needle:?} in the proxy log within {timeout:?}:\n{}",
+            self.log()
+        )
+    }
+
+    /// The port the relay listens on, from the ready line.
+    pub fn listen_port(&self) -> Result<u16> {
+        let log = self.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("relay listening on port"))
+            .context("no ready line")?;
+        Ok(line.rsplit(' ').next().unwrap_or_default().trim().parse()?)
+    }
+
+    /// Sends `signal` and waits for the exit (10 s at most).
+    pub fn stop_with(mut self, signal: i32) -> Result<(ExitStatus, String)> {
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                // Let the reader thread take the last lines.
+                thread::sleep(Duration::from_millis(50));
+                return Ok((status, self.log()));
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("tproxy-user did not exit within 10 s:\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, and the exit must be clean.
+    pub fn stop(self) -> Result<String> {
+        let (status, log) = self.stop_with(libc::SIGTERM)?;
+        ensure!(status.success(), "tproxy-user exited with {status}:\n{log}");
+        Ok(log)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `tproxy-user <args>` in `ns` to completion.
+pub fn run_tproxy(ns: &Netns, args: &[&str]) -> Result<Output> {
+    Ok(ns
+        .command(tproxy_bin())
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()?)
+}
+
+/// Deterministic bytes that reveal reordering, loss and corruption.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Reads until EOF.
+pub fn read_to_end(stream: &mut TcpStream) -> Result<Vec<u8>> {
+    let mut data = Vec::new();
+    stream.read_to_end(&mut data)?;
+    Ok(data)
+}
+
+/// The server's view of one connection: the peer it saw and what arrived.
+pub struct Served {
+    pub peer: SocketAddr,
+    pub received: Vec<u8>,
+}
+
+/// Accepts one connection on `listener` in the background: reads until the
+/// client half-closes, then answers with `reply` and closes.
+pub fn serve_once(listener: TcpListener, reply: Vec<u8>) -> thread::JoinHandle<Result<Served>> {
+    thread::spawn(move || {
+        let (mut stream, peer) = listener.accept()?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let received = read_to_end(&mut stream)?;
+        stream.write_all(&reply)?;
+        Ok(Served { peer, received })
+    })
+}
+
+/// The client address the server should see when the proxy is bypassed.
+pub fn client_ip(v6: bool) -> IpAddr {
+    if v6 {
+        CLIENT_V6.into()
+    } else {
+        CLIENT_V4.into()
+    }
+}
+
+/// The proxy's server-side address, which the server sees for relayed connections.
+pub fn proxy_ip(v6: bool) -> IpAddr {
+    if v6 {
+        PROXY_SERVER_SIDE_V6.into()
+    } else {
+        PROXY_SERVER_SIDE_V4.into()
+    }
+}

@@ -26,7 +26,11 @@ pub struct PortKey {
 
 impl PortKey {
     pub const fn new(proto: u8, port: u16) -> Self {
-        Self { port, proto, _pad: 0 }
+        Self {
+            port,
+            proto,
+            _pad: 0,
+        }
     }
 }
 
@@ -40,6 +44,29 @@ pub struct PortRule {
 
 /// Steer matching packets to the relay.
 pub const RULE_INTERCEPT: u32 = 1;
+
+/// Key of the `TW_REOPEN` map: a TCP tuple whose SYN met a TIME_WAIT socket
+/// on its way in. Addresses in network order (IPv4 in `[0]`), ports in host
+/// order.
+///
+/// The TC program hands such a SYN to the TIME_WAIT socket; the kernel then
+/// looks for a listener on the original port, the `sk_lookup` program finds
+/// the tuple here and answers with the relay's listener, and the kernel
+/// retires the TIME_WAIT socket, as iptables TPROXY does in
+/// `nf_tproxy_handle_time_wait4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ReopenKey {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub ipv6: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Size of the `TW_REOPEN` LRU map; entries live for microseconds.
+pub const MAX_REOPENS: u32 = 16384;
 
 /// Slots of the `LISTENERS` sockmap, which holds the relay's own sockets.
 /// The program assigns new flows to these; when the relay dies the kernel
@@ -62,12 +89,18 @@ pub mod stat {
     pub const NO_LISTENER: u32 = 2;
     /// `bpf_sk_assign` refused the socket; the packet passed untouched.
     pub const ASSIGN_FAILED: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// SYNs that met a TIME_WAIT socket holding their tuple.
+    pub const TW_SYN: u32 = 4;
+    /// Of those, the ones the `sk_lookup` program handed to the listener.
+    pub const TW_HANDOVER: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// Names of the maps, programs and globals in the object file.
 pub mod names {
     pub const PROGRAM: &str = "tproxy_ingress";
+    pub const REOPEN_PROGRAM: &str = "tproxy_reopen";
+    pub const TW_REOPEN: &str = "TW_REOPEN";
     pub const PORTS: &str = "PORTS";
     pub const LISTENERS: &str = "LISTENERS";
     pub const STATS: &str = "STATS";
@@ -85,4 +118,5 @@ mod pod {
     // SAFETY: plain `#[repr(C)]` integers with explicit padding.
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::PortRule {}
+    unsafe impl aya::Pod for super::ReopenKey {}
 }

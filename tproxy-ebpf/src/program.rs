@@ -5,12 +5,15 @@ use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, bpf_sock},
     cty::c_void,
     helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
-    macros::{classifier, map},
-    maps::{HashMap, PerCpuArray, SockMap},
-    programs::TcContext,
+    macros::{classifier, map, sk_lookup},
+    maps::{HashMap, LruHashMap, PerCpuArray, SockMap},
+    programs::{SkLookupContext, TcContext},
 };
 use aya_log_ebpf::warn;
-use tproxy_ebpf::{MAX_PORT_RULES, PROTO_TCP, PortKey, PortRule, RULE_INTERCEPT, slot, stat};
+use tproxy_ebpf::{
+    MAX_PORT_RULES, MAX_REOPENS, PROTO_TCP, PortKey, PortRule, RULE_INTERCEPT, ReopenKey, slot,
+    stat,
+};
 
 use crate::parse::{Flow, parse};
 
@@ -36,6 +39,9 @@ static PORTS: HashMap<PortKey, PortRule> = HashMap::with_max_entries(MAX_PORT_RU
 
 #[map]
 static LISTENERS: SockMap = SockMap::with_max_entries(slot::COUNT, 0);
+
+#[map]
+static TW_REOPEN: LruHashMap<ReopenKey, u8> = LruHashMap::with_max_entries(MAX_REOPENS, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
@@ -70,25 +76,121 @@ fn steer(ctx: &TcContext, mut flow: Flow) {
 fn steer_tcp(ctx: &TcContext, flow: &mut Flow) {
     let len = flow.tuple_len();
     let sk = unsafe {
-        bpf_skc_lookup_tcp(ctx.as_ptr(), &mut flow.tuple, len, BPF_F_CURRENT_NETNS as u64, 0)
+        bpf_skc_lookup_tcp(
+            ctx.as_ptr(),
+            &mut flow.tuple,
+            len,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
     };
     if !sk.is_null() {
         let state = unsafe { (*sk).state };
-        // A LISTEN socket found by tuple is some local server's wildcard
-        // listener, not ours. A SYN that meets a TIME_WAIT socket opens a new
-        // connection: handing it to TIME_WAIT would make the kernel look for
-        // a listener on the original port and reset or drop it.
-        let new_flow = state == BPF_TCP_LISTEN || (state == BPF_TCP_TIME_WAIT && flow.syn);
-        if !new_flow {
+        if state != BPF_TCP_LISTEN {
+            // A SYN that meets TIME_WAIT opens a new connection. Handing it to
+            // the listener directly fails: the kernel refuses a request socket
+            // whose tuple a TIME_WAIT socket still holds. Handing it to the
+            // TIME_WAIT socket lets the kernel retire that socket and look up
+            // a listener, which `tproxy_reopen` answers with ours.
+            if state == BPF_TCP_TIME_WAIT && flow.syn {
+                let _ = TW_REOPEN.insert(&reopen_key(flow), &0, 0);
+                count(stat::TW_SYN);
+            }
             assign(ctx, sk, stat::TO_SOCKET);
             return;
         }
+        // A LISTEN socket found by tuple is some local server's wildcard
+        // listener, not ours.
         unsafe { bpf_sk_release(sk.cast()) };
     }
     // Non-SYN packets without a socket go to the listener too: it answers
     // stray segments with a reset and validates SYN cookies.
-    let index = if flow.ipv6 { slot::TCP_V6 } else { slot::TCP_V4 };
+    let index = if flow.ipv6 {
+        slot::TCP_V6
+    } else {
+        slot::TCP_V4
+    };
     to_listener(ctx, index);
+}
+
+#[inline(always)]
+fn reopen_key(flow: &Flow) -> ReopenKey {
+    let mut key = ReopenKey {
+        saddr: [0; 4],
+        daddr: [0; 4],
+        sport: 0,
+        dport: 0,
+        ipv6: 0,
+        _pad: [0; 3],
+    };
+    unsafe {
+        if flow.ipv6 {
+            let t = &flow.tuple.__bindgen_anon_1.ipv6;
+            key.saddr = t.saddr;
+            key.daddr = t.daddr;
+            key.sport = u16::from_be(t.sport);
+            key.ipv6 = 1;
+        } else {
+            let t = &flow.tuple.__bindgen_anon_1.ipv4;
+            key.saddr[0] = t.saddr;
+            key.daddr[0] = t.daddr;
+            key.sport = u16::from_be(t.sport);
+        }
+    }
+    key.dport = flow.dport;
+    key
+}
+
+/// Runs when the kernel looks for a listener. Answers only for tuples whose
+/// SYN the TC program handed to a TIME_WAIT socket; every other lookup
+/// proceeds as if this program were not there.
+#[sk_lookup]
+pub fn tproxy_reopen(ctx: SkLookupContext) -> u32 {
+    const SK_PASS: u32 = 1;
+    const AF_INET6: u32 = 10;
+    let l = unsafe { &*ctx.lookup };
+    if l.protocol != PROTO_TCP as u32 {
+        return SK_PASS;
+    }
+    let ipv6 = l.family == AF_INET6;
+    let mut key = ReopenKey {
+        saddr: [0; 4],
+        daddr: [0; 4],
+        sport: u16::from_be(l.remote_port),
+        dport: l.local_port as u16,
+        ipv6: ipv6 as u8,
+        _pad: [0; 3],
+    };
+    if ipv6 {
+        key.saddr = ctx_words(&l.remote_ip6);
+        key.daddr = ctx_words(&l.local_ip6);
+    } else {
+        key.saddr[0] = l.remote_ip4;
+        key.daddr[0] = l.local_ip4;
+    }
+    if unsafe { TW_REOPEN.get(&key) }.is_some() {
+        let _ = TW_REOPEN.remove(&key);
+        let index = if ipv6 { slot::TCP_V6 } else { slot::TCP_V4 };
+        // On failure the lookup goes on as usual: the client retries.
+        if LISTENERS.redirect_sk_lookup(&ctx, index, 0).is_ok() {
+            count(stat::TW_HANDOVER);
+        }
+    }
+    SK_PASS
+}
+
+/// Copies an address out of the context one word at a time: the verifier
+/// refuses loads through a ctx pointer that was moved, which an array copy is.
+#[inline(always)]
+fn ctx_words(words: &[u32; 4]) -> [u32; 4] {
+    unsafe {
+        [
+            core::ptr::read_volatile(&words[0]),
+            core::ptr::read_volatile(&words[1]),
+            core::ptr::read_volatile(&words[2]),
+            core::ptr::read_volatile(&words[3]),
+        ]
+    }
 }
 
 #[inline(always)]

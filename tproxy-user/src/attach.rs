@@ -28,7 +28,7 @@ pub async fn run(config: AttachConfig, shutdown: impl Future<Output = ()>) -> Re
             relay.listen_port
         )));
     }
-    intercept.validate()?;
+    crate::intercept::preflight(&intercept)?;
     let relay = TcpRelay::bind(relay)?;
     let mut sockets = vec![(RelaySocket::TcpV4, relay.ipv4_listener().as_fd())];
     if let Some(v6) = relay.ipv6_listener() {
@@ -50,8 +50,8 @@ pub async fn run(config: AttachConfig, shutdown: impl Future<Output = ()>) -> Re
     let _ = relay_task.await;
     if let Ok(s) = datapath_stats {
         info!(
-            "datapath: {} packets to the listener, {} to existing sockets, {} passed without a listener, {} assign failures",
-            s.to_listener, s.to_socket, s.no_listener, s.assign_failed
+            "datapath: {} packets to the listener, {} to existing sockets, {} SYNs met TIME_WAIT ({} handed over), {} passed without a listener, {} assign failures",
+            s.to_listener, s.to_socket, s.tw_syn, s.tw_handover, s.no_listener, s.assign_failed
         );
     }
     info!("relay: {}", stats.summary());

@@ -5,7 +5,7 @@ use std::os::fd::AsRawFd;
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, SockMap},
-    programs::{ProgramError, SchedClassifier, TcAttachType, tc},
+    programs::{ProgramError, SchedClassifier, SkLookup, TcAttachType, tc},
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -30,6 +30,10 @@ pub struct DatapathStats {
     pub no_listener: u64,
     /// Packets whose `bpf_sk_assign` failed; they passed untouched.
     pub assign_failed: u64,
+    /// SYNs that met a TIME_WAIT socket holding their tuple.
+    pub tw_syn: u64,
+    /// Of those, the ones handed straight to the relay's listener.
+    pub tw_handover: u64,
 }
 
 /// The loaded TC program and its maps. Dropping it detaches the program
@@ -58,15 +62,37 @@ impl Datapath {
                 None
             }
         };
-        let program = program_mut(&mut ebpf)?;
-        program.load().map_err(|e| match e {
-            ProgramError::LoadError { io_error, verifier_log } => {
-                debug!("verifier log:\n{verifier_log}");
-                Error::ProgramRejected(io_error)
-            }
-            e => Error::Load(EbpfError::ProgramError(e)),
+        program_mut(&mut ebpf)?
+            .load()
+            .map_err(load_error(names::PROGRAM))?;
+        Ok(Self {
+            ebpf,
+            attached: Vec::new(),
+            logger,
+        })
+    }
+
+    /// Attaches the `sk_lookup` program that lets a SYN reopen a tuple held
+    /// in TIME_WAIT, to the current network namespace. Without it (kernels
+    /// before 5.9) such a SYN is answered by TIME_WAIT, and the client's
+    /// retry a second later gets through.
+    pub fn attach_reopen(&mut self) -> Result<()> {
+        let netns = std::fs::File::open("/proc/self/ns/net")
+            .map_err(|e| Error::io("opening /proc/self/ns/net", e))?;
+        let program: &mut SkLookup = self
+            .ebpf
+            .program_mut(names::REOPEN_PROGRAM)
+            .ok_or(Error::Load(EbpfError::ProgramError(
+                ProgramError::UnexpectedProgramType,
+            )))?
+            .try_into()
+            .map_err(|e| Error::Load(EbpfError::ProgramError(e)))?;
+        program.load().map_err(load_error(names::REOPEN_PROGRAM))?;
+        program.attach(netns).map_err(|source| Error::Attach {
+            iface: "the network namespace (sk_lookup)".into(),
+            source,
         })?;
-        Ok(Self { ebpf, attached: Vec::new(), logger })
+        Ok(())
     }
 
     /// Attaches at TC ingress of `iface`: TCX on 6.6+, a netlink clsact
@@ -81,7 +107,10 @@ impl Datapath {
         let program = program_mut(&mut self.ebpf)?;
         program
             .attach(iface, TcAttachType::Ingress)
-            .map_err(|source| Error::Attach { iface: iface.to_owned(), source })?;
+            .map_err(|source| Error::Attach {
+                iface: iface.to_owned(),
+                source,
+            })?;
         self.attached.push(iface.to_owned());
         Ok(())
     }
@@ -96,29 +125,55 @@ impl Datapath {
         let mut ports = self.ports()?;
         let key = PortKey::new(proto, port);
         let result = if intercept {
-            ports.insert(key, PortRule { flags: RULE_INTERCEPT }, 0)
+            ports.insert(
+                key,
+                PortRule {
+                    flags: RULE_INTERCEPT,
+                },
+                0,
+            )
         } else {
             ports.remove(&key)
         };
-        result.map_err(|source| Error::Map { name: names::PORTS, source })
+        result.map_err(|source| Error::Map {
+            name: names::PORTS,
+            source,
+        })
     }
 
     /// Puts one of the relay's sockets into `slot` (see `tproxy_ebpf::slot`).
     pub fn set_listener(&mut self, slot: u32, socket: &impl AsRawFd) -> Result<()> {
-        let map = self.ebpf.map_mut(names::LISTENERS).ok_or_else(|| missing(names::LISTENERS))?;
+        let map = self
+            .ebpf
+            .map_mut(names::LISTENERS)
+            .ok_or_else(|| missing(names::LISTENERS))?;
         let mut sockets: SockMap<&mut MapData> =
-            SockMap::try_from(map).map_err(|source| Error::Map { name: names::LISTENERS, source })?;
-        sockets.set(slot, socket, 0).map_err(|source| Error::Map { name: names::LISTENERS, source })
+            SockMap::try_from(map).map_err(|source| Error::Map {
+                name: names::LISTENERS,
+                source,
+            })?;
+        sockets.set(slot, socket, 0).map_err(|source| Error::Map {
+            name: names::LISTENERS,
+            source,
+        })
     }
 
     /// Reads the program's counters.
     pub fn stats(&self) -> Result<DatapathStats> {
-        let map = self.ebpf.map(names::STATS).ok_or_else(|| missing(names::STATS))?;
+        let map = self
+            .ebpf
+            .map(names::STATS)
+            .ok_or_else(|| missing(names::STATS))?;
         let counters: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| Error::Map { name: names::STATS, source })?;
+            PerCpuArray::try_from(map).map_err(|source| Error::Map {
+                name: names::STATS,
+                source,
+            })?;
         let sum = |index: u32| -> Result<u64> {
-            let values =
-                counters.get(&index, 0).map_err(|source| Error::Map { name: names::STATS, source })?;
+            let values = counters.get(&index, 0).map_err(|source| Error::Map {
+                name: names::STATS,
+                source,
+            })?;
             Ok(values.iter().sum())
         };
         Ok(DatapathStats {
@@ -126,12 +181,20 @@ impl Datapath {
             to_socket: sum(stat::TO_SOCKET)?,
             no_listener: sum(stat::NO_LISTENER)?,
             assign_failed: sum(stat::ASSIGN_FAILED)?,
+            tw_syn: sum(stat::TW_SYN)?,
+            tw_handover: sum(stat::TW_HANDOVER)?,
         })
     }
 
     fn ports(&mut self) -> Result<HashMap<&mut MapData, PortKey, PortRule>> {
-        let map = self.ebpf.map_mut(names::PORTS).ok_or_else(|| missing(names::PORTS))?;
-        HashMap::try_from(map).map_err(|source| Error::Map { name: names::PORTS, source })
+        let map = self
+            .ebpf
+            .map_mut(names::PORTS)
+            .ok_or_else(|| missing(names::PORTS))?;
+        HashMap::try_from(map).map_err(|source| Error::Map {
+            name: names::PORTS,
+            source,
+        })
     }
 }
 
@@ -154,14 +217,37 @@ pub fn remove_leftover_filters(iface: &str) {
 }
 
 fn program_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
-    let program = ebpf.program_mut(names::PROGRAM).ok_or_else(|| {
-        Error::Load(EbpfError::ProgramError(ProgramError::UnexpectedProgramType))
-    })?;
-    program.try_into().map_err(|e| Error::Load(EbpfError::ProgramError(e)))
+    let program = ebpf
+        .program_mut(names::PROGRAM)
+        .ok_or_else(|| Error::Load(EbpfError::ProgramError(ProgramError::UnexpectedProgramType)))?;
+    program
+        .try_into()
+        .map_err(|e| Error::Load(EbpfError::ProgramError(e)))
+}
+
+fn load_error(name: &'static str) -> impl Fn(ProgramError) -> Error {
+    move |e| match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            debug!("verifier log of {name}:\n{verifier_log}");
+            Error::ProgramRejected {
+                name,
+                source: io_error,
+            }
+        }
+        e => Error::Load(EbpfError::ProgramError(e)),
+    }
 }
 
 fn missing(name: &'static str) -> Error {
-    Error::Map { name, source: aya::maps::MapError::InvalidName { name: name.to_owned() } }
+    Error::Map {
+        name,
+        source: aya::maps::MapError::InvalidName {
+            name: name.to_owned(),
+        },
+    }
 }
 
 async fn drain_log<T: log::Log>(logger: aya_log::EbpfLogger<T>) {
@@ -175,7 +261,9 @@ async fn drain_log<T: log::Log>(logger: aya_log::EbpfLogger<T>) {
         }
     };
     loop {
-        let Ok(mut guard) = fd.readable_mut().await else { return };
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
         guard.get_inner_mut().flush();
         guard.clear_ready();
     }

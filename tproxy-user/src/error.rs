@@ -16,13 +16,22 @@ pub enum Error {
     Privileges(String),
 
     #[error("kernel {found} is too old: {feature} needs Linux {needed} or newer")]
-    KernelTooOld { found: String, feature: &'static str, needed: &'static str },
+    KernelTooOld {
+        found: String,
+        feature: &'static str,
+        needed: &'static str,
+    },
 
     #[error("invalid configuration: {0}")]
     Config(String),
 
-    #[error("the kernel rejected the TC program ({0}); run with RUST_LOG=debug for the verifier log")]
-    ProgramRejected(io::Error),
+    #[error(
+        "the kernel rejected the BPF program {name} ({source}); run with RUST_LOG=debug for the verifier log"
+    )]
+    ProgramRejected {
+        name: &'static str,
+        source: io::Error,
+    },
 
     #[error("loading the TC program failed")]
     Load(#[source] aya::EbpfError),
@@ -54,7 +63,10 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Self::Io { context: context.into(), source }
+        Self::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 

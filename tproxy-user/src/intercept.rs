@@ -4,7 +4,7 @@
 use std::{collections::HashSet, os::fd::BorrowedFd};
 
 use tproxy_ebpf::PROTO_TCP;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     datapath::{self, Datapath, DatapathStats},
@@ -73,7 +73,10 @@ impl InterceptConfig {
             return bad("marks must not be 0".into());
         }
         if self.mark == self.bypass_mark {
-            return bad(format!("--mark and --upstream-mark are both {:#x}", self.mark));
+            return bad(format!(
+                "--mark and --upstream-mark are both {:#x}",
+                self.mark
+            ));
         }
         if matches!(self.table, 0 | 253..=255) {
             return bad(format!("table {} is reserved by the kernel", self.table));
@@ -121,13 +124,11 @@ impl Interceptor {
     /// run left behind, then loads the program, registers the relay's sockets,
     /// installs the routing and attaches to every interface. On error nothing
     /// stays attached or installed.
-    pub async fn start(config: InterceptConfig, sockets: &[(RelaySocket, BorrowedFd<'_>)]) -> Result<Self> {
-        config.validate()?;
-        system::check_privileges()?;
-        let kernel = system::check_kernel()?;
-        for iface in &config.interfaces {
-            system::ifindex(iface)?;
-        }
+    pub async fn start(
+        config: InterceptConfig,
+        sockets: &[(RelaySocket, BorrowedFd<'_>)],
+    ) -> Result<Self> {
+        let kernel = preflight(&config)?;
         remove_leftovers(&config).await?;
 
         let mut datapath = Datapath::load(config.mark, config.bypass_mark)?;
@@ -137,8 +138,15 @@ impl Interceptor {
         for &port in &config.tcp_ports {
             datapath.set_port(PROTO_TCP, port, true)?;
         }
+        if let Err(e) = datapath.attach_reopen() {
+            warn!("{e}: a SYN that meets a TIME_WAIT socket will wait for its retry");
+        }
         let routing = PolicyRouting::install(config.routing()).await?;
-        let mut interceptor = Self { datapath, routing: Some(routing), config };
+        let mut interceptor = Self {
+            datapath,
+            routing: Some(routing),
+            config,
+        };
         let tcx = system::has_tcx(kernel);
         for iface in &interceptor.config.interfaces {
             interceptor.datapath.attach(iface, tcx)?;
@@ -171,6 +179,18 @@ impl Interceptor {
             None => Ok(()),
         }
     }
+}
+
+/// Everything that can be checked before changing anything: the
+/// configuration, privileges, the kernel, and that the interfaces exist.
+pub fn preflight(config: &InterceptConfig) -> Result<aya::util::KernelVersion> {
+    config.validate()?;
+    system::check_privileges()?;
+    let kernel = system::check_kernel()?;
+    for iface in &config.interfaces {
+        system::ifindex(iface)?;
+    }
+    Ok(kernel)
 }
 
 /// Removes what a killed instance with this configuration left behind:

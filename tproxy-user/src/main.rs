@@ -16,7 +16,11 @@ use tproxy_user::{
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "tproxy-user", version, about = "Transparent proxying with eBPF instead of iptables")]
+#[command(
+    name = "tproxy-user",
+    version,
+    about = "Transparent proxying with eBPF instead of iptables"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -86,7 +90,11 @@ fn parse_u32(s: &str) -> Result<u32, String> {
     parsed.map_err(|e| format!("{s:?} is not a 32-bit number: {e}"))
 }
 
-fn intercept_config(interfaces: Vec<String>, ports: Vec<u16>, routing: &RoutingArgs) -> InterceptConfig {
+fn intercept_config(
+    interfaces: Vec<String>,
+    ports: Vec<u16>,
+    routing: &RoutingArgs,
+) -> InterceptConfig {
     InterceptConfig {
         mark: routing.mark,
         table: routing.table,
@@ -112,7 +120,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     connect_timeout: Duration::from_secs_f64(args.connect_timeout),
                 },
             };
-            attach::run(config, shutdown_signal()?).await.context("attach")
+            attach::run(config, shutdown_signal()?)
+                .await
+                .context("attach")
         }
         Command::Cleanup(args) => {
             tproxy_user::system::check_privileges()?;
@@ -120,8 +130,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tproxy_user::system::ifindex(iface)?;
             }
             let config = intercept_config(args.interfaces, vec![], &args.routing);
-            intercept::remove_leftovers(&config).await.context("cleanup")?;
-            tracing::info!("removed leftovers for mark {:#x}, table {}", config.mark, config.table);
+            intercept::remove_leftovers(&config)
+                .await
+                .context("cleanup")?;
+            tracing::info!(
+                "removed leftovers for mark {:#x}, table {}",
+                config.mark,
+                config.table
+            );
             Ok(())
         }
     }
@@ -147,7 +163,8 @@ fn main() -> ExitCode {
     // (legacy maps, no CO-RE), so that warning is noise by default.
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER)),
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER)),
         )
         .with_writer(std::io::stderr)
         .init();

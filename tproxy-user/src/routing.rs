@@ -50,7 +50,10 @@ impl PolicyRouting {
         remove_with(&netlink.handle, &config).await?;
         check_conflicts(&netlink.handle, &config).await?;
         // From here on, Drop undoes whatever part was added.
-        let routing = Self { config, installed: true };
+        let routing = Self {
+            config,
+            installed: true,
+        };
         for family in config.families() {
             netlink.add_route(family, config.table, lo).await?;
             netlink.add_rule(family, &config).await?;
@@ -93,7 +96,11 @@ impl Drop for PolicyRouting {
 
 impl RoutingConfig {
     fn families(&self) -> &'static [IpVersion] {
-        if self.ipv6 { &[IpVersion::V4, IpVersion::V6] } else { &[IpVersion::V4] }
+        if self.ipv6 {
+            &[IpVersion::V4, IpVersion::V6]
+        } else {
+            &[IpVersion::V4]
+        }
     }
 }
 
@@ -112,13 +119,15 @@ async fn remove_with(handle: &Handle, config: &RoutingConfig) -> Result<()> {
         for rule in rules(handle, family.clone()).await? {
             if rule_mark(&rule) == Some(config.mark) && rule_table(&rule) == config.table {
                 debug!("removing rule {rule:?}");
-                handle.rule().del(rule).execute().await.map_err(routing_err("removing a rule"))?;
+                ignore_missing(handle.rule().del(rule).execute().await)
+                    .map_err(routing_err("removing a rule"))?;
             }
         }
         for route in routes(handle, family).await? {
             if route_table(&route) == config.table && is_local_default(&route) {
                 debug!("removing route {route:?}");
-                handle.route().del(route).execute().await.map_err(routing_err("removing a route"))?;
+                ignore_missing(handle.route().del(route).execute().await)
+                    .map_err(routing_err("removing a route"))?;
             }
         }
     }
@@ -137,7 +146,11 @@ async fn check_conflicts(handle: &Handle, config: &RoutingConfig) -> Result<()> 
                 )));
             }
         }
-        if routes(handle, family.clone()).await?.iter().any(|r| route_table(r) == config.table) {
+        if routes(handle, family.clone())
+            .await?
+            .iter()
+            .any(|r| route_table(r) == config.table)
+        {
             return Err(Error::Routing(format!(
                 "routing table {} already has routes; choose another --table",
                 config.table
@@ -157,7 +170,10 @@ impl Netlink {
     fn connect() -> Result<Self> {
         let (connection, handle, _) =
             rtnetlink::new_connection().map_err(|e| Error::io("opening rtnetlink", e))?;
-        Ok(Self { handle, task: tokio::spawn(connection) })
+        Ok(Self {
+            handle,
+            task: tokio::spawn(connection),
+        })
     }
 
     async fn add_route(&self, family: &IpVersion, table: u32, lo: u32) -> Result<()> {
@@ -177,7 +193,12 @@ impl Netlink {
                 .output_interface(lo)
                 .build(),
         };
-        self.handle.route().add(message).execute().await.map_err(routing_err("adding the local route"))
+        self.handle
+            .route()
+            .add(message)
+            .execute()
+            .await
+            .map_err(routing_err("adding the local route"))
     }
 
     async fn add_rule(&self, family: &IpVersion, config: &RoutingConfig) -> Result<()> {
@@ -204,7 +225,13 @@ impl Drop for Netlink {
 }
 
 async fn rules(handle: &Handle, family: IpVersion) -> Result<Vec<RuleMessage>> {
-    handle.rule().get(family).execute().try_collect().await.map_err(routing_err("listing rules"))
+    handle
+        .rule()
+        .get(family)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(routing_err("listing rules"))
 }
 
 async fn routes(handle: &Handle, family: IpVersion) -> Result<Vec<RouteMessage>> {
@@ -212,7 +239,13 @@ async fn routes(handle: &Handle, family: IpVersion) -> Result<Vec<RouteMessage>>
         IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
         IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
     };
-    handle.route().get(message).execute().try_collect().await.map_err(routing_err("listing routes"))
+    handle
+        .route()
+        .get(message)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(routing_err("listing routes"))
 }
 
 fn rule_mark(rule: &RuleMessage) -> Option<u32> {
@@ -246,7 +279,22 @@ fn route_table(route: &RouteMessage) -> u32 {
 fn is_local_default(route: &RouteMessage) -> bool {
     route.header.kind == RouteType::Local
         && route.header.destination_prefix_length == 0
-        && matches!(route.header.address_family, AddressFamily::Inet | AddressFamily::Inet6)
+        && matches!(
+            route.header.address_family,
+            AddressFamily::Inet | AddressFamily::Inet6
+        )
+}
+
+/// Removal is idempotent: what is already gone counts as removed.
+fn ignore_missing(result: Result<(), rtnetlink::Error>) -> Result<(), rtnetlink::Error> {
+    match result {
+        Err(rtnetlink::Error::NetlinkError(e))
+            if e.raw_code().abs() == libc::ENOENT || e.raw_code().abs() == libc::ESRCH =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 fn routing_err(what: &'static str) -> impl Fn(rtnetlink::Error) -> Error {

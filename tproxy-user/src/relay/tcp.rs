@@ -76,8 +76,16 @@ impl TcpRelay {
         } else {
             None
         };
-        let config = TcpRelayConfig { listen_port: port, ..config };
-        Ok(Self { config, v4, v6, stats: Arc::default() })
+        let config = TcpRelayConfig {
+            listen_port: port,
+            ..config
+        };
+        Ok(Self {
+            config,
+            v4,
+            v6,
+            stats: Arc::default(),
+        })
     }
 
     /// The port the listeners are bound to.
@@ -104,7 +112,12 @@ impl TcpRelay {
         let mut tasks = JoinSet::new();
         let listeners = std::iter::once(self.v4).chain(self.v6);
         for listener in listeners {
-            tasks.spawn(accept_loop(listener, config.clone(), self.stats.clone(), shutdown.clone()));
+            tasks.spawn(accept_loop(
+                listener,
+                config.clone(),
+                self.stats.clone(),
+                shutdown.clone(),
+            ));
         }
         shutdown.cancelled().await;
         tasks.shutdown().await;
@@ -186,7 +199,10 @@ fn reset(stream: &TcpStream) {
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 impl TcpRelayStats {

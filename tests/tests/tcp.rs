@@ -1,0 +1,336 @@
+//! The core TCP slice, end to end: `tproxy-user attach` in the proxy
+//! namespace, real sockets in the client and server namespaces.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::Shutdown,
+    time::Duration,
+};
+
+use anyhow::{Result, ensure};
+use tproxy_tests::*;
+
+const MIB: usize = 1 << 20;
+const TABLE: u32 = 485;
+
+fn attach_port_80(topology: &Topology) -> Result<Proxy> {
+    Proxy::start(
+        &topology.proxy,
+        &["attach", PROXY_CLIENT_IFACE, "--port", "80"],
+    )
+}
+
+/// 1 MiB each way through the relay, byte-exact; the client half-closes
+/// after sending and still receives the whole answer.
+fn relay_both_ways(v6: bool) -> Result<()> {
+    let topology = Topology::new(if v6 { "relay6" } else { "relay4" })?;
+    let proxy = attach_port_80(&topology)?;
+    let server_addr = Topology::server_addr(v6, 80);
+    let listener = topology.server.tcp_listen(server_addr)?;
+    let request = pattern(1, MIB);
+    let reply = pattern(2, MIB);
+    let server = serve_once(listener, reply.clone());
+
+    let mut client = topology.client.tcp_connect(server_addr)?;
+    // The client sees the original destination as its peer.
+    ensure!(client.peer_addr()? == server_addr);
+    client.write_all(&request)?;
+    client.shutdown(Shutdown::Write)?;
+    let received = read_to_end(&mut client)?;
+
+    let served = server.join().unwrap()?;
+    ensure!(
+        served.received == request,
+        "request corrupted: {} bytes arrived",
+        served.received.len()
+    );
+    ensure!(
+        received == reply,
+        "reply corrupted: {} bytes arrived",
+        received.len()
+    );
+    // The server saw the proxy, so the relay was in the path.
+    ensure!(
+        served.peer.ip() == proxy_ip(v6),
+        "server saw {}",
+        served.peer
+    );
+    let log = proxy.stop()?;
+    ensure!(log.contains("1 connections relayed"), "{log}");
+    Ok(())
+}
+
+#[test]
+fn tcp_ipv4_is_relayed_exactly_both_ways() -> Result<()> {
+    relay_both_ways(false)
+}
+
+#[test]
+fn tcp_ipv6_is_relayed_exactly_both_ways() -> Result<()> {
+    relay_both_ways(true)
+}
+
+/// The server closes its sending side first and keeps reading: the relay
+/// must pass the FIN on and keep the other direction open.
+#[test]
+fn server_half_close_keeps_the_other_direction_open() -> Result<()> {
+    let topology = Topology::new("halfclose")?;
+    let proxy = attach_port_80(&topology)?;
+    let addr = Topology::server_addr(false, 80);
+    let listener = topology.server.tcp_listen(addr)?;
+    let server = std::thread::spawn(move || -> Result<Vec<u8>> {
+        let (mut stream, _) = listener.accept()?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        stream.write_all(b"banner")?;
+        stream.shutdown(Shutdown::Write)?;
+        read_to_end(&mut stream)
+    });
+    let mut client = topology.client.tcp_connect(addr)?;
+    // EOF from the server arrives while the client has sent nothing yet.
+    ensure!(read_to_end(&mut client)? == b"banner");
+    let late = pattern(3, 256 * 1024);
+    client.write_all(&late)?;
+    client.shutdown(Shutdown::Write)?;
+    ensure!(
+        server.join().unwrap()? == late,
+        "data sent after the server's FIN was lost"
+    );
+    proxy.stop()?;
+    Ok(())
+}
+
+/// Ports that are not intercepted are forwarded as before: the server sees
+/// the client's own address.
+#[test]
+fn other_ports_are_forwarded_untouched() -> Result<()> {
+    let topology = Topology::new("other")?;
+    let proxy = attach_port_80(&topology)?;
+    for v6 in [false, true] {
+        let addr = Topology::server_addr(v6, 8080);
+        let server = serve_once(topology.server.tcp_listen(addr)?, b"ok".to_vec());
+        let mut client = topology.client.tcp_connect(addr)?;
+        client.write_all(b"hi")?;
+        client.shutdown(Shutdown::Write)?;
+        ensure!(read_to_end(&mut client)? == b"ok");
+        let served = server.join().unwrap()?;
+        ensure!(
+            served.peer.ip() == client_ip(v6),
+            "server saw {}",
+            served.peer
+        );
+    }
+    let log = proxy.stop()?;
+    ensure!(log.contains("0 connections relayed"), "{log}");
+    Ok(())
+}
+
+/// After a clean exit nothing of ours is left, and port 80 is forwarded
+/// directly again.
+#[test]
+fn exit_removes_everything_and_forwarding_resumes() -> Result<()> {
+    let topology = Topology::new("exit")?;
+    let clean = topology
+        .proxy
+        .interception_state(PROXY_CLIENT_IFACE, TABLE)?;
+    ensure!(clean.is_empty(), "state before attach: {clean}");
+    let proxy = attach_port_80(&topology)?;
+    let attached = topology
+        .proxy
+        .interception_state(PROXY_CLIENT_IFACE, TABLE)?;
+    ensure!(
+        attached.contains("fwmark 0x1e5"),
+        "no rule while attached: {attached}"
+    );
+    proxy.stop()?;
+    let after = topology
+        .proxy
+        .interception_state(PROXY_CLIENT_IFACE, TABLE)?;
+    ensure!(after.is_empty(), "left behind: {after}");
+
+    let addr = Topology::server_addr(false, 80);
+    let server = serve_once(topology.server.tcp_listen(addr)?, b"direct".to_vec());
+    let mut client = topology.client.tcp_connect(addr)?;
+    client.shutdown(Shutdown::Write)?;
+    ensure!(read_to_end(&mut client)? == b"direct");
+    ensure!(server.join().unwrap()?.peer.ip() == client_ip(false));
+    Ok(())
+}
+
+/// A SIGKILLed instance leaves its routing behind; the next start removes
+/// it, works, and exits clean.
+#[test]
+fn restart_after_sigkill_succeeds() -> Result<()> {
+    let topology = Topology::new("sigkill")?;
+    let killed = attach_port_80(&topology)?;
+    let (status, _) = killed.stop_with(libc::SIGKILL)?;
+    ensure!(!status.success());
+    let leftover = topology
+        .proxy
+        .interception_state(PROXY_CLIENT_IFACE, TABLE)?;
+    ensure!(
+        leftover.contains("fwmark"),
+        "expected the killed run's rule: {leftover}"
+    );
+
+    let proxy = attach_port_80(&topology)?;
+    let addr = Topology::server_addr(false, 80);
+    let server = serve_once(topology.server.tcp_listen(addr)?, b"again".to_vec());
+    let mut client = topology.client.tcp_connect(addr)?;
+    client.shutdown(Shutdown::Write)?;
+    ensure!(read_to_end(&mut client)? == b"again");
+    ensure!(server.join().unwrap()?.peer.ip() == proxy_ip(false));
+    proxy.stop()?;
+    let after = topology
+        .proxy
+        .interception_state(PROXY_CLIENT_IFACE, TABLE)?;
+    ensure!(after.is_empty(), "left behind: {after}");
+    Ok(())
+}
+
+/// `cleanup` removes what a killed instance left.
+#[test]
+fn cleanup_command_removes_leftovers() -> Result<()> {
+    let topology = Topology::new("cleanup")?;
+    let (status, _) = attach_port_80(&topology)?.stop_with(libc::SIGKILL)?;
+    ensure!(!status.success());
+    let out = run_tproxy(&topology.proxy, &["cleanup", PROXY_CLIENT_IFACE])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = topology
+        .proxy
+        .interception_state(PROXY_CLIENT_IFACE, TABLE)?;
+    ensure!(after.is_empty(), "left behind: {after}");
+    Ok(())
+}
+
+/// A connection made straight to the relay's own port is not relayed (it
+/// would loop); the client gets a reset.
+#[test]
+fn direct_connection_to_the_relay_is_refused() -> Result<()> {
+    let topology = Topology::new("loop")?;
+    let proxy = Proxy::start(
+        &topology.proxy,
+        &[
+            "attach",
+            PROXY_CLIENT_IFACE,
+            "--port",
+            "80",
+            "--listen-port",
+            "15001",
+        ],
+    )?;
+    ensure!(proxy.listen_port()? == 15001);
+    // The reset can beat connect() back, or come on the first read.
+    let reset = match topology
+        .client
+        .tcp_connect((PROXY_CLIENT_SIDE_V4, 15001).into())
+    {
+        Ok(mut client) => {
+            let read = client.read(&mut [0u8; 16]);
+            matches!(&read, Err(e) if e.kind() == ErrorKind::ConnectionReset)
+        }
+        Err(e) => {
+            e.downcast_ref::<std::io::Error>().map(|e| e.kind()) == Some(ErrorKind::ConnectionReset)
+        }
+    };
+    ensure!(reset, "the direct connection was not reset");
+    let log = proxy.stop()?;
+    ensure!(log.contains("1 refused loops"), "{log}");
+    Ok(())
+}
+
+/// When the original destination refuses, the client gets a reset too.
+#[test]
+fn upstream_refusal_resets_the_client() -> Result<()> {
+    let topology = Topology::new("refused")?;
+    let proxy = attach_port_80(&topology)?;
+    // Nothing listens on the server.
+    let mut client = topology
+        .client
+        .tcp_connect(Topology::server_addr(false, 80))?;
+    let mut buf = [0u8; 16];
+    let read = client.read(&mut buf);
+    ensure!(
+        matches!(&read, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "expected a reset, got {read:?}"
+    );
+    let log = proxy.stop()?;
+    ensure!(log.contains("1 upstream failures"), "{log}");
+    Ok(())
+}
+
+/// The relay closes first (the server did), so the proxy holds the tuple in
+/// TIME_WAIT. A new connection from the same client port must reach the
+/// listener, not that TIME_WAIT socket: otherwise about half of such SYNs
+/// are reset.
+#[test]
+fn syn_meeting_time_wait_opens_a_new_connection_ipv4() -> Result<()> {
+    syn_meeting_time_wait(false)
+}
+
+#[test]
+fn syn_meeting_time_wait_opens_a_new_connection_ipv6() -> Result<()> {
+    syn_meeting_time_wait(true)
+}
+
+fn syn_meeting_time_wait(v6: bool) -> Result<()> {
+    use socket2::{Domain, Socket, Type};
+    let topology = Topology::new(if v6 { "timewait6" } else { "timewait4" })?;
+    let proxy = attach_port_80(&topology)?;
+    let addr = Topology::server_addr(v6, 80);
+    let client_addr = std::net::SocketAddr::new(client_ip(v6), 40000);
+    let listener = topology.server.tcp_listen(addr)?;
+    const ROUNDS: usize = 10;
+    let server = std::thread::spawn(move || -> Result<()> {
+        for _ in 0..ROUNDS {
+            let (mut stream, _) = listener.accept()?;
+            stream.write_all(b"bye")?;
+        }
+        Ok(())
+    });
+    let resets_before = tcp_counter(&topology.client, "TcpOutRsts")?;
+    for round in 0..ROUNDS {
+        let socket = topology.client.run(move || -> std::io::Result<Socket> {
+            let socket = Socket::new(Domain::for_address(client_addr), Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&client_addr.into())?;
+            Ok(socket)
+        })??;
+        socket
+            .connect_timeout(&addr.into(), Duration::from_secs(10))
+            .map_err(|e| anyhow::anyhow!("round {round}: {e}"))?;
+        let mut stream: std::net::TcpStream = socket.into();
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        ensure!(read_to_end(&mut stream)? == b"bye", "round {round}");
+    }
+    server.join().unwrap()?;
+    // Without the handover the client would see a challenge ACK for each
+    // reused tuple, answer it with a reset, and retry after a timeout.
+    let resets = tcp_counter(&topology.client, "TcpOutRsts")? - resets_before;
+    ensure!(resets == 0, "the client had to reset {resets} times");
+    let log = proxy.stop()?;
+    // Every round after the first met the previous round's TIME_WAIT.
+    let reopens = ROUNDS - 1;
+    ensure!(
+        log.contains(&format!(
+            "{reopens} SYNs met TIME_WAIT ({reopens} handed over)"
+        )),
+        "{log}"
+    );
+    Ok(())
+}
+
+/// A kernel TCP counter (`nstat` name) of a namespace.
+fn tcp_counter(ns: &Netns, name: &str) -> Result<u64> {
+    let out = ns.exec(&["nstat", "-asz", name])?;
+    let value = out
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(|v| v.split_whitespace().next().unwrap_or(""));
+    Ok(value
+        .ok_or_else(|| anyhow::anyhow!("no {name} in nstat: {out}"))?
+        .parse()?)
+}
