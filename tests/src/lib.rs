@@ -84,8 +84,7 @@ impl Netns {
 
     /// Binds a TCP listener inside this namespace.
     pub fn tcp_listen(&self, addr: SocketAddr) -> Result<TcpListener> {
-        self.run(move || TcpListener::bind(addr))?
-            .with_context(|| format!("binding {addr}"))
+        self.run(move || TcpListener::bind(addr))?.with_context(|| format!("binding {addr}"))
     }
 
     /// Connects from inside this namespace.
@@ -110,19 +109,13 @@ impl Netns {
             }
             // `show table N` fails while table N does not exist; list all.
             let ours = format!("table {table} ");
-            for line in self
-                .exec(&["ip", family, "route", "show", "table", "all"])?
-                .lines()
-            {
+            for line in self.exec(&["ip", family, "route", "show", "table", "all"])?.lines() {
                 if format!("{line} ").contains(&ours) {
                     state += &format!("route: {line}\n");
                 }
             }
         }
-        for line in self
-            .exec(&["tc", "filter", "show", "dev", iface, "ingress"])?
-            .lines()
-        {
+        for line in self.exec(&["tc", "filter", "show", "dev", iface, "ingress"])?.lines() {
             state += &format!("tc filter: {line}\n");
         }
         let iface = iface.to_owned();
@@ -156,20 +149,12 @@ impl Topology {
         let n = NEXT_TOPOLOGY.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("tp{}-{}-{tag}", std::process::id(), n);
         let topology = Self {
-            client: Netns {
-                name: format!("{prefix}-c"),
-            },
-            proxy: Netns {
-                name: format!("{prefix}-p"),
-            },
-            server: Netns {
-                name: format!("{prefix}-s"),
-            },
+            client: Netns { name: format!("{prefix}-c") },
+            proxy: Netns { name: format!("{prefix}-p") },
+            server: Netns { name: format!("{prefix}-s") },
         };
         // Drop removes whatever part gets created if a step fails.
-        topology
-            .create()
-            .with_context(|| format!("creating the {prefix} namespaces"))?;
+        topology.create().with_context(|| format!("creating the {prefix} namespaces"))?;
         Ok(topology)
     }
 
@@ -210,21 +195,15 @@ impl Topology {
 
     /// The server's address in the family of `v6`.
     pub fn server_addr(v6: bool, port: u16) -> SocketAddr {
-        if v6 {
-            (SERVER_V6, port).into()
-        } else {
-            (SERVER_V4, port).into()
-        }
+        if v6 { (SERVER_V6, port).into() } else { (SERVER_V4, port).into() }
     }
 }
 
 impl Drop for Topology {
     fn drop(&mut self) {
         for ns in [&self.client, &self.server, &self.proxy] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &ns.name])
-                .stderr(Stdio::null())
-                .status();
+            let _ =
+                Command::new("ip").args(["netns", "del", &ns.name]).stderr(Stdio::null()).status();
         }
     }
 }
@@ -237,18 +216,22 @@ fn run_ip_batch(options: &[&str], script: &str) -> Result<()> {
         .stderr(Stdio::piped())
         .spawn()
         .context("running ip (iproute2)")?;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(script.as_bytes())?;
+    child.stdin.take().expect("stdin").write_all(script.as_bytes())?;
     let output = child.wait_with_output()?;
-    ensure!(
-        output.status.success(),
-        "ip -batch: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    ensure!(output.status.success(), "ip -batch: {}", String::from_utf8_lossy(&output.stderr));
     Ok(())
+}
+
+impl Netns {
+    /// Connects to `addr` and reports whether the connection was reset, be it
+    /// before `connect` returned or on the first read.
+    pub fn connection_is_reset(&self, addr: SocketAddr) -> Result<bool> {
+        let is_reset = |e: &std::io::Error| e.kind() == std::io::ErrorKind::ConnectionReset;
+        Ok(match self.tcp_connect(addr) {
+            Ok(mut stream) => matches!(stream.read(&mut [0u8; 16]), Err(e) if is_reset(&e)),
+            Err(e) => e.downcast_ref::<std::io::Error>().is_some_and(is_reset),
+        })
+    }
 }
 
 /// Path of the `tproxy-user` binary under test: `$TPROXY_USER_BIN`, or the
@@ -269,17 +252,22 @@ pub struct Proxy {
 impl Proxy {
     /// Starts `tproxy-user <args>` in `ns` and waits until it is ready.
     pub fn start(ns: &Netns, args: &[&str]) -> Result<Self> {
-        let proxy = Self::spawn(ns, args)?;
+        Self::start_logging(ns, args, "debug,aya::bpf=error")
+    }
+
+    /// Like [`Proxy::start`], with `log_filter` as `RUST_LOG`.
+    pub fn start_logging(ns: &Netns, args: &[&str], log_filter: &str) -> Result<Self> {
+        let proxy = Self::spawn(ns, args, log_filter)?;
         proxy.wait_for_log("ready:", Duration::from_secs(30))?;
         Ok(proxy)
     }
 
     /// Starts `tproxy-user <args>` in `ns` without waiting.
-    pub fn spawn(ns: &Netns, args: &[&str]) -> Result<Self> {
+    pub fn spawn(ns: &Netns, args: &[&str], log_filter: &str) -> Result<Self> {
         let mut child = ns
             .command(tproxy_bin())
             .args(args)
-            .env("RUST_LOG", "debug,aya::bpf=error")
+            .env("RUST_LOG", log_filter)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -310,19 +298,14 @@ impl Proxy {
             }
             thread::sleep(Duration::from_millis(20));
         }
-        bail!(
-            "no {needle:?} in the proxy log within {timeout:?}:\n{}",
-            self.log()
-        )
+        bail!("no {needle:?} in the proxy log within {timeout:?}:\n{}", self.log())
     }
 
     /// The port the relay listens on, from the ready line.
     pub fn listen_port(&self) -> Result<u16> {
         let log = self.log();
-        let line = log
-            .lines()
-            .find(|l| l.contains("relay listening on port"))
-            .context("no ready line")?;
+        let line =
+            log.lines().find(|l| l.contains("relay listening on port")).context("no ready line")?;
         Ok(line.rsplit(' ').next().unwrap_or_default().trim().parse()?)
     }
 
@@ -361,11 +344,7 @@ impl Drop for Proxy {
 
 /// Runs `tproxy-user <args>` in `ns` to completion.
 pub fn run_tproxy(ns: &Netns, args: &[&str]) -> Result<Output> {
-    Ok(ns
-        .command(tproxy_bin())
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()?)
+    Ok(ns.command(tproxy_bin()).args(args).env("NO_COLOR", "1").output()?)
 }
 
 /// Deterministic bytes that reveal reordering, loss and corruption.
@@ -408,18 +387,10 @@ pub fn serve_once(listener: TcpListener, reply: Vec<u8>) -> thread::JoinHandle<R
 
 /// The client address the server should see when the proxy is bypassed.
 pub fn client_ip(v6: bool) -> IpAddr {
-    if v6 {
-        CLIENT_V6.into()
-    } else {
-        CLIENT_V4.into()
-    }
+    if v6 { CLIENT_V6.into() } else { CLIENT_V4.into() }
 }
 
 /// The proxy's server-side address, which the server sees for relayed connections.
 pub fn proxy_ip(v6: bool) -> IpAddr {
-    if v6 {
-        PROXY_SERVER_SIDE_V6.into()
-    } else {
-        PROXY_SERVER_SIDE_V4.into()
-    }
+    if v6 { PROXY_SERVER_SIDE_V6.into() } else { PROXY_SERVER_SIDE_V4.into() }
 }

@@ -13,41 +13,21 @@ fn rejected(tag: &str, wrapper: &[&str], args: &[&str], expected: &str) -> Resul
     let mut command: Vec<&str> = wrapper.to_vec();
     command.push(bin.to_str().unwrap());
     command.extend_from_slice(args);
-    let out = topology
-        .proxy
-        .command(command[0])
-        .args(&command[1..])
-        .env("NO_COLOR", "1")
-        .output()?;
+    let out =
+        topology.proxy.command(command[0]).args(&command[1..]).env("NO_COLOR", "1").output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(!out.status.success(), "{args:?} succeeded");
-    ensure!(
-        stderr.contains(expected),
-        "{args:?}: expected {expected:?} in:\n{stderr}"
-    );
-    let first = stderr
-        .lines()
-        .find(|l| l.contains("error"))
-        .unwrap_or_default();
-    ensure!(
-        first.contains(expected),
-        "the error line does not say it: {first}"
-    );
-    let state = topology
-        .proxy
-        .interception_state(PROXY_CLIENT_IFACE, TABLE)?;
+    ensure!(stderr.contains(expected), "{args:?}: expected {expected:?} in:\n{stderr}");
+    let first = stderr.lines().find(|l| l.contains("error")).unwrap_or_default();
+    ensure!(first.contains(expected), "the error line does not say it: {first}");
+    let state = topology.proxy.interception_state(PROXY_CLIENT_IFACE, TABLE)?;
     ensure!(state.is_empty(), "{args:?} left behind: {state}");
     Ok(())
 }
 
 #[test]
 fn missing_interface() -> Result<()> {
-    rejected(
-        "noif",
-        &[],
-        &["attach", "nope0", "--port", "80"],
-        "interface \"nope0\" not found",
-    )
+    rejected("noif", &[], &["attach", "nope0", "--port", "80"], "interface \"nope0\" not found")
 }
 
 #[test]
@@ -85,14 +65,7 @@ fn listen_port_that_is_also_intercepted() -> Result<()> {
     rejected(
         "lport",
         &[],
-        &[
-            "attach",
-            PROXY_CLIENT_IFACE,
-            "--port",
-            "80",
-            "--listen-port",
-            "80",
-        ],
+        &["attach", PROXY_CLIENT_IFACE, "--port", "80", "--listen-port", "80"],
         "--listen-port 80 is also an intercepted port",
     )
 }
@@ -117,24 +90,15 @@ fn no_privileges() -> Result<()> {
 #[test]
 fn a_mark_already_routed_elsewhere() -> Result<()> {
     let topology = Topology::new("markused")?;
-    topology.proxy.exec(&[
-        "ip", "rule", "add", "fwmark", "0x1e5", "lookup", "100", "priority", "100",
-    ])?;
-    let out = run_tproxy(
-        &topology.proxy,
-        &["attach", PROXY_CLIENT_IFACE, "--port", "80"],
-    )?;
+    topology
+        .proxy
+        .exec(&["ip", "rule", "add", "fwmark", "0x1e5", "lookup", "100", "priority", "100"])?;
+    let out = run_tproxy(&topology.proxy, &["attach", PROXY_CLIENT_IFACE, "--port", "80"])?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(!out.status.success());
-    ensure!(
-        stderr.contains("fwmark 0x1e5 is already used by another rule"),
-        "{stderr}"
-    );
+    ensure!(stderr.contains("fwmark 0x1e5 is already used by another rule"), "{stderr}");
     // The other rule is still there, and nothing of ours was added.
     let rules = topology.proxy.exec(&["ip", "rule", "show"])?;
-    ensure!(
-        rules.contains("lookup 100") && !rules.contains("lookup 485"),
-        "{rules}"
-    );
+    ensure!(rules.contains("lookup 100") && !rules.contains("lookup 485"), "{rules}");
     Ok(())
 }

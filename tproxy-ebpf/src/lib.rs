@@ -26,11 +26,7 @@ pub struct PortKey {
 
 impl PortKey {
     pub const fn new(proto: u8, port: u16) -> Self {
-        Self {
-            port,
-            proto,
-            _pad: 0,
-        }
+        Self { port, proto, _pad: 0 }
     }
 }
 

@@ -107,13 +107,7 @@ pub fn parse(ctx: &TcContext) -> Option<Flow> {
         tuple.__bindgen_anon_1.ipv4.sport = sport;
         tuple.__bindgen_anon_1.ipv4.dport = dport;
     }
-    Some(Flow {
-        ipv6,
-        proto,
-        dport: u16::from_be(dport),
-        syn,
-        tuple,
-    })
+    Some(Flow { ipv6, proto, dport: u16::from_be(dport), syn, tuple })
 }
 
 /// Walks IPv6 extension headers; returns the upper-layer protocol and its offset.

@@ -76,13 +76,7 @@ fn steer(ctx: &TcContext, mut flow: Flow) {
 fn steer_tcp(ctx: &TcContext, flow: &mut Flow) {
     let len = flow.tuple_len();
     let sk = unsafe {
-        bpf_skc_lookup_tcp(
-            ctx.as_ptr(),
-            &mut flow.tuple,
-            len,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        )
+        bpf_skc_lookup_tcp(ctx.as_ptr(), &mut flow.tuple, len, BPF_F_CURRENT_NETNS as u64, 0)
     };
     if !sk.is_null() {
         let state = unsafe { (*sk).state };
@@ -105,24 +99,14 @@ fn steer_tcp(ctx: &TcContext, flow: &mut Flow) {
     }
     // Non-SYN packets without a socket go to the listener too: it answers
     // stray segments with a reset and validates SYN cookies.
-    let index = if flow.ipv6 {
-        slot::TCP_V6
-    } else {
-        slot::TCP_V4
-    };
+    let index = if flow.ipv6 { slot::TCP_V6 } else { slot::TCP_V4 };
     to_listener(ctx, index);
 }
 
 #[inline(always)]
 fn reopen_key(flow: &Flow) -> ReopenKey {
-    let mut key = ReopenKey {
-        saddr: [0; 4],
-        daddr: [0; 4],
-        sport: 0,
-        dport: 0,
-        ipv6: 0,
-        _pad: [0; 3],
-    };
+    let mut key =
+        ReopenKey { saddr: [0; 4], daddr: [0; 4], sport: 0, dport: 0, ipv6: 0, _pad: [0; 3] };
     unsafe {
         if flow.ipv6 {
             let t = &flow.tuple.__bindgen_anon_1.ipv6;

@@ -62,14 +62,8 @@ impl Datapath {
                 None
             }
         };
-        program_mut(&mut ebpf)?
-            .load()
-            .map_err(load_error(names::PROGRAM))?;
-        Ok(Self {
-            ebpf,
-            attached: Vec::new(),
-            logger,
-        })
+        program_mut(&mut ebpf)?.load().map_err(load_error(names::PROGRAM))?;
+        Ok(Self { ebpf, attached: Vec::new(), logger })
     }
 
     /// Attaches the `sk_lookup` program that lets a SYN reopen a tuple held
@@ -82,9 +76,7 @@ impl Datapath {
         let program: &mut SkLookup = self
             .ebpf
             .program_mut(names::REOPEN_PROGRAM)
-            .ok_or(Error::Load(EbpfError::ProgramError(
-                ProgramError::UnexpectedProgramType,
-            )))?
+            .ok_or(Error::Load(EbpfError::ProgramError(ProgramError::UnexpectedProgramType)))?
             .try_into()
             .map_err(|e| Error::Load(EbpfError::ProgramError(e)))?;
         program.load().map_err(load_error(names::REOPEN_PROGRAM))?;
@@ -107,10 +99,7 @@ impl Datapath {
         let program = program_mut(&mut self.ebpf)?;
         program
             .attach(iface, TcAttachType::Ingress)
-            .map_err(|source| Error::Attach {
-                iface: iface.to_owned(),
-                source,
-            })?;
+            .map_err(|source| Error::Attach { iface: iface.to_owned(), source })?;
         self.attached.push(iface.to_owned());
         Ok(())
     }
@@ -125,55 +114,30 @@ impl Datapath {
         let mut ports = self.ports()?;
         let key = PortKey::new(proto, port);
         let result = if intercept {
-            ports.insert(
-                key,
-                PortRule {
-                    flags: RULE_INTERCEPT,
-                },
-                0,
-            )
+            ports.insert(key, PortRule { flags: RULE_INTERCEPT }, 0)
         } else {
             ports.remove(&key)
         };
-        result.map_err(|source| Error::Map {
-            name: names::PORTS,
-            source,
-        })
+        result.map_err(|source| Error::Map { name: names::PORTS, source })
     }
 
     /// Puts one of the relay's sockets into `slot` (see `tproxy_ebpf::slot`).
     pub fn set_listener(&mut self, slot: u32, socket: &impl AsRawFd) -> Result<()> {
-        let map = self
-            .ebpf
-            .map_mut(names::LISTENERS)
-            .ok_or_else(|| missing(names::LISTENERS))?;
-        let mut sockets: SockMap<&mut MapData> =
-            SockMap::try_from(map).map_err(|source| Error::Map {
-                name: names::LISTENERS,
-                source,
-            })?;
-        sockets.set(slot, socket, 0).map_err(|source| Error::Map {
-            name: names::LISTENERS,
-            source,
-        })
+        let map = self.ebpf.map_mut(names::LISTENERS).ok_or_else(|| missing(names::LISTENERS))?;
+        let mut sockets: SockMap<&mut MapData> = SockMap::try_from(map)
+            .map_err(|source| Error::Map { name: names::LISTENERS, source })?;
+        sockets.set(slot, socket, 0).map_err(|source| Error::Map { name: names::LISTENERS, source })
     }
 
     /// Reads the program's counters.
     pub fn stats(&self) -> Result<DatapathStats> {
-        let map = self
-            .ebpf
-            .map(names::STATS)
-            .ok_or_else(|| missing(names::STATS))?;
-        let counters: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| Error::Map {
-                name: names::STATS,
-                source,
-            })?;
+        let map = self.ebpf.map(names::STATS).ok_or_else(|| missing(names::STATS))?;
+        let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)
+            .map_err(|source| Error::Map { name: names::STATS, source })?;
         let sum = |index: u32| -> Result<u64> {
-            let values = counters.get(&index, 0).map_err(|source| Error::Map {
-                name: names::STATS,
-                source,
-            })?;
+            let values = counters
+                .get(&index, 0)
+                .map_err(|source| Error::Map { name: names::STATS, source })?;
             Ok(values.iter().sum())
         };
         Ok(DatapathStats {
@@ -187,14 +151,8 @@ impl Datapath {
     }
 
     fn ports(&mut self) -> Result<HashMap<&mut MapData, PortKey, PortRule>> {
-        let map = self
-            .ebpf
-            .map_mut(names::PORTS)
-            .ok_or_else(|| missing(names::PORTS))?;
-        HashMap::try_from(map).map_err(|source| Error::Map {
-            name: names::PORTS,
-            source,
-        })
+        let map = self.ebpf.map_mut(names::PORTS).ok_or_else(|| missing(names::PORTS))?;
+        HashMap::try_from(map).map_err(|source| Error::Map { name: names::PORTS, source })
     }
 }
 
@@ -220,34 +178,21 @@ fn program_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
     let program = ebpf
         .program_mut(names::PROGRAM)
         .ok_or_else(|| Error::Load(EbpfError::ProgramError(ProgramError::UnexpectedProgramType)))?;
-    program
-        .try_into()
-        .map_err(|e| Error::Load(EbpfError::ProgramError(e)))
+    program.try_into().map_err(|e| Error::Load(EbpfError::ProgramError(e)))
 }
 
 fn load_error(name: &'static str) -> impl Fn(ProgramError) -> Error {
     move |e| match e {
-        ProgramError::LoadError {
-            io_error,
-            verifier_log,
-        } => {
+        ProgramError::LoadError { io_error, verifier_log } => {
             debug!("verifier log of {name}:\n{verifier_log}");
-            Error::ProgramRejected {
-                name,
-                source: io_error,
-            }
+            Error::ProgramRejected { name, source: io_error }
         }
         e => Error::Load(EbpfError::ProgramError(e)),
     }
 }
 
 fn missing(name: &'static str) -> Error {
-    Error::Map {
-        name,
-        source: aya::maps::MapError::InvalidName {
-            name: name.to_owned(),
-        },
-    }
+    Error::Map { name, source: aya::maps::MapError::InvalidName { name: name.to_owned() } }
 }
 
 async fn drain_log<T: log::Log>(logger: aya_log::EbpfLogger<T>) {

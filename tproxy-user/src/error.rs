@@ -16,11 +16,7 @@ pub enum Error {
     Privileges(String),
 
     #[error("kernel {found} is too old: {feature} needs Linux {needed} or newer")]
-    KernelTooOld {
-        found: String,
-        feature: &'static str,
-        needed: &'static str,
-    },
+    KernelTooOld { found: String, feature: &'static str, needed: &'static str },
 
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -28,10 +24,7 @@ pub enum Error {
     #[error(
         "the kernel rejected the BPF program {name} ({source}); run with RUST_LOG=debug for the verifier log"
     )]
-    ProgramRejected {
-        name: &'static str,
-        source: io::Error,
-    },
+    ProgramRejected { name: &'static str, source: io::Error },
 
     #[error("loading the TC program failed")]
     Load(#[source] aya::EbpfError),
@@ -63,10 +56,7 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Self::Io {
-            context: context.into(),
-            source,
-        }
+        Self::Io { context: context.into(), source }
     }
 }
 

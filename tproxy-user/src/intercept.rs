@@ -73,10 +73,7 @@ impl InterceptConfig {
             return bad("marks must not be 0".into());
         }
         if self.mark == self.bypass_mark {
-            return bad(format!(
-                "--mark and --upstream-mark are both {:#x}",
-                self.mark
-            ));
+            return bad(format!("--mark and --upstream-mark are both {:#x}", self.mark));
         }
         if matches!(self.table, 0 | 253..=255) {
             return bad(format!("table {} is reserved by the kernel", self.table));
@@ -142,11 +139,7 @@ impl Interceptor {
             warn!("{e}: a SYN that meets a TIME_WAIT socket will wait for its retry");
         }
         let routing = PolicyRouting::install(config.routing()).await?;
-        let mut interceptor = Self {
-            datapath,
-            routing: Some(routing),
-            config,
-        };
+        let mut interceptor = Self { datapath, routing: Some(routing), config };
         let tcx = system::has_tcx(kernel);
         for iface in &interceptor.config.interfaces {
             interceptor.datapath.attach(iface, tcx)?;

@@ -120,9 +120,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     connect_timeout: Duration::from_secs_f64(args.connect_timeout),
                 },
             };
-            attach::run(config, shutdown_signal()?)
-                .await
-                .context("attach")
+            attach::run(config, shutdown_signal()?).await.context("attach")
         }
         Command::Cleanup(args) => {
             tproxy_user::system::check_privileges()?;
@@ -130,14 +128,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tproxy_user::system::ifindex(iface)?;
             }
             let config = intercept_config(args.interfaces, vec![], &args.routing);
-            intercept::remove_leftovers(&config)
-                .await
-                .context("cleanup")?;
-            tracing::info!(
-                "removed leftovers for mark {:#x}, table {}",
-                config.mark,
-                config.table
-            );
+            intercept::remove_leftovers(&config).await.context("cleanup")?;
+            tracing::info!("removed leftovers for mark {:#x}, table {}", config.mark, config.table);
             Ok(())
         }
     }

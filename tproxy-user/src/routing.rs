@@ -50,10 +50,7 @@ impl PolicyRouting {
         remove_with(&netlink.handle, &config).await?;
         check_conflicts(&netlink.handle, &config).await?;
         // From here on, Drop undoes whatever part was added.
-        let routing = Self {
-            config,
-            installed: true,
-        };
+        let routing = Self { config, installed: true };
         for family in config.families() {
             netlink.add_route(family, config.table, lo).await?;
             netlink.add_rule(family, &config).await?;
@@ -96,11 +93,7 @@ impl Drop for PolicyRouting {
 
 impl RoutingConfig {
     fn families(&self) -> &'static [IpVersion] {
-        if self.ipv6 {
-            &[IpVersion::V4, IpVersion::V6]
-        } else {
-            &[IpVersion::V4]
-        }
+        if self.ipv6 { &[IpVersion::V4, IpVersion::V6] } else { &[IpVersion::V4] }
     }
 }
 
@@ -146,11 +139,7 @@ async fn check_conflicts(handle: &Handle, config: &RoutingConfig) -> Result<()> 
                 )));
             }
         }
-        if routes(handle, family.clone())
-            .await?
-            .iter()
-            .any(|r| route_table(r) == config.table)
-        {
+        if routes(handle, family.clone()).await?.iter().any(|r| route_table(r) == config.table) {
             return Err(Error::Routing(format!(
                 "routing table {} already has routes; choose another --table",
                 config.table
@@ -170,10 +159,7 @@ impl Netlink {
     fn connect() -> Result<Self> {
         let (connection, handle, _) =
             rtnetlink::new_connection().map_err(|e| Error::io("opening rtnetlink", e))?;
-        Ok(Self {
-            handle,
-            task: tokio::spawn(connection),
-        })
+        Ok(Self { handle, task: tokio::spawn(connection) })
     }
 
     async fn add_route(&self, family: &IpVersion, table: u32, lo: u32) -> Result<()> {
@@ -225,13 +211,7 @@ impl Drop for Netlink {
 }
 
 async fn rules(handle: &Handle, family: IpVersion) -> Result<Vec<RuleMessage>> {
-    handle
-        .rule()
-        .get(family)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(routing_err("listing rules"))
+    handle.rule().get(family).execute().try_collect().await.map_err(routing_err("listing rules"))
 }
 
 async fn routes(handle: &Handle, family: IpVersion) -> Result<Vec<RouteMessage>> {
@@ -239,13 +219,7 @@ async fn routes(handle: &Handle, family: IpVersion) -> Result<Vec<RouteMessage>>
         IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
         IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
     };
-    handle
-        .route()
-        .get(message)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(routing_err("listing routes"))
+    handle.route().get(message).execute().try_collect().await.map_err(routing_err("listing routes"))
 }
 
 fn rule_mark(rule: &RuleMessage) -> Option<u32> {
@@ -279,10 +253,7 @@ fn route_table(route: &RouteMessage) -> u32 {
 fn is_local_default(route: &RouteMessage) -> bool {
     route.header.kind == RouteType::Local
         && route.header.destination_prefix_length == 0
-        && matches!(
-            route.header.address_family,
-            AddressFamily::Inet | AddressFamily::Inet6
-        )
+        && matches!(route.header.address_family, AddressFamily::Inet | AddressFamily::Inet6)
 }
 
 /// Removal is idempotent: what is already gone counts as removed.

@@ -41,20 +41,13 @@ pub fn check_privileges() -> Result<()> {
     if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
         missing.push("CAP_BPF");
     }
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::Privileges(missing.join(", ")))
-    }
+    if missing.is_empty() { Ok(()) } else { Err(Error::Privileges(missing.join(", "))) }
 }
 
 /// Fails on kernels that cannot `bpf_sk_assign` from TC ingress.
 pub fn check_kernel() -> Result<KernelVersion> {
     let current = KernelVersion::current().map_err(|e| {
-        Error::io(
-            "reading the kernel version",
-            std::io::Error::other(e.to_string()),
-        )
+        Error::io("reading the kernel version", std::io::Error::other(e.to_string()))
     })?;
     if current < MIN_KERNEL {
         return Err(Error::KernelTooOld {

@@ -26,11 +26,7 @@ pub fn tcp_listener(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
 /// Connects to `dst` from the host's own address. `mark` (SO_MARK) tags the
 /// connection as the relay's own, so it is never intercepted again.
 pub async fn tcp_dial(dst: SocketAddr, mark: u32, timeout: Duration) -> io::Result<TcpStream> {
-    let socket = if dst.is_ipv6() {
-        TcpSocket::new_v6()?
-    } else {
-        TcpSocket::new_v4()?
-    };
+    let socket = if dst.is_ipv6() { TcpSocket::new_v6()? } else { TcpSocket::new_v4()? };
     if mark != 0 {
         SockRef::from(&socket).set_mark(mark)?;
     }
@@ -42,9 +38,5 @@ pub async fn tcp_dial(dst: SocketAddr, mark: u32, timeout: Duration) -> io::Resu
 }
 
 fn set_transparent(socket: &Socket, ipv6: bool) -> io::Result<()> {
-    if ipv6 {
-        socket.set_ip_transparent_v6(true)
-    } else {
-        socket.set_ip_transparent_v4(true)
-    }
+    if ipv6 { socket.set_ip_transparent_v6(true) } else { socket.set_ip_transparent_v4(true) }
 }

@@ -76,16 +76,8 @@ impl TcpRelay {
         } else {
             None
         };
-        let config = TcpRelayConfig {
-            listen_port: port,
-            ..config
-        };
-        Ok(Self {
-            config,
-            v4,
-            v6,
-            stats: Arc::default(),
-        })
+        let config = TcpRelayConfig { listen_port: port, ..config };
+        Ok(Self { config, v4, v6, stats: Arc::default() })
     }
 
     /// The port the listeners are bound to.
@@ -199,10 +191,7 @@ fn reset(stream: &TcpStream) {
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
 }
 
 impl TcpRelayStats {

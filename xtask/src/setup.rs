@@ -1,0 +1,89 @@
+//! Installs the prerequisites that are missing, and only those.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Result, bail};
+
+/// Commands the build, the tests and the demo use, with the Debian package
+/// that provides each.
+const TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("tc", "iproute2"),
+    ("nstat", "iproute2"),
+    ("setpriv", "util-linux"),
+    ("curl", "curl"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.10.0";
+
+pub fn run() -> Result<()> {
+    apt_packages()?;
+    rust_src()?;
+    bpf_linker()
+}
+
+fn apt_packages() -> Result<()> {
+    let mut missing: Vec<&str> =
+        TOOLS.iter().filter(|(tool, _)| !found(tool)).map(|&(_, package)| package).collect();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing {}", missing.join(" "));
+    super::run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    super::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// `-Z build-std=core` for the BPF target needs the nightly standard library source.
+fn rust_src() -> Result<()> {
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()?;
+    if String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    eprintln!("setup: adding rust-src to the nightly toolchain");
+    super::run(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))
+}
+
+/// bpf-linker 0.10.0 links with rustc's own LLVM; newer releases want a
+/// system LLVM this distribution does not have.
+fn bpf_linker() -> Result<()> {
+    let version = Command::new("bpf-linker").arg("--version").stderr(Stdio::null()).output();
+    if let Ok(out) = version
+        && String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION)
+    {
+        return Ok(());
+    }
+    eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION} (about a minute)");
+    super::run(Command::new("cargo").args([
+        "+nightly",
+        "install",
+        &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+        "--locked",
+        "--force",
+    ]))?;
+    if !found("bpf-linker") {
+        bail!("bpf-linker was installed but is not on PATH: add ~/.cargo/bin to PATH");
+    }
+    Ok(())
+}
+
+fn found(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
