@@ -252,7 +252,7 @@ pub struct Proxy {
 impl Proxy {
     /// Starts `tproxy-user <args>` in `ns` and waits until it is ready.
     pub fn start(ns: &Netns, args: &[&str]) -> Result<Self> {
-        Self::start_logging(ns, args, "debug,aya::bpf=error")
+        Self::start_logging(ns, args, "info,tproxy_user=debug")
     }
 
     /// Like [`Proxy::start`], with `log_filter` as `RUST_LOG`.
@@ -301,12 +301,13 @@ impl Proxy {
         bail!("no {needle:?} in the proxy log within {timeout:?}:\n{}", self.log())
     }
 
-    /// The port the relay listens on, from the ready line.
+    /// The port the TCP relay listens on, from the ready line.
     pub fn listen_port(&self) -> Result<u16> {
         let log = self.log();
         let line =
             log.lines().find(|l| l.contains("relay listening on port")).context("no ready line")?;
-        Ok(line.rsplit(' ').next().unwrap_or_default().trim().parse()?)
+        let (_, rest) = line.split_once("relay listening on port ").context("no port")?;
+        Ok(rest.split_whitespace().next().unwrap_or_default().parse()?)
     }
 
     /// Sends `signal` and waits for the exit (10 s at most).

@@ -9,37 +9,84 @@
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
-/// Key of the `PORTS` map: which (protocol, destination port) pairs are intercepted.
-///
-/// The protocol is part of the key so that TCP and UDP can be intercepted
-/// independently; destination-CIDR rules are layered on top later through the
-/// value's flags, without changing this key.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct PortKey {
-    /// Destination port, host byte order.
-    pub port: u16,
-    /// [`PROTO_TCP`] or [`PROTO_UDP`].
-    pub proto: u8,
-    pub _pad: u8,
-}
+/// Address family tags used in [`RuleMatch::family`].
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
 
-impl PortKey {
-    pub const fn new(proto: u8, port: u16) -> Self {
-        Self { port, proto, _pad: 0 }
+/// Index of `proto`'s half of the `PORT_GATE` array, or `None` for other protocols.
+#[inline(always)]
+pub const fn gate_index(proto: u8, port: u16) -> Option<u32> {
+    match proto {
+        PROTO_TCP => Some(port as u32),
+        PROTO_UDP => Some(65536 + port as u32),
+        _ => None,
     }
 }
 
-/// Value of the `PORTS` map.
+/// Entries of `PORT_GATE`: one byte per (protocol, port).
+pub const GATE_ENTRIES: u32 = 2 * 65536;
+
+/// Data of a `RULES` LPM-trie key. The trie matches the first `prefix_len`
+/// bits: family, protocol and port always (32 bits), then as many address bits
+/// as the rule's destination prefix has. The longest matching prefix wins, so
+/// `203.0.113.5/32` port 80 beats `0.0.0.0/0` port 80.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortRule {
-    /// `RULE_*` bits.
-    pub flags: u32,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RuleMatch {
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// Destination port, network order.
+    pub port: [u8; 2],
+    /// Destination address, network order; IPv4 uses the first 4 bytes.
+    pub addr: [u8; 16],
 }
 
-/// Steer matching packets to the relay.
-pub const RULE_INTERCEPT: u32 = 1;
+/// Bits of a [`RuleMatch`] before the address.
+pub const RULE_MATCH_FIXED_BITS: u32 = 32;
+
+/// Value of the `RULES` trie: what to do with a packet whose destination
+/// matched, and which rule it belongs to (for the per-rule counters).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleAction {
+    /// Index into `RULE_STATS`.
+    pub rule_id: u32,
+    /// `ACTION_*`.
+    pub action: u32,
+    /// Leading bits of the packet's source that must equal `src`; 0 matches
+    /// every source.
+    pub src_prefix_len: u32,
+    /// Source network, network order; IPv4 uses `src[0]`.
+    pub src: [u32; 4],
+}
+
+/// Steer the packet to the relay.
+pub const ACTION_INTERCEPT: u32 = 1;
+/// Leave the packet alone (an exclusion that beats a shorter prefix).
+pub const ACTION_EXCLUDE: u32 = 2;
+
+/// Size of the `RULES` trie (entries are allocated on insert).
+pub const MAX_RULE_ENTRIES: u32 = 1 << 18;
+/// Rules (and per-rule counter slots).
+pub const MAX_RULES: u32 = 1024;
+
+/// Per-rule counters, one copy per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleStats {
+    /// Packets steered to the relay (its listener or one of its sockets).
+    pub packets: u64,
+    /// Bytes of those packets, IP header included.
+    pub bytes: u64,
+    /// New flows handed to the relay: TCP SYNs and UDP datagrams to the listener.
+    pub new_flows: u64,
+    /// Matched packets passed untouched because the relay's socket was gone.
+    pub no_listener: u64,
+    /// Matched packets `bpf_sk_assign` refused; they passed untouched.
+    pub assign_failed: u64,
+}
 
 /// Key of the `TW_REOPEN` map: a TCP tuple whose SYN met a TIME_WAIT socket
 /// on its way in. Addresses in network order (IPv4 in `[0]`), ports in host
@@ -75,9 +122,9 @@ pub mod slot {
     pub const COUNT: u32 = 4;
 }
 
-/// Indexes of the per-CPU `STATS` counters.
+/// Indexes of the per-CPU `STATS` counters (all rules together).
 pub mod stat {
-    /// Packets assigned to the relay's listener (new TCP flows).
+    /// Packets assigned to the relay's listener (new TCP flows, UDP datagrams).
     pub const TO_LISTENER: u32 = 0;
     /// Packets assigned to a socket that already owns their tuple.
     pub const TO_SOCKET: u32 = 1;
@@ -89,7 +136,9 @@ pub mod stat {
     pub const TW_SYN: u32 = 4;
     /// Of those, the ones the `sk_lookup` program handed to the listener.
     pub const TW_HANDOVER: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Replies to the relay's spoofed upstream sockets, steered back to them.
+    pub const RETURN_PATH: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// Names of the maps, programs and globals in the object file.
@@ -97,22 +146,26 @@ pub mod names {
     pub const PROGRAM: &str = "tproxy_ingress";
     pub const REOPEN_PROGRAM: &str = "tproxy_reopen";
     pub const TW_REOPEN: &str = "TW_REOPEN";
-    pub const PORTS: &str = "PORTS";
+    pub const PORT_GATE: &str = "PORT_GATE";
+    /// The two copies of the rule trie, and which one is in use.
+    pub const RULES: [&str; 2] = ["RULES_0", "RULES_1"];
+    pub const ACTIVE_RULES: &str = "ACTIVE_RULES";
+    pub const RULE_STATS: &str = "RULE_STATS";
     pub const LISTENERS: &str = "LISTENERS";
     pub const STATS: &str = "STATS";
     /// Mark put on steered packets; policy routing delivers them locally.
     pub const MARK: &str = "MARK";
     /// Packets already carrying this mark are the relay's own and never steered.
     pub const BYPASS_MARK: &str = "BYPASS_MARK";
+    /// Non-zero: also steer replies to the relay's spoofed upstream sockets.
+    pub const RETURN_PATH: &str = "RETURN_PATH";
 }
-
-/// Size of the `PORTS` map.
-pub const MAX_PORT_RULES: u32 = 4096;
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `#[repr(C)]` integers with explicit padding.
-    unsafe impl aya::Pod for super::PortKey {}
-    unsafe impl aya::Pod for super::PortRule {}
+    unsafe impl aya::Pod for super::RuleMatch {}
+    unsafe impl aya::Pod for super::RuleAction {}
+    unsafe impl aya::Pod for super::RuleStats {}
     unsafe impl aya::Pod for super::ReopenKey {}
 }

@@ -26,6 +26,8 @@ const TCP_FLAG_ACK: u8 = 0x10;
 pub struct Flow {
     pub ipv6: bool,
     pub proto: u8,
+    /// Source port, host order.
+    pub sport: u16,
     /// Destination port, host order.
     pub dport: u16,
     /// True for a TCP SYN without ACK: the first packet of a connection.
@@ -107,7 +109,7 @@ pub fn parse(ctx: &TcContext) -> Option<Flow> {
         tuple.__bindgen_anon_1.ipv4.sport = sport;
         tuple.__bindgen_anon_1.ipv4.dport = dport;
     }
-    Some(Flow { ipv6, proto, dport: u16::from_be(dport), syn, tuple })
+    Some(Flow { ipv6, proto, sport: u16::from_be(sport), dport: u16::from_be(dport), syn, tuple })
 }
 
 /// Walks IPv6 extension headers; returns the upper-layer protocol and its offset.

@@ -1,18 +1,25 @@
 //! The steering decision.
+//!
+//! Per packet: parse, then one array lookup (`PORT_GATE`) decides whether the
+//! packet can concern us at all. Only gated packets pay for a rule lookup and
+//! a socket lookup.
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, bpf_sock},
     cty::c_void,
-    helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{
+        bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
+    },
     macros::{classifier, map, sk_lookup},
-    maps::{HashMap, LruHashMap, PerCpuArray, SockMap},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, SockMap, lpm_trie::Key},
     programs::{SkLookupContext, TcContext},
 };
 use aya_log_ebpf::warn;
 use tproxy_ebpf::{
-    MAX_PORT_RULES, MAX_REOPENS, PROTO_TCP, PortKey, PortRule, RULE_INTERCEPT, ReopenKey, slot,
-    stat,
+    ACTION_INTERCEPT, FAMILY_V4, FAMILY_V6, GATE_ENTRIES, MAX_REOPENS, MAX_RULE_ENTRIES, MAX_RULES,
+    PROTO_TCP, RULE_MATCH_FIXED_BITS, ReopenKey, RuleAction, RuleMatch, RuleStats, gate_index,
+    slot, stat,
 };
 
 use crate::parse::{Flow, parse};
@@ -28,14 +35,31 @@ const TC_NEXT: i32 = -1;
 static MARK: u32 = 0;
 #[unsafe(no_mangle)]
 static BYPASS_MARK: u32 = 0;
+#[unsafe(no_mangle)]
+static RETURN_PATH: u32 = 0;
 
 #[inline(always)]
 fn global(value: &'static u32) -> u32 {
     unsafe { core::ptr::read_volatile(value) }
 }
 
+/// One byte per (protocol, port): non-zero when some rule uses the port now
+/// or did earlier in this run (so connections it steered keep being steered
+/// after the rule is deleted).
 #[map]
-static PORTS: HashMap<PortKey, PortRule> = HashMap::with_max_entries(MAX_PORT_RULES, 0);
+static PORT_GATE: Array<u8> = Array::with_max_entries(GATE_ENTRIES, 0);
+
+/// The rules, twice: userland fills the inactive copy and then flips
+/// `ACTIVE_RULES`, so that every packet sees either the old or the new set.
+#[map]
+static RULES_0: LpmTrie<RuleMatch, RuleAction> = LpmTrie::with_max_entries(MAX_RULE_ENTRIES, 0);
+#[map]
+static RULES_1: LpmTrie<RuleMatch, RuleAction> = LpmTrie::with_max_entries(MAX_RULE_ENTRIES, 0);
+#[map]
+static ACTIVE_RULES: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map]
+static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAX_RULES, 0);
 
 #[map]
 static LISTENERS: SockMap = SockMap::with_max_entries(slot::COUNT, 0);
@@ -55,25 +79,42 @@ pub fn tproxy_ingress(ctx: TcContext) -> i32 {
 }
 
 #[inline(always)]
+fn gated(proto: u8, port: u16) -> bool {
+    match gate_index(proto, port) {
+        Some(index) => PORT_GATE.get(index).is_some_and(|g| *g != 0),
+        None => false,
+    }
+}
+
+#[inline(always)]
 fn steer(ctx: &TcContext, mut flow: Flow) {
-    let key = PortKey::new(flow.proto, flow.dport);
-    match unsafe { PORTS.get(&key) } {
-        Some(rule) if rule.flags & RULE_INTERCEPT != 0 => {}
-        _ => return,
+    // To an intercepted port: new flows to the relay, packets of its flows to
+    // their sockets. From one (spoof mode): replies to the relay's upstream
+    // sockets, which are bound to the client's non-local address.
+    let to_port = gated(flow.proto, flow.dport);
+    let from_port = global(&RETURN_PATH) != 0 && gated(flow.proto, flow.sport);
+    if !to_port && !from_port {
+        return;
     }
     // The relay's own upstream traffic carries the bypass mark.
     if unsafe { (*ctx.skb.skb).mark } == global(&BYPASS_MARK) {
         return;
     }
+    let rule = if to_port { match_rule(&flow) } else { None };
     if flow.proto == PROTO_TCP {
-        steer_tcp(ctx, &mut flow);
+        steer_tcp(ctx, &mut flow, rule.as_ref(), to_port);
+    } else if let Some(rule) = &rule {
+        let index = if flow.ipv6 { slot::UDP_V6 } else { slot::UDP_V4 };
+        to_listener(ctx, index, rule);
+    } else if from_port {
+        steer_udp_reply(ctx, &mut flow);
     }
 }
 
 /// A packet that belongs to a socket goes to that socket; a new connection
-/// goes to the relay's listener.
+/// that a rule intercepts goes to the relay's listener.
 #[inline(always)]
-fn steer_tcp(ctx: &TcContext, flow: &mut Flow) {
+fn steer_tcp(ctx: &TcContext, flow: &mut Flow, rule: Option<&RuleAction>, to_port: bool) {
     let len = flow.tuple_len();
     let sk = unsafe {
         bpf_skc_lookup_tcp(ctx.as_ptr(), &mut flow.tuple, len, BPF_F_CURRENT_NETNS as u64, 0)
@@ -81,47 +122,135 @@ fn steer_tcp(ctx: &TcContext, flow: &mut Flow) {
     if !sk.is_null() {
         let state = unsafe { (*sk).state };
         if state != BPF_TCP_LISTEN {
-            // A SYN that meets TIME_WAIT opens a new connection. Handing it to
-            // the listener directly fails: the kernel refuses a request socket
-            // whose tuple a TIME_WAIT socket still holds. Handing it to the
-            // TIME_WAIT socket lets the kernel retire that socket and look up
-            // a listener, which `tproxy_reopen` answers with ours.
             if state == BPF_TCP_TIME_WAIT && flow.syn {
+                // A SYN that meets TIME_WAIT opens a new connection, which is
+                // ours only if a rule intercepts it now.
+                if rule.is_none() {
+                    unsafe { bpf_sk_release(sk.cast()) };
+                    return;
+                }
+                // Handing it to the listener directly fails: the kernel
+                // refuses a request socket whose tuple a TIME_WAIT socket
+                // holds. Handed to the TIME_WAIT socket, the kernel retires
+                // it and looks up a listener, which `tproxy_reopen` answers.
                 let _ = TW_REOPEN.insert(&reopen_key(flow), &0, 0);
                 count(stat::TW_SYN);
             }
-            assign(ctx, sk, stat::TO_SOCKET);
+            let counter = if to_port { stat::TO_SOCKET } else { stat::RETURN_PATH };
+            assign(ctx, sk, rule, counter, false);
             return;
         }
         // A LISTEN socket found by tuple is some local server's wildcard
         // listener, not ours.
         unsafe { bpf_sk_release(sk.cast()) };
     }
-    // Non-SYN packets without a socket go to the listener too: it answers
-    // stray segments with a reset and validates SYN cookies.
-    let index = if flow.ipv6 { slot::TCP_V6 } else { slot::TCP_V4 };
-    to_listener(ctx, index);
+    // Non-SYN packets without a socket go to the listener too, if a rule says
+    // so: it answers stray segments with a reset and validates SYN cookies.
+    if let Some(rule) = rule {
+        let index = if flow.ipv6 { slot::TCP_V6 } else { slot::TCP_V4 };
+        to_listener(ctx, index, rule);
+    }
+}
+
+/// A reply to one of the relay's spoofed UDP sockets: that socket is bound to
+/// the client's address and connected to the server, so it owns the tuple.
+#[inline(always)]
+fn steer_udp_reply(ctx: &TcContext, flow: &mut Flow) {
+    let len = flow.tuple_len();
+    let sk = unsafe {
+        bpf_sk_lookup_udp(ctx.as_ptr(), &mut flow.tuple, len, BPF_F_CURRENT_NETNS as u64, 0)
+    };
+    if sk.is_null() {
+        return;
+    }
+    // The lookup also finds wildcard sockets on the port; only a socket
+    // connected to this packet's source is one of ours.
+    let peer = unsafe {
+        if flow.ipv6 {
+            sock_words(&(*sk).dst_ip6) == flow.tuple.__bindgen_anon_1.ipv6.saddr
+        } else {
+            core::ptr::read_volatile(&(*sk).dst_ip4) == flow.tuple.__bindgen_anon_1.ipv4.saddr
+        }
+    };
+    if peer {
+        assign(ctx, sk, None, stat::RETURN_PATH, false);
+    } else {
+        unsafe { bpf_sk_release(sk.cast()) };
+    }
+}
+
+/// The intercepting rule for the packet's destination, if any: the longest
+/// matching prefix, provided it intercepts and its source filter matches.
+#[inline(always)]
+fn match_rule(flow: &Flow) -> Option<RuleAction> {
+    let mut data = RuleMatch {
+        family: FAMILY_V4,
+        proto: flow.proto,
+        port: flow.dport.to_be_bytes(),
+        addr: [0; 16],
+    };
+    let (src, addr_bits) = unsafe {
+        if flow.ipv6 {
+            let t = &flow.tuple.__bindgen_anon_1.ipv6;
+            data.family = FAMILY_V6;
+            data.addr = core::mem::transmute::<[u32; 4], [u8; 16]>(t.daddr);
+            (t.saddr, 128)
+        } else {
+            let t = &flow.tuple.__bindgen_anon_1.ipv4;
+            let d = t.daddr.to_ne_bytes();
+            data.addr[..4].copy_from_slice(&d);
+            ([t.saddr, 0, 0, 0], 32)
+        }
+    };
+    let key = Key::new(RULE_MATCH_FIXED_BITS + addr_bits, data);
+    let rules = if ACTIVE_RULES.get(0).is_some_and(|a| *a == 1) { &RULES_1 } else { &RULES_0 };
+    let rule = *rules.get(&key)?;
+    if rule.action != ACTION_INTERCEPT || !source_matches(&src, &rule) {
+        return None;
+    }
+    Some(rule)
+}
+
+/// Whether the leading `src_prefix_len` bits of `src` equal the rule's.
+#[inline(always)]
+fn source_matches(src: &[u32; 4], rule: &RuleAction) -> bool {
+    let mut left = rule.src_prefix_len;
+    for i in 0..4 {
+        if left == 0 {
+            break;
+        }
+        let bits = if left > 32 { 32 } else { left };
+        let mask = if bits == 32 { u32::MAX } else { !(u32::MAX >> bits) };
+        if u32::from_be(src[i] ^ rule.src[i]) & mask != 0 {
+            return false;
+        }
+        left -= bits;
+    }
+    true
 }
 
 #[inline(always)]
 fn reopen_key(flow: &Flow) -> ReopenKey {
-    let mut key =
-        ReopenKey { saddr: [0; 4], daddr: [0; 4], sport: 0, dport: 0, ipv6: 0, _pad: [0; 3] };
+    let mut key = ReopenKey {
+        saddr: [0; 4],
+        daddr: [0; 4],
+        sport: flow.sport,
+        dport: flow.dport,
+        ipv6: 0,
+        _pad: [0; 3],
+    };
     unsafe {
         if flow.ipv6 {
             let t = &flow.tuple.__bindgen_anon_1.ipv6;
             key.saddr = t.saddr;
             key.daddr = t.daddr;
-            key.sport = u16::from_be(t.sport);
             key.ipv6 = 1;
         } else {
             let t = &flow.tuple.__bindgen_anon_1.ipv4;
             key.saddr[0] = t.saddr;
             key.daddr[0] = t.daddr;
-            key.sport = u16::from_be(t.sport);
         }
     }
-    key.dport = flow.dport;
     key
 }
 
@@ -146,8 +275,8 @@ pub fn tproxy_reopen(ctx: SkLookupContext) -> u32 {
         _pad: [0; 3],
     };
     if ipv6 {
-        key.saddr = ctx_words(&l.remote_ip6);
-        key.daddr = ctx_words(&l.local_ip6);
+        key.saddr = sock_words(&l.remote_ip6);
+        key.daddr = sock_words(&l.local_ip6);
     } else {
         key.saddr[0] = l.remote_ip4;
         key.daddr[0] = l.local_ip4;
@@ -163,10 +292,11 @@ pub fn tproxy_reopen(ctx: SkLookupContext) -> u32 {
     SK_PASS
 }
 
-/// Copies an address out of the context one word at a time: the verifier
-/// refuses loads through a ctx pointer that was moved, which an array copy is.
+/// Copies an address out of a context or socket one word at a time: the
+/// verifier allows only 4-byte loads there, and refuses loads through a
+/// moved pointer, which an array copy can be.
 #[inline(always)]
-fn ctx_words(words: &[u32; 4]) -> [u32; 4] {
+fn sock_words(words: &[u32; 4]) -> [u32; 4] {
     unsafe {
         [
             core::ptr::read_volatile(&words[0]),
@@ -178,28 +308,51 @@ fn ctx_words(words: &[u32; 4]) -> [u32; 4] {
 }
 
 #[inline(always)]
-fn to_listener(ctx: &TcContext, index: u32) {
+fn to_listener(ctx: &TcContext, index: u32, rule: &RuleAction) {
     let map = core::ptr::from_ref(&LISTENERS).cast_mut().cast::<c_void>();
     let sk = unsafe { bpf_map_lookup_elem(map, core::ptr::from_ref(&index).cast()) };
     if sk.is_null() {
         count(stat::NO_LISTENER);
+        if let Some(s) = rule_stats(rule) {
+            s.no_listener += 1;
+        }
         return;
     }
-    assign(ctx, sk.cast(), stat::TO_LISTENER);
+    assign(ctx, sk.cast(), Some(rule), stat::TO_LISTENER, true);
 }
 
 /// Assigns `sk` to the packet, marks it for local delivery, and releases `sk`.
 #[inline(always)]
-fn assign(ctx: &TcContext, sk: *mut bpf_sock, counter: u32) {
+fn assign(
+    ctx: &TcContext,
+    sk: *mut bpf_sock,
+    rule: Option<&RuleAction>,
+    counter: u32,
+    new_flow: bool,
+) {
     let ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk.cast(), 0) };
     unsafe { bpf_sk_release(sk.cast()) };
+    let stats = rule.and_then(rule_stats);
     if ret == 0 {
         ctx.set_mark(global(&MARK));
         count(counter);
+        if let Some(s) = stats {
+            s.packets += 1;
+            s.bytes += ctx.len() as u64;
+            s.new_flows += new_flow as u64;
+        }
     } else {
         count(stat::ASSIGN_FAILED);
+        if let Some(s) = stats {
+            s.assign_failed += 1;
+        }
         warn!(ctx, "bpf_sk_assign failed: {}", ret);
     }
+}
+
+#[inline(always)]
+fn rule_stats(rule: &RuleAction) -> Option<&mut RuleStats> {
+    RULE_STATS.get_ptr_mut(rule.rule_id).map(|p| unsafe { &mut *p })
 }
 
 #[inline(always)]

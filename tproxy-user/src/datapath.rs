@@ -4,17 +4,21 @@ use std::os::fd::AsRawFd;
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, SockMap},
+    maps::{Array, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, SockMap, lpm_trie::Key},
     programs::{ProgramError, SchedClassifier, SkLookup, TcAttachType, tc},
+    util::nr_cpus,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
     task::JoinHandle,
 };
-use tproxy_ebpf::{PortKey, PortRule, RULE_INTERCEPT, names, stat};
+use tproxy_ebpf::{RuleAction, RuleMatch, RuleStats, gate_index, names, stat};
 use tracing::{debug, warn};
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    rules::TrieEntry,
+};
 
 /// The TC program, built by build.rs from the tproxy-ebpf crate.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tproxy"));
@@ -34,6 +38,8 @@ pub struct DatapathStats {
     pub tw_syn: u64,
     /// Of those, the ones handed straight to the relay's listener.
     pub tw_handover: u64,
+    /// Replies steered back to the relay's spoofed upstream sockets.
+    pub return_path: u64,
 }
 
 /// The loaded TC program and its maps. Dropping it detaches the program
@@ -42,15 +48,20 @@ pub struct Datapath {
     ebpf: Ebpf,
     attached: Vec<String>,
     logger: Option<JoinHandle<()>>,
+    /// Which copy of the rule trie the program reads.
+    active_rules: u32,
 }
 
 impl Datapath {
     /// Loads the embedded program. `mark` is put on steered packets;
-    /// packets that already carry `bypass_mark` are never steered.
-    pub fn load(mark: u32, bypass_mark: u32) -> Result<Self> {
+    /// packets that already carry `bypass_mark` are never steered;
+    /// `return_path` also steers replies to the relay's spoofed sockets.
+    pub fn load(mark: u32, bypass_mark: u32, return_path: bool) -> Result<Self> {
+        let return_path = u32::from(return_path);
         let mut ebpf = EbpfLoader::new()
             .override_global(names::MARK, &mark, true)
             .override_global(names::BYPASS_MARK, &bypass_mark, true)
+            .override_global(names::RETURN_PATH, &return_path, true)
             .load(PROGRAM_OBJECT)
             .map_err(Error::Load)?;
         // aya-log's ring buffer must stay open and be drained, or the records
@@ -63,7 +74,7 @@ impl Datapath {
             }
         };
         program_mut(&mut ebpf)?.load().map_err(load_error(names::PROGRAM))?;
-        Ok(Self { ebpf, attached: Vec::new(), logger })
+        Ok(Self { ebpf, attached: Vec::new(), logger, active_rules: 0 })
     }
 
     /// Attaches the `sk_lookup` program that lets a SYN reopen a tuple held
@@ -109,35 +120,76 @@ impl Datapath {
         &self.attached
     }
 
-    /// Starts or stops intercepting `proto` traffic to `port`.
-    pub fn set_port(&mut self, proto: u8, port: u16, intercept: bool) -> Result<()> {
-        let mut ports = self.ports()?;
-        let key = PortKey::new(proto, port);
-        let result = if intercept {
-            ports.insert(key, PortRule { flags: RULE_INTERCEPT }, 0)
-        } else {
-            ports.remove(&key)
+    /// Lets packets to and from `port` of `proto` into the rule and socket
+    /// lookups. Gates stay open for the program's lifetime, so that flows
+    /// steered under a rule keep their sockets after the rule goes.
+    pub fn open_gate(&mut self, proto: u8, port: u16) -> Result<()> {
+        let Some(index) = gate_index(proto, port) else {
+            return Err(Error::Config(format!("protocol {proto} cannot be intercepted")));
         };
-        result.map_err(|source| Error::Map { name: names::PORTS, source })
+        let mut gate: Array<&mut MapData, u8> = self.map_mut(names::PORT_GATE)?;
+        gate.set(index, 1, 0).map_err(map_err(names::PORT_GATE))
+    }
+
+    /// Replaces the rules the program matches, atomically: the new entries go
+    /// into the unused copy of the trie, then one write switches to it.
+    pub fn replace_rules(&mut self, entries: impl Iterator<Item = TrieEntry>) -> Result<()> {
+        let next = 1 - self.active_rules;
+        let name = names::RULES[next as usize];
+        let mut trie: LpmTrie<&mut MapData, RuleMatch, RuleAction> = self.map_mut(name)?;
+        // What the copy held two changes ago.
+        let stale: Vec<Key<RuleMatch>> =
+            trie.keys().collect::<Result<_, MapError>>().map_err(map_err(name))?;
+        for key in &stale {
+            trie.remove(key).map_err(map_err(name))?;
+        }
+        for (prefix_len, data, action) in entries {
+            trie.insert(&Key::new(prefix_len, data), action, 0).map_err(map_err(name))?;
+        }
+        let mut active: Array<&mut MapData, u32> = self.map_mut(names::ACTIVE_RULES)?;
+        active.set(0, next, 0).map_err(map_err(names::ACTIVE_RULES))?;
+        self.active_rules = next;
+        Ok(())
+    }
+
+    /// Zeroes the counters of rule `id`, before the id is given to a new rule.
+    pub fn reset_rule_stats(&mut self, id: u32) -> Result<()> {
+        let cpus = nr_cpus().map_err(|(_, e)| Error::io("counting CPUs", e))?;
+        let zeros = PerCpuValues::try_from(vec![RuleStats::default(); cpus])
+            .map_err(|e| Error::io("building per-CPU values", e))?;
+        let mut stats: PerCpuArray<&mut MapData, RuleStats> = self.map_mut(names::RULE_STATS)?;
+        stats.set(id, zeros, 0).map_err(map_err(names::RULE_STATS))
+    }
+
+    /// The counters of rule `id`, summed over all CPUs.
+    pub fn rule_stats(&self, id: u32) -> Result<RuleStats> {
+        let map = self.ebpf.map(names::RULE_STATS).ok_or_else(|| missing(names::RULE_STATS))?;
+        let stats: PerCpuArray<&MapData, RuleStats> =
+            PerCpuArray::try_from(map).map_err(map_err(names::RULE_STATS))?;
+        let values = stats.get(&id, 0).map_err(map_err(names::RULE_STATS))?;
+        Ok(values.iter().fold(RuleStats::default(), |mut sum, v| {
+            sum.packets += v.packets;
+            sum.bytes += v.bytes;
+            sum.new_flows += v.new_flows;
+            sum.no_listener += v.no_listener;
+            sum.assign_failed += v.assign_failed;
+            sum
+        }))
     }
 
     /// Puts one of the relay's sockets into `slot` (see `tproxy_ebpf::slot`).
     pub fn set_listener(&mut self, slot: u32, socket: &impl AsRawFd) -> Result<()> {
-        let map = self.ebpf.map_mut(names::LISTENERS).ok_or_else(|| missing(names::LISTENERS))?;
-        let mut sockets: SockMap<&mut MapData> = SockMap::try_from(map)
-            .map_err(|source| Error::Map { name: names::LISTENERS, source })?;
-        sockets.set(slot, socket, 0).map_err(|source| Error::Map { name: names::LISTENERS, source })
+        let mut sockets: SockMap<&mut MapData> = self.map_mut(names::LISTENERS)?;
+        sockets.set(slot, socket, 0).map_err(map_err(names::LISTENERS))
     }
 
     /// Reads the program's counters.
     pub fn stats(&self) -> Result<DatapathStats> {
         let map = self.ebpf.map(names::STATS).ok_or_else(|| missing(names::STATS))?;
-        let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)
-            .map_err(|source| Error::Map { name: names::STATS, source })?;
+        let counters: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(map_err(names::STATS))?;
         let sum = |index: u32| -> Result<u64> {
-            let values = counters
-                .get(&index, 0)
-                .map_err(|source| Error::Map { name: names::STATS, source })?;
+            let values = counters.get(&index, 0).map_err(map_err(names::STATS))?;
             Ok(values.iter().sum())
         };
         Ok(DatapathStats {
@@ -147,12 +199,16 @@ impl Datapath {
             assign_failed: sum(stat::ASSIGN_FAILED)?,
             tw_syn: sum(stat::TW_SYN)?,
             tw_handover: sum(stat::TW_HANDOVER)?,
+            return_path: sum(stat::RETURN_PATH)?,
         })
     }
 
-    fn ports(&mut self) -> Result<HashMap<&mut MapData, PortKey, PortRule>> {
-        let map = self.ebpf.map_mut(names::PORTS).ok_or_else(|| missing(names::PORTS))?;
-        HashMap::try_from(map).map_err(|source| Error::Map { name: names::PORTS, source })
+    fn map_mut<'a, M>(&'a mut self, name: &'static str) -> Result<M>
+    where
+        M: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+    {
+        let map = self.ebpf.map_mut(name).ok_or_else(|| missing(name))?;
+        M::try_from(map).map_err(map_err(name))
     }
 }
 
@@ -189,6 +245,10 @@ fn load_error(name: &'static str) -> impl Fn(ProgramError) -> Error {
         }
         e => Error::Load(EbpfError::ProgramError(e)),
     }
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> Error {
+    move |source| Error::Map { name, source }
 }
 
 fn missing(name: &'static str) -> Error {

@@ -21,6 +21,9 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
 
+    #[error("{0}")]
+    Rule(String),
+
     #[error(
         "the kernel rejected the BPF program {name} ({source}); run with RUST_LOG=debug for the verifier log"
     )]

@@ -3,13 +3,14 @@
 
 use std::{collections::HashSet, os::fd::BorrowedFd};
 
-use tproxy_ebpf::PROTO_TCP;
+use tproxy_ebpf::RuleStats;
 use tracing::{info, warn};
 
 use crate::{
     datapath::{self, Datapath, DatapathStats},
     error::{Error, Result},
     routing::{self, PolicyRouting, RoutingConfig},
+    rules::{Rule, RuleSet},
     system,
 };
 
@@ -29,8 +30,8 @@ pub const DEFAULT_UPSTREAM_MARK: u32 = 0x1e6;
 pub struct InterceptConfig {
     /// Interfaces whose ingress traffic is inspected.
     pub interfaces: Vec<String>,
-    /// TCP destination ports to intercept.
-    pub tcp_ports: Vec<u16>,
+    /// What to intercept.
+    pub rules: Vec<Rule>,
     /// Mark for steered packets; the fwmark rule matches it.
     pub mark: u32,
     /// Routing table with the `local default dev lo` route.
@@ -39,17 +40,23 @@ pub struct InterceptConfig {
     pub rule_priority: u32,
     /// Packets already carrying this mark are never steered.
     pub bypass_mark: u32,
+    /// Also steer replies addressed to the relay's spoofed upstream sockets
+    /// (source spoofing: the relay connects from the client's address).
+    pub return_path: bool,
 }
 
 impl InterceptConfig {
-    pub fn new(interfaces: Vec<String>, tcp_ports: Vec<u16>) -> Self {
+    /// Interception of `rules` on `interfaces`, with the default mark, table
+    /// and rule priority.
+    pub fn new(interfaces: Vec<String>, rules: Vec<Rule>) -> Self {
         Self {
             interfaces,
-            tcp_ports,
+            rules,
             mark: DEFAULT_MARK,
             table: DEFAULT_TABLE,
             rule_priority: DEFAULT_RULE_PRIORITY,
             bypass_mark: DEFAULT_UPSTREAM_MARK,
+            return_path: false,
         }
     }
 
@@ -63,12 +70,6 @@ impl InterceptConfig {
         if let Some(dup) = self.interfaces.iter().find(|i| !seen.insert(*i)) {
             return bad(format!("interface {dup} given twice"));
         }
-        if self.tcp_ports.is_empty() {
-            return bad("no port given".into());
-        }
-        if self.tcp_ports.contains(&0) {
-            return bad("port 0 cannot be intercepted".into());
-        }
         if self.mark == 0 || self.bypass_mark == 0 {
             return bad("marks must not be 0".into());
         }
@@ -78,6 +79,7 @@ impl InterceptConfig {
         if matches!(self.table, 0 | 253..=255) {
             return bad(format!("table {} is reserved by the kernel", self.table));
         }
+        RuleSet::new(self.rules.clone())?;
         Ok(())
     }
 
@@ -94,8 +96,14 @@ impl InterceptConfig {
 /// Which of the relay's sockets a `BorrowedFd` is, for [`Interceptor::start`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelaySocket {
+    /// The IPv4 TCP listener.
     TcpV4,
+    /// The IPv6 TCP listener.
     TcpV6,
+    /// The IPv4 UDP socket.
+    UdpV4,
+    /// The IPv6 UDP socket.
+    UdpV6,
 }
 
 impl RelaySocket {
@@ -103,6 +111,8 @@ impl RelaySocket {
         match self {
             Self::TcpV4 => tproxy_ebpf::slot::TCP_V4,
             Self::TcpV6 => tproxy_ebpf::slot::TCP_V6,
+            Self::UdpV4 => tproxy_ebpf::slot::UDP_V4,
+            Self::UdpV6 => tproxy_ebpf::slot::UDP_V6,
         }
     }
 }
@@ -114,13 +124,14 @@ pub struct Interceptor {
     datapath: Datapath,
     routing: Option<PolicyRouting>,
     config: InterceptConfig,
+    rules: RuleSet,
 }
 
 impl Interceptor {
     /// Checks the host and the configuration, removes what an earlier killed
     /// run left behind, then loads the program, registers the relay's sockets,
-    /// installs the routing and attaches to every interface. On error nothing
-    /// stays attached or installed.
+    /// installs the rules and the routing, and attaches to every interface.
+    /// On error nothing stays attached or installed.
     pub async fn start(
         config: InterceptConfig,
         sockets: &[(RelaySocket, BorrowedFd<'_>)],
@@ -128,39 +139,83 @@ impl Interceptor {
         let kernel = preflight(&config)?;
         remove_leftovers(&config).await?;
 
-        let mut datapath = Datapath::load(config.mark, config.bypass_mark)?;
+        let mut datapath = Datapath::load(config.mark, config.bypass_mark, config.return_path)?;
         for &(socket, fd) in sockets {
             datapath.set_listener(socket.slot(), &fd)?;
-        }
-        for &port in &config.tcp_ports {
-            datapath.set_port(PROTO_TCP, port, true)?;
         }
         if let Err(e) = datapath.attach_reopen() {
             warn!("{e}: a SYN that meets a TIME_WAIT socket will wait for its retry");
         }
-        let routing = PolicyRouting::install(config.routing()).await?;
-        let mut interceptor = Self { datapath, routing: Some(routing), config };
+        let mut interceptor = Self { datapath, routing: None, config, rules: RuleSet::default() };
+        interceptor.set_rules(interceptor.config.rules.clone())?;
+        interceptor.routing = Some(PolicyRouting::install(interceptor.config.routing()).await?);
         let tcx = system::has_tcx(kernel);
         for iface in &interceptor.config.interfaces {
             interceptor.datapath.attach(iface, tcx)?;
         }
         info!(
-            "attached to {} at TC ingress ({}), intercepting tcp ports {:?}",
+            "attached to {} at TC ingress ({}); rules: {}",
             interceptor.config.interfaces.join(", "),
             if tcx { "tcx" } else { "netlink clsact" },
-            interceptor.config.tcp_ports
+            interceptor.rules.iter().map(|(_, r)| r.to_string()).collect::<Vec<_>>().join(", ")
         );
         Ok(interceptor)
     }
 
-    /// The configuration this interceptor runs with.
+    /// The configuration this interceptor was started with.
     pub fn config(&self) -> &InterceptConfig {
         &self.config
     }
 
-    /// The program's counters.
+    /// The rules in force, with their counter ids.
+    pub fn rules(&self) -> &RuleSet {
+        &self.rules
+    }
+
+    /// Replaces the rules. The new set is validated first; on error the
+    /// running set is unchanged. The switch is atomic for the datapath.
+    pub fn set_rules(&mut self, rules: Vec<Rule>) -> Result<()> {
+        let next = self.rules.replaced(rules)?;
+        self.apply(next)
+    }
+
+    /// Adds one rule.
+    pub fn add_rule(&mut self, rule: Rule) -> Result<()> {
+        let next = self.rules.with(rule)?;
+        self.apply(next)
+    }
+
+    /// Removes one rule.
+    pub fn remove_rule(&mut self, rule: &Rule) -> Result<()> {
+        let next = self.rules.without(rule)?;
+        self.apply(next)
+    }
+
+    fn apply(&mut self, next: RuleSet) -> Result<()> {
+        for (id, rule) in next.iter() {
+            if self.rules.iter().all(|(old_id, old)| old_id != id || old != rule) {
+                self.datapath.reset_rule_stats(id)?;
+            }
+        }
+        for (proto, port) in next.gated_ports() {
+            self.datapath.open_gate(proto.number(), port)?;
+        }
+        self.datapath.replace_rules(next.entries())?;
+        self.rules = next;
+        Ok(())
+    }
+
+    /// The program's counters, all rules together.
     pub fn stats(&self) -> Result<DatapathStats> {
         self.datapath.stats()
+    }
+
+    /// The counters of each rule.
+    pub fn rule_stats(&self) -> Result<Vec<(Rule, RuleStats)>> {
+        self.rules
+            .iter()
+            .map(|(id, rule)| Ok((rule.clone(), self.datapath.rule_stats(id)?)))
+            .collect()
     }
 
     /// Detaches and removes the routing.

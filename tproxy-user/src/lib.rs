@@ -15,6 +15,7 @@ pub mod error;
 pub mod intercept;
 pub mod relay;
 pub mod routing;
+pub mod rules;
 pub mod system;
 pub mod transparent;
 

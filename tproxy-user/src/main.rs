@@ -11,7 +11,8 @@ use tproxy_user::{
         self, DEFAULT_MARK, DEFAULT_RULE_PRIORITY, DEFAULT_TABLE, DEFAULT_UPSTREAM_MARK,
         InterceptConfig,
     },
-    relay::TcpRelayConfig,
+    relay::{TcpRelayConfig, UdpRelayConfig, udp},
+    rules::{Protocol, Rule, parse_ports},
 };
 use tracing_subscriber::EnvFilter;
 
@@ -28,9 +29,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Intercept TCP ports arriving on interfaces and relay each connection to
-    /// its original destination. Runs until SIGINT or SIGTERM, then removes
-    /// everything it added.
+    /// Intercept TCP and UDP ports arriving on interfaces and relay each
+    /// connection and datagram to its original destination. Runs until SIGINT
+    /// or SIGTERM, then removes everything it added.
     Attach(AttachArgs),
     /// Remove what a killed `attach` left behind: TC filters on the given
     /// interfaces and the policy routing for the mark and table.
@@ -55,9 +56,15 @@ struct AttachArgs {
     /// Interfaces to intercept on (TC ingress).
     #[arg(required = true, value_name = "IFACE")]
     interfaces: Vec<String>,
-    /// TCP destination port to intercept (repeatable).
-    #[arg(long = "port", short = 'p', required = true, value_parser = clap::value_parser!(u16).range(1..))]
-    ports: Vec<u16>,
+    /// Destination port or range to intercept, e.g. 80 or 8000-8099 (repeatable).
+    #[arg(long = "port", short = 'p', value_name = "PORT[-PORT]", value_parser = parse_ports)]
+    ports: Vec<std::ops::RangeInclusive<u16>>,
+    /// Limit --port to a protocol (repeatable); both TCP and UDP by default.
+    #[arg(long = "proto", value_name = "tcp|udp")]
+    protocols: Vec<Protocol>,
+    /// A rule: '[tcp|udp/]PORT[-PORT] [to CIDR] [from CIDR] [exclude]' (repeatable).
+    #[arg(long = "rule", value_name = "RULE")]
+    rules: Vec<Rule>,
     /// Port of the relay's transparent listener; 0 lets the kernel choose.
     #[arg(long, default_value_t = 0)]
     listen_port: u16,
@@ -66,9 +73,20 @@ struct AttachArgs {
     /// SO_MARK of the relay's upstream connections, which are never steered.
     #[arg(long, default_value_t = DEFAULT_UPSTREAM_MARK, value_parser = parse_u32)]
     upstream_mark: u32,
+    /// Connect upstream from the client's own address (both TCP and UDP), so
+    /// the server sees the client; replies are steered back on every given
+    /// interface.
+    #[arg(long)]
+    spoof_source: bool,
     /// Seconds to wait for the original destination to accept.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
     connect_timeout: f64,
+    /// Seconds a UDP session may be idle before it is closed.
+    #[arg(long, default_value_t = udp::DEFAULT_IDLE_TIMEOUT.as_secs_f64(), value_name = "SECS")]
+    udp_idle_timeout: f64,
+    /// Most UDP sessions at once; the least recently used are evicted past it.
+    #[arg(long, default_value_t = udp::DEFAULT_MAX_SESSIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_udp_sessions: usize,
 }
 
 #[derive(Args)]
@@ -90,34 +108,65 @@ fn parse_u32(s: &str) -> Result<u32, String> {
     parsed.map_err(|e| format!("{s:?} is not a 32-bit number: {e}"))
 }
 
+/// A positive, finite number of seconds.
+fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
+    if !(value.is_finite() && value > 0.0) {
+        anyhow::bail!("{name} must be a positive number of seconds");
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
 fn intercept_config(
     interfaces: Vec<String>,
-    ports: Vec<u16>,
+    rules: Vec<Rule>,
     routing: &RoutingArgs,
 ) -> InterceptConfig {
     InterceptConfig {
         mark: routing.mark,
         table: routing.table,
         rule_priority: routing.rule_priority,
-        ..InterceptConfig::new(interfaces, ports)
+        ..InterceptConfig::new(interfaces, rules)
     }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Attach(args) => {
-            if !(args.connect_timeout.is_finite() && args.connect_timeout > 0.0) {
-                anyhow::bail!("--connect-timeout must be a positive number of seconds");
+            let connect_timeout = seconds("--connect-timeout", args.connect_timeout)?;
+            let idle_timeout = seconds("--udp-idle-timeout", args.udp_idle_timeout)?;
+            if args.ports.is_empty() && args.rules.is_empty() {
+                anyhow::bail!("nothing to intercept: give --port or --rule");
             }
-            let mut intercept = intercept_config(args.interfaces, args.ports, &args.routing);
+            if !args.protocols.is_empty() && args.ports.is_empty() {
+                anyhow::bail!(
+                    "--proto narrows --port; with --rule, write the protocol in the rule"
+                );
+            }
+            let protocols =
+                if args.protocols.is_empty() { Protocol::ALL.to_vec() } else { args.protocols };
+            let mut rules: Vec<Rule> =
+                args.ports.into_iter().map(|ports| Rule::ports(&protocols, ports)).collect();
+            rules.extend(args.rules);
+            let mut intercept = intercept_config(args.interfaces, rules, &args.routing);
             intercept.bypass_mark = args.upstream_mark;
+            intercept.return_path = args.spoof_source;
+            let ipv6 = tproxy_user::system::ipv6_enabled();
             let config = AttachConfig {
                 intercept,
-                relay: TcpRelayConfig {
+                tcp: TcpRelayConfig {
                     listen_port: args.listen_port,
-                    ipv6: tproxy_user::system::ipv6_enabled(),
+                    ipv6,
                     upstream_mark: args.upstream_mark,
-                    connect_timeout: Duration::from_secs_f64(args.connect_timeout),
+                    spoof_source: args.spoof_source,
+                    connect_timeout,
+                },
+                udp: UdpRelayConfig {
+                    listen_port: args.listen_port,
+                    ipv6,
+                    upstream_mark: args.upstream_mark,
+                    spoof_source: args.spoof_source,
+                    idle_timeout,
+                    max_sessions: args.max_udp_sessions,
                 },
             };
             attach::run(config, shutdown_signal()?).await.context("attach")

@@ -1,42 +1,262 @@
-//! Transparent sockets: listeners that accept connections for addresses that
-//! are not local, and upstream dials that carry a mark.
+//! Transparent sockets: listeners that accept connections and datagrams for
+//! addresses that are not local, sockets that send from such addresses, and
+//! upstream dials that carry a mark.
+//!
+//! These are the building blocks of the relay, usable on their own: a
+//! program with its own steering (or with [`Interceptor`](crate::Interceptor))
+//! can accept with [`tcp_listener`] and [`TransparentUdp`], then dial with
+//! [`tcp_dial`] and [`udp_upstream`].
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{
+    io::{self, IoSliceMut},
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::AsRawFd,
+    time::Duration,
+};
 
+use nix::sys::socket::{
+    ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, setsockopt, sockopt,
+};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::{
+    io::Interest,
+    net::{TcpListener, TcpSocket, TcpStream, UdpSocket},
+};
 
 /// A TCP listener with IP_TRANSPARENT (IPV6_TRANSPARENT for IPv6), so that the
 /// connections the TC program assigns to it can be accepted although their
 /// destination is not a local address. `accept()` then yields sockets whose
 /// `local_addr()` is the client's original destination.
 pub fn tcp_listener(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    set_transparent(&socket, addr.is_ipv6())?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
+    let socket = transparent_socket(addr, Type::STREAM, Protocol::TCP)?;
     socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
     TcpListener::from_std(socket.into())
 }
 
-/// Connects to `dst` from the host's own address. `mark` (SO_MARK) tags the
-/// connection as the relay's own, so it is never intercepted again.
-pub async fn tcp_dial(dst: SocketAddr, mark: u32, timeout: Duration) -> io::Result<TcpStream> {
+/// Connects to `dst`. With `source` the connection comes from that address,
+/// which need not be local (IP_TRANSPARENT): spoofing the client. If its port
+/// is taken, the kernel picks another one on the same address. `mark`
+/// (SO_MARK, 0 for none) tags the connection as the relay's own, so that it
+/// is never intercepted again.
+pub async fn tcp_dial(
+    dst: SocketAddr,
+    source: Option<SocketAddr>,
+    mark: u32,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
     let socket = if dst.is_ipv6() { TcpSocket::new_v6()? } else { TcpSocket::new_v4()? };
+    let sock = SockRef::from(&socket);
     if mark != 0 {
-        SockRef::from(&socket).set_mark(mark)?;
+        sock.set_mark(mark)?;
     }
     socket.set_nodelay(true)?;
+    if let Some(source) = source {
+        set_transparent(&sock, source.is_ipv6())?;
+        socket.set_reuseaddr(true)?;
+        if let Err(e) = socket.bind(source) {
+            if e.kind() != io::ErrorKind::AddrInUse {
+                return Err(e);
+            }
+            socket.bind(SocketAddr::new(source.ip(), 0))?;
+        }
+    }
     match tokio::time::timeout(timeout, socket.connect(dst)).await {
         Ok(result) => result,
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
     }
 }
 
-fn set_transparent(socket: &Socket, ipv6: bool) -> io::Result<()> {
+/// One datagram received by a [`TransparentUdp`] socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Datagram {
+    /// Bytes of payload in the buffer.
+    pub len: usize,
+    /// Who sent it.
+    pub client: SocketAddr,
+    /// Where the client sent it: the original destination.
+    pub original_dst: SocketAddr,
+}
+
+/// Why a datagram could not be received whole.
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    /// The datagram was larger than the buffer; it was dropped, not cut.
+    #[error("datagram from {client} larger than the {buffer}-byte buffer; dropped")]
+    Truncated {
+        /// The sender.
+        client: SocketAddr,
+        /// The buffer size.
+        buffer: usize,
+    },
+    /// The kernel gave no original destination (the socket lacks
+    /// IP_RECVORIGDSTADDR, or the datagram was not steered).
+    #[error("datagram from {0} without an original destination")]
+    NoOriginalDst(SocketAddr),
+    /// A socket error.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// A transparent UDP socket: it receives datagrams for any address the TC
+/// program steers to it, each with its original destination, and can answer
+/// from that destination.
+pub struct TransparentUdp {
+    socket: UdpSocket,
+}
+
+impl TransparentUdp {
+    /// Binds with IP_TRANSPARENT and IP_RECVORIGDSTADDR (the IPv6 variants
+    /// for an IPv6 address).
+    pub fn bind(addr: SocketAddr) -> io::Result<Self> {
+        let socket = transparent_socket(addr, Type::DGRAM, Protocol::UDP)?;
+        if addr.is_ipv6() {
+            setsockopt(&socket, sockopt::Ipv6OrigDstAddr, &true)?;
+        } else {
+            setsockopt(&socket, sockopt::Ipv4OrigDstAddr, &true)?;
+        }
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        Ok(Self { socket: UdpSocket::from_std(socket.into())? })
+    }
+
+    /// The underlying socket (for registering it with the datapath).
+    pub fn socket(&self) -> &UdpSocket {
+        &self.socket
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Receives one datagram into `buf`. A datagram that does not fit is
+    /// dropped and reported as [`RecvError::Truncated`], never cut short.
+    pub async fn recv(&self, buf: &mut [u8]) -> Result<Datagram, RecvError> {
+        // I/O errors (WouldBlock among them) go to `async_io`, which waits
+        // and retries; the others come back whole.
+        self.socket
+            .async_io(Interest::READABLE, || match recv_original(&self.socket, buf) {
+                Err(RecvError::Io(e)) => Err(e),
+                other => Ok(other),
+            })
+            .await?
+    }
+
+    /// Sends `payload` to `to` from `from`, which need not be a local address:
+    /// to answer a client as its original destination. Opens a socket per
+    /// call; a long exchange should keep one from [`udp_reply_socket`].
+    pub async fn send_from(
+        &self,
+        payload: &[u8],
+        from: SocketAddr,
+        to: SocketAddr,
+    ) -> io::Result<usize> {
+        udp_reply_socket(from, to)?.send(payload).await
+    }
+}
+
+/// `recvmsg` with the original destination from the control messages.
+fn recv_original(socket: &UdpSocket, buf: &mut [u8]) -> Result<Datagram, RecvError> {
+    let mut cmsg = nix::cmsg_space!(libc::sockaddr_in6);
+    let capacity = buf.len();
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<SockaddrStorage>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(io::Error::from)?;
+    let client = msg
+        .address
+        .as_ref()
+        .and_then(storage_to_socket_addr)
+        .ok_or_else(|| io::Error::other("datagram without a source address"))?;
+    if msg.flags.contains(MsgFlags::MSG_TRUNC) {
+        return Err(RecvError::Truncated { client, buffer: capacity });
+    }
+    let mut original_dst = None;
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        original_dst = match c {
+            ControlMessageOwned::Ipv4OrigDstAddr(a) => Some(SocketAddr::V4(SocketAddrV4::new(
+                u32::from_be(a.sin_addr.s_addr).into(),
+                u16::from_be(a.sin_port),
+            ))),
+            ControlMessageOwned::Ipv6OrigDstAddr(a) => Some(SocketAddr::V6(SocketAddrV6::new(
+                a.sin6_addr.s6_addr.into(),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            ))),
+            _ => continue,
+        };
+    }
+    let original_dst = original_dst.ok_or(RecvError::NoOriginalDst(client))?;
+    Ok(Datagram { len: msg.bytes, client, original_dst })
+}
+
+fn storage_to_socket_addr(storage: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = storage.as_sockaddr_in() {
+        return Some(SocketAddr::V4(SocketAddrV4::new(v4.ip(), v4.port())));
+    }
+    storage.as_sockaddr_in6().map(|v6| {
+        SocketAddr::V6(SocketAddrV6::new(v6.ip(), v6.port(), v6.flowinfo(), v6.scope_id()))
+    })
+}
+
+/// A UDP socket bound to `from` (IP_TRANSPARENT, so any address) and
+/// connected to `to`: replies sent on it reach the client from its original
+/// destination. SO_REUSEADDR lets several clients' sessions share `from`.
+pub fn udp_reply_socket(from: SocketAddr, to: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = transparent_socket(from, Type::DGRAM, Protocol::UDP)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&from.into())?;
+    socket.connect(&to.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// A UDP socket connected to `dst`. With `source` it is bound to that
+/// address (IP_TRANSPARENT, so the client's own; its port if free, else
+/// another); without, the kernel picks a local one. `mark` as in [`tcp_dial`].
+pub fn udp_upstream(
+    dst: SocketAddr,
+    source: Option<SocketAddr>,
+    mark: u32,
+) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(dst), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_nonblocking(true)?;
+    if mark != 0 {
+        socket.set_mark(mark)?;
+    }
+    if let Some(source) = source {
+        set_transparent(&SockRef::from(&socket), source.is_ipv6())?;
+        // The client's sessions with other destinations use the same source.
+        socket.set_reuse_address(true)?;
+        if let Err(e) = socket.bind(&source.into()) {
+            if e.kind() != io::ErrorKind::AddrInUse {
+                return Err(e);
+            }
+            socket.bind(&SocketAddr::new(source.ip(), 0).into())?;
+        }
+    }
+    socket.connect(&dst.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// A non-blocking socket of `addr`'s family with IP_TRANSPARENT, IPv6-only
+/// for IPv6 (each family gets its own socket and sockmap slot).
+fn transparent_socket(addr: SocketAddr, kind: Type, protocol: Protocol) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), kind, Some(protocol))?;
+    set_transparent(&SockRef::from(&socket), addr.is_ipv6())?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+fn set_transparent(socket: &SockRef<'_>, ipv6: bool) -> io::Result<()> {
     if ipv6 { socket.set_ip_transparent_v6(true) } else { socket.set_ip_transparent_v4(true) }
 }

@@ -2,5 +2,7 @@
 //! original destination.
 
 pub mod tcp;
+pub mod udp;
 
 pub use tcp::{TcpRelay, TcpRelayConfig, TcpRelayStats};
+pub use udp::{UdpRelay, UdpRelayConfig, UdpRelayStats};

@@ -32,9 +32,28 @@ pub struct TcpRelayConfig {
     pub ipv6: bool,
     /// SO_MARK for upstream connections.
     pub upstream_mark: u32,
+    /// Connect upstream from the client's address and port instead of the
+    /// host's (the client's port if free, else another).
+    pub spoof_source: bool,
     /// Upper bound on connecting to the original destination.
     pub connect_timeout: Duration,
 }
+
+impl Default for TcpRelayConfig {
+    fn default() -> Self {
+        Self {
+            listen_port: 0,
+            ipv6: true,
+            upstream_mark: crate::intercept::DEFAULT_UPSTREAM_MARK,
+            spoof_source: false,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+}
+
+/// Default upper bound on connecting upstream: a blackholed destination does
+/// not hold a client for the kernel's two minutes.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Counters of the relay, readable while it runs.
 #[derive(Debug, Default)]
@@ -161,17 +180,23 @@ async fn relay(
         reset(&client);
         return;
     }
-    let mut upstream =
-        match transparent::tcp_dial(dst, config.upstream_mark, config.connect_timeout).await {
-            Ok(upstream) => upstream,
-            Err(e) => {
-                stats.upstream_failures.fetch_add(1, Relaxed);
-                debug!(%peer, %dst, error = %e, "upstream connect failed");
-                // Tell the client the way the server would have: a reset.
-                reset(&client);
-                return;
-            }
-        };
+    let mut upstream = match transparent::tcp_dial(
+        dst,
+        config.spoof_source.then_some(peer),
+        config.upstream_mark,
+        config.connect_timeout,
+    )
+    .await
+    {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            stats.upstream_failures.fetch_add(1, Relaxed);
+            debug!(%peer, %dst, error = %e, "upstream connect failed");
+            // Tell the client the way the server would have: a reset.
+            reset(&client);
+            return;
+        }
+    };
     let _ = client.set_nodelay(true);
     stats.active.fetch_add(1, Relaxed);
     let result = copy_bidirectional(&mut client, &mut upstream).await;

@@ -1,0 +1,397 @@
+//! The transparent UDP relay.
+//!
+//! One transparent socket per family receives every steered datagram with its
+//! client and original destination. A session per (client, original
+//! destination) owns two sockets for its lifetime: an upstream socket
+//! connected to the destination, and a reply socket bound to the destination
+//! (IP_TRANSPARENT) and connected to the client, so that replies come from
+//! the address the client talked to. Sessions end after an idle timeout, or
+//! when the table is full and they are the least recently used.
+
+use std::{
+    cell::RefCell,
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use lru::LruCache;
+use socket2::SockRef;
+use tokio::{net::UdpSocket, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::{
+    error::{Error, Result},
+    transparent::{self, Datagram, RecvError, TransparentUdp},
+};
+
+/// How the UDP relay listens, dials and forgets.
+#[derive(Debug, Clone)]
+pub struct UdpRelayConfig {
+    /// Port of the transparent sockets; 0 lets the kernel pick one.
+    pub listen_port: u16,
+    /// Also listen on IPv6.
+    pub ipv6: bool,
+    /// SO_MARK of upstream sockets.
+    pub upstream_mark: u32,
+    /// Send upstream from the client's address instead of the host's.
+    pub spoof_source: bool,
+    /// A session without traffic either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Most sessions at once; past it the least recently used is evicted.
+    pub max_sessions: usize,
+}
+
+impl Default for UdpRelayConfig {
+    fn default() -> Self {
+        Self {
+            listen_port: 0,
+            ipv6: true,
+            upstream_mark: crate::intercept::DEFAULT_UPSTREAM_MARK,
+            spoof_source: false,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+        }
+    }
+}
+
+/// Default idle timeout: long enough for DNS retries and QUIC keepalives
+/// (15-30 s), short enough that a scan does not pin sockets for minutes.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default session bound: two sockets each, well inside a 65 536 fd limit.
+pub const DEFAULT_MAX_SESSIONS: usize = 16_384;
+
+/// The largest datagram (65 535 minus the UDP header, IPv6 without jumbograms).
+const BUFFER_SIZE: usize = 65_536;
+
+/// Counters of the UDP relay, readable while it runs.
+#[derive(Debug, Default)]
+pub struct UdpRelayStats {
+    /// Sessions opened.
+    pub sessions_total: AtomicU64,
+    /// Sessions open now.
+    pub sessions_active: AtomicU64,
+    /// Sessions closed after the idle timeout.
+    pub sessions_expired: AtomicU64,
+    /// Sessions closed because the table was full.
+    pub sessions_evicted: AtomicU64,
+    /// Datagrams from clients relayed upstream, and their payload bytes.
+    pub datagrams_up: AtomicU64,
+    /// Payload bytes relayed upstream.
+    pub bytes_up: AtomicU64,
+    /// Datagrams from upstream relayed to clients.
+    pub datagrams_down: AtomicU64,
+    /// Payload bytes relayed to clients.
+    pub bytes_down: AtomicU64,
+    /// Datagrams dropped because they were larger than the buffer.
+    pub truncated: AtomicU64,
+    /// Datagrams addressed to the relay itself (not steered), dropped.
+    pub refused_loops: AtomicU64,
+    /// Sessions that could not be opened, and sends that failed.
+    pub upstream_failures: AtomicU64,
+}
+
+impl UdpRelayStats {
+    pub(crate) fn summary(&self) -> String {
+        format!(
+            "{} UDP sessions ({} expired, {} evicted), {} datagrams up ({} bytes), {} down ({} bytes), {} truncated, {} refused loops, {} upstream failures",
+            self.sessions_total.load(Relaxed),
+            self.sessions_expired.load(Relaxed),
+            self.sessions_evicted.load(Relaxed),
+            self.datagrams_up.load(Relaxed),
+            self.bytes_up.load(Relaxed),
+            self.datagrams_down.load(Relaxed),
+            self.bytes_down.load(Relaxed),
+            self.truncated.load(Relaxed),
+            self.refused_loops.load(Relaxed),
+            self.upstream_failures.load(Relaxed),
+        )
+    }
+}
+
+/// Bound transparent sockets, ready to be registered with the datapath and run.
+pub struct UdpRelay {
+    config: UdpRelayConfig,
+    v4: TransparentUdp,
+    v6: Option<TransparentUdp>,
+    stats: Arc<UdpRelayStats>,
+}
+
+impl UdpRelay {
+    /// Binds the transparent sockets on the wildcard addresses.
+    pub fn bind(config: UdpRelayConfig) -> Result<Self> {
+        if config.max_sessions == 0 {
+            return Err(Error::Config("the UDP session bound must be at least 1".into()));
+        }
+        if config.idle_timeout.is_zero() {
+            return Err(Error::Config("the UDP idle timeout must be positive".into()));
+        }
+        let bind_err = |addr: SocketAddr| {
+            move |e: io::Error| Error::io(format!("binding the UDP relay socket on {addr}"), e)
+        };
+        let v4_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.listen_port));
+        let v4 = TransparentUdp::bind(v4_addr).map_err(bind_err(v4_addr))?;
+        let port = v4.local_addr().map_err(bind_err(v4_addr))?.port();
+        let v6 = if config.ipv6 {
+            let v6_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+            Some(TransparentUdp::bind(v6_addr).map_err(bind_err(v6_addr))?)
+        } else {
+            None
+        };
+        let config = UdpRelayConfig { listen_port: port, ..config };
+        Ok(Self { config, v4, v6, stats: Arc::default() })
+    }
+
+    /// The port the sockets are bound to.
+    pub fn port(&self) -> u16 {
+        self.config.listen_port
+    }
+
+    /// The IPv4 socket.
+    pub fn ipv4_socket(&self) -> &UdpSocket {
+        self.v4.socket()
+    }
+
+    /// The IPv6 socket, if IPv6 is on.
+    pub fn ipv6_socket(&self) -> Option<&UdpSocket> {
+        self.v6.as_ref().map(TransparentUdp::socket)
+    }
+
+    /// The relay's counters.
+    pub fn stats(&self) -> Arc<UdpRelayStats> {
+        self.stats.clone()
+    }
+
+    /// Relays until `shutdown` is cancelled, then closes every session.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut table = SessionTable::new(self.config.clone(), self.stats.clone());
+        let mut buf4 = vec![0u8; BUFFER_SIZE];
+        let mut buf6 = vec![0u8; BUFFER_SIZE];
+        let mut sweep = tokio::time::interval(sweep_interval(self.config.idle_timeout));
+        let v6 = self.v6.as_ref();
+        loop {
+            let (received, buf) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = sweep.tick() => {
+                    table.expire();
+                    continue;
+                }
+                r = self.v4.recv(&mut buf4) => (r, &buf4),
+                r = async { v6.unwrap().recv(&mut buf6).await }, if v6.is_some() => (r, &buf6),
+            };
+            match received {
+                Ok(datagram) => table.relay(datagram, &buf[..datagram.len]),
+                Err(RecvError::Truncated { client, buffer }) => {
+                    self.stats.truncated.fetch_add(1, Relaxed);
+                    debug!(%client, "datagram larger than {buffer} bytes dropped");
+                }
+                Err(RecvError::NoOriginalDst(client)) => {
+                    debug!(%client, "datagram without an original destination dropped");
+                }
+                Err(RecvError::Io(e)) => debug!("UDP receive: {e}"),
+            }
+        }
+        table.close_all();
+    }
+}
+
+/// Expiry runs a few times per timeout, so a session lives at most a quarter
+/// longer than its idle timeout.
+fn sweep_interval(idle: Duration) -> Duration {
+    (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
+}
+
+type SessionKey = (SocketAddr, SocketAddr);
+
+struct Session {
+    upstream: Arc<UdpSocket>,
+    /// Milliseconds since the table's epoch of the last datagram either way.
+    last_active: Arc<AtomicU64>,
+    /// `last_active` when the session was last moved to the front of the LRU.
+    promoted_at: u64,
+    task: JoinHandle<()>,
+}
+
+struct SessionTable {
+    config: UdpRelayConfig,
+    stats: Arc<UdpRelayStats>,
+    sessions: LruCache<SessionKey, Session>,
+    epoch: Instant,
+}
+
+impl SessionTable {
+    fn new(config: UdpRelayConfig, stats: Arc<UdpRelayStats>) -> Self {
+        Self { config, stats, sessions: LruCache::unbounded(), epoch: Instant::now() }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Sends one client datagram upstream, opening its session if needed.
+    fn relay(&mut self, datagram: Datagram, payload: &[u8]) {
+        let Datagram { client, original_dst: dst, .. } = datagram;
+        // Sent straight to our port rather than steered: relaying it would
+        // have us send to ourselves.
+        if dst.port() == self.config.listen_port {
+            self.stats.refused_loops.fetch_add(1, Relaxed);
+            debug!(%client, %dst, "UDP datagram to the relay itself dropped");
+            return;
+        }
+        let now = self.now();
+        let key = (client, dst);
+        if !self.sessions.contains(&key) {
+            match self.open(client, dst, now) {
+                Ok(session) => {
+                    self.make_room();
+                    self.sessions.put(key, session);
+                }
+                Err(e) => {
+                    self.stats.upstream_failures.fetch_add(1, Relaxed);
+                    debug!(%client, %dst, error = %e, "UDP session could not be opened");
+                    return;
+                }
+            }
+        }
+        let session = self.sessions.get_mut(&key).expect("session just ensured");
+        session.last_active.store(now, Relaxed);
+        session.promoted_at = now;
+        // A plain non-blocking send: tokio's `try_send` reports WouldBlock
+        // until it has seen the socket writable once.
+        match SockRef::from(&*session.upstream).send(payload) {
+            Ok(n) => {
+                self.stats.datagrams_up.fetch_add(1, Relaxed);
+                self.stats.bytes_up.fetch_add(n as u64, Relaxed);
+            }
+            // ECONNREFUSED reports an earlier ICMP unreachable; the session
+            // stays, as the server may come up.
+            Err(e) => {
+                self.stats.upstream_failures.fetch_add(1, Relaxed);
+                debug!(%client, %dst, error = %e, "UDP send upstream failed");
+            }
+        }
+    }
+
+    fn open(&self, client: SocketAddr, dst: SocketAddr, now: u64) -> io::Result<Session> {
+        let source = self.config.spoof_source.then_some(client);
+        let upstream = Arc::new(transparent::udp_upstream(dst, source, self.config.upstream_mark)?);
+        let reply = transparent::udp_reply_socket(dst, client)?;
+        let last_active = Arc::new(AtomicU64::new(now));
+        let task = tokio::spawn(relay_replies(
+            upstream.clone(),
+            reply,
+            last_active.clone(),
+            self.epoch,
+            self.stats.clone(),
+        ));
+        self.stats.sessions_total.fetch_add(1, Relaxed);
+        self.stats.sessions_active.fetch_add(1, Relaxed);
+        debug!(%client, %dst, upstream = ?upstream.local_addr().ok(), "UDP session opened");
+        Ok(Session { upstream, last_active, promoted_at: now, task })
+    }
+
+    /// Evicts least recently used sessions until one more fits. A session
+    /// whose server spoke since it was last promoted gets a second chance.
+    fn make_room(&mut self) {
+        let mut second_chances = self.sessions.len();
+        while self.sessions.len() >= self.config.max_sessions {
+            let Some((key, mut session)) = self.sessions.pop_lru() else { return };
+            let last = session.last_active.load(Relaxed);
+            if last > session.promoted_at && second_chances > 0 {
+                second_chances -= 1;
+                session.promoted_at = last;
+                self.sessions.put(key, session);
+                continue;
+            }
+            self.stats.sessions_evicted.fetch_add(1, Relaxed);
+            debug!(client = %key.0, dst = %key.1, "UDP session evicted: table full");
+            self.close(session);
+        }
+    }
+
+    /// Closes sessions idle for longer than the timeout.
+    fn expire(&mut self) {
+        let idle = self.config.idle_timeout.as_millis() as u64;
+        let now = self.now();
+        let expired: Vec<SessionKey> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| now.saturating_sub(s.last_active.load(Relaxed)) >= idle)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            if let Some(session) = self.sessions.pop(&key) {
+                self.stats.sessions_expired.fetch_add(1, Relaxed);
+                debug!(client = %key.0, dst = %key.1, "UDP session expired");
+                self.close(session);
+            }
+        }
+    }
+
+    fn close(&self, session: Session) {
+        session.task.abort();
+        self.stats.sessions_active.fetch_sub(1, Relaxed);
+    }
+
+    fn close_all(&mut self) {
+        while let Some((_, session)) = self.sessions.pop_lru() {
+            self.close(session);
+        }
+    }
+}
+
+thread_local! {
+    /// Reply buffer shared by the sessions on a worker thread: a session
+    /// holds no buffer while it waits, so idle sessions cost two sockets.
+    static REPLY_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; BUFFER_SIZE + 1]);
+}
+
+/// Copies every datagram the server sends back to the client, from the
+/// original destination's address.
+async fn relay_replies(
+    upstream: Arc<UdpSocket>,
+    reply: UdpSocket,
+    last_active: Arc<AtomicU64>,
+    epoch: Instant,
+    stats: Arc<UdpRelayStats>,
+) {
+    loop {
+        if let Err(e) = upstream.readable().await {
+            warn!("UDP upstream socket: {e}");
+            return;
+        }
+        // No await while the thread's buffer is borrowed.
+        REPLY_BUF.with_borrow_mut(|buf| {
+            loop {
+                // The buffer is a byte larger than any datagram: a full read
+                // means the datagram was cut.
+                match upstream.try_recv(buf) {
+                    Ok(n) if n == buf.len() => {
+                        stats.truncated.fetch_add(1, Relaxed);
+                    }
+                    Ok(n) => {
+                        last_active.store(epoch.elapsed().as_millis() as u64, Relaxed);
+                        match SockRef::from(&reply).send(&buf[..n]) {
+                            Ok(sent) => {
+                                stats.datagrams_down.fetch_add(1, Relaxed);
+                                stats.bytes_down.fetch_add(sent as u64, Relaxed);
+                            }
+                            Err(e) => {
+                                stats.upstream_failures.fetch_add(1, Relaxed);
+                                debug!("UDP reply to the client failed: {e}");
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    // An ICMP error from upstream surfaces here; keep listening.
+                    Err(e) => debug!("UDP receive from upstream: {e}"),
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,552 @@
+//! Interception rules: which traffic goes to the relay.
+//!
+//! A [`Rule`] names protocols, a destination port range, and optionally a
+//! destination network, a source network and an exclusion. Rules compile to
+//! entries of the TC program's longest-prefix-match trie, keyed by (family,
+//! protocol, port, destination prefix): the most specific destination wins, so
+//! `tcp/80` plus `tcp/80 to 198.51.100.5/32 exclude` intercepts port 80
+//! everywhere but that one host.
+//!
+//! The text form, used on the command line, by the control socket and in
+//! config files, is
+//!
+//! ```text
+//! [tcp|udp|tcp,udp/]PORT[-PORT] [to CIDR] [from CIDR] [exclude]
+//! ```
+//!
+//! for example `80`, `udp/53`, `tcp/8000-8099 to 203.0.113.0/24`,
+//! `tcp/443 from 10.0.0.0/8`, `80 to 198.51.100.5 exclude`. Without a
+//! protocol a rule covers TCP and UDP; without `to` it covers every IPv4 and
+//! IPv6 destination.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::IpAddr,
+    ops::RangeInclusive,
+    str::FromStr,
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use tproxy_ebpf::{
+    ACTION_EXCLUDE, ACTION_INTERCEPT, FAMILY_V4, FAMILY_V6, MAX_RULE_ENTRIES, MAX_RULES, PROTO_TCP,
+    PROTO_UDP, RULE_MATCH_FIXED_BITS, RuleAction, RuleMatch,
+};
+
+use crate::error::{Error, Result};
+
+/// A transport protocol that can be intercepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// Both protocols, the default of a rule.
+    pub const ALL: [Protocol; 2] = [Protocol::Tcp, Protocol::Udp];
+
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            _ => Err(format!("unknown protocol {s:?} (expected tcp or udp)")),
+        }
+    }
+}
+
+/// What a rule does with the traffic it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Steer to the relay.
+    #[default]
+    Intercept,
+    /// Leave alone, even where a shorter prefix intercepts.
+    Exclude,
+}
+
+/// One interception rule. See the [module docs](self) for the text form.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Rule {
+    /// Protocols, sorted and without duplicates; never empty.
+    pub protocols: Vec<Protocol>,
+    /// Destination ports; never includes 0.
+    pub ports: RangeInclusive<u16>,
+    /// Destination network; `None` is every IPv4 and IPv6 destination.
+    pub to: Option<IpNet>,
+    /// Source network the rule is limited to; `None` is every source.
+    pub from: Option<IpNet>,
+    /// Intercept or exclude.
+    pub action: Action,
+}
+
+impl Rule {
+    /// A rule that intercepts `protocols` to one destination port everywhere.
+    pub fn port(protocols: &[Protocol], port: u16) -> Self {
+        Self::ports(protocols, port..=port)
+    }
+
+    /// A rule that intercepts `protocols` to a port range everywhere.
+    pub fn ports(protocols: &[Protocol], ports: RangeInclusive<u16>) -> Self {
+        let mut protocols = protocols.to_vec();
+        protocols.sort();
+        protocols.dedup();
+        Self { protocols, ports, to: None, from: None, action: Action::Intercept }
+    }
+
+    /// Checks the rule on its own: ports, protocols, address families.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Rule(format!("rule {self}: {msg}")));
+        if self.protocols.is_empty() {
+            return bad("no protocol".into());
+        }
+        if *self.ports.start() == 0 {
+            return bad("port 0 cannot be intercepted".into());
+        }
+        if self.ports.start() > self.ports.end() {
+            return bad("the port range is reversed".into());
+        }
+        if let (Some(to), Some(from)) = (self.to, self.from)
+            && to.addr().is_ipv4() != from.addr().is_ipv4()
+        {
+            return bad("`to` and `from` are of different address families".into());
+        }
+        if self.action == Action::Exclude && self.from.is_some() {
+            return bad("an exclusion cannot have a `from` filter".into());
+        }
+        Ok(())
+    }
+
+    /// Whether the rule's destination ports include `port`.
+    pub fn covers_port(&self, port: u16) -> bool {
+        self.ports.contains(&port)
+    }
+
+    /// The destinations the rule covers, per family.
+    fn destinations(&self) -> Vec<IpNet> {
+        match (self.to, self.from) {
+            (Some(to), _) => vec![to.trunc()],
+            (None, Some(from)) if from.addr().is_ipv4() => vec!["0.0.0.0/0".parse().unwrap()],
+            (None, Some(_)) => vec!["::/0".parse().unwrap()],
+            (None, None) => vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
+        }
+    }
+
+    fn entry_count(&self) -> usize {
+        self.protocols.len() * self.ports.len() * self.destinations().len()
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.protocols.len() == 1 {
+            write!(f, "{}/", self.protocols[0])?;
+        }
+        if self.ports.start() == self.ports.end() {
+            write!(f, "{}", self.ports.start())?;
+        } else {
+            write!(f, "{}-{}", self.ports.start(), self.ports.end())?;
+        }
+        if let Some(to) = self.to {
+            write!(f, " to {to}")?;
+        }
+        if let Some(from) = self.from {
+            write!(f, " from {from}")?;
+        }
+        if self.action == Action::Exclude {
+            f.write_str(" exclude")?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for Rule {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        let bad = |msg: String| Error::Rule(format!("rule {text:?}: {msg}"));
+        let mut words = text.split_whitespace();
+        let head = words.next().ok_or_else(|| bad("empty rule".into()))?;
+        let (protocols, ports) = match head.split_once('/') {
+            Some((protos, ports)) => {
+                let protocols = protos
+                    .split(',')
+                    .map(Protocol::from_str)
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(bad)?;
+                (protocols, ports)
+            }
+            None => (Protocol::ALL.to_vec(), head),
+        };
+        let ports = parse_ports(ports).map_err(bad)?;
+        let mut rule = Rule::ports(&protocols, ports);
+        while let Some(word) = words.next() {
+            match word {
+                "to" | "from" => {
+                    let value =
+                        words.next().ok_or_else(|| bad(format!("`{word}` needs a CIDR")))?;
+                    let net = parse_net(value).map_err(bad)?;
+                    let slot = if word == "to" { &mut rule.to } else { &mut rule.from };
+                    if slot.replace(net).is_some() {
+                        return Err(bad(format!("`{word}` given twice")));
+                    }
+                }
+                "exclude" => rule.action = Action::Exclude,
+                "intercept" => rule.action = Action::Intercept,
+                other => {
+                    return Err(bad(format!(
+                        "unexpected {other:?} (expected `to CIDR`, `from CIDR` or `exclude`)"
+                    )));
+                }
+            }
+        }
+        rule.validate()?;
+        Ok(rule)
+    }
+}
+
+/// `80` or `8000-8099`.
+pub fn parse_ports(text: &str) -> std::result::Result<RangeInclusive<u16>, String> {
+    let port = |s: &str| -> std::result::Result<u16, String> {
+        match s.trim().parse::<u32>() {
+            Ok(0) => Err("port 0 cannot be intercepted".into()),
+            Ok(p) if p <= 65535 => Ok(p as u16),
+            Ok(p) => Err(format!("port {p} is out of range (1-65535)")),
+            Err(_) => Err(format!("{s:?} is not a port")),
+        }
+    };
+    let (start, end) = match text.split_once('-') {
+        Some((a, b)) => (port(a)?, port(b)?),
+        None => (port(text)?, port(text)?),
+    };
+    if start > end {
+        return Err(format!("the port range {start}-{end} is reversed"));
+    }
+    Ok(start..=end)
+}
+
+/// A CIDR, or a bare address meaning a single host. Host bits must be zero,
+/// so that a typo like `203.0.113.7/24` is not silently widened.
+fn parse_net(text: &str) -> std::result::Result<IpNet, String> {
+    let net = match text.parse::<IpNet>() {
+        Ok(net) => net,
+        Err(_) => match text.parse::<IpAddr>() {
+            Ok(addr) => IpNet::from(addr),
+            Err(_) => return Err(format!("{text:?} is not an address or CIDR")),
+        },
+    };
+    if net.trunc() != net {
+        return Err(format!("{text} has host bits set (did you mean {}?)", net.trunc()));
+    }
+    Ok(net)
+}
+
+/// One entry of the TC program's rule trie.
+pub type TrieEntry = (u32, RuleMatch, RuleAction);
+
+/// A validated set of rules, each with the id of its counters. Ids stay the
+/// same for a rule that is kept across changes, so its counters continue.
+#[derive(Debug, Clone, Default)]
+pub struct RuleSet {
+    rules: BTreeMap<u32, Rule>,
+}
+
+impl RuleSet {
+    /// Validates `rules` together: each on its own, no two covering the same
+    /// (protocol, port, destination), and within the map sizes.
+    pub fn new(rules: Vec<Rule>) -> Result<Self> {
+        Self::default().replaced(rules)
+    }
+
+    /// The set that results from replacing this one's rules with `rules`:
+    /// rules present in both keep their ids.
+    pub fn replaced(&self, rules: Vec<Rule>) -> Result<Self> {
+        let mut kept: HashMap<&Rule, u32> = self.rules.iter().map(|(id, r)| (r, *id)).collect();
+        let mut ids: BTreeMap<u32, Rule> = BTreeMap::new();
+        let mut fresh = Vec::new();
+        for rule in rules {
+            rule.validate()?;
+            match kept.remove(&rule) {
+                Some(id) => {
+                    ids.insert(id, rule);
+                }
+                None if ids.values().chain(&fresh).any(|r| *r == rule) => {
+                    return Err(Error::Rule(format!("rule {rule}: given twice")));
+                }
+                None => fresh.push(rule),
+            }
+        }
+        for rule in fresh {
+            let id = (0..MAX_RULES)
+                .find(|id| !ids.contains_key(id))
+                .ok_or_else(|| Error::Rule(format!("too many rules (at most {MAX_RULES})")))?;
+            ids.insert(id, rule);
+        }
+        let set = Self { rules: ids };
+        set.check_overlaps()?;
+        Ok(set)
+    }
+
+    /// This set plus `rule`.
+    pub fn with(&self, rule: Rule) -> Result<Self> {
+        let mut rules: Vec<Rule> = self.rules.values().cloned().collect();
+        rules.push(rule);
+        self.replaced(rules)
+    }
+
+    /// This set without `rule`; an error if it is not there.
+    pub fn without(&self, rule: &Rule) -> Result<Self> {
+        if !self.rules.values().any(|r| r == rule) {
+            return Err(Error::Rule(format!("rule {rule}: no such rule")));
+        }
+        let rules = self.rules.values().filter(|r| *r != rule).cloned().collect();
+        self.replaced(rules)
+    }
+
+    /// The rules with their counter ids, in id order.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &Rule)> {
+        self.rules.iter().map(|(id, rule)| (*id, rule))
+    }
+
+    /// Number of rules.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// Whether there are no rules.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Whether some rule intercepts `proto` to `port` (for any destination).
+    pub fn intercepts_port(&self, proto: Protocol, port: u16) -> bool {
+        self.rules.values().any(|r| {
+            r.action == Action::Intercept && r.protocols.contains(&proto) && r.covers_port(port)
+        })
+    }
+
+    /// The (protocol, port) pairs that some intercepting rule uses.
+    pub fn gated_ports(&self) -> impl Iterator<Item = (Protocol, u16)> + '_ {
+        self.rules.values().filter(|r| r.action == Action::Intercept).flat_map(|r| {
+            r.protocols.iter().flat_map(move |p| r.ports.clone().map(move |port| (*p, port)))
+        })
+    }
+
+    /// Every trie entry, as (prefix length, key data, value).
+    pub fn entries(&self) -> impl Iterator<Item = TrieEntry> + '_ {
+        self.rules.iter().flat_map(|(id, rule)| entries_of(*id, rule))
+    }
+
+    fn check_overlaps(&self) -> Result<()> {
+        let total: usize = self.rules.values().map(Rule::entry_count).sum();
+        if total > MAX_RULE_ENTRIES as usize {
+            return Err(Error::Rule(format!(
+                "the rules need {total} trie entries, more than the {MAX_RULE_ENTRIES} the map holds; use fewer or narrower port ranges"
+            )));
+        }
+        // Two rules on the same (protocol, port range, destination) would
+        // fight over one trie entry.
+        let rules: Vec<(&u32, &Rule)> = self.rules.iter().collect();
+        for (i, (_, a)) in rules.iter().enumerate() {
+            for (_, b) in &rules[i + 1..] {
+                let same_dest = a.destinations().iter().any(|d| b.destinations().contains(d));
+                let same_proto = a.protocols.iter().any(|p| b.protocols.contains(p));
+                let ports_meet =
+                    a.ports.start() <= b.ports.end() && b.ports.start() <= a.ports.end();
+                if same_dest && same_proto && ports_meet {
+                    return Err(Error::Rule(format!(
+                        "rule {b} overlaps rule {a} (same protocol, port and destination); merge them or narrow one"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn entries_of(id: u32, rule: &Rule) -> impl Iterator<Item = TrieEntry> + '_ {
+    let (src_prefix_len, src) = match rule.from {
+        Some(net) => (net.prefix_len() as u32, addr_words(net.addr())),
+        None => (0, [0; 4]),
+    };
+    let value = RuleAction {
+        rule_id: id,
+        action: match rule.action {
+            Action::Intercept => ACTION_INTERCEPT,
+            Action::Exclude => ACTION_EXCLUDE,
+        },
+        src_prefix_len,
+        src,
+    };
+    let destinations = rule.destinations();
+    rule.protocols.iter().flat_map(move |proto| {
+        let destinations = destinations.clone();
+        rule.ports.clone().flat_map(move |port| {
+            destinations.clone().into_iter().map(move |dest| {
+                let mut addr = [0u8; 16];
+                let family = match dest.addr() {
+                    IpAddr::V4(a) => {
+                        addr[..4].copy_from_slice(&a.octets());
+                        FAMILY_V4
+                    }
+                    IpAddr::V6(a) => {
+                        addr = a.octets();
+                        FAMILY_V6
+                    }
+                };
+                let data =
+                    RuleMatch { family, proto: proto.number(), port: port.to_be_bytes(), addr };
+                (RULE_MATCH_FIXED_BITS + dest.prefix_len() as u32, data, value)
+            })
+        })
+    })
+}
+
+/// An address as the program sees it: network-order words, IPv4 in `[0]`.
+fn addr_words(addr: IpAddr) -> [u32; 4] {
+    let mut words = [0u32; 4];
+    match addr {
+        IpAddr::V4(a) => words[0] = u32::from_ne_bytes(a.octets()),
+        IpAddr::V6(a) => {
+            for (word, chunk) in words.iter_mut().zip(a.octets().chunks_exact(4)) {
+                *word = u32::from_ne_bytes(chunk.try_into().unwrap());
+            }
+        }
+    }
+    words
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(text: &str) -> Rule {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn text_form_round_trips() {
+        for text in [
+            "80",
+            "tcp/80",
+            "udp/53",
+            "tcp/8000-8099 to 203.0.113.0/24",
+            "tcp/443 from 10.0.0.0/8",
+            "80 to 198.51.100.5/32 exclude",
+            "udp/53 to 2001:db8::/32 from 2001:db8:1::/48",
+        ] {
+            assert_eq!(rule(text).to_string(), text);
+        }
+        assert_eq!(rule("tcp,udp/80").to_string(), "80");
+        assert_eq!(rule("UDP,tcp/80 to 198.51.100.5").to_string(), "80 to 198.51.100.5/32");
+    }
+
+    #[test]
+    fn bad_rules_say_why() {
+        for (text, why) in [
+            ("", "empty rule"),
+            ("0", "port 0"),
+            ("65536", "out of range"),
+            ("90-80", "reversed"),
+            ("sctp/80", "unknown protocol"),
+            ("80 to 10.0.0.1/8", "host bits set"),
+            ("80 to nowhere", "not an address"),
+            ("80 to", "needs a CIDR"),
+            ("80 to 10.0.0.0/8 to 11.0.0.0/8", "given twice"),
+            ("80 to 10.0.0.0/8 from 2001:db8::/32", "different address families"),
+            ("80 from 10.0.0.0/8 exclude", "cannot have a `from`"),
+            ("80 sideways", "unexpected"),
+        ] {
+            let err = text.parse::<Rule>().unwrap_err().to_string();
+            assert!(err.contains(why), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn overlapping_rules_are_refused() {
+        let err = RuleSet::new(vec![rule("tcp/80-90"), rule("85")]).unwrap_err().to_string();
+        assert!(err.contains("overlaps"), "{err}");
+        // A more specific destination is not an overlap: it is how exclusions work.
+        RuleSet::new(vec![rule("80"), rule("80 to 198.51.100.5/32 exclude")]).unwrap();
+        // Different protocols on the same port do not overlap.
+        RuleSet::new(vec![rule("tcp/80"), rule("udp/80 to 203.0.113.0/24")]).unwrap();
+        let err = RuleSet::new(vec![rule("80"), rule("80")]).unwrap_err().to_string();
+        assert!(err.contains("given twice"), "{err}");
+    }
+
+    #[test]
+    fn ids_are_kept_for_kept_rules() {
+        let set = RuleSet::new(vec![rule("80"), rule("443"), rule("udp/53")]).unwrap();
+        let id_of = |set: &RuleSet, text: &str| {
+            set.iter().find(|(_, r)| **r == rule(text)).map(|(id, _)| id).unwrap()
+        };
+        let id_53 = id_of(&set, "udp/53");
+        let smaller = set.without(&rule("443")).unwrap();
+        assert_eq!(id_of(&smaller, "udp/53"), id_53);
+        let bigger = smaller.with(rule("8080")).unwrap();
+        assert_eq!(id_of(&bigger, "udp/53"), id_53);
+        assert_eq!(id_of(&bigger, "8080"), id_of(&set, "443"), "a freed id is reused");
+        assert!(set.without(&rule("9999")).is_err());
+    }
+
+    #[test]
+    fn entries_cover_each_protocol_port_and_family() {
+        let set = RuleSet::new(vec![rule("80-81"), rule("tcp/443 to 203.0.113.0/24")]).unwrap();
+        let entries: Vec<_> = set.entries().collect();
+        // 2 protocols x 2 ports x 2 families, plus one.
+        assert_eq!(entries.len(), 9);
+        let (len, data, value) =
+            entries.iter().find(|(_, d, _)| d.port == 443u16.to_be_bytes()).unwrap();
+        assert_eq!(*len, 32 + 24);
+        assert_eq!(data.family, FAMILY_V4);
+        assert_eq!(&data.addr[..4], &[203, 0, 113, 0]);
+        assert_eq!(value.action, ACTION_INTERCEPT);
+        let gated: Vec<_> = set.gated_ports().collect();
+        assert_eq!(gated.len(), 5);
+    }
+
+    #[test]
+    fn source_filter_limits_the_family() {
+        let set = RuleSet::new(vec![rule("udp/53 from 10.0.0.0/8")]).unwrap();
+        let entries: Vec<_> = set.entries().collect();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].1.family, FAMILY_V4);
+        assert_eq!(entries[0].2.src_prefix_len, 8);
+        assert_eq!(entries[0].2.src[0].to_ne_bytes(), [10, 0, 0, 0]);
+    }
+
+    #[test]
+    fn too_many_entries_are_refused() {
+        // Every port of both protocols in both families fits...
+        RuleSet::new(vec![rule("1-65535")]).unwrap();
+        // ...but not once more.
+        let err = RuleSet::new(vec![rule("1-65535"), rule("tcp/1-65535 to 203.0.113.0/24")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("trie entries"), "{err}");
+    }
+}
