@@ -13,7 +13,7 @@
 use std::{
     fs::File,
     io::{BufRead, BufReader, Read, Write},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     path::PathBuf,
     process::{Child, Command, ExitStatus, Output, Stdio},
@@ -252,7 +252,7 @@ pub struct Proxy {
 impl Proxy {
     /// Starts `tproxy-user <args>` in `ns` and waits until it is ready.
     pub fn start(ns: &Netns, args: &[&str]) -> Result<Self> {
-        Self::start_logging(ns, args, "info,tproxy_user=debug")
+        Self::start_logging(ns, args, "info,aya::bpf=error,tproxy_user=debug")
     }
 
     /// Like [`Proxy::start`], with `log_filter` as `RUST_LOG`.
@@ -394,4 +394,67 @@ pub fn client_ip(v6: bool) -> IpAddr {
 /// The proxy's server-side address, which the server sees for relayed connections.
 pub fn proxy_ip(v6: bool) -> IpAddr {
     if v6 { PROXY_SERVER_SIDE_V6.into() } else { PROXY_SERVER_SIDE_V4.into() }
+}
+
+impl Netns {
+    /// A UDP socket bound inside this namespace, with a 5 s read timeout.
+    pub fn udp_bind(&self, addr: SocketAddr) -> Result<UdpSocket> {
+        let socket =
+            self.run(move || UdpSocket::bind(addr))?.with_context(|| format!("binding {addr}"))?;
+        socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(socket)
+    }
+
+    /// A UDP client socket on an ephemeral port of the family of `peer`.
+    pub fn udp_client(&self, peer: SocketAddr) -> Result<UdpSocket> {
+        let any: SocketAddr = if peer.is_ipv6() {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        self.udp_bind(any)
+    }
+}
+
+/// A UDP server running on a thread: answers each datagram with `copies`
+/// copies of its payload (0: never answers) and records who sent it.
+pub struct UdpServer {
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl UdpServer {
+    pub fn start(ns: &Netns, addr: SocketAddr, copies: usize) -> Result<Self> {
+        let socket = ns.udp_bind(addr)?;
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (seen, done) = (peers.clone(), stop.clone());
+        let thread = thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !done.load(Ordering::Relaxed) {
+                let Ok((n, peer)) = socket.recv_from(&mut buf) else { continue };
+                seen.lock().unwrap().push(peer);
+                for _ in 0..copies {
+                    let _ = socket.send_to(&buf[..n], peer);
+                }
+            }
+        });
+        Ok(Self { peers, stop, thread: Some(thread) })
+    }
+
+    /// Every sender so far, one entry per datagram.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().unwrap().clone()
+    }
+}
+
+impl Drop for UdpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }

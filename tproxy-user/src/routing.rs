@@ -16,7 +16,7 @@ use rtnetlink::{
         rule::{RuleAction, RuleAttribute, RuleMessage},
     },
 };
-use tracing::{debug, info, warn};
+use tracing::{info, trace, warn};
 
 use crate::{
     error::{Error, Result},
@@ -111,14 +111,14 @@ async fn remove_with(handle: &Handle, config: &RoutingConfig) -> Result<()> {
         }
         for rule in rules(handle, family.clone()).await? {
             if rule_mark(&rule) == Some(config.mark) && rule_table(&rule) == config.table {
-                debug!("removing rule {rule:?}");
+                trace!("removing rule {rule:?}");
                 ignore_missing(handle.rule().del(rule).execute().await)
                     .map_err(routing_err("removing a rule"))?;
             }
         }
         for route in routes(handle, family).await? {
             if route_table(&route) == config.table && is_local_default(&route) {
-                debug!("removing route {route:?}");
+                trace!("removing route {route:?}");
                 ignore_missing(handle.route().del(route).execute().await)
                     .map_err(routing_err("removing a route"))?;
             }

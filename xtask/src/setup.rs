@@ -10,8 +10,11 @@ const TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("tc", "iproute2"),
     ("nstat", "iproute2"),
+    ("ss", "iproute2"),
     ("setpriv", "util-linux"),
     ("curl", "curl"),
+    ("dnsmasq", "dnsmasq-base"),
+    ("dig", "bind9-dnsutils"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.0";
@@ -25,6 +28,7 @@ pub fn run() -> Result<()> {
 fn apt_packages() -> Result<()> {
     let mut missing: Vec<&str> =
         TOOLS.iter().filter(|(tool, _)| !found(tool)).map(|&(_, package)| package).collect();
+    missing.sort();
     missing.dedup();
     if missing.is_empty() {
         return Ok(());
