@@ -260,3 +260,31 @@ fn tcp_counter(ns: &Netns, name: &str) -> Result<u64> {
         .map(|v| v.split_whitespace().next().unwrap_or(""));
     Ok(value.ok_or_else(|| anyhow::anyhow!("no {name} in nstat: {out}"))?.parse()?)
 }
+
+/// A connection forwarded before `attach` is not steered afterwards: its
+/// segments have no relay socket and no SYN cookie, so they pass untouched
+/// and the connection keeps working.
+#[test]
+fn a_connection_opened_before_attach_survives_it() -> Result<()> {
+    let topology = Topology::new("before")?;
+    let addr = Topology::server_addr(false, 80);
+    let listener = topology.server.tcp_listen(addr)?;
+    let server = std::thread::spawn(move || -> Result<(std::net::SocketAddr, Vec<u8>)> {
+        let (mut stream, peer) = listener.accept()?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let data = read_to_end(&mut stream)?;
+        stream.write_all(&data)?;
+        Ok((peer, data))
+    });
+    let mut client = topology.client.tcp_connect(addr)?;
+    client.write_all(b"before ")?;
+    let proxy = attach_port_80(&topology)?;
+    client.write_all(b"and after")?;
+    client.shutdown(Shutdown::Write)?;
+    ensure!(read_to_end(&mut client)? == b"before and after");
+    let (peer, _) = server.join().unwrap()?;
+    ensure!(peer.ip() == client_ip(false), "server saw {peer}");
+    let log = proxy.stop()?;
+    ensure!(log.contains("0 connections relayed"), "{log}");
+    Ok(())
+}

@@ -8,6 +8,9 @@ use aya_ebpf::{bindings::bpf_sock_tuple, programs::TcContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, ip::Ipv6Hdr};
 use tproxy_ebpf::{PROTO_TCP, PROTO_UDP};
 
+/// Offset of the IP header: right after Ethernet's.
+pub const L3: usize = EthHdr::LEN;
+
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 
@@ -32,6 +35,8 @@ pub struct Flow {
     pub dport: u16,
     /// True for a TCP SYN without ACK: the first packet of a connection.
     pub syn: bool,
+    /// Offset of the TCP or UDP header.
+    pub l4: usize,
     /// The packet's own tuple, in network order, for socket lookups.
     pub tuple: bpf_sock_tuple,
 }
@@ -46,7 +51,7 @@ impl Flow {
 
 /// Pointer to a `T` at `offset` into the packet, if all of it is in bounds.
 #[inline(always)]
-fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + size_of::<T>() > end {
@@ -109,7 +114,15 @@ pub fn parse(ctx: &TcContext) -> Option<Flow> {
         tuple.__bindgen_anon_1.ipv4.sport = sport;
         tuple.__bindgen_anon_1.ipv4.dport = dport;
     }
-    Some(Flow { ipv6, proto, sport: u16::from_be(sport), dport: u16::from_be(dport), syn, tuple })
+    Some(Flow {
+        ipv6,
+        proto,
+        sport: u16::from_be(sport),
+        dport: u16::from_be(dport),
+        syn,
+        l4,
+        tuple,
+    })
 }
 
 /// Walks IPv6 extension headers; returns the upper-layer protocol and its offset.

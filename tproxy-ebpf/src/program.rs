@@ -10,6 +10,7 @@ use aya_ebpf::{
     cty::c_void,
     helpers::{
         bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
+        bpf_tcp_check_syncookie,
     },
     macros::{classifier, map, sk_lookup},
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, SockMap, lpm_trie::Key},
@@ -22,7 +23,7 @@ use tproxy_ebpf::{
     slot, stat,
 };
 
-use crate::parse::{Flow, parse};
+use crate::parse::{Flow, L3, parse, ptr_at};
 
 /// `TC_ACT_UNSPEC`: "no verdict", so the next program or filter still runs and
 /// the packet otherwise continues as if we were not there.
@@ -144,11 +145,38 @@ fn steer_tcp(ctx: &TcContext, flow: &mut Flow, rule: Option<&RuleAction>, to_por
         // listener, not ours.
         unsafe { bpf_sk_release(sk.cast()) };
     }
-    // Non-SYN packets without a socket go to the listener too, if a rule says
-    // so: it answers stray segments with a reset and validates SYN cookies.
-    if let Some(rule) = rule {
-        let index = if flow.ipv6 { slot::TCP_V6 } else { slot::TCP_V4 };
+    let Some(rule) = rule else { return };
+    let index = if flow.ipv6 { slot::TCP_V6 } else { slot::TCP_V4 };
+    if flow.syn {
         to_listener(ctx, index, rule);
+    } else {
+        syncookie_to_listener(ctx, flow, index, rule);
+    }
+}
+
+/// A segment without a socket is the listener's only if it completes a
+/// handshake the listener answered with a SYN cookie (its queue was full).
+/// Anything else belongs to a connection that was never steered (opened
+/// before `attach`, say) and passes untouched, so attaching breaks nothing.
+#[inline(always)]
+fn syncookie_to_listener(ctx: &TcContext, flow: &Flow, index: u32, rule: &RuleAction) {
+    let Some(sk) = listener(index) else { return };
+    let th: Option<*const [u8; 20]> = ptr_at(ctx, flow.l4);
+    let valid = match th {
+        Some(th) if flow.ipv6 => ptr_at::<[u8; 40]>(ctx, L3).is_some_and(|iph| unsafe {
+            bpf_tcp_check_syncookie(sk.cast(), iph.cast_mut().cast(), 40, th.cast_mut().cast(), 20)
+                == 0
+        }),
+        Some(th) => ptr_at::<[u8; 20]>(ctx, L3).is_some_and(|iph| unsafe {
+            bpf_tcp_check_syncookie(sk.cast(), iph.cast_mut().cast(), 20, th.cast_mut().cast(), 20)
+                == 0
+        }),
+        None => false,
+    };
+    if valid {
+        assign(ctx, sk, Some(rule), stat::TO_LISTENER, true);
+    } else {
+        unsafe { bpf_sk_release(sk.cast()) };
     }
 }
 
@@ -307,18 +335,25 @@ fn sock_words(words: &[u32; 4]) -> [u32; 4] {
     }
 }
 
+/// The relay's socket in `index` of the sockmap, with a reference the
+/// caller must release (or hand to `assign`).
 #[inline(always)]
-fn to_listener(ctx: &TcContext, index: u32, rule: &RuleAction) {
+fn listener(index: u32) -> Option<*mut bpf_sock> {
     let map = core::ptr::from_ref(&LISTENERS).cast_mut().cast::<c_void>();
     let sk = unsafe { bpf_map_lookup_elem(map, core::ptr::from_ref(&index).cast()) };
-    if sk.is_null() {
+    if sk.is_null() { None } else { Some(sk.cast()) }
+}
+
+#[inline(always)]
+fn to_listener(ctx: &TcContext, index: u32, rule: &RuleAction) {
+    let Some(sk) = listener(index) else {
         count(stat::NO_LISTENER);
         if let Some(s) = rule_stats(rule) {
             s.no_listener += 1;
         }
         return;
-    }
-    assign(ctx, sk.cast(), Some(rule), stat::TO_LISTENER, true);
+    };
+    assign(ctx, sk, Some(rule), stat::TO_LISTENER, true);
 }
 
 /// Assigns `sk` to the packet, marks it for local delivery, and releases `sk`.
