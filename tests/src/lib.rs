@@ -264,25 +264,31 @@ impl Proxy {
 
     /// Starts `tproxy-user <args>` in `ns` without waiting.
     pub fn spawn(ns: &Netns, args: &[&str], log_filter: &str) -> Result<Self> {
+        Self::spawn_program(ns, &tproxy_bin(), args, log_filter)
+    }
+
+    /// Starts `program <args>` in `ns` without waiting; its stdout and
+    /// stderr both go to the log.
+    pub fn spawn_program(
+        ns: &Netns,
+        program: &std::path::Path,
+        args: &[&str],
+        log_filter: &str,
+    ) -> Result<Self> {
         let mut child = ns
-            .command(tproxy_bin())
+            .command(program)
             .args(args)
             .env("RUST_LOG", log_filter)
             .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .context("starting tproxy-user")?;
+            .with_context(|| format!("starting {}", program.display()))?;
         let log = Arc::new(Mutex::new(String::new()));
+        let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
-        let sink = log.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
+        collect_lines(stdout, log.clone());
+        collect_lines(stderr, log.clone());
         Ok(Self { child, log })
     }
 
@@ -340,6 +346,27 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+fn collect_lines(stream: impl Read + Send + 'static, log: Arc<Mutex<String>>) {
+    thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            let mut log = log.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+}
+
+/// Path of one of tproxy-user's examples: under `$TPROXY_EXAMPLES_DIR`, or
+/// the workspace's debug build.
+pub fn example_bin(name: &str) -> PathBuf {
+    match std::env::var_os("TPROXY_EXAMPLES_DIR") {
+        Some(dir) => PathBuf::from(dir).join(name),
+        None => {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/examples").join(name)
+        }
     }
 }
 

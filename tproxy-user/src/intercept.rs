@@ -10,7 +10,7 @@ use crate::{
     datapath::{self, Datapath, DatapathStats},
     error::{Error, Result},
     routing::{self, PolicyRouting, RoutingConfig},
-    rules::{Rule, RuleSet},
+    rules::{Protocol, Rule, RuleSet},
     system,
 };
 
@@ -189,6 +189,17 @@ impl Interceptor {
     pub fn remove_rule(&mut self, rule: &Rule) -> Result<()> {
         let next = self.rules.without(rule)?;
         self.apply(next)
+    }
+
+    /// Starts intercepting `proto` to `port`, for every destination.
+    pub fn add_port(&mut self, proto: Protocol, port: u16) -> Result<()> {
+        self.add_rule(Rule::port(&[proto], port))
+    }
+
+    /// Stops intercepting `proto` to `port` (a rule added by [`Self::add_port`]).
+    /// Connections already relayed keep flowing.
+    pub fn remove_port(&mut self, proto: Protocol, port: u16) -> Result<()> {
+        self.remove_rule(&Rule::port(&[proto], port))
     }
 
     fn apply(&mut self, next: RuleSet) -> Result<()> {

@@ -5,9 +5,51 @@
 //! the kernel deliver them locally; the relay connects to each connection's
 //! original destination and copies both ways.
 //!
-//! - [`Interceptor`]: the program, its maps and the routing, as one value.
-//! - [`relay::TcpRelay`]: the transparent TCP relay.
-//! - [`attach::run`]: both together, as `tproxy-user attach` runs them.
+//! The pieces, from the whole to the parts:
+//!
+//! - [`attach::run`]: interception plus the TCP and UDP relays, as
+//!   `tproxy-user attach` runs them.
+//! - [`Interceptor`]: the TC program on a set of interfaces, its [rules]
+//!   (changeable while it runs) and the policy routing, as one value that
+//!   removes everything when dropped.
+//! - [`relay::TcpRelay`], [`relay::UdpRelay`]: the relays.
+//! - [`transparent`]: transparent listeners, UDP sockets that report the
+//!   original destination and reply from it, and dials from any source.
+//!
+//! Everything returns the typed [`Error`]; nothing panics on bad input.
+//!
+//! # Example
+//!
+//! Relay TCP and UDP port 53 arriving on `eth0` to its original destination,
+//! connecting upstream as the client, until Ctrl-C:
+//!
+//! ```no_run
+//! use tproxy_user::{
+//!     attach::{self, AttachConfig},
+//!     relay::{TcpRelayConfig, UdpRelayConfig},
+//!     rules::Rule,
+//!     InterceptConfig,
+//! };
+//!
+//! # async fn example() -> tproxy_user::Result<()> {
+//! let rules = vec!["53".parse::<Rule>()?];
+//! let mut intercept = InterceptConfig::new(vec!["eth0".into()], rules);
+//! intercept.return_path = true; // steer the server's replies to spoofed sockets
+//! let config = AttachConfig {
+//!     intercept,
+//!     tcp: TcpRelayConfig { spoof_source: true, ..TcpRelayConfig::default() },
+//!     udp: UdpRelayConfig { spoof_source: true, ..UdpRelayConfig::default() },
+//! };
+//! attach::run(config, async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! })
+//! .await
+//! # }
+//! ```
+//!
+//! `examples/logging_proxy.rs` builds a proxy from the parts instead.
+
+#![deny(missing_docs)]
 
 pub mod attach;
 pub mod datapath;

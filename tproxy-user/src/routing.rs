@@ -27,8 +27,11 @@ use crate::{
 /// routes to, and the rule priority.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoutingConfig {
+    /// The fwmark the rule matches.
     pub mark: u32,
+    /// The table with the local default route.
     pub table: u32,
+    /// The rule's priority.
     pub priority: u32,
     /// Also install the IPv6 rule and route.
     pub ipv6: bool,

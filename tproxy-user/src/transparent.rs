@@ -4,13 +4,13 @@
 //!
 //! These are the building blocks of the relay, usable on their own: a
 //! program with its own steering (or with [`Interceptor`](crate::Interceptor))
-//! can accept with [`tcp_listener`] and [`TransparentUdp`], then dial with
-//! [`tcp_dial`] and [`udp_upstream`].
+//! can accept with [`TransparentListener`] and [`TransparentUdp`], then dial
+//! with [`tcp_dial`] and [`udp_upstream`].
 
 use std::{
     io::{self, IoSliceMut},
     net::{SocketAddr, SocketAddrV4, SocketAddrV6},
-    os::fd::AsRawFd,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
     time::Duration,
 };
 
@@ -23,36 +23,84 @@ use tokio::{
     net::{TcpListener, TcpSocket, TcpStream, UdpSocket},
 };
 
-/// A TCP listener with IP_TRANSPARENT (IPV6_TRANSPARENT for IPv6), so that the
-/// connections the TC program assigns to it can be accepted although their
-/// destination is not a local address. `accept()` then yields sockets whose
-/// `local_addr()` is the client's original destination.
-pub fn tcp_listener(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
-    let socket = transparent_socket(addr, Type::STREAM, Protocol::TCP)?;
-    socket.set_reuse_address(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(backlog)?;
-    TcpListener::from_std(socket.into())
+/// A TCP listener with IP_TRANSPARENT (IPV6_TRANSPARENT for IPv6), so that
+/// connections the TC program assigns to it are accepted although their
+/// destination is not a local address. Each accepted connection's local
+/// address is the client's original destination.
+pub struct TransparentListener {
+    listener: TcpListener,
 }
 
-/// Connects to `dst`. With `source` the connection comes from that address,
-/// which need not be local (IP_TRANSPARENT): spoofing the client. If its port
-/// is taken, the kernel picks another one on the same address. `mark`
-/// (SO_MARK, 0 for none) tags the connection as the relay's own, so that it
-/// is never intercepted again.
-pub async fn tcp_dial(
-    dst: SocketAddr,
-    source: Option<SocketAddr>,
-    mark: u32,
-    timeout: Duration,
-) -> io::Result<TcpStream> {
+/// A connection accepted by a [`TransparentListener`].
+#[derive(Debug)]
+pub struct Accepted {
+    /// The client-side stream.
+    pub stream: TcpStream,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The address the client connected to.
+    pub original_dst: SocketAddr,
+}
+
+impl TransparentListener {
+    /// Binds and listens on `addr` (IPv6-only for an IPv6 address, so each
+    /// family has its own listener).
+    pub fn bind(addr: SocketAddr, backlog: i32) -> io::Result<Self> {
+        let socket = transparent_socket(addr, Type::STREAM, Protocol::TCP)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(backlog)?;
+        Ok(Self { listener: TcpListener::from_std(socket.into())? })
+    }
+
+    /// Accepts the next connection.
+    pub async fn accept(&self) -> io::Result<Accepted> {
+        let (stream, client) = self.listener.accept().await?;
+        let original_dst = stream.local_addr()?;
+        Ok(Accepted { stream, client, original_dst })
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+impl AsFd for TransparentListener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+}
+
+/// How to connect upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DialOptions {
+    /// Connect from this address, which need not be local (IP_TRANSPARENT):
+    /// to spoof the client. If its port is taken, another port on the same
+    /// address is used. `None`: the host's own address.
+    pub source: Option<SocketAddr>,
+    /// SO_MARK of the connection (0: none). The relay uses it so that its
+    /// own traffic is never steered again.
+    pub mark: u32,
+    /// Upper bound on the TCP handshake.
+    pub timeout: Duration,
+}
+
+impl Default for DialOptions {
+    fn default() -> Self {
+        Self { source: None, mark: 0, timeout: Duration::from_secs(10) }
+    }
+}
+
+/// Connects to `dst` as `options` say.
+pub async fn tcp_dial(dst: SocketAddr, options: &DialOptions) -> io::Result<TcpStream> {
     let socket = if dst.is_ipv6() { TcpSocket::new_v6()? } else { TcpSocket::new_v4()? };
     let sock = SockRef::from(&socket);
-    if mark != 0 {
-        sock.set_mark(mark)?;
+    if options.mark != 0 {
+        sock.set_mark(options.mark)?;
     }
     socket.set_nodelay(true)?;
-    if let Some(source) = source {
+    if let Some(source) = options.source {
         set_transparent(&sock, source.is_ipv6())?;
         socket.set_reuseaddr(true)?;
         if let Err(e) = socket.bind(source) {
@@ -62,7 +110,7 @@ pub async fn tcp_dial(
             socket.bind(SocketAddr::new(source.ip(), 0))?;
         }
     }
-    match tokio::time::timeout(timeout, socket.connect(dst)).await {
+    match tokio::time::timeout(options.timeout, socket.connect(dst)).await {
         Ok(result) => result,
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
     }
@@ -217,20 +265,15 @@ pub fn udp_reply_socket(from: SocketAddr, to: SocketAddr) -> io::Result<UdpSocke
     UdpSocket::from_std(socket.into())
 }
 
-/// A UDP socket connected to `dst`. With `source` it is bound to that
-/// address (IP_TRANSPARENT, so the client's own; its port if free, else
-/// another); without, the kernel picks a local one. `mark` as in [`tcp_dial`].
-pub fn udp_upstream(
-    dst: SocketAddr,
-    source: Option<SocketAddr>,
-    mark: u32,
-) -> io::Result<UdpSocket> {
+/// A UDP socket connected to `dst`, with `options.source` and `mark` as for
+/// [`tcp_dial`] (the timeout does not apply).
+pub fn udp_upstream(dst: SocketAddr, options: &DialOptions) -> io::Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(dst), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_nonblocking(true)?;
-    if mark != 0 {
-        socket.set_mark(mark)?;
+    if options.mark != 0 {
+        socket.set_mark(options.mark)?;
     }
-    if let Some(source) = source {
+    if let Some(source) = options.source {
         set_transparent(&SockRef::from(&socket), source.is_ipv6())?;
         // The client's sessions with other destinations use the same source.
         socket.set_reuse_address(true)?;

@@ -88,12 +88,20 @@ fn build(release: bool) -> Result<PathBuf> {
 
 fn test(args: &[String]) -> Result<()> {
     let bin = build(false)?;
+    // The library tests run the examples.
+    run(Command::new(env!("CARGO")).current_dir(workspace()).args([
+        "build",
+        "--package",
+        "tproxy-user",
+        "--examples",
+    ]))?;
     let mut cargo = Command::new(env!("CARGO"));
     cargo
         .current_dir(workspace())
         .args(["test", "--workspace", "--exclude", "tproxy-ebpf"])
         .args(args)
-        .env("TPROXY_USER_BIN", &bin);
+        .env("TPROXY_USER_BIN", &bin)
+        .env("TPROXY_EXAMPLES_DIR", workspace().join("target/debug/examples"));
     run(&mut cargo)
 }
 

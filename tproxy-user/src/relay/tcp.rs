@@ -10,17 +10,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{
-    io::copy_bidirectional,
-    net::{TcpListener, TcpStream},
-    task::JoinSet,
-};
+use tokio::{io::copy_bidirectional, net::TcpStream, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::{
     error::{Error, Result},
-    transparent,
+    transparent::{self, Accepted, DialOptions, TransparentListener},
 };
 
 /// How the relay listens and dials.
@@ -58,19 +54,25 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Counters of the relay, readable while it runs.
 #[derive(Debug, Default)]
 pub struct TcpRelayStats {
+    /// Connections accepted.
     pub accepted: AtomicU64,
+    /// Connections being relayed now.
     pub active: AtomicU64,
+    /// Connections made straight to the relay's port, reset.
     pub refused_loops: AtomicU64,
+    /// Upstream connects that failed (refused, unreachable, timed out).
     pub upstream_failures: AtomicU64,
+    /// Bytes from clients to upstream.
     pub bytes_to_upstream: AtomicU64,
+    /// Bytes from upstream to clients.
     pub bytes_to_client: AtomicU64,
 }
 
 /// Bound listeners, ready to be registered with the datapath and run.
 pub struct TcpRelay {
     config: TcpRelayConfig,
-    v4: TcpListener,
-    v6: Option<TcpListener>,
+    v4: TransparentListener,
+    v6: Option<TransparentListener>,
     stats: Arc<TcpRelayStats>,
 }
 
@@ -86,12 +88,12 @@ impl TcpRelay {
             move |e: io::Error| Error::io(format!("binding the relay listener on {addr}"), e)
         };
         let v4_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.listen_port));
-        let v4 = transparent::tcp_listener(v4_addr, BACKLOG).map_err(bind_err(v4_addr))?;
+        let v4 = TransparentListener::bind(v4_addr, BACKLOG).map_err(bind_err(v4_addr))?;
         // With port 0 both families share the port the kernel chose for IPv4.
         let port = v4.local_addr().map_err(bind_err(v4_addr))?.port();
         let v6 = if config.ipv6 {
             let v6_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
-            Some(transparent::tcp_listener(v6_addr, BACKLOG).map_err(bind_err(v6_addr))?)
+            Some(TransparentListener::bind(v6_addr, BACKLOG).map_err(bind_err(v6_addr))?)
         } else {
             None
         };
@@ -104,14 +106,17 @@ impl TcpRelay {
         self.config.listen_port
     }
 
-    pub fn ipv4_listener(&self) -> &TcpListener {
+    /// The IPv4 listener.
+    pub fn ipv4_listener(&self) -> &TransparentListener {
         &self.v4
     }
 
-    pub fn ipv6_listener(&self) -> Option<&TcpListener> {
+    /// The IPv6 listener, if IPv6 is on.
+    pub fn ipv6_listener(&self) -> Option<&TransparentListener> {
         self.v6.as_ref()
     }
 
+    /// The relay's counters.
     pub fn stats(&self) -> Arc<TcpRelayStats> {
         self.stats.clone()
     }
@@ -136,7 +141,7 @@ impl TcpRelay {
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    listener: TransparentListener,
     config: Arc<TcpRelayConfig>,
     stats: Arc<TcpRelayStats>,
     shutdown: CancellationToken,
@@ -148,9 +153,9 @@ async fn accept_loop(
             _ = shutdown.cancelled() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
-                Ok((client, peer)) => {
+                Ok(accepted) => {
                     stats.accepted.fetch_add(1, Relaxed);
-                    connections.spawn(relay(client, peer, config.clone(), stats.clone()));
+                    connections.spawn(relay(accepted, config.clone(), stats.clone()));
                 }
                 Err(e) if is_resource_exhaustion(&e) => {
                     warn!("accept: {e}; retrying in {ACCEPT_BACKOFF:?}");
@@ -164,14 +169,9 @@ async fn accept_loop(
 }
 
 /// Relays one connection, logging one line at debug level when it ends.
-async fn relay(
-    mut client: TcpStream,
-    peer: SocketAddr,
-    config: Arc<TcpRelayConfig>,
-    stats: Arc<TcpRelayStats>,
-) {
+async fn relay(accepted: Accepted, config: Arc<TcpRelayConfig>, stats: Arc<TcpRelayStats>) {
     let started = Instant::now();
-    let Ok(dst) = client.local_addr() else { return };
+    let Accepted { stream: mut client, client: peer, original_dst: dst } = accepted;
     // A connection made straight to our listening port would have us dial
     // ourselves; only steered connections are relayed.
     if dst.port() == config.listen_port {
@@ -180,14 +180,12 @@ async fn relay(
         reset(&client);
         return;
     }
-    let mut upstream = match transparent::tcp_dial(
-        dst,
-        config.spoof_source.then_some(peer),
-        config.upstream_mark,
-        config.connect_timeout,
-    )
-    .await
-    {
+    let dial = DialOptions {
+        source: config.spoof_source.then_some(peer),
+        mark: config.upstream_mark,
+        timeout: config.connect_timeout,
+    };
+    let mut upstream = match transparent::tcp_dial(dst, &dial).await {
         Ok(upstream) => upstream,
         Err(e) => {
             stats.upstream_failures.fetch_add(1, Relaxed);

@@ -27,7 +27,7 @@ use tracing::{debug, warn};
 
 use crate::{
     error::{Error, Result},
-    transparent::{self, Datagram, RecvError, TransparentUdp},
+    transparent::{self, Datagram, DialOptions, RecvError, TransparentUdp},
 };
 
 /// How the UDP relay listens, dials and forgets.
@@ -278,8 +278,12 @@ impl SessionTable {
     }
 
     fn open(&self, client: SocketAddr, dst: SocketAddr, now: u64) -> io::Result<Session> {
-        let source = self.config.spoof_source.then_some(client);
-        let upstream = Arc::new(transparent::udp_upstream(dst, source, self.config.upstream_mark)?);
+        let dial = DialOptions {
+            source: self.config.spoof_source.then_some(client),
+            mark: self.config.upstream_mark,
+            ..DialOptions::default()
+        };
+        let upstream = Arc::new(transparent::udp_upstream(dst, &dial)?);
         let reply = transparent::udp_reply_socket(dst, client)?;
         let last_active = Arc::new(AtomicU64::new(now));
         let task = tokio::spawn(relay_replies(
