@@ -264,7 +264,9 @@ impl Proxy {
 
     /// Starts `tproxy-user <args>` in `ns` without waiting.
     pub fn spawn(ns: &Netns, args: &[&str], log_filter: &str) -> Result<Self> {
-        Self::spawn_program(ns, &tproxy_bin(), args, log_filter)
+        let args = ns.instance_args(args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::spawn_program(ns, &tproxy_bin(), &args, log_filter)
     }
 
     /// Starts `program <args>` in `ns` without waiting; its stdout and
@@ -372,7 +374,22 @@ pub fn example_bin(name: &str) -> PathBuf {
 
 /// Runs `tproxy-user <args>` in `ns` to completion.
 pub fn run_tproxy(ns: &Netns, args: &[&str]) -> Result<Output> {
-    Ok(ns.command(tproxy_bin()).args(args).env("NO_COLOR", "1").output()?)
+    Ok(ns.command(tproxy_bin()).args(ns.instance_args(args)).env("NO_COLOR", "1").output()?)
+}
+
+impl Netns {
+    /// `args` for tproxy-user with `--name <this namespace>` added where the
+    /// command takes one, so that instances of parallel tests (whose control
+    /// sockets share /run/tproxy) never meet.
+    pub fn instance_args(&self, args: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let named = matches!(args.first().map(String::as_str), Some("attach" | "reload" | "stats"))
+            || matches!(args.get(1).map(String::as_str), Some("add" | "del" | "list"));
+        if named && !args.iter().any(|a| a == "--name") {
+            args.extend(["--name".to_owned(), self.name.clone()]);
+        }
+        args
+    }
 }
 
 /// Deterministic bytes that reveal reordering, loss and corruption.

@@ -12,7 +12,8 @@ fn rejected(tag: &str, wrapper: &[&str], args: &[&str], expected: &str) -> Resul
     let bin = tproxy_bin();
     let mut command: Vec<&str> = wrapper.to_vec();
     command.push(bin.to_str().unwrap());
-    command.extend_from_slice(args);
+    let args = topology.proxy.instance_args(args);
+    command.extend(args.iter().map(String::as_str));
     let out =
         topology.proxy.command(command[0]).args(&command[1..]).env("NO_COLOR", "1").output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);

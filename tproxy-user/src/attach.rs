@@ -1,36 +1,90 @@
-//! `tproxy-user attach`: interception plus the relays, until told to stop.
+//! `tproxy-user attach`: interception plus the relays, live control and
+//! metrics, until told to stop.
 
-use std::{future::Future, os::fd::AsFd};
+use std::{future::Future, net::SocketAddr, os::fd::AsFd, path::PathBuf, sync::Arc};
 
+use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
+    config,
+    control::{self, ControlSocket, Controller},
     error::{Error, Result},
     intercept::{InterceptConfig, Interceptor, RelaySocket},
+    metrics::MetricsServer,
     relay::{TcpRelay, TcpRelayConfig, UdpRelay, UdpRelayConfig},
 };
 
 /// Everything `attach` needs.
 #[derive(Debug, Clone)]
 pub struct AttachConfig {
-    /// What to intercept, where, and the routing marks.
+    /// What to intercept, where, and the routing marks. Its rules are kept
+    /// across reloads of `rules_file`.
     pub intercept: InterceptConfig,
     /// The TCP relay. Its `listen_port` is the UDP relay's too.
     pub tcp: TcpRelayConfig,
     /// The UDP relay; its `listen_port` is ignored.
     pub udp: UdpRelayConfig,
+    /// The instance's name, for its control socket.
+    pub name: String,
+    /// A rules file (see [`config`]), applied at start and again on SIGHUP
+    /// or `tproxy-user reload`.
+    pub rules_file: Option<PathBuf>,
+    /// Serve live control on this Unix socket (see [`control`]).
+    pub control_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics here.
+    pub metrics: Option<SocketAddr>,
+}
+
+impl AttachConfig {
+    /// Interception with default relays, named [`control::DEFAULT_NAME`],
+    /// with its control socket and without a rules file or metrics.
+    pub fn new(intercept: InterceptConfig) -> Self {
+        Self {
+            intercept,
+            tcp: TcpRelayConfig::default(),
+            udp: UdpRelayConfig::default(),
+            name: control::DEFAULT_NAME.into(),
+            rules_file: None,
+            control_socket: Some(control::socket_path(control::DEFAULT_NAME)),
+            metrics: None,
+        }
+    }
 }
 
 /// Runs interception and the relays until `shutdown` completes, then removes
-/// everything it added.
+/// everything it added. With a rules file, SIGHUP reloads it.
 pub async fn run(config: AttachConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let AttachConfig { intercept, tcp, udp } = config;
+    let AttachConfig { mut intercept, tcp, udp, name, rules_file, control_socket, metrics } =
+        config;
+    control::validate_name(&name)?;
+    let fixed_rules = intercept.rules.clone();
+    if let Some(path) = &rules_file {
+        intercept.rules.extend(config::load_rules(path)?);
+    }
     let port = tcp.listen_port;
     if port != 0 && intercept.rules.iter().any(|r| r.covers_port(port)) {
         return Err(Error::Config(format!("--listen-port {port} is also an intercepted port")));
     }
     crate::intercept::preflight(&intercept)?;
+    // Everything that can fail for a reason the user can fix is bound
+    // before anything is attached.
+    let control_socket = match &control_socket {
+        Some(path) => Some(ControlSocket::bind(path).await?),
+        None => None,
+    };
+    let metrics = match metrics {
+        Some(addr) => Some(MetricsServer::bind(addr).await?),
+        None => None,
+    };
+    let mut hangup = match &rules_file {
+        Some(_) => Some(
+            signal(SignalKind::hangup())
+                .map_err(|e| Error::io("installing a SIGHUP handler", e))?,
+        ),
+        None => None,
+    };
     let tcp = TcpRelay::bind(tcp)?;
     // Both relays on one port when it is free for UDP too.
     let udp = match UdpRelay::bind(UdpRelayConfig { listen_port: tcp.port(), ..udp.clone() }) {
@@ -49,19 +103,53 @@ pub async fn run(config: AttachConfig, shutdown: impl Future<Output = ()>) -> Re
     }
     let interceptor = Interceptor::start(intercept, &sockets).await?;
     drop(sockets);
-    let (tcp_stats, udp_stats) = (tcp.stats(), udp.stats());
-    info!("ready: relay listening on port {} (tcp) and {} (udp)", tcp.port(), udp.port());
+    let controller = Arc::new(Controller::new(
+        name,
+        interceptor,
+        tcp.stats(),
+        udp.stats(),
+        fixed_rules,
+        rules_file,
+    ));
 
     let stop = CancellationToken::new();
-    let tcp_task = tokio::spawn(tcp.run(stop.clone()));
-    let udp_task = tokio::spawn(udp.run(stop.clone()));
-    shutdown.await;
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(socket) = control_socket {
+        tasks.spawn(socket.serve(controller.clone(), stop.clone()));
+    }
+    if let Some(metrics) = metrics {
+        if let Some(addr) = metrics.local_addr() {
+            info!("metrics on http://{addr}/metrics");
+        }
+        tasks.spawn(metrics.serve(controller.clone(), stop.clone()));
+    }
+    info!("ready: relay listening on port {} (tcp) and {} (udp)", tcp.port(), udp.port());
+    let (tcp_stats, udp_stats) = (tcp.stats(), udp.stats());
+    let relays = CancellationToken::new();
+    tasks.spawn(tcp.run(relays.clone()));
+    tasks.spawn(udp.run(relays.clone()));
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = async { hangup.as_mut()?.recv().await } => {
+                if let Err(e) = controller.reload().await {
+                    warn!("reload refused, the rules stay as they were: {e}");
+                }
+            }
+        }
+    }
     info!("shutting down");
+    stop.cancel();
+    let Some(interceptor) = controller.take_interceptor().await else {
+        return Ok(());
+    };
     let datapath_stats = interceptor.stats();
     // Detach first, so new traffic flows untouched while the relays close.
     let stopped = interceptor.stop().await;
-    stop.cancel();
-    let _ = tokio::join!(tcp_task, udp_task);
+    relays.cancel();
+    while tasks.join_next().await.is_some() {}
     if let Ok(s) = datapath_stats {
         info!(
             "datapath: {} packets to the listener, {} to existing sockets, {} SYNs met TIME_WAIT ({} handed over), {} replies to spoofed sockets, {} passed without a listener, {} assign failures",
@@ -74,7 +162,7 @@ pub async fn run(config: AttachConfig, shutdown: impl Future<Output = ()>) -> Re
             s.assign_failed
         );
     }
-    info!("relay: {}", tcp_stats.summary());
-    info!("relay: {}", udp_stats.summary());
+    info!("relay: {}", tcp_stats.snapshot().summary());
+    info!("relay: {}", udp_stats.snapshot().summary());
     stopped
 }

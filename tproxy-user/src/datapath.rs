@@ -24,7 +24,7 @@ use crate::{
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tproxy"));
 
 /// Counters kept by the TC program, summed over all CPUs.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DatapathStats {
     /// Packets handed to the relay's listener: the first packets of new flows.
     pub to_listener: u64,

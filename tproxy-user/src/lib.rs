@@ -36,9 +36,9 @@
 //! let mut intercept = InterceptConfig::new(vec!["eth0".into()], rules);
 //! intercept.return_path = true; // steer the server's replies to spoofed sockets
 //! let config = AttachConfig {
-//!     intercept,
 //!     tcp: TcpRelayConfig { spoof_source: true, ..TcpRelayConfig::default() },
 //!     udp: UdpRelayConfig { spoof_source: true, ..UdpRelayConfig::default() },
+//!     ..AttachConfig::new(intercept)
 //! };
 //! attach::run(config, async {
 //!     let _ = tokio::signal::ctrl_c().await;
@@ -52,12 +52,16 @@
 #![deny(missing_docs)]
 
 pub mod attach;
+pub mod config;
+pub mod control;
 pub mod datapath;
 pub mod error;
 pub mod intercept;
+pub mod metrics;
 pub mod relay;
 pub mod routing;
 pub mod rules;
+pub mod stats;
 pub mod system;
 pub mod transparent;
 

@@ -1,17 +1,18 @@
 //! The `tproxy-user` command line: a thin layer over the library.
 
-use std::{process::ExitCode, time::Duration};
+use std::{net::SocketAddr, ops::RangeInclusive, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 use tproxy_user::{
     attach::{self, AttachConfig},
+    control::{self, Request, Response},
     intercept::{
         self, DEFAULT_MARK, DEFAULT_RULE_PRIORITY, DEFAULT_TABLE, DEFAULT_UPSTREAM_MARK,
         InterceptConfig,
     },
-    relay::{TcpRelayConfig, UdpRelayConfig, udp},
+    relay::{TcpRelayConfig, UdpRelayConfig, tcp, udp},
     rules::{Protocol, Rule, parse_ports},
 };
 use tracing_subscriber::EnvFilter;
@@ -32,10 +33,87 @@ enum Command {
     /// Intercept TCP and UDP ports arriving on interfaces and relay each
     /// connection and datagram to its original destination. Runs until SIGINT
     /// or SIGTERM, then removes everything it added.
-    Attach(AttachArgs),
+    Attach(Box<AttachArgs>),
+    /// Add, delete or list the ports a running instance intercepts.
+    Port {
+        #[command(subcommand)]
+        action: PortAction,
+    },
+    /// Add, delete or list a running instance's rules.
+    Rule {
+        #[command(subcommand)]
+        action: RuleAction,
+    },
+    /// Re-read a running instance's --config file and apply it atomically
+    /// (SIGHUP does the same).
+    Reload(InstanceArgs),
+    /// Print a running instance's counters.
+    Stats {
+        #[command(flatten)]
+        instance: InstanceArgs,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove what a killed `attach` left behind: TC filters on the given
     /// interfaces and the policy routing for the mark and table.
     Cleanup(CleanupArgs),
+}
+
+#[derive(Args)]
+struct InstanceArgs {
+    /// Which instance (as given to `attach --name`).
+    #[arg(long, default_value = control::DEFAULT_NAME)]
+    name: String,
+}
+
+#[derive(Subcommand)]
+enum PortAction {
+    /// Start intercepting a port or range.
+    Add(PortArgs),
+    /// Stop intercepting a port or range (as added); established connections keep flowing.
+    Del(PortArgs),
+    /// List the rules in force.
+    List(InstanceArgs),
+}
+
+#[derive(Args)]
+struct PortArgs {
+    /// The port or range.
+    #[arg(value_name = "PORT[-PORT]", value_parser = parse_ports)]
+    ports: RangeInclusive<u16>,
+    /// Only this protocol (repeatable); both by default.
+    #[arg(long = "proto", value_name = "tcp|udp")]
+    protocols: Vec<Protocol>,
+    #[command(flatten)]
+    instance: InstanceArgs,
+}
+
+impl PortArgs {
+    /// The port rule in text form.
+    fn rule(&self) -> String {
+        let protocols =
+            if self.protocols.is_empty() { Protocol::ALL.to_vec() } else { self.protocols.clone() };
+        Rule::ports(&protocols, self.ports.clone()).to_string()
+    }
+}
+
+#[derive(Subcommand)]
+enum RuleAction {
+    /// Add a rule: '[tcp|udp/]PORT[-PORT] [to CIDR] [from CIDR] [exclude]'.
+    Add(RuleArgs),
+    /// Delete a rule, written as `rule list` shows it.
+    Del(RuleArgs),
+    /// List the rules in force.
+    List(InstanceArgs),
+}
+
+#[derive(Args)]
+struct RuleArgs {
+    /// The rule (quote it).
+    rule: Rule,
+    #[command(flatten)]
+    instance: InstanceArgs,
 }
 
 #[derive(Args)]
@@ -58,14 +136,24 @@ struct AttachArgs {
     interfaces: Vec<String>,
     /// Destination port or range to intercept, e.g. 80 or 8000-8099 (repeatable).
     #[arg(long = "port", short = 'p', value_name = "PORT[-PORT]", value_parser = parse_ports)]
-    ports: Vec<std::ops::RangeInclusive<u16>>,
+    ports: Vec<RangeInclusive<u16>>,
     /// Limit --port to a protocol (repeatable); both TCP and UDP by default.
     #[arg(long = "proto", value_name = "tcp|udp")]
     protocols: Vec<Protocol>,
     /// A rule: '[tcp|udp/]PORT[-PORT] [to CIDR] [from CIDR] [exclude]' (repeatable).
     #[arg(long = "rule", value_name = "RULE")]
     rules: Vec<Rule>,
-    /// Port of the relay's transparent listener; 0 lets the kernel choose.
+    /// A TOML rules file, added to --port and --rule; re-read on SIGHUP and
+    /// by `tproxy-user reload`.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Name of this instance, for `port`, `rule`, `reload` and `stats`.
+    #[arg(long, default_value = control::DEFAULT_NAME)]
+    name: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// Port of the relay's transparent sockets; 0 lets the kernel choose.
     #[arg(long, default_value_t = 0)]
     listen_port: u16,
     #[command(flatten)]
@@ -79,7 +167,7 @@ struct AttachArgs {
     #[arg(long)]
     spoof_source: bool,
     /// Seconds to wait for the original destination to accept.
-    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    #[arg(long, default_value_t = tcp::DEFAULT_CONNECT_TIMEOUT.as_secs_f64(), value_name = "SECS")]
     connect_timeout: f64,
     /// Seconds a UDP session may be idle before it is closed.
     #[arg(long, default_value_t = udp::DEFAULT_IDLE_TIMEOUT.as_secs_f64(), value_name = "SECS")]
@@ -129,47 +217,101 @@ fn intercept_config(
     }
 }
 
+fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
+    let connect_timeout = seconds("--connect-timeout", args.connect_timeout)?;
+    let idle_timeout = seconds("--udp-idle-timeout", args.udp_idle_timeout)?;
+    if args.ports.is_empty() && args.rules.is_empty() && args.config.is_none() {
+        anyhow::bail!("nothing to intercept: give --port, --rule or --config");
+    }
+    if !args.protocols.is_empty() && args.ports.is_empty() {
+        anyhow::bail!("--proto narrows --port; with --rule, write the protocol in the rule");
+    }
+    let protocols = if args.protocols.is_empty() { Protocol::ALL.to_vec() } else { args.protocols };
+    let mut rules: Vec<Rule> =
+        args.ports.into_iter().map(|ports| Rule::ports(&protocols, ports)).collect();
+    rules.extend(args.rules);
+    let mut intercept = intercept_config(args.interfaces, rules, &args.routing);
+    intercept.bypass_mark = args.upstream_mark;
+    intercept.return_path = args.spoof_source;
+    let ipv6 = tproxy_user::system::ipv6_enabled();
+    Ok(AttachConfig {
+        intercept,
+        tcp: TcpRelayConfig {
+            listen_port: args.listen_port,
+            ipv6,
+            upstream_mark: args.upstream_mark,
+            spoof_source: args.spoof_source,
+            connect_timeout,
+        },
+        udp: UdpRelayConfig {
+            listen_port: args.listen_port,
+            ipv6,
+            upstream_mark: args.upstream_mark,
+            spoof_source: args.spoof_source,
+            idle_timeout,
+            max_sessions: args.max_udp_sessions,
+        },
+        control_socket: Some(control::socket_path(&args.name)),
+        name: args.name,
+        rules_file: args.config,
+        metrics: args.metrics,
+    })
+}
+
+/// Sends `request` to instance `name`; a refusal becomes the error.
+async fn ask(name: &str, request: Request) -> anyhow::Result<Response> {
+    control::validate_name(name)?;
+    match control::request(name, &request).await? {
+        Response::Error { message } => Err(anyhow::anyhow!(message)),
+        response => Ok(response),
+    }
+}
+
+async fn print_rules(name: &str) -> anyhow::Result<()> {
+    if let Response::Rules { rules } = ask(name, Request::ListRules).await? {
+        for rule in rules {
+            println!("{rule}");
+        }
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Attach(args) => {
-            let connect_timeout = seconds("--connect-timeout", args.connect_timeout)?;
-            let idle_timeout = seconds("--udp-idle-timeout", args.udp_idle_timeout)?;
-            if args.ports.is_empty() && args.rules.is_empty() {
-                anyhow::bail!("nothing to intercept: give --port or --rule");
-            }
-            if !args.protocols.is_empty() && args.ports.is_empty() {
-                anyhow::bail!(
-                    "--proto narrows --port; with --rule, write the protocol in the rule"
-                );
-            }
-            let protocols =
-                if args.protocols.is_empty() { Protocol::ALL.to_vec() } else { args.protocols };
-            let mut rules: Vec<Rule> =
-                args.ports.into_iter().map(|ports| Rule::ports(&protocols, ports)).collect();
-            rules.extend(args.rules);
-            let mut intercept = intercept_config(args.interfaces, rules, &args.routing);
-            intercept.bypass_mark = args.upstream_mark;
-            intercept.return_path = args.spoof_source;
-            let ipv6 = tproxy_user::system::ipv6_enabled();
-            let config = AttachConfig {
-                intercept,
-                tcp: TcpRelayConfig {
-                    listen_port: args.listen_port,
-                    ipv6,
-                    upstream_mark: args.upstream_mark,
-                    spoof_source: args.spoof_source,
-                    connect_timeout,
-                },
-                udp: UdpRelayConfig {
-                    listen_port: args.listen_port,
-                    ipv6,
-                    upstream_mark: args.upstream_mark,
-                    spoof_source: args.spoof_source,
-                    idle_timeout,
-                    max_sessions: args.max_udp_sessions,
-                },
-            };
+            let config = attach_config(*args)?;
             attach::run(config, shutdown_signal()?).await.context("attach")
+        }
+        Command::Port { action } => match action {
+            PortAction::Add(a) => {
+                ask(&a.instance.name, Request::AddRule { rule: a.rule() }).await.map(drop)
+            }
+            PortAction::Del(a) => {
+                ask(&a.instance.name, Request::DeleteRule { rule: a.rule() }).await.map(drop)
+            }
+            PortAction::List(i) => print_rules(&i.name).await,
+        },
+        Command::Rule { action } => match action {
+            RuleAction::Add(a) => {
+                ask(&a.instance.name, Request::AddRule { rule: a.rule.to_string() }).await.map(drop)
+            }
+            RuleAction::Del(a) => {
+                ask(&a.instance.name, Request::DeleteRule { rule: a.rule.to_string() })
+                    .await
+                    .map(drop)
+            }
+            RuleAction::List(i) => print_rules(&i.name).await,
+        },
+        Command::Reload(i) => ask(&i.name, Request::Reload).await.map(drop),
+        Command::Stats { instance, json } => {
+            if let Response::Stats { stats } = ask(&instance.name, Request::Stats).await? {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&stats)?);
+                } else {
+                    print!("{}", stats.to_table());
+                }
+            }
+            Ok(())
         }
         Command::Cleanup(args) => {
             tproxy_user::system::check_privileges()?;

@@ -3,10 +3,7 @@
 use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering::Relaxed},
-    },
+    sync::{Arc, atomic::Ordering::Relaxed},
     time::{Duration, Instant},
 };
 
@@ -51,21 +48,26 @@ impl Default for TcpRelayConfig {
 /// not hold a client for the kernel's two minutes.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Counters of the relay, readable while it runs.
-#[derive(Debug, Default)]
-pub struct TcpRelayStats {
-    /// Connections accepted.
-    pub accepted: AtomicU64,
-    /// Connections being relayed now.
-    pub active: AtomicU64,
-    /// Connections made straight to the relay's port, reset.
-    pub refused_loops: AtomicU64,
-    /// Upstream connects that failed (refused, unreachable, timed out).
-    pub upstream_failures: AtomicU64,
-    /// Bytes from clients to upstream.
-    pub bytes_to_upstream: AtomicU64,
-    /// Bytes from upstream to clients.
-    pub bytes_to_client: AtomicU64,
+super::counters! {
+    /// Counters of the TCP relay, updated while it runs.
+    TcpRelayStats =>
+    /// A snapshot of [`TcpRelayStats`].
+    TcpRelayCounters {
+        /// Connections accepted.
+        accepted,
+        /// Connections being relayed now.
+        active,
+        /// Connections made straight to the relay's port, reset.
+        refused_loops,
+        /// Upstream connects that failed (refused, unreachable, timed out).
+        upstream_failures,
+        /// Of those, the ones that timed out.
+        connect_timeouts,
+        /// Bytes from clients to upstream.
+        bytes_to_upstream,
+        /// Bytes from upstream to clients.
+        bytes_to_client,
+    }
 }
 
 /// Bound listeners, ready to be registered with the datapath and run.
@@ -189,6 +191,9 @@ async fn relay(accepted: Accepted, config: Arc<TcpRelayConfig>, stats: Arc<TcpRe
         Ok(upstream) => upstream,
         Err(e) => {
             stats.upstream_failures.fetch_add(1, Relaxed);
+            if e.kind() == io::ErrorKind::TimedOut {
+                stats.connect_timeouts.fetch_add(1, Relaxed);
+            }
             debug!(%peer, %dst, error = %e, "upstream connect failed");
             // Tell the client the way the server would have: a reset.
             reset(&client);
@@ -217,15 +222,16 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
 }
 
-impl TcpRelayStats {
+impl TcpRelayCounters {
     pub(crate) fn summary(&self) -> String {
         format!(
-            "{} connections relayed ({} refused loops, {} upstream failures), {} bytes up, {} bytes down",
-            self.accepted.load(Relaxed),
-            self.refused_loops.load(Relaxed),
-            self.upstream_failures.load(Relaxed),
-            self.bytes_to_upstream.load(Relaxed),
-            self.bytes_to_client.load(Relaxed),
+            "{} connections relayed ({} refused loops, {} upstream failures, {} timeouts), {} bytes up, {} bytes down",
+            self.accepted,
+            self.refused_loops,
+            self.upstream_failures,
+            self.connect_timeouts,
+            self.bytes_to_upstream,
+            self.bytes_to_client,
         )
     }
 }

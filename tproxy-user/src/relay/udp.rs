@@ -69,47 +69,50 @@ pub const DEFAULT_MAX_SESSIONS: usize = 16_384;
 /// The largest datagram (65 535 minus the UDP header, IPv6 without jumbograms).
 const BUFFER_SIZE: usize = 65_536;
 
-/// Counters of the UDP relay, readable while it runs.
-#[derive(Debug, Default)]
-pub struct UdpRelayStats {
-    /// Sessions opened.
-    pub sessions_total: AtomicU64,
-    /// Sessions open now.
-    pub sessions_active: AtomicU64,
-    /// Sessions closed after the idle timeout.
-    pub sessions_expired: AtomicU64,
-    /// Sessions closed because the table was full.
-    pub sessions_evicted: AtomicU64,
-    /// Datagrams from clients relayed upstream, and their payload bytes.
-    pub datagrams_up: AtomicU64,
-    /// Payload bytes relayed upstream.
-    pub bytes_up: AtomicU64,
-    /// Datagrams from upstream relayed to clients.
-    pub datagrams_down: AtomicU64,
-    /// Payload bytes relayed to clients.
-    pub bytes_down: AtomicU64,
-    /// Datagrams dropped because they were larger than the buffer.
-    pub truncated: AtomicU64,
-    /// Datagrams addressed to the relay itself (not steered), dropped.
-    pub refused_loops: AtomicU64,
-    /// Sessions that could not be opened, and sends that failed.
-    pub upstream_failures: AtomicU64,
+super::counters! {
+    /// Counters of the UDP relay, updated while it runs.
+    UdpRelayStats =>
+    /// A snapshot of [`UdpRelayStats`].
+    UdpRelayCounters {
+        /// Sessions opened.
+        sessions_total,
+        /// Sessions open now.
+        sessions_active,
+        /// Sessions closed after the idle timeout.
+        sessions_expired,
+        /// Sessions closed because the table was full.
+        sessions_evicted,
+        /// Datagrams from clients relayed upstream.
+        datagrams_up,
+        /// Payload bytes relayed upstream.
+        bytes_up,
+        /// Datagrams from upstream relayed to clients.
+        datagrams_down,
+        /// Payload bytes relayed to clients.
+        bytes_down,
+        /// Datagrams dropped because they were larger than the buffer.
+        truncated,
+        /// Datagrams addressed to the relay itself (not steered), dropped.
+        refused_loops,
+        /// Sessions that could not be opened, and sends that failed.
+        upstream_failures,
+    }
 }
 
-impl UdpRelayStats {
+impl UdpRelayCounters {
     pub(crate) fn summary(&self) -> String {
         format!(
             "{} UDP sessions ({} expired, {} evicted), {} datagrams up ({} bytes), {} down ({} bytes), {} truncated, {} refused loops, {} upstream failures",
-            self.sessions_total.load(Relaxed),
-            self.sessions_expired.load(Relaxed),
-            self.sessions_evicted.load(Relaxed),
-            self.datagrams_up.load(Relaxed),
-            self.bytes_up.load(Relaxed),
-            self.datagrams_down.load(Relaxed),
-            self.bytes_down.load(Relaxed),
-            self.truncated.load(Relaxed),
-            self.refused_loops.load(Relaxed),
-            self.upstream_failures.load(Relaxed),
+            self.sessions_total,
+            self.sessions_expired,
+            self.sessions_evicted,
+            self.datagrams_up,
+            self.bytes_up,
+            self.datagrams_down,
+            self.bytes_down,
+            self.truncated,
+            self.refused_loops,
+            self.upstream_failures,
         )
     }
 }

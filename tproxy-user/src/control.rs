@@ -1,0 +1,340 @@
+//! Live control of a running instance: its rules, a reload of its rules file,
+//! and its counters.
+//!
+//! Each `attach` serves a Unix socket at `/run/tproxy/<name>.sock`. The
+//! directory is root's with mode 0700 and the socket has mode 0600, and the
+//! server also checks that the peer is root. The protocol is one JSON
+//! [`Request`] per line, answered by one JSON [`Response`] line.
+
+use std::{
+    io,
+    os::unix::fs::{DirBuilderExt, PermissionsExt},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::Mutex,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{
+    config,
+    error::{Error, Result},
+    intercept::Interceptor,
+    relay::{TcpRelayStats, UdpRelayStats},
+    rules::Rule,
+    stats::{RuleReport, StatsReport},
+};
+
+/// Where control sockets live.
+pub const CONTROL_DIR: &str = "/run/tproxy";
+/// The instance name when none is given.
+pub const DEFAULT_NAME: &str = "default";
+
+/// A request to a running instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Request {
+    /// The rules in force.
+    ListRules,
+    /// Add a rule (text form).
+    AddRule {
+        /// The rule.
+        rule: String,
+    },
+    /// Delete a rule (text form, as listed).
+    DeleteRule {
+        /// The rule.
+        rule: String,
+    },
+    /// Re-read the rules file and apply it with the command line's rules.
+    Reload,
+    /// Every counter.
+    Stats,
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Response {
+    /// Done.
+    Ok,
+    /// The rules in force, in text form.
+    Rules {
+        /// The rules.
+        rules: Vec<String>,
+    },
+    /// The counters.
+    Stats {
+        /// The counters.
+        stats: Box<StatsReport>,
+    },
+    /// The request was refused; nothing changed.
+    Error {
+        /// Why, in one line.
+        message: String,
+    },
+}
+
+/// A running instance's state, shared by the control socket, SIGHUP and the
+/// metrics endpoint.
+pub struct Controller {
+    name: String,
+    /// `None` once the instance is stopping.
+    interceptor: Mutex<Option<Interceptor>>,
+    tcp: Arc<TcpRelayStats>,
+    udp: Arc<UdpRelayStats>,
+    /// Rules from the command line; a reload keeps them.
+    fixed_rules: Vec<Rule>,
+    rules_file: Option<PathBuf>,
+}
+
+impl Controller {
+    /// Wraps a started interceptor and the relays' counters.
+    pub fn new(
+        name: String,
+        interceptor: Interceptor,
+        tcp: Arc<TcpRelayStats>,
+        udp: Arc<UdpRelayStats>,
+        fixed_rules: Vec<Rule>,
+        rules_file: Option<PathBuf>,
+    ) -> Self {
+        Self { name, interceptor: Mutex::new(Some(interceptor)), tcp, udp, fixed_rules, rules_file }
+    }
+
+    /// The instance's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Carries out one request.
+    pub async fn handle(&self, request: Request) -> Response {
+        let result = match request {
+            Request::ListRules => {
+                return match self.rule_texts().await {
+                    Ok(rules) => Response::Rules { rules },
+                    Err(e) => Response::Error { message: e.to_string() },
+                };
+            }
+            Request::Stats => {
+                return match self.stats().await {
+                    Ok(stats) => Response::Stats { stats: Box::new(stats) },
+                    Err(e) => Response::Error { message: e.to_string() },
+                };
+            }
+            Request::AddRule { rule } => self.add_rule(&rule).await,
+            Request::DeleteRule { rule } => self.delete_rule(&rule).await,
+            Request::Reload => self.reload().await,
+        };
+        match result {
+            Ok(()) => Response::Ok,
+            Err(e) => Response::Error { message: e.to_string() },
+        }
+    }
+
+    /// Runs `f` on the interceptor, unless the instance is stopping.
+    async fn with<T>(&self, f: impl FnOnce(&mut Interceptor) -> Result<T>) -> Result<T> {
+        match self.interceptor.lock().await.as_mut() {
+            Some(interceptor) => f(interceptor),
+            None => Err(Error::Config(format!("instance {} is stopping", self.name))),
+        }
+    }
+
+    async fn rule_texts(&self) -> Result<Vec<String>> {
+        self.with(|i| Ok(i.rules().iter().map(|(_, r)| r.to_string()).collect())).await
+    }
+
+    async fn add_rule(&self, text: &str) -> Result<()> {
+        let rule: Rule = text.parse()?;
+        self.with(|i| i.add_rule(rule.clone())).await?;
+        info!("rule added: {rule}");
+        Ok(())
+    }
+
+    async fn delete_rule(&self, text: &str) -> Result<()> {
+        let rule: Rule = text.parse()?;
+        self.with(|i| i.remove_rule(&rule)).await?;
+        info!("rule deleted: {rule}");
+        Ok(())
+    }
+
+    /// Re-reads the rules file and replaces the rules with it plus the
+    /// command line's, atomically. On any error the running set stays.
+    pub async fn reload(&self) -> Result<()> {
+        let Some(path) = &self.rules_file else {
+            return Err(Error::Config(
+                "nothing to reload: attach was started without --config".into(),
+            ));
+        };
+        let mut rules = self.fixed_rules.clone();
+        rules.extend(config::load_rules(path)?);
+        self.with(|i| i.set_rules(rules)).await?;
+        info!("reloaded {}: rules: {}", path.display(), self.rule_texts().await?.join(", "));
+        Ok(())
+    }
+
+    /// Every counter, now.
+    pub async fn stats(&self) -> Result<StatsReport> {
+        let (interfaces, datapath, rules) =
+            self.with(|i| Ok((i.config().interfaces.clone(), i.stats()?, i.rule_stats()?))).await?;
+        let rules = rules
+            .into_iter()
+            .map(|(rule, s)| RuleReport {
+                rule: rule.to_string(),
+                packets: s.packets,
+                bytes: s.bytes,
+                new_flows: s.new_flows,
+                no_listener: s.no_listener,
+                assign_failed: s.assign_failed,
+            })
+            .collect();
+        Ok(StatsReport {
+            name: self.name.clone(),
+            interfaces,
+            datapath,
+            rules,
+            tcp: self.tcp.snapshot(),
+            udp: self.udp.snapshot(),
+        })
+    }
+
+    /// Takes the interceptor out, for an orderly stop; later requests are
+    /// refused.
+    pub async fn take_interceptor(&self) -> Option<Interceptor> {
+        self.interceptor.lock().await.take()
+    }
+}
+
+/// Checks an instance name: it becomes a file name.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "instance name {name:?}: use 1 to 64 letters, digits, '-' or '_'"
+        )))
+    }
+}
+
+/// The control socket of instance `name`.
+pub fn socket_path(name: &str) -> PathBuf {
+    Path::new(CONTROL_DIR).join(format!("{name}.sock"))
+}
+
+/// A bound control socket, removed from the filesystem when dropped.
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlSocket {
+    /// Binds `path`, refusing if a live instance answers there; a socket
+    /// file left by a killed instance is replaced.
+    pub async fn bind(path: &Path) -> Result<Self> {
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(Error::Config(format!(
+                "an instance already runs with control socket {}; give this one another --name (and --mark and --table)",
+                path.display()
+            )));
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => debug!("removed a stale control socket {}", path.display()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("removing {}", path.display()), e)),
+        }
+        let listener = UnixListener::bind(path)
+            .map_err(|e| Error::io(format!("binding {}", path.display()), e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::io(format!("restricting {}", path.display()), e))?;
+        Ok(Self { listener, path: path.to_owned() })
+    }
+
+    /// Serves requests until `shutdown` is cancelled.
+    pub async fn serve(self, controller: Arc<Controller>, shutdown: CancellationToken) {
+        loop {
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        warn!("control socket: {e}");
+                        continue;
+                    }
+                },
+            };
+            let controller = controller.clone();
+            tokio::spawn(async move {
+                if let Err(e) = serve_one(stream, &controller).await {
+                    debug!("control connection: {e}");
+                }
+            });
+        }
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn serve_one(stream: UnixStream, controller: &Controller) -> io::Result<()> {
+    let peer_uid = stream.peer_cred()?.uid();
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read.take(64 * 1024)).lines();
+    while let Some(line) = lines.next_line().await? {
+        let response = if peer_uid != 0 {
+            Response::Error { message: "only root may control tproxy".into() }
+        } else {
+            match serde_json::from_str::<Request>(&line) {
+                Ok(request) => controller.handle(request).await,
+                Err(e) => Response::Error { message: format!("bad request: {e}") },
+            }
+        };
+        let mut out = serde_json::to_string(&response).map_err(io::Error::other)?;
+        out.push('\n');
+        write.write_all(out.as_bytes()).await?;
+    }
+    Ok(())
+}
+
+/// Sends one request to instance `name` and returns its response.
+pub async fn request(name: &str, request: &Request) -> Result<Response> {
+    let path = socket_path(name);
+    let stream = UnixStream::connect(&path).await.map_err(|e| {
+        let why = match e.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+                format!("no instance named {name:?} is running")
+            }
+            io::ErrorKind::PermissionDenied => "only root may control tproxy".into(),
+            _ => format!("connecting to {}", path.display()),
+        };
+        Error::io(why, e)
+    })?;
+    let (read, mut write) = stream.into_split();
+    let mut line =
+        serde_json::to_string(request).map_err(|e| Error::io("encoding", io::Error::other(e)))?;
+    line.push('\n');
+    write.write_all(line.as_bytes()).await.map_err(|e| Error::io("sending the request", e))?;
+    let mut answer = String::new();
+    BufReader::new(read)
+        .read_line(&mut answer)
+        .await
+        .map_err(|e| Error::io("reading the response", e))?;
+    serde_json::from_str(&answer)
+        .map_err(|e| Error::io("the instance's response", io::Error::other(e)))
+}
