@@ -318,6 +318,11 @@ impl Proxy {
         Ok(rest.split_whitespace().next().unwrap_or_default().parse()?)
     }
 
+    /// Sends `signal` without waiting.
+    pub fn signal(&self, signal: i32) {
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
     /// Sends `signal` and waits for the exit (10 s at most).
     pub fn stop_with(mut self, signal: i32) -> Result<(ExitStatus, String)> {
         unsafe { libc::kill(self.child.id() as i32, signal) };

@@ -213,11 +213,21 @@ type SessionKey = (SocketAddr, SocketAddr);
 
 struct Session {
     upstream: Arc<UdpSocket>,
-    /// Milliseconds since the table's epoch of the last datagram either way.
-    last_active: Arc<AtomicU64>,
-    /// `last_active` when the session was last moved to the front of the LRU.
+    activity: Arc<Activity>,
+    /// `activity.last_active` when the session was last moved to the front
+    /// of the LRU.
     promoted_at: u64,
+    opened: Instant,
     task: JoinHandle<()>,
+}
+
+/// What a session's reply task and the table both update.
+#[derive(Default)]
+struct Activity {
+    /// Milliseconds since the table's epoch of the last datagram either way.
+    last_active: AtomicU64,
+    bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
 }
 
 struct SessionTable {
@@ -262,12 +272,13 @@ impl SessionTable {
             }
         }
         let session = self.sessions.get_mut(&key).expect("session just ensured");
-        session.last_active.store(now, Relaxed);
+        session.activity.last_active.store(now, Relaxed);
         session.promoted_at = now;
         // A plain non-blocking send: tokio's `try_send` reports WouldBlock
         // until it has seen the socket writable once.
         match SockRef::from(&*session.upstream).send(payload) {
             Ok(n) => {
+                session.activity.bytes_up.fetch_add(n as u64, Relaxed);
                 self.stats.datagrams_up.fetch_add(1, Relaxed);
                 self.stats.bytes_up.fetch_add(n as u64, Relaxed);
             }
@@ -288,18 +299,19 @@ impl SessionTable {
         };
         let upstream = Arc::new(transparent::udp_upstream(dst, &dial)?);
         let reply = transparent::udp_reply_socket(dst, client)?;
-        let last_active = Arc::new(AtomicU64::new(now));
+        let activity = Arc::new(Activity::default());
+        activity.last_active.store(now, Relaxed);
         let task = tokio::spawn(relay_replies(
             upstream.clone(),
             reply,
-            last_active.clone(),
+            activity.clone(),
             self.epoch,
             self.stats.clone(),
         ));
         self.stats.sessions_total.fetch_add(1, Relaxed);
         self.stats.sessions_active.fetch_add(1, Relaxed);
         debug!(%client, %dst, upstream = ?upstream.local_addr().ok(), "UDP session opened");
-        Ok(Session { upstream, last_active, promoted_at: now, task })
+        Ok(Session { upstream, activity, promoted_at: now, opened: Instant::now(), task })
     }
 
     /// Evicts least recently used sessions until one more fits. A session
@@ -308,7 +320,7 @@ impl SessionTable {
         let mut second_chances = self.sessions.len();
         while self.sessions.len() >= self.config.max_sessions {
             let Some((key, mut session)) = self.sessions.pop_lru() else { return };
-            let last = session.last_active.load(Relaxed);
+            let last = session.activity.last_active.load(Relaxed);
             if last > session.promoted_at && second_chances > 0 {
                 second_chances -= 1;
                 session.promoted_at = last;
@@ -316,8 +328,7 @@ impl SessionTable {
                 continue;
             }
             self.stats.sessions_evicted.fetch_add(1, Relaxed);
-            debug!(client = %key.0, dst = %key.1, "UDP session evicted: table full");
-            self.close(session);
+            self.close(key, session, "evicted: the table is full");
         }
     }
 
@@ -328,26 +339,30 @@ impl SessionTable {
         let expired: Vec<SessionKey> = self
             .sessions
             .iter()
-            .filter(|(_, s)| now.saturating_sub(s.last_active.load(Relaxed)) >= idle)
+            .filter(|(_, s)| now.saturating_sub(s.activity.last_active.load(Relaxed)) >= idle)
             .map(|(k, _)| *k)
             .collect();
         for key in expired {
             if let Some(session) = self.sessions.pop(&key) {
                 self.stats.sessions_expired.fetch_add(1, Relaxed);
-                debug!(client = %key.0, dst = %key.1, "UDP session expired");
-                self.close(session);
+                self.close(key, session, "expired");
             }
         }
     }
 
-    fn close(&self, session: Session) {
+    /// Ends a session, with one debug line about it.
+    fn close(&self, (client, dst): SessionKey, session: Session, outcome: &str) {
         session.task.abort();
         self.stats.sessions_active.fetch_sub(1, Relaxed);
+        let up = session.activity.bytes_up.load(Relaxed);
+        let down = session.activity.bytes_down.load(Relaxed);
+        let duration = session.opened.elapsed();
+        debug!(%client, %dst, up, down, ?duration, "UDP session {outcome}");
     }
 
     fn close_all(&mut self) {
-        while let Some((_, session)) = self.sessions.pop_lru() {
-            self.close(session);
+        while let Some((key, session)) = self.sessions.pop_lru() {
+            self.close(key, session, "closed: shutting down");
         }
     }
 }
@@ -363,7 +378,7 @@ thread_local! {
 async fn relay_replies(
     upstream: Arc<UdpSocket>,
     reply: UdpSocket,
-    last_active: Arc<AtomicU64>,
+    activity: Arc<Activity>,
     epoch: Instant,
     stats: Arc<UdpRelayStats>,
 ) {
@@ -382,9 +397,10 @@ async fn relay_replies(
                         stats.truncated.fetch_add(1, Relaxed);
                     }
                     Ok(n) => {
-                        last_active.store(epoch.elapsed().as_millis() as u64, Relaxed);
+                        activity.last_active.store(epoch.elapsed().as_millis() as u64, Relaxed);
                         match SockRef::from(&reply).send(&buf[..n]) {
                             Ok(sent) => {
+                                activity.bytes_down.fetch_add(sent as u64, Relaxed);
                                 stats.datagrams_down.fetch_add(1, Relaxed);
                                 stats.bytes_down.fetch_add(sent as u64, Relaxed);
                             }
