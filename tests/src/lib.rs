@@ -388,7 +388,7 @@ impl Netns {
     /// sockets share /run/tproxy) never meet.
     pub fn instance_args(&self, args: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let named = matches!(args.first().map(String::as_str), Some("attach" | "reload" | "stats"))
+        let named = matches!(args.first().map(String::as_str), Some("attach" | "reload" | "stats" | "cleanup"))
             || matches!(args.get(1).map(String::as_str), Some("add" | "del" | "list"));
         if named && !args.iter().any(|a| a == "--name") {
             args.extend(["--name".to_owned(), self.name.clone()]);

@@ -72,10 +72,11 @@ fn an_embedded_interceptor_cleans_up_on_drop() -> Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
                 let listener = TransparentListener::bind(([0, 0, 0, 0], 0).into(), 64)?;
-                let config = InterceptConfig::new(
+                let mut config = InterceptConfig::new(
                     vec![PROXY_CLIENT_IFACE.into()],
                     vec![Rule::port(&[Protocol::Tcp], 9999)],
                 );
+                config.name = proxy_ns.clone();
                 let mut interceptor =
                     Interceptor::start(config, &[(RelaySocket::TcpV4, listener.as_fd())]).await?;
                 interceptor.add_port(Protocol::Tcp, 80)?;

@@ -235,6 +235,18 @@ fn syn_meeting_time_wait(v6: bool) -> Result<()> {
         let mut stream: std::net::TcpStream = socket.into();
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         ensure!(read_to_end(&mut stream)? == b"bye", "round {round}");
+        drop(stream);
+        // The client closed second, so its socket is gone once the proxy's
+        // last ACK arrives (slow under emulation); only the proxy's side
+        // holds the tuple in TIME_WAIT.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !topology.client.exec(&["ss", "-Htan", "sport", "=", ":40000"])?.trim().is_empty() {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "round {round}: the client's socket lingers"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
     server.join().unwrap()?;
     // Without the handover the client would see a challenge ACK for each

@@ -26,8 +26,6 @@ pub struct AttachConfig {
     pub tcp: TcpRelayConfig,
     /// The UDP relay; its `listen_port` is ignored.
     pub udp: UdpRelayConfig,
-    /// The instance's name, for its control socket.
-    pub name: String,
     /// A rules file (see [`config`]), applied at start and again on SIGHUP
     /// or `tproxy-user reload`.
     pub rules_file: Option<PathBuf>,
@@ -38,16 +36,15 @@ pub struct AttachConfig {
 }
 
 impl AttachConfig {
-    /// Interception with default relays, named [`control::DEFAULT_NAME`],
-    /// with its control socket and without a rules file or metrics.
+    /// Interception with default relays, with the control socket of its
+    /// instance name and without a rules file or metrics.
     pub fn new(intercept: InterceptConfig) -> Self {
         Self {
+            control_socket: Some(control::socket_path(&intercept.name)),
             intercept,
             tcp: TcpRelayConfig::default(),
             udp: UdpRelayConfig::default(),
-            name: control::DEFAULT_NAME.into(),
             rules_file: None,
-            control_socket: Some(control::socket_path(control::DEFAULT_NAME)),
             metrics: None,
         }
     }
@@ -56,9 +53,8 @@ impl AttachConfig {
 /// Runs interception and the relays until `shutdown` completes, then removes
 /// everything it added. With a rules file, SIGHUP reloads it.
 pub async fn run(config: AttachConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let AttachConfig { mut intercept, tcp, udp, name, rules_file, control_socket, metrics } =
-        config;
-    control::validate_name(&name)?;
+    let AttachConfig { mut intercept, tcp, udp, rules_file, control_socket, metrics } = config;
+    let name = intercept.name.clone();
     let fixed_rules = intercept.rules.clone();
     if let Some(path) = &rules_file {
         intercept.rules.extend(config::load_rules(path)?);

@@ -31,8 +31,6 @@ use crate::{
     stats::{RuleReport, StatsReport},
 };
 
-/// Where control sockets live.
-pub const CONTROL_DIR: &str = "/run/tproxy";
 /// The instance name when none is given.
 pub const DEFAULT_NAME: &str = "default";
 
@@ -226,7 +224,7 @@ pub fn validate_name(name: &str) -> Result<()> {
 
 /// The control socket of instance `name`.
 pub fn socket_path(name: &str) -> PathBuf {
-    Path::new(CONTROL_DIR).join(format!("{name}.sock"))
+    Path::new(crate::state::RUN_DIR).join(format!("{name}.sock"))
 }
 
 /// A bound control socket, removed from the filesystem when dropped.

@@ -5,7 +5,10 @@ use std::os::fd::AsRawFd;
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{Array, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, SockMap, lpm_trie::Key},
-    programs::{ProgramError, SchedClassifier, SkLookup, TcAttachType, tc},
+    programs::{
+        Link as _, ProgramError, SchedClassifier, SkLookup, TcAttachType, tc,
+        tc::SchedClassifierLink,
+    },
     util::nr_cpus,
 };
 use tokio::{
@@ -18,6 +21,7 @@ use tracing::{debug, warn};
 use crate::{
     error::{Error, Result},
     rules::TrieEntry,
+    state::NetlinkFilter,
 };
 
 /// The TC program, built by build.rs from the tproxy-ebpf crate.
@@ -45,8 +49,9 @@ pub struct DatapathStats {
 /// The loaded TC program and its maps. Dropping it detaches the program
 /// from every interface it was attached to.
 pub struct Datapath {
+    /// Detached when dropped, before the program goes.
+    links: Vec<(String, SchedClassifierLink)>,
     ebpf: Ebpf,
-    attached: Vec<String>,
     logger: Option<JoinHandle<()>>,
     /// Which copy of the rule trie the program reads.
     active_rules: u32,
@@ -74,7 +79,7 @@ impl Datapath {
             }
         };
         program_mut(&mut ebpf)?.load().map_err(load_error(names::PROGRAM))?;
-        Ok(Self { ebpf, attached: Vec::new(), logger, active_rules: 0 })
+        Ok(Self { links: Vec::new(), ebpf, logger, active_rules: 0 })
     }
 
     /// Attaches the `sk_lookup` program that lets a SYN reopen a tuple held
@@ -99,25 +104,32 @@ impl Datapath {
     }
 
     /// Attaches at TC ingress of `iface`: TCX on 6.6+, a netlink clsact
-    /// filter before that (aya decides).
-    pub fn attach(&mut self, iface: &str, tcx: bool) -> Result<()> {
+    /// filter before that (aya decides). A netlink filter outlives the
+    /// process if it is killed, so it is returned for the caller to record.
+    pub fn attach(&mut self, iface: &str, tcx: bool) -> Result<Option<NetlinkFilter>> {
         if !tcx {
             // The qdisc may exist already; the attach below reports real errors.
             if let Err(e) = tc::qdisc_add_clsact(iface) {
                 debug!("clsact on {iface}: {e}");
             }
         }
+        let attach_err = |source| Error::Attach { iface: iface.to_owned(), source };
         let program = program_mut(&mut self.ebpf)?;
-        program
-            .attach(iface, TcAttachType::Ingress)
-            .map_err(|source| Error::Attach { iface: iface.to_owned(), source })?;
-        self.attached.push(iface.to_owned());
-        Ok(())
+        let id = program.attach(iface, TcAttachType::Ingress).map_err(attach_err)?;
+        let link = program.take_link(id).map_err(attach_err)?;
+        let filter = match (link.priority(), link.handle()) {
+            (Ok(priority), Ok(handle)) => {
+                Some(NetlinkFilter { iface: iface.to_owned(), priority, handle: handle.into() })
+            }
+            _ => None,
+        };
+        self.links.push((iface.to_owned(), link));
+        Ok(filter)
     }
 
     /// Interfaces the program is attached to.
-    pub fn interfaces(&self) -> &[String] {
-        &self.attached
+    pub fn interfaces(&self) -> impl Iterator<Item = &str> {
+        self.links.iter().map(|(iface, _)| iface.as_str())
     }
 
     /// Lets packets to and from `port` of `proto` into the rule and socket
@@ -217,16 +229,36 @@ impl Drop for Datapath {
         if let Some(task) = self.logger.take() {
             task.abort();
         }
-        // aya detaches the program's links when `ebpf` drops.
+        // `links` detach as they drop, then `ebpf` closes the program.
     }
 }
 
-/// Removes netlink clsact filters that an earlier, killed instance left on
-/// `iface`. TCX links cannot be left behind: they die with their owner.
-pub fn remove_leftover_filters(iface: &str) {
+/// Removes a netlink filter that a killed instance recorded. TCX links
+/// cannot be left behind: they die with their owner.
+pub fn remove_filter(filter: &NetlinkFilter) {
+    let link = SchedClassifierLink::attached(
+        &filter.iface,
+        TcAttachType::Ingress,
+        filter.priority,
+        filter.handle.into(),
+        None,
+    );
+    match link.map(|link| link.detach()) {
+        Ok(Ok(())) => warn!(
+            "removed the TC filter an earlier run left on {} (priority {})",
+            filter.iface, filter.priority
+        ),
+        Ok(Err(e)) => debug!("no leftover TC filter on {}: {e}", filter.iface),
+        Err(e) => debug!("{}: {e}", filter.iface),
+    }
+}
+
+/// Removes every filter of this program on `iface`, whichever instance
+/// attached it: `tproxy-user cleanup IFACE` when the records are lost.
+pub fn remove_all_filters(iface: &str) {
     match tc::qdisc_detach_program(iface, TcAttachType::Ingress, names::PROGRAM) {
-        Ok(()) => warn!("removed a TC filter left on {iface} by an earlier run"),
-        Err(e) => debug!("no leftover TC filter on {iface}: {e}"),
+        Ok(()) => warn!("removed tproxy's TC filters from {iface}"),
+        Err(e) => debug!("no tproxy TC filter on {iface}: {e}"),
     }
 }
 

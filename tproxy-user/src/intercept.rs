@@ -7,10 +7,12 @@ use tproxy_ebpf::RuleStats;
 use tracing::{info, warn};
 
 use crate::{
+    control::{DEFAULT_NAME, validate_name},
     datapath::{self, Datapath, DatapathStats},
     error::{Error, Result},
     routing::{self, PolicyRouting, RoutingConfig},
     rules::{Protocol, Rule, RuleSet},
+    state::{self, Claim},
     system,
 };
 
@@ -28,6 +30,9 @@ pub const DEFAULT_UPSTREAM_MARK: u32 = 0x1e6;
 /// What to intercept and how to route it.
 #[derive(Debug, Clone)]
 pub struct InterceptConfig {
+    /// The instance's name: it claims `/run/tproxy/<name>.lock` while it
+    /// runs, and a later start under the same name cleans up after it.
+    pub name: String,
     /// Interfaces whose ingress traffic is inspected.
     pub interfaces: Vec<String>,
     /// What to intercept.
@@ -50,6 +55,7 @@ impl InterceptConfig {
     /// and rule priority.
     pub fn new(interfaces: Vec<String>, rules: Vec<Rule>) -> Self {
         Self {
+            name: DEFAULT_NAME.to_owned(),
             interfaces,
             rules,
             mark: DEFAULT_MARK,
@@ -63,6 +69,7 @@ impl InterceptConfig {
     /// Rejects configurations that cannot work, before anything is changed.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Config(msg));
+        validate_name(&self.name)?;
         if self.interfaces.is_empty() {
             return bad("no interface given".into());
         }
@@ -120,9 +127,11 @@ impl RelaySocket {
 /// Running interception. Dropping it detaches the program and removes the
 /// routing; [`Interceptor::stop`] does the same and reports errors.
 pub struct Interceptor {
-    // Field order is drop order: detach before the routing goes.
+    // Field order is drop order: detach before the routing goes, and give up
+    // the name last.
     datapath: Datapath,
     routing: Option<PolicyRouting>,
+    claim: Claim,
     config: InterceptConfig,
     rules: RuleSet,
 }
@@ -137,7 +146,11 @@ impl Interceptor {
         sockets: &[(RelaySocket, BorrowedFd<'_>)],
     ) -> Result<Self> {
         let kernel = preflight(&config)?;
-        remove_leftovers(&config).await?;
+        let (claim, leftover) = Claim::acquire(&config.name)?;
+        // A killed run under this name left these; its routing is ours to
+        // replace too (same mark and table).
+        leftover.filters.iter().for_each(datapath::remove_filter);
+        routing::remove(&config.routing()).await?;
 
         let mut datapath = Datapath::load(config.mark, config.bypass_mark, config.return_path)?;
         for &(socket, fd) in sockets {
@@ -146,12 +159,15 @@ impl Interceptor {
         if let Err(e) = datapath.attach_reopen() {
             warn!("{e}: a SYN that meets a TIME_WAIT socket will wait for its retry");
         }
-        let mut interceptor = Self { datapath, routing: None, config, rules: RuleSet::default() };
+        let mut interceptor =
+            Self { datapath, routing: None, claim, config, rules: RuleSet::default() };
         interceptor.set_rules(interceptor.config.rules.clone())?;
         interceptor.routing = Some(PolicyRouting::install(interceptor.config.routing()).await?);
         let tcx = system::has_tcx(kernel);
         for iface in &interceptor.config.interfaces {
-            interceptor.datapath.attach(iface, tcx)?;
+            if let Some(filter) = interceptor.datapath.attach(iface, tcx)? {
+                interceptor.claim.record(filter)?;
+            }
         }
         info!(
             "attached to {} at TC ingress ({}); rules: {}",
@@ -252,11 +268,21 @@ pub fn preflight(config: &InterceptConfig) -> Result<aya::util::KernelVersion> {
     Ok(kernel)
 }
 
-/// Removes what a killed instance with this configuration left behind:
-/// netlink TC filters on its interfaces, and its rules and routes.
+/// Removes what a killed instance with this configuration's name left
+/// behind: the netlink TC filters it recorded, and its rules and routes
+/// (by mark and table). Every tproxy filter on `config.interfaces` goes too,
+/// for when the records are lost. Refuses while the instance runs.
 pub async fn remove_leftovers(config: &InterceptConfig) -> Result<()> {
+    validate_name(&config.name)?;
+    let Some(leftover) = state::leftovers(&config.name)? else {
+        return Err(Error::Config(format!(
+            "instance {:?} is running; stop it instead of cleaning up after it",
+            config.name
+        )));
+    };
+    leftover.filters.iter().for_each(datapath::remove_filter);
     for iface in &config.interfaces {
-        datapath::remove_leftover_filters(iface);
+        datapath::remove_all_filters(iface);
     }
     routing::remove(&config.routing()).await
 }

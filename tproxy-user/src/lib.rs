@@ -61,6 +61,7 @@ pub mod metrics;
 pub mod relay;
 pub mod routing;
 pub mod rules;
+pub mod state;
 pub mod stats;
 pub mod system;
 pub mod transparent;

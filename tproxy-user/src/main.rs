@@ -55,8 +55,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove what a killed `attach` left behind: TC filters on the given
-    /// interfaces and the policy routing for the mark and table.
+    /// Remove what a killed `attach` left behind: the TC filters it recorded
+    /// and the policy routing for the mark and table.
     Cleanup(CleanupArgs),
 }
 
@@ -179,9 +179,12 @@ struct AttachArgs {
 
 #[derive(Args)]
 struct CleanupArgs {
-    /// Interfaces an earlier `attach` ran on.
+    /// Also remove every tproxy TC filter on these interfaces, for when the
+    /// instance's records under /run/tproxy are lost.
     #[arg(value_name = "IFACE")]
     interfaces: Vec<String>,
+    #[command(flatten)]
+    instance: InstanceArgs,
     #[command(flatten)]
     routing: RoutingArgs,
 }
@@ -231,6 +234,8 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
         args.ports.into_iter().map(|ports| Rule::ports(&protocols, ports)).collect();
     rules.extend(args.rules);
     let mut intercept = intercept_config(args.interfaces, rules, &args.routing);
+    intercept.name = args.name.clone();
+    let intercept_name = args.name;
     intercept.bypass_mark = args.upstream_mark;
     intercept.return_path = args.spoof_source;
     let ipv6 = tproxy_user::system::ipv6_enabled();
@@ -251,8 +256,7 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
             idle_timeout,
             max_sessions: args.max_udp_sessions,
         },
-        control_socket: Some(control::socket_path(&args.name)),
-        name: args.name,
+        control_socket: Some(control::socket_path(&intercept_name)),
         rules_file: args.config,
         metrics: args.metrics,
     })
@@ -318,7 +322,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for iface in &args.interfaces {
                 tproxy_user::system::ifindex(iface)?;
             }
-            let config = intercept_config(args.interfaces, vec![], &args.routing);
+            let mut config = intercept_config(args.interfaces, vec![], &args.routing);
+            config.name = args.instance.name;
             intercept::remove_leftovers(&config).await.context("cleanup")?;
             tracing::info!("removed leftovers for mark {:#x}, table {}", config.mark, config.table);
             Ok(())

@@ -3,6 +3,7 @@
 
 mod demo;
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -32,11 +33,21 @@ enum Task {
     },
     /// A self-contained demo in a sandbox of network namespaces.
     Demo,
-    /// Run every test (needs root: the tests create network namespaces).
+    /// Run every test (needs root: the tests create network namespaces):
+    /// on the host kernel, then inside a Debian 6.1 kernel.
     Test {
+        /// Only the host kernel.
+        #[arg(long)]
+        host_only: bool,
         /// Extra arguments for `cargo test`, e.g. a test name filter.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Run the integration tests inside Debian kernels under qemu (virtme-ng).
+    VmTest {
+        /// Which kernel: 6.1, 6.12 or all.
+        #[arg(long, default_value = "all", value_parser = ["6.1", "6.12", "all"])]
+        kernel: String,
     },
 }
 
@@ -60,10 +71,23 @@ fn main() -> Result<()> {
             let bin = build(true)?;
             demo::run(&bin)
         }
-        Task::Test { args } => {
+        Task::Test { host_only, args } => {
             require_root("the tests create network namespaces and load BPF programs")?;
             setup::run()?;
-            test(&args)
+            test(&args)?;
+            if host_only {
+                return Ok(());
+            }
+            let binaries = build_test_binaries()?;
+            vm::run(&[&vm::SERIES[0]], &binaries)
+        }
+        Task::VmTest { kernel } => {
+            require_root("the tests create network namespaces and load BPF programs")?;
+            setup::run()?;
+            let series: Vec<&vm::Series> =
+                vm::SERIES.iter().filter(|s| kernel == "all" || s.name == kernel).collect();
+            let binaries = build_test_binaries()?;
+            vm::run(&series, &binaries)
         }
     }
 }
@@ -103,6 +127,35 @@ fn test(args: &[String]) -> Result<()> {
         .env("TPROXY_USER_BIN", &bin)
         .env("TPROXY_EXAMPLES_DIR", workspace().join("target/debug/examples"));
     run(&mut cargo)
+}
+
+/// Builds tproxy-user, its examples and the integration tests; returns the
+/// test executables, for running elsewhere (inside a VM).
+fn build_test_binaries() -> Result<vm::TestBinaries> {
+    let tproxy_user = build(false)?;
+    let output = Command::new(env!("CARGO"))
+        .current_dir(workspace())
+        .args(["test", "--package", "tproxy-tests", "--tests", "--no-run", "--message-format=json"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("building the tests")?;
+    if !output.status.success() {
+        bail!("building the tests failed");
+    }
+    let mut tests = Vec::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let target = &message["target"];
+        if let (Some(path), Some(name)) = (message["executable"].as_str(), target["name"].as_str())
+            && target["kind"] == serde_json::json!(["test"])
+        {
+            tests.push((name.to_owned(), PathBuf::from(path)));
+        }
+    }
+    if tests.is_empty() {
+        bail!("no test executables were built");
+    }
+    Ok(vm::TestBinaries { tests, tproxy_user, examples: workspace().join("target/debug/examples") })
 }
 
 fn run(command: &mut Command) -> Result<()> {

@@ -15,14 +15,44 @@ const TOOLS: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("dnsmasq", "dnsmasq-base"),
     ("dig", "bind9-dnsutils"),
+    // Kernel-VM tests (virtme-ng).
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("udevadm", "udev"),
+    ("busybox", "busybox-static"),
+    ("depmod", "kmod"),
 ];
+
+/// virtme-ng, which boots a kernel with the host's filesystem; the version
+/// these machines were checked with.
+const VIRTME_NG: &str = "virtme-ng==1.42";
 
 const BPF_LINKER_VERSION: &str = "0.10.0";
 
 pub fn run() -> Result<()> {
     apt_packages()?;
     rust_src()?;
-    bpf_linker()
+    bpf_linker()?;
+    virtme_ng()
+}
+
+/// A virtualenv under target/vm with virtme-ng, so nothing is installed into
+/// the system Python.
+fn virtme_ng() -> Result<()> {
+    let venv = super::workspace().join("target/vm/venv");
+    if venv.join("bin/vng").exists() {
+        return Ok(());
+    }
+    eprintln!("setup: installing {VIRTME_NG} into {}", venv.display());
+    if super::run(Command::new("python3").arg("-m").arg("venv").arg(&venv)).is_err() {
+        // Debian's python3 keeps venv in a package of its own.
+        super::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "python3-venv"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        super::run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    super::run(Command::new(venv.join("bin/pip")).args(["install", "-q", VIRTME_NG]))
 }
 
 fn apt_packages() -> Result<()> {
@@ -84,10 +114,12 @@ fn bpf_linker() -> Result<()> {
     Ok(())
 }
 
+/// Whether `tool` is on PATH, or in an sbin directory a non-login PATH may lack.
 fn found(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    ["/usr/sbin", "/sbin"].iter().any(|dir| std::path::Path::new(dir).join(tool).exists())
+        || Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
 }

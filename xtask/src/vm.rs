@@ -1,0 +1,231 @@
+//! `cargo xtask vm-test`: the integration tests inside other kernels.
+//!
+//! For each kernel: fetch Debian's generic (not -cloud-, which lacks 9p)
+//! `linux-image-*-amd64-unsigned` package, cache it under `target/vm`,
+//! install its modules so virtme-ng can load them, boot it under qemu's TCG
+//! (KVM does not work on our machines) with the host's filesystem visible,
+//! and run the test binaries built on the host. A kernel that does not boot
+//! is a failure.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+/// A kernel series of the matrix and how to find its newest package.
+pub struct Series {
+    pub name: &'static str,
+    /// `apt-cache search --names-only` pattern.
+    pattern: &'static str,
+}
+
+pub const SERIES: &[Series] = &[
+    Series { name: "6.1", pattern: r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$" },
+    Series { name: "6.12", pattern: r"^linux-image-6\.12\.[0-9]+\+deb[0-9]+-amd64-unsigned$" },
+];
+
+/// One kernel's outcome.
+struct Outcome {
+    kernel: String,
+    passed: usize,
+    failed: usize,
+    wall: Duration,
+    error: Option<String>,
+}
+
+pub fn run(series: &[&Series], binaries: &TestBinaries) -> Result<()> {
+    let root = super::workspace().join("target/vm");
+    fs::create_dir_all(&root)?;
+    let mut outcomes = Vec::new();
+    for s in series {
+        let started = Instant::now();
+        let outcome = match boot_and_test(&root, s, binaries) {
+            Ok((kernel, passed, failed, error)) => {
+                Outcome { kernel, passed, failed, wall: started.elapsed(), error }
+            }
+            Err(e) => Outcome {
+                kernel: s.name.to_owned(),
+                passed: 0,
+                failed: 0,
+                wall: started.elapsed(),
+                error: Some(format!("{e:#}")),
+            },
+        };
+        outcomes.push(outcome);
+    }
+    println!("\n| kernel | passed | failed | wall time | result |");
+    println!("| --- | ---: | ---: | ---: | --- |");
+    for o in &outcomes {
+        let result = match &o.error {
+            None => "ok".to_owned(),
+            Some(e) => format!("FAILED: {e}"),
+        };
+        println!(
+            "| {} | {} | {} | {:.0} s | {result} |",
+            o.kernel,
+            o.passed,
+            o.failed,
+            o.wall.as_secs_f64()
+        );
+    }
+    let bad: Vec<&str> =
+        outcomes.iter().filter(|o| o.error.is_some()).map(|o| o.kernel.as_str()).collect();
+    ensure!(bad.is_empty(), "the tests failed on {}", bad.join(", "));
+    Ok(())
+}
+
+/// The host-built test binaries and what they need.
+pub struct TestBinaries {
+    pub tests: Vec<(String, PathBuf)>,
+    pub tproxy_user: PathBuf,
+    pub examples: PathBuf,
+}
+
+fn boot_and_test(
+    root: &Path,
+    series: &Series,
+    binaries: &TestBinaries,
+) -> Result<(String, usize, usize, Option<String>)> {
+    let (version, vmlinuz) = fetch_kernel(root, series)?;
+    let results = root.join("results").join(&version);
+    let _ = fs::remove_dir_all(&results);
+    fs::create_dir_all(&results)?;
+    let script = root.join("guest-tests.sh");
+    fs::write(&script, guest_script(binaries))?;
+    eprintln!("vm-test: booting {version} under TCG and running the tests (several minutes)");
+    let vng = root.join("venv/bin/vng");
+    let status = Command::new(&vng)
+        .args(["--disable-kvm", "--memory", "2G", "--cpus", "2", "--rwdir"])
+        .arg(&results)
+        .arg("--run")
+        .arg(&vmlinuz)
+        .arg("--exec")
+        .arg(format!("sh {} {}", script.display(), results.display()))
+        // vng finds virtme-run next to itself.
+        .env("PATH", format!("{}:{}", vng.parent().unwrap().display(), std::env::var("PATH")?))
+        .stdin(Stdio::null())
+        .status()
+        .with_context(|| format!("running {}", vng.display()))?;
+    let (mut passed, mut failed, mut seen) = (0, 0, 0);
+    let mut problems = Vec::new();
+    for (name, _) in &binaries.tests {
+        let log = fs::read_to_string(results.join(format!("{name}.log"))).unwrap_or_default();
+        let Some(summary) = log.lines().rev().find(|l| l.starts_with("test result:")) else {
+            problems.push(format!("{name}: no result"));
+            continue;
+        };
+        seen += 1;
+        passed += count(summary, " passed");
+        failed += count(summary, " failed");
+        for line in log.lines().filter(|l| l.ends_with("... FAILED")) {
+            eprintln!("vm-test {version}: {name}: {line}");
+        }
+        if summary.contains("FAILED") {
+            eprintln!(
+                "vm-test {version}: the {name} log is {}",
+                results.join(format!("{name}.log")).display()
+            );
+        }
+    }
+    let error = if seen == 0 {
+        Some(format!("the kernel did not run the tests (vng exited with {status})"))
+    } else if !status.success() || failed > 0 || !problems.is_empty() {
+        Some(format!("{failed} failed {}", problems.join(", ")).trim().to_owned())
+    } else {
+        None
+    };
+    Ok((version, passed, failed, error))
+}
+
+/// `N passed` in a libtest summary line.
+fn count(summary: &str, what: &str) -> usize {
+    summary
+        .split(';')
+        .find(|part| part.ends_with(what))
+        .and_then(|part| part.trim_end_matches(what).rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn guest_script(binaries: &TestBinaries) -> String {
+    let mut script = format!(
+        "#!/bin/sh\n# Runs inside the guest: every test binary, each log into $1.\n\
+         export TPROXY_USER_BIN={} TPROXY_EXAMPLES_DIR={} RUST_BACKTRACE=0\n\
+         status=0\nuname -r\n",
+        binaries.tproxy_user.display(),
+        binaries.examples.display()
+    );
+    for (name, path) in &binaries.tests {
+        script += &format!(
+            "echo \"== {name}\"\n{} --test-threads 2 > \"$1/{name}.log\" 2>&1 || status=1\ngrep '^test result' \"$1/{name}.log\"\n",
+            path.display()
+        );
+    }
+    script += "exit $status\n";
+    script
+}
+
+/// Downloads (once) and unpacks the newest package of `series`; installs its
+/// modules. Returns the kernel version and its vmlinuz.
+fn fetch_kernel(root: &Path, series: &Series) -> Result<(String, PathBuf)> {
+    let package = newest_package(series)?;
+    let dir = root.join("kernels").join(&package);
+    let stamp = dir.join(".unpacked");
+    if !stamp.exists() {
+        fs::create_dir_all(&dir)?;
+        eprintln!("vm-test: downloading {package}");
+        super::run(Command::new("apt-get").arg("download").arg(&package).current_dir(&dir))?;
+        let deb = fs::read_dir(&dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .context("apt-get download left no .deb")?;
+        super::run(Command::new("dpkg").arg("-x").arg(&deb).arg(dir.join("root")))?;
+        fs::remove_file(&deb)?;
+        fs::write(&stamp, "")?;
+    }
+    let modules = dir.join("root/lib/modules");
+    let version = fs::read_dir(&modules)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .next()
+        .context("the package has no modules")?;
+    // virtme-ng loads modules from the host's /lib/modules.
+    let installed = Path::new("/lib/modules").join(&version);
+    if !installed.join("modules.dep").exists() {
+        super::run(Command::new("cp").arg("-a").arg(modules.join(&version)).arg("/lib/modules/"))?;
+        super::run(Command::new("depmod").arg(&version))?;
+    }
+    let vmlinuz = dir.join("root/boot").join(format!("vmlinuz-{version}"));
+    ensure!(vmlinuz.exists(), "no {}", vmlinuz.display());
+    Ok((version, vmlinuz))
+}
+
+/// The newest package matching the series, refreshing apt's lists if none does.
+fn newest_package(series: &Series) -> Result<String> {
+    for attempt in 0..2 {
+        let out = Command::new("apt-cache")
+            .args(["search", "--names-only", series.pattern])
+            .output()
+            .context("running apt-cache")?;
+        let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect();
+        names.sort_by_key(|n| version_key(n));
+        if let Some(newest) = names.pop() {
+            return Ok(newest);
+        }
+        if attempt == 0 {
+            super::run(Command::new("apt-get").args(["update", "-qq"]))?;
+        }
+    }
+    bail!("no Debian package for kernel {} (pattern {})", series.name, series.pattern)
+}
+
+/// The numbers in a package name, for ordering versions.
+fn version_key(name: &str) -> Vec<u64> {
+    name.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect()
+}
