@@ -190,6 +190,20 @@ impl Topology {
             "net.ipv4.ip_forward=1",
             "net.ipv6.conf.all.forwarding=1",
         ])?;
+        // For about a second after its links come up the proxy ignores
+        // neighbor solicitations, which delays a test's first IPv6
+        // connection by a retransmit. Static neighbors avoid the wait.
+        let mac = |ns: &Netns, dev: &str| -> Result<String> {
+            Ok(ns.exec(&["cat", &format!("/sys/class/net/{dev}/address")])?.trim().to_owned())
+        };
+        let (c0, p0) = (mac(&self.client, "c0")?, mac(&self.proxy, "p0")?);
+        let (s0, p1) = (mac(&self.server, "s0")?, mac(&self.proxy, "p1")?);
+        let neigh = |ip: Ipv6Addr, mac: &str, dev: &str| {
+            format!("neigh replace {ip} lladdr {mac} dev {dev} nud permanent\n")
+        };
+        run_ip_batch(&["-n", c], &neigh(PROXY_CLIENT_SIDE_V6, &p0, "c0"))?;
+        run_ip_batch(&["-n", s], &neigh(PROXY_SERVER_SIDE_V6, &p1, "s0"))?;
+        run_ip_batch(&["-n", p], &(neigh(CLIENT_V6, &c0, "p0") + &neigh(SERVER_V6, &s0, "p1")))?;
         Ok(())
     }
 
@@ -388,8 +402,10 @@ impl Netns {
     /// sockets share /run/tproxy) never meet.
     pub fn instance_args(&self, args: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let named = matches!(args.first().map(String::as_str), Some("attach" | "reload" | "stats" | "cleanup"))
-            || matches!(args.get(1).map(String::as_str), Some("add" | "del" | "list"));
+        let named = matches!(
+            args.first().map(String::as_str),
+            Some("attach" | "reload" | "stats" | "cleanup")
+        ) || matches!(args.get(1).map(String::as_str), Some("add" | "del" | "list"));
         if named && !args.iter().any(|a| a == "--name") {
             args.extend(["--name".to_owned(), self.name.clone()]);
         }

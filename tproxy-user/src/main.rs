@@ -8,10 +8,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tproxy_user::{
     attach::{self, AttachConfig},
     control::{self, Request, Response},
-    intercept::{
-        self, DEFAULT_MARK, DEFAULT_RULE_PRIORITY, DEFAULT_TABLE, DEFAULT_UPSTREAM_MARK,
-        InterceptConfig,
-    },
+    intercept::{self, DEFAULT_RULE_PRIORITY, DEFAULT_TABLE, InterceptConfig},
     relay::{TcpRelayConfig, UdpRelayConfig, tcp, udp},
     rules::{Protocol, Rule, parse_ports},
 };
@@ -119,7 +116,7 @@ struct RuleArgs {
 #[derive(Args)]
 struct RoutingArgs {
     /// Mark put on steered packets (decimal or 0x hex).
-    #[arg(long, default_value_t = DEFAULT_MARK, value_parser = parse_u32)]
+    #[arg(long, default_value = "0x1e5", value_parser = parse_u32)]
     mark: u32,
     /// Routing table that delivers marked packets locally.
     #[arg(long, default_value_t = DEFAULT_TABLE, value_parser = clap::value_parser!(u32).range(1..=u32::MAX as i64))]
@@ -159,7 +156,7 @@ struct AttachArgs {
     #[command(flatten)]
     routing: RoutingArgs,
     /// SO_MARK of the relay's upstream connections, which are never steered.
-    #[arg(long, default_value_t = DEFAULT_UPSTREAM_MARK, value_parser = parse_u32)]
+    #[arg(long, default_value = "0x1e6", value_parser = parse_u32)]
     upstream_mark: u32,
     /// Connect upstream from the client's own address (both TCP and UDP), so
     /// the server sees the client; replies are steered back on every given
@@ -369,5 +366,19 @@ fn main() -> ExitCode {
             eprintln!("tproxy-user: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tproxy_user::intercept::{DEFAULT_MARK, DEFAULT_UPSTREAM_MARK};
+
+    #[test]
+    fn hex_defaults_match_the_library() {
+        let cli = Cli::parse_from(["tproxy-user", "attach", "eth0", "--port", "80"]);
+        let Command::Attach(args) = cli.command else { panic!("not attach") };
+        assert_eq!(args.routing.mark, DEFAULT_MARK);
+        assert_eq!(args.upstream_mark, DEFAULT_UPSTREAM_MARK);
     }
 }

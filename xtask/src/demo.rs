@@ -26,10 +26,11 @@ pub fn run(bin: &Path) -> Result<()> {
     section("Without tproxy: the proxy namespace only routes, the server sees the client");
     curl(&topology, "http://198.51.100.10/")?;
 
-    section("tproxy-user attach p0 --port 80   (in the proxy namespace)");
+    let dns = Dnsmasq::start(&topology)?;
+    section("tproxy-user attach p0 --port 80 --port 53   (in the proxy namespace)");
     let proxy = Proxy::start_logging(
         &topology.proxy,
-        &["attach", PROXY_CLIENT_IFACE, "--port", "80"],
+        &["attach", PROXY_CLIENT_IFACE, "--port", "80", "--port", "53", "--name", "demo"],
         "info,tproxy_user::relay=debug,aya::bpf=error",
     )?;
     print_log(&proxy.log());
@@ -40,6 +41,13 @@ pub fn run(bin: &Path) -> Result<()> {
     let v6 = curl(&topology, "http://[2001:db8:2::10]/")?;
     section("Port 8080 is not intercepted: forwarded untouched, the server sees the client");
     let other = curl(&topology, "http://198.51.100.10:8080/")?;
+    section("UDP: dig asks dnsmasq on the server; the answer comes back from 198.51.100.10:53");
+    let answer = dig(&topology)?;
+
+    section("tproxy-user stats --name demo   (live counters from the running instance)");
+    let stats = topology.proxy.command(bin).args(["stats", "--name", "demo"]).output()?;
+    ensure!(stats.status.success(), "stats: {}", String::from_utf8_lossy(&stats.stderr));
+    print_log(&String::from_utf8_lossy(&stats.stdout));
 
     section("Stopping tproxy-user (SIGTERM): it detaches and removes its routing");
     let log = proxy.stop()?;
@@ -53,9 +61,80 @@ pub fn run(bin: &Path) -> Result<()> {
     ensure!(v4.contains("you came from 198.51.100.1:"), "IPv4 was not relayed: {v4}");
     ensure!(v6.contains("you came from [2001:db8:2::1]:"), "IPv6 was not relayed: {v6}");
     ensure!(other.contains("you came from 192.0.2.2:"), "port 8080 was relayed: {other}");
+    ensure!(answer == "203.0.113.7", "dig answered {answer:?}");
+    ensure!(dns.saw_query_from("198.51.100.1"), "dnsmasq did not see the proxy");
     ensure!(state.is_empty(), "state left behind");
     println!("\n== Demo passed; the sandbox is removed.");
     Ok(())
+}
+
+/// Runs dig in the client namespace against the server's dnsmasq.
+fn dig(topology: &Topology) -> Result<String> {
+    // dnsmasq may take a moment to start.
+    for _ in 0..50 {
+        let out = topology
+            .client
+            .command("dig")
+            .args(["+short", "+time=1", "+tries=1", "@198.51.100.10", "demo.test", "A"])
+            .output()?;
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if out.status.success() && !answer.is_empty() {
+            println!("$ dig +short @198.51.100.10 demo.test A\n  {answer}");
+            return Ok(answer);
+        }
+        thread::sleep(std::time::Duration::from_millis(100));
+    }
+    anyhow::bail!("dig got no answer")
+}
+
+/// dnsmasq in the server namespace, answering demo.test with 203.0.113.7
+/// and logging who asked.
+struct Dnsmasq {
+    child: std::process::Child,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Dnsmasq {
+    fn start(topology: &Topology) -> Result<Self> {
+        let mut child = topology
+            .server
+            .command("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--pid-file=",
+                "--user=root",
+                "--bind-interfaces",
+                "--interface=s0",
+                "--address=/demo.test/203.0.113.7",
+                "--log-queries",
+                "--log-facility=-",
+            ])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("starting dnsmasq")?;
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (stderr, sink) = (child.stderr.take().expect("stderr"), log.clone());
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        Ok(Self { child, log })
+    }
+
+    fn saw_query_from(&self, addr: &str) -> bool {
+        self.log.lock().unwrap().contains(&format!("from {addr}"))
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn section(title: &str) {
