@@ -332,6 +332,11 @@ impl Proxy {
         Ok(rest.split_whitespace().next().unwrap_or_default().parse()?)
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends `signal` without waiting.
     pub fn signal(&self, signal: i32) {
         unsafe { libc::kill(self.child.id() as i32, signal) };

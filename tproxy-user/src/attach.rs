@@ -162,3 +162,27 @@ pub async fn run(config: AttachConfig, shutdown: impl Future<Output = ()>) -> Re
     info!("relay: {}", udp_stats.snapshot().summary());
     stopped
 }
+
+/// Runs only the relays, on `tcp.listen_port`, until `shutdown` completes:
+/// for traffic steered by other means (iptables `-j TPROXY --on-port`).
+pub async fn relay_only(
+    tcp: TcpRelayConfig,
+    udp: UdpRelayConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    crate::system::check_privileges()?;
+    let port = tcp.listen_port;
+    let tcp = TcpRelay::bind(tcp)?;
+    let udp = UdpRelay::bind(UdpRelayConfig { listen_port: port, ..udp })?;
+    let (tcp_stats, udp_stats) = (tcp.stats(), udp.stats());
+    info!("ready: relay listening on port {} (tcp) and {} (udp)", tcp.port(), udp.port());
+    let stop = CancellationToken::new();
+    let tasks = (tokio::spawn(tcp.run(stop.clone())), tokio::spawn(udp.run(stop.clone())));
+    shutdown.await;
+    info!("shutting down");
+    stop.cancel();
+    let _ = tokio::join!(tasks.0, tasks.1);
+    info!("relay: {}", tcp_stats.snapshot().summary());
+    info!("relay: {}", udp_stats.snapshot().summary());
+    Ok(())
+}

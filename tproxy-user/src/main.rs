@@ -31,6 +31,9 @@ enum Command {
     /// connection and datagram to its original destination. Runs until SIGINT
     /// or SIGTERM, then removes everything it added.
     Attach(Box<AttachArgs>),
+    /// Run only the relays on a fixed port, for steering by your own rules
+    /// (iptables `-j TPROXY --on-port`). Nothing is attached or routed.
+    Relay(RelayArgs),
     /// Add, delete or list the ports a running instance intercepts.
     Port {
         #[command(subcommand)]
@@ -150,11 +153,17 @@ struct AttachArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    #[command(flatten)]
+    routing: RoutingArgs,
+    #[command(flatten)]
+    relay: RelayArgs,
+}
+
+#[derive(Args)]
+struct RelayArgs {
     /// Port of the relay's transparent sockets; 0 lets the kernel choose.
     #[arg(long, default_value_t = 0)]
     listen_port: u16,
-    #[command(flatten)]
-    routing: RoutingArgs,
     /// SO_MARK of the relay's upstream connections, which are never steered.
     #[arg(long, default_value = "0x1e6", value_parser = parse_u32)]
     upstream_mark: u32,
@@ -166,6 +175,13 @@ struct AttachArgs {
     /// Seconds to wait for the original destination to accept.
     #[arg(long, default_value_t = tcp::DEFAULT_CONNECT_TIMEOUT.as_secs_f64(), value_name = "SECS")]
     connect_timeout: f64,
+    /// Seconds a TCP connection may pass no bytes before it is reset; 0: never.
+    #[arg(long, default_value_t = tcp::DEFAULT_IDLE_TIMEOUT.as_secs_f64(), value_name = "SECS")]
+    tcp_idle_timeout: f64,
+    /// Most TCP connections relayed at once; past it new ones wait in the
+    /// backlog. Default: 65536, or what the open-file limit allows.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_connections: Option<usize>,
     /// Seconds a UDP session may be idle before it is closed.
     #[arg(long, default_value_t = udp::DEFAULT_IDLE_TIMEOUT.as_secs_f64(), value_name = "SECS")]
     udp_idle_timeout: f64,
@@ -218,8 +234,6 @@ fn intercept_config(
 }
 
 fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
-    let connect_timeout = seconds("--connect-timeout", args.connect_timeout)?;
-    let idle_timeout = seconds("--udp-idle-timeout", args.udp_idle_timeout)?;
     if args.ports.is_empty() && args.rules.is_empty() && args.config.is_none() {
         anyhow::bail!("nothing to intercept: give --port, --rule or --config");
     }
@@ -231,32 +245,58 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
         args.ports.into_iter().map(|ports| Rule::ports(&protocols, ports)).collect();
     rules.extend(args.rules);
     let mut intercept = intercept_config(args.interfaces, rules, &args.routing);
-    intercept.name = args.name.clone();
-    let intercept_name = args.name;
-    intercept.bypass_mark = args.upstream_mark;
-    intercept.return_path = args.spoof_source;
-    let ipv6 = tproxy_user::system::ipv6_enabled();
+    intercept.name = args.name;
+    intercept.bypass_mark = args.relay.upstream_mark;
+    intercept.return_path = args.relay.spoof_source;
+    let (tcp, udp) = relay_configs(&args.relay)?;
     Ok(AttachConfig {
+        control_socket: Some(control::socket_path(&intercept.name)),
         intercept,
-        tcp: TcpRelayConfig {
-            listen_port: args.listen_port,
-            ipv6,
-            upstream_mark: args.upstream_mark,
-            spoof_source: args.spoof_source,
-            connect_timeout,
-        },
-        udp: UdpRelayConfig {
-            listen_port: args.listen_port,
-            ipv6,
-            upstream_mark: args.upstream_mark,
-            spoof_source: args.spoof_source,
-            idle_timeout,
-            max_sessions: args.max_udp_sessions,
-        },
-        control_socket: Some(control::socket_path(&intercept_name)),
+        tcp,
+        udp,
         rules_file: args.config,
         metrics: args.metrics,
     })
+}
+
+fn relay_configs(args: &RelayArgs) -> anyhow::Result<(TcpRelayConfig, UdpRelayConfig)> {
+    let ipv6 = tproxy_user::system::ipv6_enabled();
+    let idle_timeout = match args.tcp_idle_timeout {
+        0.0 => None,
+        secs => Some(seconds("--tcp-idle-timeout", secs)?),
+    };
+    // Two descriptors per relayed connection, and some to spare.
+    let fd_limit = tproxy_user::system::raise_fd_limit();
+    let fits = (fd_limit.saturating_sub(512) / 2).max(1) as usize;
+    let max_connections = match args.max_connections {
+        Some(max) => {
+            if max > fits {
+                tracing::warn!(
+                    "--max-connections {max}: the open-file limit ({fd_limit}) allows about {fits}"
+                );
+            }
+            max
+        }
+        None => tcp::DEFAULT_MAX_CONNECTIONS.min(fits),
+    };
+    let tcp = TcpRelayConfig {
+        listen_port: args.listen_port,
+        ipv6,
+        upstream_mark: args.upstream_mark,
+        spoof_source: args.spoof_source,
+        connect_timeout: seconds("--connect-timeout", args.connect_timeout)?,
+        idle_timeout,
+        max_connections,
+    };
+    let udp = UdpRelayConfig {
+        listen_port: args.listen_port,
+        ipv6,
+        upstream_mark: args.upstream_mark,
+        spoof_source: args.spoof_source,
+        idle_timeout: seconds("--udp-idle-timeout", args.udp_idle_timeout)?,
+        max_sessions: args.max_udp_sessions,
+    };
+    Ok((tcp, udp))
 }
 
 /// Sends `request` to instance `name`; a refusal becomes the error.
@@ -282,6 +322,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Attach(args) => {
             let config = attach_config(*args)?;
             attach::run(config, shutdown_signal()?).await.context("attach")
+        }
+        Command::Relay(args) => {
+            if args.listen_port == 0 {
+                anyhow::bail!("give --listen-port: the port your TPROXY rules send traffic to");
+            }
+            let (tcp, udp) = relay_configs(&args)?;
+            attach::relay_only(tcp, udp, shutdown_signal()?).await.context("relay")
         }
         Command::Port { action } => match action {
             PortAction::Add(a) => {
@@ -379,6 +426,6 @@ mod tests {
         let cli = Cli::parse_from(["tproxy-user", "attach", "eth0", "--port", "80"]);
         let Command::Attach(args) = cli.command else { panic!("not attach") };
         assert_eq!(args.routing.mark, DEFAULT_MARK);
-        assert_eq!(args.upstream_mark, DEFAULT_UPSTREAM_MARK);
+        assert_eq!(args.relay.upstream_mark, DEFAULT_UPSTREAM_MARK);
     }
 }

@@ -84,19 +84,22 @@ impl StatsReport {
         let t = &self.tcp;
         let _ = writeln!(
             out,
-            "tcp relay  {} connections ({} active), {} bytes up, {} bytes down, {} upstream failures ({} timeouts), {} refused loops",
+            "tcp relay  {} connections ({} active), {} bytes up, {} bytes down, {} upstream failures ({} timeouts), {} idle timeouts, {} aborted, {} refused loops, {} refused local",
             t.accepted,
             t.active,
             t.bytes_to_upstream,
             t.bytes_to_client,
             t.upstream_failures,
             t.connect_timeouts,
-            t.refused_loops
+            t.idle_timeouts,
+            t.aborted,
+            t.refused_loops,
+            t.refused_local
         );
         let u = &self.udp;
         let _ = writeln!(
             out,
-            "udp relay  {} sessions ({} active, {} expired, {} evicted), {} datagrams up ({} bytes), {} down ({} bytes), {} truncated, {} upstream failures, {} refused loops",
+            "udp relay  {} sessions ({} active, {} expired, {} evicted), {} datagrams up ({} bytes), {} down ({} bytes), {} truncated, {} upstream failures, {} refused loops, {} refused local",
             u.sessions_total,
             u.sessions_active,
             u.sessions_expired,
@@ -107,7 +110,8 @@ impl StatsReport {
             u.bytes_down,
             u.truncated,
             u.upstream_failures,
-            u.refused_loops
+            u.refused_loops,
+            u.refused_local
         );
         out
     }
@@ -271,6 +275,24 @@ impl Collector for Snapshot {
             "TCP connections to the relay itself, refused",
             &[(none(), t.refused_loops)],
         )?;
+        c(
+            &mut e,
+            "tproxy_tcp_refused_local",
+            "TCP connections to this host, refused",
+            &[(none(), t.refused_local)],
+        )?;
+        c(
+            &mut e,
+            "tproxy_tcp_idle_timeouts",
+            "TCP connections reset after the idle timeout",
+            &[(none(), t.idle_timeouts)],
+        )?;
+        c(
+            &mut e,
+            "tproxy_tcp_aborted",
+            "TCP connections ended by a reset or error, passed on",
+            &[(none(), t.aborted)],
+        )?;
 
         let u = &s.udp;
         c(&mut e, "tproxy_udp_sessions", "UDP sessions opened", &[(none(), u.sessions_total)])?;
@@ -316,6 +338,12 @@ impl Collector for Snapshot {
             "tproxy_udp_refused_loops",
             "UDP datagrams to the relay itself, dropped",
             &[(none(), u.refused_loops)],
+        )?;
+        c(
+            &mut e,
+            "tproxy_udp_refused_local",
+            "UDP datagrams to this host, dropped",
+            &[(none(), u.refused_local)],
         )?;
         Ok(())
     }

@@ -74,3 +74,22 @@ fn format_version(v: KernelVersion) -> String {
     let code = v.code();
     format!("{}.{}.{}", code >> 16, (code >> 8) & 0xff, code & 0xff)
 }
+
+/// Raises the soft open-file limit to the hard one (a relay holds two
+/// descriptors per connection) and returns the limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    limit.rlim_cur
+}

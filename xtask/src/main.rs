@@ -1,6 +1,7 @@
 //! `cargo xtask setup | build | run | demo | test`: everything a fresh
 //! machine needs to build, try and test tproxy, with no manual steps.
 
+mod bench;
 mod demo;
 mod setup;
 mod vm;
@@ -43,6 +44,16 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Measure tproxy against HAProxy + iptables TPROXY and plain forwarding;
+    /// writes BENCHMARKS.md. Not a test.
+    Bench {
+        /// Interleaved rounds (the table shows medians).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 4)]
+        seconds: u64,
+    },
     /// Run the integration tests inside Debian kernels under qemu (virtme-ng).
     VmTest {
         /// Which kernel: 6.1, 6.12 or all.
@@ -80,6 +91,13 @@ fn main() -> Result<()> {
             }
             let binaries = build_test_binaries()?;
             vm::run(&[&vm::SERIES[0]], &binaries)
+        }
+        Task::Bench { rounds, seconds } => {
+            require_root("the benchmark creates network namespaces and loads BPF programs")?;
+            setup::run()?;
+            setup::bench_tools()?;
+            let bin = build(true)?;
+            bench::run(&bin, &bench::Options { rounds, seconds })
         }
         Task::VmTest { kernel } => {
             require_root("the tests create network namespaces and load BPF programs")?;
@@ -168,13 +186,8 @@ fn run(command: &mut Command) -> Result<()> {
 
 fn require_root(why: &str) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc_geteuid() } != 0 {
+    if unsafe { libc::geteuid() } != 0 {
         bail!("run as root: {why}");
     }
     Ok(())
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }

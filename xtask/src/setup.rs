@@ -55,9 +55,27 @@ fn virtme_ng() -> Result<()> {
     super::run(Command::new(venv.join("bin/pip")).args(["install", "-q", VIRTME_NG]))
 }
 
+/// What `cargo xtask bench` runs besides tproxy.
+const BENCH_TOOLS: &[(&str, &str)] = &[
+    ("iperf3", "iperf3"),
+    ("nginx", "nginx-light"),
+    ("wrk", "wrk"),
+    ("haproxy", "haproxy"),
+    ("iptables", "iptables"),
+];
+
+/// Installs the benchmark's tools that are missing.
+pub fn bench_tools() -> Result<()> {
+    install_missing(BENCH_TOOLS)
+}
+
 fn apt_packages() -> Result<()> {
+    install_missing(TOOLS)
+}
+
+fn install_missing(tools: &[(&str, &str)]) -> Result<()> {
     let mut missing: Vec<&str> =
-        TOOLS.iter().filter(|(tool, _)| !found(tool)).map(|&(_, package)| package).collect();
+        tools.iter().filter(|(tool, _)| !found(tool)).map(|&(_, package)| package).collect();
     missing.sort();
     missing.dedup();
     if missing.is_empty() {

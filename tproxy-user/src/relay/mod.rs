@@ -1,6 +1,8 @@
 //! The relay: accepts what the TC program steers and forwards it to the
 //! original destination.
 
+mod local;
+mod splice;
 pub mod tcp;
 pub mod udp;
 

@@ -3,14 +3,18 @@
 use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::{Arc, atomic::Ordering::Relaxed},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     time::{Duration, Instant},
 };
 
-use tokio::{io::copy_bidirectional, net::TcpStream, task::JoinSet};
+use tokio::{net::TcpStream, sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::{local::LocalAddrs, splice};
 use crate::{
     error::{Error, Result},
     transparent::{self, Accepted, DialOptions, TransparentListener},
@@ -30,6 +34,12 @@ pub struct TcpRelayConfig {
     pub spoof_source: bool,
     /// Upper bound on connecting to the original destination.
     pub connect_timeout: Duration,
+    /// A connection with no bytes either way for this long is closed (with a
+    /// reset both ways); `None` keeps idle connections forever.
+    pub idle_timeout: Option<Duration>,
+    /// Most connections relayed at once. Past it the relay stops accepting;
+    /// new connections wait in the kernel's backlog.
+    pub max_connections: usize,
 }
 
 impl Default for TcpRelayConfig {
@@ -40,9 +50,18 @@ impl Default for TcpRelayConfig {
             upstream_mark: crate::intercept::DEFAULT_UPSTREAM_MARK,
             spoof_source: false,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
+
+/// Default idle timeout: an hour, like a long `timeout client` in HAProxy;
+/// it frees what slow or vanished clients hold without cutting quiet but
+/// live sessions (ssh, databases) that send keepalives.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default connection bound.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 65_536;
 
 /// Default upper bound on connecting upstream: a blackholed destination does
 /// not hold a client for the kernel's two minutes.
@@ -59,10 +78,17 @@ super::counters! {
         active,
         /// Connections made straight to the relay's port, reset.
         refused_loops,
+        /// Connections whose original destination is this host, reset.
+        refused_local,
         /// Upstream connects that failed (refused, unreachable, timed out).
         upstream_failures,
         /// Of those, the ones that timed out.
         connect_timeouts,
+        /// Connections closed for being idle too long.
+        idle_timeouts,
+        /// Connections that ended with an error (a reset on either side),
+        /// passed on to the other side as a reset.
+        aborted,
         /// Bytes from clients to upstream.
         bytes_to_upstream,
         /// Bytes from upstream to clients.
@@ -126,59 +152,91 @@ impl TcpRelay {
     /// Accepts and relays until `shutdown` is cancelled, then closes every
     /// relayed connection.
     pub async fn run(self, shutdown: CancellationToken) {
-        let config = Arc::new(self.config);
+        let slots = Arc::new(Semaphore::new(self.config.max_connections.max(1)));
+        let local = LocalAddrs::watch(shutdown.clone());
+        let shared = Arc::new(Shared { config: self.config, stats: self.stats, local, slots });
         let mut tasks = JoinSet::new();
-        let listeners = std::iter::once(self.v4).chain(self.v6);
-        for listener in listeners {
-            tasks.spawn(accept_loop(
-                listener,
-                config.clone(),
-                self.stats.clone(),
-                shutdown.clone(),
-            ));
+        for listener in std::iter::once(self.v4).chain(self.v6) {
+            tasks.spawn(accept_loop(listener, shared.clone(), shutdown.clone()));
         }
         shutdown.cancelled().await;
         tasks.shutdown().await;
     }
 }
 
+/// What every connection of a relay needs.
+struct Shared {
+    config: TcpRelayConfig,
+    stats: Arc<TcpRelayStats>,
+    local: LocalAddrs,
+    /// One permit per connection that may be relayed at once.
+    slots: Arc<Semaphore>,
+}
+
 async fn accept_loop(
     listener: TransparentListener,
-    config: Arc<TcpRelayConfig>,
-    stats: Arc<TcpRelayStats>,
+    shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
     // Connections live in this set, so they end when the loop is cancelled.
     let mut connections = JoinSet::new();
     loop {
-        tokio::select! {
+        // At the bound, stop accepting until a connection ends.
+        let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => {
-                    stats.accepted.fetch_add(1, Relaxed);
-                    connections.spawn(relay(accepted, config.clone(), stats.clone()));
-                }
-                Err(e) if is_resource_exhaustion(&e) => {
-                    warn!("accept: {e}; retrying in {ACCEPT_BACKOFF:?}");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                }
-                Err(e) => debug!("accept: {e}"),
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            permit = shared.slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
             },
+        };
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok(accepted) => {
+                shared.stats.accepted.fetch_add(1, Relaxed);
+                let shared = shared.clone();
+                connections.spawn(async move {
+                    relay(accepted, &shared).await;
+                    drop(permit);
+                });
+            }
+            Err(e) if is_resource_exhaustion(&e) => {
+                warn!("accept: {e}; retrying in {ACCEPT_BACKOFF:?}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+            Err(e) => debug!("accept: {e}"),
         }
+        // Reap what ended meanwhile, so the set does not grow with history.
+        while connections.try_join_next().is_some() {}
     }
     connections.shutdown().await;
 }
 
+/// Milliseconds since the first call: a cheap clock for idle tracking.
+fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
 /// Relays one connection, logging one line at debug level when it ends.
-async fn relay(accepted: Accepted, config: Arc<TcpRelayConfig>, stats: Arc<TcpRelayStats>) {
+async fn relay(accepted: Accepted, shared: &Shared) {
+    let (config, stats) = (&shared.config, &shared.stats);
     let started = Instant::now();
-    let Accepted { stream: mut client, client: peer, original_dst: dst } = accepted;
-    // A connection made straight to our listening port would have us dial
-    // ourselves; only steered connections are relayed.
+    let Accepted { stream: client, client: peer, original_dst: dst } = accepted;
+    // A connection made straight to our listening port, or to any address
+    // of this host, would have us dial ourselves or our own services.
     if dst.port() == config.listen_port {
         stats.refused_loops.fetch_add(1, Relaxed);
         debug!(%peer, %dst, "refused: destination is the relay itself");
+        reset(&client);
+        return;
+    }
+    if shared.local.contains(dst.ip()) {
+        stats.refused_local.fetch_add(1, Relaxed);
+        debug!(%peer, %dst, "refused: destination is this host");
         reset(&client);
         return;
     }
@@ -187,7 +245,7 @@ async fn relay(accepted: Accepted, config: Arc<TcpRelayConfig>, stats: Arc<TcpRe
         mark: config.upstream_mark,
         timeout: config.connect_timeout,
     };
-    let mut upstream = match transparent::tcp_dial(dst, &dial).await {
+    let upstream = match transparent::tcp_dial(dst, &dial).await {
         Ok(upstream) => upstream,
         Err(e) => {
             stats.upstream_failures.fetch_add(1, Relaxed);
@@ -202,14 +260,43 @@ async fn relay(accepted: Accepted, config: Arc<TcpRelayConfig>, stats: Arc<TcpRe
     };
     let _ = client.set_nodelay(true);
     stats.active.fetch_add(1, Relaxed);
-    let result = copy_bidirectional(&mut client, &mut upstream).await;
+    let activity = AtomicU64::new(now_ms());
+    let copy = async {
+        tokio::try_join!(
+            splice::pump(&client, &upstream, &stats.bytes_to_upstream, &activity, now_ms),
+            splice::pump(&upstream, &client, &stats.bytes_to_client, &activity, now_ms),
+        )
+    };
+    let idle = async {
+        let Some(limit) = config.idle_timeout else { return std::future::pending().await };
+        let limit_ms = limit.as_millis() as u64;
+        loop {
+            let quiet = now_ms().saturating_sub(activity.load(Relaxed));
+            if quiet >= limit_ms {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(limit_ms - quiet)).await;
+        }
+    };
+    let result = tokio::select! {
+        result = copy => result,
+        _ = idle => {
+            stats.idle_timeouts.fetch_add(1, Relaxed);
+            Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"))
+        }
+    };
     stats.active.fetch_sub(1, Relaxed);
     let (up, down, outcome) = match result {
         Ok((up, down)) => (up, down, "closed".to_owned()),
-        Err(e) => (0, 0, format!("error: {e}")),
+        Err(e) => {
+            // Both sides learn that the conversation broke, as they would
+            // have without a proxy in between.
+            stats.aborted.fetch_add(1, Relaxed);
+            reset(&client);
+            reset(&upstream);
+            (0, 0, format!("reset: {e}"))
+        }
     };
-    stats.bytes_to_upstream.fetch_add(up, Relaxed);
-    stats.bytes_to_client.fetch_add(down, Relaxed);
     debug!(%peer, %dst, up, down, duration = ?started.elapsed(), outcome, "connection");
 }
 
@@ -225,11 +312,14 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 impl TcpRelayCounters {
     pub(crate) fn summary(&self) -> String {
         format!(
-            "{} connections relayed ({} refused loops, {} upstream failures, {} timeouts), {} bytes up, {} bytes down",
+            "{} connections relayed ({} refused loops, {} refused local, {} upstream failures, {} timeouts, {} idle timeouts, {} aborted), {} bytes up, {} bytes down",
             self.accepted,
             self.refused_loops,
+            self.refused_local,
             self.upstream_failures,
             self.connect_timeouts,
+            self.idle_timeouts,
+            self.aborted,
             self.bytes_to_upstream,
             self.bytes_to_client,
         )

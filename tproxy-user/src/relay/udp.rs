@@ -25,6 +25,7 @@ use tokio::{net::UdpSocket, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::local::LocalAddrs;
 use crate::{
     error::{Error, Result},
     transparent::{self, Datagram, DialOptions, RecvError, TransparentUdp},
@@ -94,6 +95,8 @@ super::counters! {
         truncated,
         /// Datagrams addressed to the relay itself (not steered), dropped.
         refused_loops,
+        /// Datagrams whose original destination is this host, dropped.
+        refused_local,
         /// Sessions that could not be opened, and sends that failed.
         upstream_failures,
     }
@@ -172,7 +175,8 @@ impl UdpRelay {
 
     /// Relays until `shutdown` is cancelled, then closes every session.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut table = SessionTable::new(self.config.clone(), self.stats.clone());
+        let local = LocalAddrs::watch(shutdown.clone());
+        let mut table = SessionTable::new(self.config.clone(), self.stats.clone(), local);
         let mut buf4 = vec![0u8; BUFFER_SIZE];
         let mut buf6 = vec![0u8; BUFFER_SIZE];
         let mut sweep = tokio::time::interval(sweep_interval(self.config.idle_timeout));
@@ -233,13 +237,14 @@ struct Activity {
 struct SessionTable {
     config: UdpRelayConfig,
     stats: Arc<UdpRelayStats>,
+    local: LocalAddrs,
     sessions: LruCache<SessionKey, Session>,
     epoch: Instant,
 }
 
 impl SessionTable {
-    fn new(config: UdpRelayConfig, stats: Arc<UdpRelayStats>) -> Self {
-        Self { config, stats, sessions: LruCache::unbounded(), epoch: Instant::now() }
+    fn new(config: UdpRelayConfig, stats: Arc<UdpRelayStats>, local: LocalAddrs) -> Self {
+        Self { config, stats, local, sessions: LruCache::unbounded(), epoch: Instant::now() }
     }
 
     fn now(&self) -> u64 {
@@ -254,6 +259,11 @@ impl SessionTable {
         if dst.port() == self.config.listen_port {
             self.stats.refused_loops.fetch_add(1, Relaxed);
             debug!(%client, %dst, "UDP datagram to the relay itself dropped");
+            return;
+        }
+        if self.local.contains(dst.ip()) {
+            self.stats.refused_local.fetch_add(1, Relaxed);
+            debug!(%client, %dst, "UDP datagram to this host dropped");
             return;
         }
         let now = self.now();
@@ -274,21 +284,9 @@ impl SessionTable {
         let session = self.sessions.get_mut(&key).expect("session just ensured");
         session.activity.last_active.store(now, Relaxed);
         session.promoted_at = now;
-        // A plain non-blocking send: tokio's `try_send` reports WouldBlock
-        // until it has seen the socket writable once.
-        match SockRef::from(&*session.upstream).send(payload) {
-            Ok(n) => {
-                session.activity.bytes_up.fetch_add(n as u64, Relaxed);
-                self.stats.datagrams_up.fetch_add(1, Relaxed);
-                self.stats.bytes_up.fetch_add(n as u64, Relaxed);
-            }
-            // ECONNREFUSED reports an earlier ICMP unreachable; the session
-            // stays, as the server may come up.
-            Err(e) => {
-                self.stats.upstream_failures.fetch_add(1, Relaxed);
-                debug!(%client, %dst, error = %e, "UDP send upstream failed");
-            }
-        }
+        // ECONNREFUSED reports an earlier ICMP unreachable; the session
+        // stays, as the server may come up.
+        forward(&session.upstream, payload, Direction::Up, &session.activity, &self.stats);
     }
 
     fn open(&self, client: SocketAddr, dst: SocketAddr, now: u64) -> io::Result<Session> {
@@ -368,13 +366,23 @@ impl SessionTable {
 }
 
 thread_local! {
-    /// Reply buffer shared by the sessions on a worker thread: a session
+    /// Datagram buffer shared by the sessions on a worker thread: a session
     /// holds no buffer while it waits, so idle sessions cost two sockets.
-    static REPLY_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; BUFFER_SIZE + 1]);
+    static BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; BUFFER_SIZE + 1]);
 }
 
-/// Copies every datagram the server sends back to the client, from the
-/// original destination's address.
+/// Which way a session's datagrams go.
+#[derive(Clone, Copy)]
+enum Direction {
+    /// Server to client: arrived on the upstream socket.
+    Down,
+    /// Client to server, arriving on the reply socket: steering that looks
+    /// for an existing socket first (iptables TPROXY does) finds the reply
+    /// socket, which is bound to the original destination.
+    Up,
+}
+
+/// Moves datagrams between a session's two sockets until it is closed.
 async fn relay_replies(
     upstream: Arc<UdpSocket>,
     reply: UdpSocket,
@@ -383,38 +391,66 @@ async fn relay_replies(
     stats: Arc<UdpRelayStats>,
 ) {
     loop {
-        if let Err(e) = upstream.readable().await {
-            warn!("UDP upstream socket: {e}");
-            return;
-        }
+        let ready = tokio::select! {
+            r = upstream.readable() => r.map(|()| Direction::Down),
+            r = reply.readable() => r.map(|()| Direction::Up),
+        };
+        let direction = match ready {
+            Ok(direction) => direction,
+            Err(e) => {
+                warn!("UDP session socket: {e}");
+                return;
+            }
+        };
+        let (from, to) = match direction {
+            Direction::Down => (&*upstream, &reply),
+            Direction::Up => (&reply, &*upstream),
+        };
         // No await while the thread's buffer is borrowed.
-        REPLY_BUF.with_borrow_mut(|buf| {
+        BUF.with_borrow_mut(|buf| {
             loop {
                 // The buffer is a byte larger than any datagram: a full read
                 // means the datagram was cut.
-                match upstream.try_recv(buf) {
+                match from.try_recv(buf) {
                     Ok(n) if n == buf.len() => {
                         stats.truncated.fetch_add(1, Relaxed);
                     }
                     Ok(n) => {
                         activity.last_active.store(epoch.elapsed().as_millis() as u64, Relaxed);
-                        match SockRef::from(&reply).send(&buf[..n]) {
-                            Ok(sent) => {
-                                activity.bytes_down.fetch_add(sent as u64, Relaxed);
-                                stats.datagrams_down.fetch_add(1, Relaxed);
-                                stats.bytes_down.fetch_add(sent as u64, Relaxed);
-                            }
-                            Err(e) => {
-                                stats.upstream_failures.fetch_add(1, Relaxed);
-                                debug!("UDP reply to the client failed: {e}");
-                            }
-                        }
+                        forward(to, &buf[..n], direction, &activity, &stats);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    // An ICMP error from upstream surfaces here; keep listening.
-                    Err(e) => debug!("UDP receive from upstream: {e}"),
+                    // An ICMP error from the peer surfaces here; keep listening.
+                    Err(e) => debug!("UDP receive: {e}"),
                 }
             }
         });
+    }
+}
+
+fn forward(
+    to: &UdpSocket,
+    payload: &[u8],
+    direction: Direction,
+    activity: &Activity,
+    stats: &UdpRelayStats,
+) {
+    // A plain non-blocking send: tokio's `try_send` reports WouldBlock
+    // until it has seen the socket writable once.
+    match (SockRef::from(to).send(payload), direction) {
+        (Ok(sent), Direction::Down) => {
+            activity.bytes_down.fetch_add(sent as u64, Relaxed);
+            stats.datagrams_down.fetch_add(1, Relaxed);
+            stats.bytes_down.fetch_add(sent as u64, Relaxed);
+        }
+        (Ok(sent), Direction::Up) => {
+            activity.bytes_up.fetch_add(sent as u64, Relaxed);
+            stats.datagrams_up.fetch_add(1, Relaxed);
+            stats.bytes_up.fetch_add(sent as u64, Relaxed);
+        }
+        (Err(e), _) => {
+            stats.upstream_failures.fetch_add(1, Relaxed);
+            debug!("UDP send: {e}");
+        }
     }
 }

@@ -1,0 +1,630 @@
+//! `cargo xtask bench`: tproxy against the real alternatives, in the
+//! namespace sandbox, with rounds interleaved and medians reported.
+//!
+//! Modes:
+//! - `direct`: no proxy, the proxy namespace only forwards (the limit);
+//! - `haproxy`: HAProxy with `bind … transparent` and `server … 0.0.0.0:0`,
+//!   steered by the classic iptables TPROXY rules;
+//! - `ours-iptables`: `tproxy-user relay`, steered by those same rules;
+//! - `ours`: `tproxy-user attach`, eBPF steering.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::Write,
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use tproxy_tests::{Netns, PROXY_CLIENT_IFACE, Proxy, SERVER_V4, Topology, UdpServer};
+
+const HTTP_PORT: u16 = 80;
+const IPERF_PORT: u16 = 5201;
+const UDP_PORT: u16 = 5300;
+const IDLE_PORT: u16 = 9000;
+/// Where iptables TPROXY sends intercepted traffic in the iptables modes.
+const TPROXY_PORT: u16 = 8080;
+const TPROXY_MARK: u32 = 0x1;
+const TPROXY_TABLE: u32 = 100;
+
+/// Idle connections for the memory figure. This machine's hard fd limit is
+/// 20 000 and it lacks CAP_SYS_RESOURCE; a relay needs two fds per
+/// connection, so 10 000 do not fit. 9 000 do, for every mode.
+const IDLE_CONNECTIONS: usize = 9_000;
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Mode {
+    Direct,
+    Haproxy,
+    OursIptables,
+    Ours,
+}
+
+impl Mode {
+    const ALL: [Mode; 4] = [Mode::Direct, Mode::Haproxy, Mode::OursIptables, Mode::Ours];
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Haproxy => "haproxy",
+            Mode::OursIptables => "ours-iptables",
+            Mode::Ours => "ours",
+        }
+    }
+}
+
+/// What is measured, in the order of the table.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Metric {
+    Throughput1,
+    Throughput4,
+    ConnRate,
+    LatencyP50,
+    LatencyP99,
+    UdpRate,
+    IdleMemory,
+}
+
+impl Metric {
+    fn label(self) -> &'static str {
+        match self {
+            Metric::Throughput1 => "TCP throughput, 1 stream (Gbit/s)",
+            Metric::Throughput4 => "TCP throughput, 4 streams (Gbit/s)",
+            Metric::ConnRate => "HTTP new connections (req/s, Connection: close)",
+            Metric::LatencyP50 => "HTTP latency p50 (ms)",
+            Metric::LatencyP99 => "HTTP latency p99 (ms)",
+            Metric::UdpRate => "UDP request/response (per s)",
+            Metric::IdleMemory => "relay RSS per idle connection (KiB)",
+        }
+    }
+}
+
+pub struct Options {
+    pub rounds: usize,
+    pub seconds: u64,
+}
+
+pub fn run(bin: &Path, options: &Options) -> Result<()> {
+    ensure!(options.rounds >= 1, "at least one round");
+    // SAFETY: set before any thread starts.
+    unsafe { std::env::set_var("TPROXY_USER_BIN", bin) };
+    let work = super::workspace().join("target/bench");
+    fs::create_dir_all(&work)?;
+    let topology = Topology::new("bench")?;
+    let servers = Servers::start(&topology, &work)?;
+    let mut results: BTreeMap<(Metric, Mode), Vec<f64>> = BTreeMap::new();
+    for round in 1..=options.rounds {
+        for mode in Mode::ALL {
+            eprintln!("bench: round {round}/{}: {}", options.rounds, mode.name());
+            let steering = Steering::start(&topology, mode, bin, &work)?;
+            let measured = measure(&topology, &steering, options.seconds)
+                .with_context(|| format!("round {round}, {}", mode.name()))?;
+            drop(steering);
+            for (metric, value) in measured {
+                results.entry((metric, mode)).or_default().push(value);
+            }
+        }
+    }
+    drop(servers);
+    let table = render(&results, options);
+    println!("{table}");
+    let path = super::workspace().join("BENCHMARKS.md");
+    let report = fs::read_to_string(&path).unwrap_or_default();
+    fs::write(&path, splice_results(&report, &table))?;
+    eprintln!("bench: results written to {}", path.display());
+    Ok(())
+}
+
+/// The servers in the server namespace: nginx, iperf3, a UDP echo, and an
+/// acceptor that holds idle connections.
+struct Servers {
+    nginx: Child,
+    iperf: Child,
+    _udp: UdpServer,
+}
+
+impl Servers {
+    fn start(topology: &Topology, work: &Path) -> Result<Self> {
+        let conf = work.join("nginx.conf");
+        fs::write(
+            &conf,
+            format!(
+                "worker_processes 1;\ndaemon off;\npid {pid};\nerror_log {err} warn;\n\
+                 events {{ worker_connections 4096; }}\n\
+                 http {{\n  access_log off;\n  keepalive_timeout 0;\n\
+                   client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};\n\
+                   uwsgi_temp_path {tmp}; scgi_temp_path {tmp};\n\
+                   server {{ listen {SERVER_V4}:{HTTP_PORT}; location / {{ return 200 \"hello\\n\"; }} }}\n}}\n",
+                pid = work.join("nginx.pid").display(),
+                err = work.join("nginx.err").display(),
+                tmp = work.display(),
+            ),
+        )?;
+        let nginx = topology
+            .server
+            .command("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(work)
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nginx")?;
+        let iperf = topology
+            .server
+            .command("iperf3")
+            .args(["-s", "-B", &SERVER_V4.to_string(), "-p", &IPERF_PORT.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting iperf3")?;
+        let udp = UdpServer::start(&topology.server, (SERVER_V4, UDP_PORT).into(), 1)?;
+        // Let nginx and iperf3 bind.
+        wait_for_port(&topology.server, (SERVER_V4, HTTP_PORT).into())?;
+        wait_for_port(&topology.server, (SERVER_V4, IPERF_PORT).into())?;
+        Ok(Self { nginx, iperf, _udp: udp })
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for child in [&mut self.nginx, &mut self.iperf] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn wait_for_port(ns: &Netns, addr: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ns.tcp_connect(addr).is_err() {
+        ensure!(Instant::now() < deadline, "nothing listens on {addr}");
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// One mode's steering and relay, removed when dropped.
+struct Steering<'a> {
+    topology: &'a Topology,
+    mode: Mode,
+    /// The relay process(es), for the memory figure.
+    relay: Option<Child>,
+    proxy: Option<Proxy>,
+}
+
+impl<'a> Steering<'a> {
+    fn start(topology: &'a Topology, mode: Mode, bin: &Path, work: &Path) -> Result<Self> {
+        let mut steering = Self { topology, mode, relay: None, proxy: None };
+        match mode {
+            Mode::Direct => {}
+            Mode::Haproxy => {
+                steering.iptables_tproxy(true)?;
+                let conf = work.join("haproxy.cfg");
+                fs::write(
+                    &conf,
+                    format!(
+                        "global\n  maxconn {max}\n  nbthread 2\n\
+                         defaults\n  mode tcp\n  timeout connect 10s\n  timeout client 1h\n  timeout server 1h\n\
+                         frontend fe\n  bind 0.0.0.0:{TPROXY_PORT} transparent\n  default_backend be\n\
+                         backend be\n  server original 0.0.0.0:0\n",
+                        max = IDLE_CONNECTIONS + 500
+                    ),
+                )?;
+                let child = topology
+                    .proxy
+                    .command("haproxy")
+                    .arg("-f")
+                    .arg(&conf)
+                    .arg("-db")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("starting haproxy")?;
+                steering.relay = Some(child);
+                wait_for_port(&topology.proxy, (Ipv4Addr::LOCALHOST, TPROXY_PORT).into())?;
+            }
+            Mode::OursIptables => {
+                steering.iptables_tproxy(true)?;
+                let child = topology
+                    .proxy
+                    .command(bin)
+                    .args(["relay", "--listen-port", &TPROXY_PORT.to_string()])
+                    .env("RUST_LOG", "warn")
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .context("starting tproxy-user relay")?;
+                steering.relay = Some(child);
+                wait_for_port(&topology.proxy, (Ipv4Addr::LOCALHOST, TPROXY_PORT).into())?;
+            }
+            Mode::Ours => {
+                let ports: Vec<String> = [HTTP_PORT, IPERF_PORT, UDP_PORT, IDLE_PORT]
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect();
+                let mut args = vec!["attach", PROXY_CLIENT_IFACE, "--name", "bench"];
+                for port in &ports {
+                    args.extend(["--port", port]);
+                }
+                steering.proxy = Some(Proxy::start_logging(
+                    &topology.proxy,
+                    &args,
+                    "warn,tproxy_user::attach=info",
+                )?);
+            }
+        }
+        Ok(steering)
+    }
+
+    /// The classic recipe: `-m socket` DIVERT for packets of existing
+    /// sockets, TPROXY for new ones, and the fwmark routing.
+    fn iptables_tproxy(&self, add: bool) -> Result<()> {
+        let ns = &self.topology.proxy;
+        let op = if add { "-A" } else { "-D" };
+        let mark = format!("{TPROXY_MARK:#x}/{TPROXY_MARK:#x}");
+        let mut rules: Vec<Vec<String>> = Vec::new();
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        if add {
+            rules.push(s(&["-t", "mangle", "-N", "DIVERT"]));
+            rules.push(s(&[
+                "-t",
+                "mangle",
+                "-A",
+                "DIVERT",
+                "-j",
+                "MARK",
+                "--set-mark",
+                &TPROXY_MARK.to_string(),
+            ]));
+            rules.push(s(&["-t", "mangle", "-A", "DIVERT", "-j", "ACCEPT"]));
+        }
+        rules.push(s(&[
+            "-t",
+            "mangle",
+            op,
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "-m",
+            "socket",
+            "-j",
+            "DIVERT",
+        ]));
+        for (proto, port) in
+            [("tcp", HTTP_PORT), ("tcp", IPERF_PORT), ("tcp", IDLE_PORT), ("udp", UDP_PORT)]
+        {
+            rules.push(s(&[
+                "-t",
+                "mangle",
+                op,
+                "PREROUTING",
+                "-i",
+                PROXY_CLIENT_IFACE,
+                "-p",
+                proto,
+                "--dport",
+                &port.to_string(),
+                "-j",
+                "TPROXY",
+                "--tproxy-mark",
+                &mark,
+                "--on-port",
+                &TPROXY_PORT.to_string(),
+            ]));
+        }
+        if !add {
+            rules.push(s(&["-t", "mangle", "-F", "DIVERT"]));
+            rules.push(s(&["-t", "mangle", "-X", "DIVERT"]));
+        }
+        for rule in rules {
+            let args: Vec<&str> =
+                std::iter::once("iptables").chain(rule.iter().map(String::as_str)).collect();
+            let result = ns.exec(&args);
+            if add {
+                result?;
+            }
+        }
+        let table = TPROXY_TABLE.to_string();
+        let fwmark = TPROXY_MARK.to_string();
+        if add {
+            ns.exec(&["ip", "rule", "add", "fwmark", &fwmark, "lookup", &table])?;
+            ns.exec(&["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", &table])?;
+        } else {
+            let _ = ns.exec(&["ip", "rule", "del", "fwmark", &fwmark, "lookup", &table]);
+            let _ = ns.exec(&["ip", "route", "flush", "table", &table]);
+        }
+        Ok(())
+    }
+
+    /// Resident memory of the relay, in KiB (all its processes).
+    fn relay_rss_kib(&self) -> Result<u64> {
+        let pid = match (&self.relay, &self.proxy) {
+            (Some(child), _) => child.id(),
+            (None, Some(proxy)) => proxy.pid(),
+            (None, None) => return Ok(0),
+        };
+        // HAProxy's master forks no worker with -db; sum children anyway.
+        let mut total = rss_kib(pid)?;
+        for child in children(pid) {
+            total += rss_kib(child).unwrap_or(0);
+        }
+        Ok(total)
+    }
+}
+
+impl Drop for Steering<'_> {
+    fn drop(&mut self) {
+        if let Some(proxy) = self.proxy.take() {
+            let _ = proxy.stop();
+        }
+        if let Some(mut child) = self.relay.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+        if matches!(self.mode, Mode::Haproxy | Mode::OursIptables) {
+            let _ = self.iptables_tproxy(false);
+        }
+    }
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+    Ok(line.split_whitespace().nth(1).context("VmRSS")?.parse()?)
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+fn measure(topology: &Topology, steering: &Steering, seconds: u64) -> Result<Vec<(Metric, f64)>> {
+    let mut out = Vec::new();
+    out.push((Metric::Throughput1, iperf(&topology.client, 1, seconds)?));
+    out.push((Metric::Throughput4, iperf(&topology.client, 4, seconds)?));
+    let (rate, p50, p99) = wrk(&topology.client, seconds)?;
+    out.extend([(Metric::ConnRate, rate), (Metric::LatencyP50, p50), (Metric::LatencyP99, p99)]);
+    out.push((Metric::UdpRate, udp_rate(&topology.client, seconds)?));
+    if steering.mode != Mode::Direct {
+        out.push((Metric::IdleMemory, idle_memory(topology, steering)?));
+    }
+    Ok(out)
+}
+
+/// iperf3 throughput in Gbit/s, as received by the server.
+fn iperf(client: &Netns, streams: usize, seconds: u64) -> Result<f64> {
+    let out = client.exec(&[
+        "iperf3",
+        "-c",
+        &SERVER_V4.to_string(),
+        "-p",
+        &IPERF_PORT.to_string(),
+        "-t",
+        &seconds.to_string(),
+        "-P",
+        &streams.to_string(),
+        "-J",
+    ])?;
+    let json: serde_json::Value = serde_json::from_str(&out)?;
+    let bps = json["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 output")?;
+    Ok(bps / 1e9)
+}
+
+/// wrk with `Connection: close`: requests per second, p50 and p99 in ms.
+fn wrk(client: &Netns, seconds: u64) -> Result<(f64, f64, f64)> {
+    let url = format!("http://{SERVER_V4}:{HTTP_PORT}/");
+    let out = client.exec(&[
+        "wrk",
+        "-t2",
+        "-c32",
+        &format!("-d{seconds}s"),
+        "--latency",
+        "-H",
+        "Connection: close",
+        &url,
+    ])?;
+    let rate = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .context("no Requests/sec in wrk output")?
+        .trim()
+        .parse()?;
+    let percentile = |p: &str| -> Result<f64> {
+        let line = out
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(p))
+            .with_context(|| format!("no {p} in wrk output:\n{out}"))?;
+        parse_duration_ms(line.split_whitespace().nth(1).unwrap_or(""))
+    };
+    if out.contains("Socket errors") {
+        eprintln!(
+            "bench: wrk reported {}",
+            out.lines().find(|l| l.contains("Socket errors")).unwrap()
+        );
+    }
+    Ok((rate, percentile("50%")?, percentile("99%")?))
+}
+
+fn parse_duration_ms(text: &str) -> Result<f64> {
+    let (number, factor) = if let Some(n) = text.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        bail!("duration {text:?}")
+    };
+    Ok(number.parse::<f64>()? * factor)
+}
+
+/// Request/response exchanges per second over 8 UDP sockets in lockstep.
+fn udp_rate(client: &Netns, seconds: u64) -> Result<f64> {
+    const SOCKETS: usize = 8;
+    let server: SocketAddr = (SERVER_V4, UDP_PORT).into();
+    let done = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    for i in 0..SOCKETS {
+        let socket = client.udp_client(server)?;
+        socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let (done, count) = (done.clone(), count.clone());
+        threads.push(thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            let message = [i as u8; 32];
+            while !done.load(Ordering::Relaxed) {
+                if socket.send_to(&message, server).is_ok()
+                    && matches!(socket.recv_from(&mut buf), Ok((32, _)))
+                {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let started = Instant::now();
+    thread::sleep(Duration::from_secs(seconds));
+    done.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Opens IDLE_CONNECTIONS relayed connections that stay idle, and returns
+/// the relay's RSS growth per connection in KiB.
+fn idle_memory(topology: &Topology, steering: &Steering) -> Result<f64> {
+    let addr: SocketAddr = (SERVER_V4, IDLE_PORT).into();
+    let listener: TcpListener = topology.server.tcp_listen(addr)?;
+    let acceptor = thread::spawn(move || -> Vec<TcpStream> {
+        let mut held = Vec::with_capacity(IDLE_CONNECTIONS);
+        while held.len() < IDLE_CONNECTIONS {
+            match listener.accept() {
+                Ok((stream, _)) => held.push(stream),
+                Err(_) => break,
+            }
+        }
+        held
+    });
+    thread::sleep(Duration::from_millis(200));
+    let before = steering.relay_rss_kib()?;
+    let mut clients = Vec::with_capacity(IDLE_CONNECTIONS);
+    for _ in 0..IDLE_CONNECTIONS {
+        let mut stream = topology.client.tcp_connect(addr)?;
+        // One byte each way would be more than idle; the handshake is all.
+        let _ = stream.flush();
+        clients.push(stream);
+    }
+    let servers = acceptor.join().map_err(|_| anyhow::anyhow!("acceptor panicked"))?;
+    ensure!(servers.len() == IDLE_CONNECTIONS, "only {} connections arrived", servers.len());
+    thread::sleep(Duration::from_millis(500));
+    let after = steering.relay_rss_kib()?;
+    drop(clients);
+    drop(servers);
+    // Let the relay close them before the next measurement.
+    thread::sleep(Duration::from_secs(1));
+    Ok(after.saturating_sub(before) as f64 / IDLE_CONNECTIONS as f64)
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn render(results: &BTreeMap<(Metric, Mode), Vec<f64>>, options: &Options) -> String {
+    let mut out = format!(
+        "Medians of {} interleaved rounds of {} s per measurement; the ratio is to `direct` \
+         (to `haproxy` for memory, which `direct` does not have).\n\n",
+        options.rounds, options.seconds
+    );
+    out += "| metric | direct | haproxy | ours-iptables | ours |\n| --- | ---: | ---: | ---: | ---: |\n";
+    let metrics = [
+        Metric::Throughput1,
+        Metric::Throughput4,
+        Metric::ConnRate,
+        Metric::LatencyP50,
+        Metric::LatencyP99,
+        Metric::UdpRate,
+        Metric::IdleMemory,
+    ];
+    for metric in metrics {
+        let reference = if metric == Metric::IdleMemory { Mode::Haproxy } else { Mode::Direct };
+        let base = results.get(&(metric, reference)).map(|v| median(v));
+        out += &format!("| {} |", metric.label());
+        for mode in Mode::ALL {
+            let cell = match results.get(&(metric, mode)) {
+                // HAProxy relays no UDP.
+                _ if metric == Metric::UdpRate && mode == Mode::Haproxy => " n/a |".to_owned(),
+                Some(values) => {
+                    let m = median(values);
+                    match base {
+                        Some(b) if b > 0.0 && mode != reference => {
+                            format!(" {} ({:.2}×) |", format_value(m), m / b)
+                        }
+                        _ => format!(" {} |", format_value(m)),
+                    }
+                }
+                None => " – |".to_owned(),
+            };
+            out += &cell;
+        }
+        out += "\n";
+    }
+    out += &format!("\n{}\n", environment());
+    out
+}
+
+fn format_value(v: f64) -> String {
+    if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.2}") }
+}
+
+fn environment() -> String {
+    let version = |cmd: &str, args: &[&str]| -> String {
+        Command::new(cmd)
+            .args(args)
+            .output()
+            .map(|o| {
+                let text = String::from_utf8_lossy(&o.stdout).to_string()
+                    + &String::from_utf8_lossy(&o.stderr);
+                text.lines().next().unwrap_or("").trim().to_owned()
+            })
+            .unwrap_or_else(|_| "not found".into())
+    };
+    let kernel = version("uname", &["-r"]);
+    let cpus = thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let commit = version("git", &["rev-parse", "--short", "HEAD"]);
+    format!(
+        "Measured on Linux {kernel}, {cpus} CPUs (client, proxy and server share them), tproxy {commit}; \
+         {}; {}; {}; {}; {}.",
+        version("haproxy", &["-v"]),
+        version("nginx", &["-v"]),
+        version("iperf3", &["--version"]),
+        version("wrk", &["-v"]),
+        version("iptables", &["--version"]),
+    )
+}
+
+/// Replaces the results section of BENCHMARKS.md, keeping the prose.
+fn splice_results(report: &str, table: &str) -> String {
+    const BEGIN: &str = "<!-- results: written by cargo xtask bench -->";
+    const END: &str = "<!-- end of results -->";
+    let block = format!("{BEGIN}\n{table}\n{END}");
+    match (report.find(BEGIN), report.find(END)) {
+        (Some(b), Some(e)) if b < e => {
+            format!("{}{block}{}", &report[..b], &report[e + END.len()..])
+        }
+        _ => format!("# Benchmarks\n\n{block}\n{report}"),
+    }
+}
