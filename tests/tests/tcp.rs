@@ -300,3 +300,53 @@ fn a_connection_opened_before_attach_survives_it() -> Result<()> {
     ensure!(log.contains("0 connections relayed"), "{log}");
     Ok(())
 }
+
+/// The server closes first, so the relay's client-side socket ends in
+/// TIME_WAIT holding the client's tuple. After `attach` exits, that client
+/// port must reach the server directly at once: a TIME_WAIT socket left
+/// behind would make the kernel drop the forwarded SYNs for a minute.
+#[test]
+fn after_exit_a_reused_client_port_is_forwarded_at_once() -> Result<()> {
+    use socket2::{Domain, Socket, Type};
+    let topology = Topology::new("twexit")?;
+    let addr = Topology::server_addr(false, 80);
+    let client_addr = std::net::SocketAddr::new(client_ip(false), 40001);
+    let listener = topology.server.tcp_listen(addr)?;
+    let server = std::thread::spawn(move || -> Result<Vec<std::net::SocketAddr>> {
+        let mut peers = Vec::new();
+        for _ in 0..2 {
+            let (mut stream, peer) = listener.accept()?;
+            stream.write_all(b"bye")?;
+            peers.push(peer);
+        }
+        Ok(peers)
+    });
+    let connect = |timeout: Duration| -> Result<Vec<u8>> {
+        let socket = topology.client.run(move || -> std::io::Result<Socket> {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&client_addr.into())?;
+            Ok(socket)
+        })??;
+        socket.connect_timeout(&addr.into(), timeout)?;
+        let mut stream: std::net::TcpStream = socket.into();
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        read_to_end(&mut stream)
+    };
+    let proxy = attach_port_80(&topology)?;
+    ensure!(connect(Duration::from_secs(5))? == b"bye");
+    let log = proxy.stop()?;
+    ensure!(log.contains("removed 1 TIME_WAIT sockets"), "{log}");
+    // Wait for the client's own socket to finish closing, then reuse the port.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !topology.client.exec(&["ss", "-Htan", "sport", "=", ":40001"])?.trim().is_empty() {
+        ensure!(std::time::Instant::now() < deadline, "the client's socket lingers");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let started = std::time::Instant::now();
+    ensure!(connect(Duration::from_secs(3))? == b"bye", "the reused port was black-holed");
+    ensure!(started.elapsed() < Duration::from_millis(900), "took {:?}", started.elapsed());
+    let peers = server.join().unwrap()?;
+    ensure!(peers[0].ip() == proxy_ip(false) && peers[1] == client_addr, "server saw {peers:?}");
+    Ok(())
+}

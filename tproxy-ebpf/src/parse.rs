@@ -22,6 +22,9 @@ const NEXTHDR_DEST: u8 = 60;
 /// Extension headers we walk before giving up (and passing the packet).
 const MAX_EXT_HDRS: usize = 6;
 
+const TCP_HDR_LEN: usize = 20;
+const UDP_HDR_LEN: usize = 8;
+
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 
@@ -66,35 +69,56 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
 pub fn parse(ctx: &TcContext) -> Option<Flow> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    let (ipv6, proto, l4) = match u16::from_be(unsafe { (*eth).ether_type }) {
+    let frame_len = ctx.len() as usize;
+    // `end`: where the IP datagram ends, by its own length field. A length
+    // of 0 is a BIG TCP or jumbo packet, which runs to the end of the frame.
+    let (ipv6, proto, l4, end) = match u16::from_be(unsafe { (*eth).ether_type }) {
         ETH_P_IP => {
-            let ip: *const Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
+            let ip: *const Ipv4Hdr = ptr_at(ctx, L3)?;
             let ip = unsafe { &*ip };
             let ihl = (ip.vihl & 0x0f) as usize;
             // Any fragment other than the first has no L4 header. A first
             // fragment (MF set) is also passed: its followers cannot be
             // matched, and a datagram must not be split between us and the
             // real destination.
-            if ihl < 5 || u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
+            if ip.vihl >> 4 != 4 || ihl < 5 || u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
                 return None;
             }
             let v4 = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
             v4.saddr = u32::from_ne_bytes(ip.src_addr);
             v4.daddr = u32::from_ne_bytes(ip.dst_addr);
-            (false, ip.proto, EthHdr::LEN + ihl * 4)
+            let end = match u16::from_be_bytes(ip.tot_len) as usize {
+                0 => frame_len,
+                len => L3 + len,
+            };
+            (false, ip.proto, L3 + ihl * 4, end)
         }
         ETH_P_IPV6 => {
-            let ip: *const Ipv6Hdr = ptr_at(ctx, EthHdr::LEN)?;
+            let ip: *const Ipv6Hdr = ptr_at(ctx, L3)?;
             let ip = unsafe { &*ip };
+            if ip.vcf[0] >> 4 != 6 {
+                return None;
+            }
             let v6 = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
             v6.saddr = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(ip.src_addr) };
             v6.daddr = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(ip.dst_addr) };
-            let (proto, l4) = skip_ipv6_ext(ctx, ip.next_hdr, EthHdr::LEN + Ipv6Hdr::LEN)?;
-            (true, proto, l4)
+            let end = match u16::from_be_bytes(ip.payload_len) as usize {
+                0 => frame_len,
+                len => L3 + Ipv6Hdr::LEN + len,
+            };
+            let (proto, l4) = skip_ipv6_ext(ctx, ip.next_hdr, L3 + Ipv6Hdr::LEN)?;
+            (true, proto, l4, end)
         }
         _ => return None,
     };
-    if proto != PROTO_TCP && proto != PROTO_UDP {
+    // The transport header must lie inside the datagram, and the datagram
+    // inside the frame; anything else the kernel drops after us anyway.
+    let l4_min = match proto {
+        PROTO_TCP => TCP_HDR_LEN,
+        PROTO_UDP => UDP_HDR_LEN,
+        _ => return None,
+    };
+    if l4 + l4_min > end || end > frame_len {
         return None;
     }
     // TCP and UDP both start with the two ports; TCP's flags are at byte 13.

@@ -142,10 +142,12 @@ pub async fn run(config: AttachConfig, shutdown: impl Future<Output = ()>) -> Re
         return Ok(());
     };
     let datapath_stats = interceptor.stats();
+    let ports = interceptor.intercepted_tcp_ports().clone();
     // Detach first, so new traffic flows untouched while the relays close.
     let stopped = interceptor.stop().await;
     relays.cancel();
     while tasks.join_next().await.is_some() {}
+    remove_time_waits(&ports);
     if let Ok(s) = datapath_stats {
         info!(
             "datapath: {} packets to the listener, {} to existing sockets, {} SYNs met TIME_WAIT ({} handed over), {} replies to spoofed sockets, {} passed without a listener, {} assign failures",
@@ -185,4 +187,15 @@ pub async fn relay_only(
     info!("relay: {}", tcp_stats.snapshot().summary());
     info!("relay: {}", udp_stats.snapshot().summary());
     Ok(())
+}
+
+/// Destroys the relay's TIME_WAIT sockets (see [`crate::timewait`]).
+fn remove_time_waits(ports: &std::collections::HashSet<u16>) {
+    let removed = crate::system::local_addresses()
+        .and_then(|local| crate::timewait::remove_relay_time_waits(ports, &local));
+    match removed {
+        Ok(0) => {}
+        Ok(n) => info!("removed {n} TIME_WAIT sockets of relayed connections"),
+        Err(e) => warn!("could not remove the relay's TIME_WAIT sockets: {e}"),
+    }
 }

@@ -134,6 +134,8 @@ pub struct Interceptor {
     claim: Claim,
     config: InterceptConfig,
     rules: RuleSet,
+    /// TCP ports gated at some point of the run (gates are never closed).
+    gated_tcp: HashSet<u16>,
 }
 
 impl Interceptor {
@@ -159,8 +161,14 @@ impl Interceptor {
         if let Err(e) = datapath.attach_reopen() {
             warn!("{e}: a SYN that meets a TIME_WAIT socket will wait for its retry");
         }
-        let mut interceptor =
-            Self { datapath, routing: None, claim, config, rules: RuleSet::default() };
+        let mut interceptor = Self {
+            datapath,
+            routing: None,
+            claim,
+            config,
+            rules: RuleSet::default(),
+            gated_tcp: HashSet::new(),
+        };
         interceptor.set_rules(interceptor.config.rules.clone())?;
         interceptor.routing = Some(PolicyRouting::install(interceptor.config.routing()).await?);
         let tcx = system::has_tcx(kernel);
@@ -226,10 +234,18 @@ impl Interceptor {
         }
         for (proto, port) in next.gated_ports() {
             self.datapath.open_gate(proto.number(), port)?;
+            if proto == Protocol::Tcp {
+                self.gated_tcp.insert(port);
+            }
         }
         self.datapath.replace_rules(next.entries())?;
         self.rules = next;
         Ok(())
+    }
+
+    /// Every TCP port intercepted at some point of this run.
+    pub fn intercepted_tcp_ports(&self) -> &HashSet<u16> {
+        &self.gated_tcp
     }
 
     /// The program's counters, all rules together.

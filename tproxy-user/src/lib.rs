@@ -64,6 +64,7 @@ pub mod rules;
 pub mod state;
 pub mod stats;
 pub mod system;
+pub mod timewait;
 pub mod transparent;
 
 pub use error::{Error, Result};

@@ -93,3 +93,59 @@ pub fn raise_fd_limit() -> u64 {
     }
     limit.rlim_cur
 }
+
+/// Capabilities a running instance still needs once it is set up:
+/// CAP_NET_ADMIN for IP_TRANSPARENT and SO_MARK on the sockets it opens per
+/// connection and for removing its routing and filters at exit;
+/// CAP_NET_BIND_SERVICE because a UDP reply socket binds to the original
+/// destination's port (53, say) and a spoofed dial to the client's port;
+/// CAP_BPF for rule changes and counters (CAP_SYS_ADMIN before 5.8).
+pub fn runtime_capabilities() -> Vec<caps::Capability> {
+    use caps::Capability::*;
+    let bpf = if caps::runtime::thread_all_supported().contains(&CAP_BPF) {
+        CAP_BPF
+    } else {
+        CAP_SYS_ADMIN
+    };
+    vec![CAP_NET_ADMIN, CAP_NET_BIND_SERVICE, bpf]
+}
+
+/// Drops every capability but `keep` from the effective, permitted,
+/// inheritable and bounding sets of every thread, for good. Call it once
+/// everything privileged at startup is done.
+pub fn drop_capabilities(keep: &[caps::Capability]) -> Result<()> {
+    use caps::{CapSet, CapsHashSet};
+    let err = |what: &str, e: caps::errors::CapsError| {
+        Error::io(format!("dropping capabilities ({what})"), std::io::Error::other(e.to_string()))
+    };
+    let keep: CapsHashSet = keep.iter().copied().collect();
+    // The bounding set needs CAP_SETPCAP, so it goes first.
+    for cap in caps::runtime::thread_all_supported() {
+        if !keep.contains(&cap) {
+            caps::drop(None, CapSet::Bounding, cap).map_err(|e| err("bounding", e))?;
+        }
+    }
+    caps::clear(None, CapSet::Inheritable).map_err(|e| err("inheritable", e))?;
+    caps::clear(None, CapSet::Ambient).map_err(|e| err("ambient", e))?;
+    caps::set(None, CapSet::Effective, &keep).map_err(|e| err("effective", e))?;
+    caps::set(None, CapSet::Permitted, &keep).map_err(|e| err("permitted", e))?;
+    // SAFETY: prctl with constant arguments.
+    unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    Ok(())
+}
+
+/// This host's addresses (in the current network namespace).
+pub fn local_addresses() -> std::io::Result<std::collections::HashSet<std::net::IpAddr>> {
+    use std::net::IpAddr;
+    let ifaddrs = nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)?;
+    Ok(ifaddrs
+        .filter_map(|i| i.address)
+        .filter_map(|a| {
+            if let Some(v4) = a.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect())
+}

@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use tproxy_tests::{Netns, PROXY_CLIENT_IFACE, Proxy, SERVER_V4, Topology, UdpServer};
 
 const HTTP_PORT: u16 = 80;
@@ -78,9 +78,9 @@ impl Metric {
         match self {
             Metric::Throughput1 => "TCP throughput, 1 stream (Gbit/s)",
             Metric::Throughput4 => "TCP throughput, 4 streams (Gbit/s)",
-            Metric::ConnRate => "HTTP new connections (req/s, Connection: close)",
-            Metric::LatencyP50 => "HTTP latency p50 (ms)",
-            Metric::LatencyP99 => "HTTP latency p99 (ms)",
+            Metric::ConnRate => "HTTP, a new connection per request (req/s)",
+            Metric::LatencyP50 => "HTTP latency p50, connect included (ms)",
+            Metric::LatencyP99 => "HTTP latency p99, connect included (ms)",
             Metric::UdpRate => "UDP request/response (per s)",
             Metric::IdleMemory => "relay RSS per idle connection (KiB)",
         }
@@ -105,7 +105,7 @@ pub fn run(bin: &Path, options: &Options) -> Result<()> {
         for mode in Mode::ALL {
             eprintln!("bench: round {round}/{}: {}", options.rounds, mode.name());
             let steering = Steering::start(&topology, mode, bin, &work)?;
-            let measured = measure(&topology, &steering, options.seconds)
+            let measured = measure(&topology, &steering, options.seconds, &work)
                 .with_context(|| format!("round {round}, {}", mode.name()))?;
             drop(steering);
             for (metric, value) in measured {
@@ -137,7 +137,7 @@ impl Servers {
         fs::write(
             &conf,
             format!(
-                "worker_processes 1;\ndaemon off;\npid {pid};\nerror_log {err} warn;\n\
+                "worker_processes 1;\nmaster_process off;\ndaemon off;\npid {pid};\nerror_log {err} warn;\n\
                  events {{ worker_connections 4096; }}\n\
                  http {{\n  access_log off;\n  keepalive_timeout 0;\n\
                    client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};\n\
@@ -155,6 +155,7 @@ impl Servers {
             .arg(&conf)
             .arg("-p")
             .arg(work)
+            .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("starting nginx")?;
@@ -182,9 +183,12 @@ impl Drop for Servers {
     }
 }
 
+/// Waits until something listens on `addr`'s port (without connecting,
+/// which iperf3 would take for a test).
 fn wait_for_port(ns: &Netns, addr: SocketAddr) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while ns.tcp_connect(addr).is_err() {
+    let filter = format!("sport = :{}", addr.port());
+    while ns.exec(&["ss", "-Hltn", &filter])?.trim().is_empty() {
         ensure!(Instant::now() < deadline, "nothing listens on {addr}");
         thread::sleep(Duration::from_millis(50));
     }
@@ -388,11 +392,16 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-fn measure(topology: &Topology, steering: &Steering, seconds: u64) -> Result<Vec<(Metric, f64)>> {
+fn measure(
+    topology: &Topology,
+    steering: &Steering,
+    seconds: u64,
+    work: &Path,
+) -> Result<Vec<(Metric, f64)>> {
     let mut out = Vec::new();
     out.push((Metric::Throughput1, iperf(&topology.client, 1, seconds)?));
     out.push((Metric::Throughput4, iperf(&topology.client, 4, seconds)?));
-    let (rate, p50, p99) = wrk(&topology.client, seconds)?;
+    let (rate, p50, p99) = http_close(&topology.client, seconds, work)?;
     out.extend([(Metric::ConnRate, rate), (Metric::LatencyP50, p50), (Metric::LatencyP99, p99)]);
     out.push((Metric::UdpRate, udp_rate(&topology.client, seconds)?));
     if steering.mode != Mode::Direct {
@@ -420,53 +429,49 @@ fn iperf(client: &Netns, streams: usize, seconds: u64) -> Result<f64> {
     Ok(bps / 1e9)
 }
 
-/// wrk with `Connection: close`: requests per second, p50 and p99 in ms.
-fn wrk(client: &Netns, seconds: u64) -> Result<(f64, f64, f64)> {
+/// ApacheBench, 32 concurrent clients, each request on a new connection
+/// (ab sends no keep-alive): requests per second, and the p50 and p99 of the
+/// whole exchange in ms, connect included. (wrk's latency starts after the
+/// connect, so it would hide a SYN that had to be retransmitted.)
+fn http_close(client: &Netns, seconds: u64, work: &Path) -> Result<(f64, f64, f64)> {
     let url = format!("http://{SERVER_V4}:{HTTP_PORT}/");
+    let csv = work.join("ab-percentiles.csv");
     let out = client.exec(&[
-        "wrk",
-        "-t2",
-        "-c32",
-        &format!("-d{seconds}s"),
-        "--latency",
-        "-H",
-        "Connection: close",
+        "ab",
+        "-q",
+        "-c",
+        "32",
+        "-t",
+        &seconds.to_string(),
+        "-n",
+        "10000000",
+        "-e",
+        csv.to_str().context("path")?,
         &url,
     ])?;
     let rate = out
         .lines()
-        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
-        .context("no Requests/sec in wrk output")?
-        .trim()
+        .find_map(|l| l.strip_prefix("Requests per second:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("no Requests per second in ab's output")?
         .parse()?;
-    let percentile = |p: &str| -> Result<f64> {
-        let line = out
-            .lines()
-            .map(str::trim)
-            .find(|l| l.starts_with(p))
-            .with_context(|| format!("no {p} in wrk output:\n{out}"))?;
-        parse_duration_ms(line.split_whitespace().nth(1).unwrap_or(""))
-    };
-    if out.contains("Socket errors") {
-        eprintln!(
-            "bench: wrk reported {}",
-            out.lines().find(|l| l.contains("Socket errors")).unwrap()
-        );
+    if let Some(failed) = out.lines().find(|l| l.starts_with("Failed requests:"))
+        && !failed.ends_with(" 0")
+    {
+        eprintln!("bench: ab: {failed}");
     }
-    Ok((rate, percentile("50%")?, percentile("99%")?))
-}
-
-fn parse_duration_ms(text: &str) -> Result<f64> {
-    let (number, factor) = if let Some(n) = text.strip_suffix("us") {
-        (n, 0.001)
-    } else if let Some(n) = text.strip_suffix("ms") {
-        (n, 1.0)
-    } else if let Some(n) = text.strip_suffix('s') {
-        (n, 1000.0)
-    } else {
-        bail!("duration {text:?}")
+    // "Percentage served,Time in ms" then one line per percent.
+    let table = fs::read_to_string(&csv)?;
+    let percentile = |p: u32| -> Result<f64> {
+        let line = table
+            .lines()
+            .find(|l| {
+                l.split(',').next().and_then(|v| v.trim().parse::<f64>().ok()) == Some(p as f64)
+            })
+            .with_context(|| format!("no {p}% in ab's percentiles"))?;
+        Ok(line.split(',').nth(1).context("ab percentile")?.trim().parse()?)
     };
-    Ok(number.parse::<f64>()? * factor)
+    Ok((rate, percentile(50)?, percentile(99)?))
 }
 
 /// Request/response exchanges per second over 8 UDP sockets in lockstep.
@@ -611,7 +616,7 @@ fn environment() -> String {
         version("haproxy", &["-v"]),
         version("nginx", &["-v"]),
         version("iperf3", &["--version"]),
-        version("wrk", &["-v"]),
+        version("ab", &["-V"]),
         version("iptables", &["--version"]),
     )
 }

@@ -59,7 +59,7 @@ fn virtme_ng() -> Result<()> {
 const BENCH_TOOLS: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("nginx", "nginx-light"),
-    ("wrk", "wrk"),
+    ("ab", "apache2-utils"),
     ("haproxy", "haproxy"),
     ("iptables", "iptables"),
 ];

@@ -38,20 +38,8 @@ impl LocalAddrs {
     }
 
     fn refresh(&self) {
-        match nix::ifaddrs::getifaddrs() {
-            Ok(ifaddrs) => {
-                let set: HashSet<IpAddr> = ifaddrs
-                    .filter_map(|i| i.address)
-                    .filter_map(|a| {
-                        if let Some(v4) = a.as_sockaddr_in() {
-                            Some(IpAddr::V4(v4.ip()))
-                        } else {
-                            a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-                        }
-                    })
-                    .collect();
-                *self.0.write().unwrap_or_else(|e| e.into_inner()) = set;
-            }
+        match crate::system::local_addresses() {
+            Ok(set) => *self.0.write().unwrap_or_else(|e| e.into_inner()) = set,
             Err(e) => debug!("reading local addresses: {e}"),
         }
     }

@@ -259,6 +259,7 @@ async fn relay(accepted: Accepted, shared: &Shared) {
         }
     };
     let _ = client.set_nodelay(true);
+    let pair = ResetOnDrop([&client, &upstream]);
     stats.active.fetch_add(1, Relaxed);
     let activity = AtomicU64::new(now_ms());
     let copy = async {
@@ -288,21 +289,33 @@ async fn relay(accepted: Accepted, shared: &Shared) {
     stats.active.fetch_sub(1, Relaxed);
     let (up, down, outcome) = match result {
         Ok((up, down)) => (up, down, "closed".to_owned()),
+        // Both sides learn that the conversation broke, as they would have
+        // without a proxy in between: `pair` resets them.
         Err(e) => {
-            // Both sides learn that the conversation broke, as they would
-            // have without a proxy in between.
             stats.aborted.fetch_add(1, Relaxed);
-            reset(&client);
-            reset(&upstream);
             (0, 0, format!("reset: {e}"))
         }
     };
+    if outcome == "closed" {
+        std::mem::forget(pair);
+    }
     debug!(%peer, %dst, up, down, duration = ?started.elapsed(), outcome, "connection");
 }
 
 /// Closes with RST instead of FIN.
 fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+/// Resets both sockets when dropped: on an error, and when the relay stops
+/// and aborts the connection's task, so that both peers learn at once
+/// instead of talking to sockets nobody reads.
+struct ResetOnDrop<'a>([&'a TcpStream; 2]);
+
+impl Drop for ResetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.iter().for_each(|s| reset(s));
+    }
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {
