@@ -10,6 +10,7 @@ use tracing::{info, warn};
 use crate::{
     config,
     control::{self, ControlSocket, Controller},
+    datapath::Datapath,
     error::{Error, Result},
     intercept::{InterceptConfig, Interceptor, RelaySocket},
     metrics::MetricsServer,
@@ -53,6 +54,16 @@ impl AttachConfig {
 /// Runs interception and the relays until `shutdown` completes, then removes
 /// everything it added. With a rules file, SIGHUP reloads it.
 pub async fn run(config: AttachConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+    run_loaded(config, None, shutdown).await
+}
+
+/// [`run`] with the programs already loaded (by [`crate::intercept::load`],
+/// before the process dropped the capabilities only loading needs).
+pub async fn run_loaded(
+    config: AttachConfig,
+    datapath: Option<Datapath>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     let AttachConfig { mut intercept, tcp, udp, rules_file, control_socket, metrics } = config;
     let name = intercept.name.clone();
     let fixed_rules = intercept.rules.clone();
@@ -97,7 +108,11 @@ pub async fn run(config: AttachConfig, shutdown: impl Future<Output = ()>) -> Re
     if let Some(v6) = udp.ipv6_socket() {
         sockets.push((RelaySocket::UdpV6, v6.as_fd()));
     }
-    let interceptor = Interceptor::start(intercept, &sockets).await?;
+    let datapath = match datapath {
+        Some(datapath) => datapath,
+        None => crate::intercept::load(&intercept)?,
+    };
+    let interceptor = Interceptor::start_loaded(intercept, &sockets, datapath).await?;
     drop(sockets);
     let controller = Arc::new(Controller::new(
         name,

@@ -52,15 +52,24 @@ pub struct Datapath {
     /// Detached when dropped, before the program goes.
     links: Vec<(String, SchedClassifierLink)>,
     ebpf: Ebpf,
-    logger: Option<JoinHandle<()>>,
+    /// aya-log's reader, until a runtime drains it (see [`Self::start_logger`]).
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    logger_task: Option<JoinHandle<()>>,
+    /// Whether the `sk_lookup` program loaded (kernels 5.9 and later).
+    reopen_loaded: bool,
     /// Which copy of the rule trie the program reads.
     active_rules: u32,
 }
 
 impl Datapath {
-    /// Loads the embedded program. `mark` is put on steered packets;
-    /// packets that already carry `bypass_mark` are never steered;
-    /// `return_path` also steers replies to the relay's spoofed sockets.
+    /// Loads the embedded programs through the verifier; attaches nothing.
+    /// `mark` is put on steered packets; packets that already carry
+    /// `bypass_mark` are never steered; `return_path` also steers replies
+    /// to the relay's spoofed sockets.
+    ///
+    /// This needs no async runtime, so a program can load first and then
+    /// drop the capabilities only loading needs (CAP_PERFMON, or
+    /// CAP_SYS_ADMIN) before it starts any thread.
     pub fn load(mark: u32, bypass_mark: u32, return_path: bool) -> Result<Self> {
         let return_path = u32::from(return_path);
         let mut ebpf = EbpfLoader::new()
@@ -69,17 +78,39 @@ impl Datapath {
             .override_global(names::RETURN_PATH, &return_path, true)
             .load(PROGRAM_OBJECT)
             .map_err(Error::Load)?;
-        // aya-log's ring buffer must stay open and be drained, or the records
-        // the program writes are lost.
+        // aya-log's ring buffer must stay open (and be drained), or the
+        // program's load fails and its records are lost.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
-            Ok(logger) => Some(tokio::spawn(drain_log(logger))),
+            Ok(logger) => Some(logger),
             Err(e) => {
                 warn!("eBPF logs unavailable: {e}");
                 None
             }
         };
         program_mut(&mut ebpf)?.load().map_err(load_error(names::PROGRAM))?;
-        Ok(Self { links: Vec::new(), ebpf, logger, active_rules: 0 })
+        let reopen_loaded = match reopen_program(&mut ebpf)?.load() {
+            Ok(()) => true,
+            Err(e) => {
+                debug!("sk_lookup program: {e}");
+                false
+            }
+        };
+        Ok(Self {
+            links: Vec::new(),
+            ebpf,
+            logger,
+            logger_task: None,
+            reopen_loaded,
+            active_rules: 0,
+        })
+    }
+
+    /// Starts draining the program's log records into `log` (and so into
+    /// `tracing`). Needs a tokio runtime.
+    pub fn start_logger(&mut self) {
+        if let Some(logger) = self.logger.take() {
+            self.logger_task = Some(tokio::spawn(drain_log(logger)));
+        }
     }
 
     /// Attaches the `sk_lookup` program that lets a SYN reopen a tuple held
@@ -87,16 +118,16 @@ impl Datapath {
     /// before 5.9) such a SYN is answered by TIME_WAIT, and the client's
     /// retry a second later gets through.
     pub fn attach_reopen(&mut self) -> Result<()> {
+        if !self.reopen_loaded {
+            return Err(Error::KernelTooOld {
+                found: "this kernel".into(),
+                feature: "sk_lookup (TIME_WAIT handover)",
+                needed: "5.9",
+            });
+        }
         let netns = std::fs::File::open("/proc/self/ns/net")
             .map_err(|e| Error::io("opening /proc/self/ns/net", e))?;
-        let program: &mut SkLookup = self
-            .ebpf
-            .program_mut(names::REOPEN_PROGRAM)
-            .ok_or(Error::Load(EbpfError::ProgramError(ProgramError::UnexpectedProgramType)))?
-            .try_into()
-            .map_err(|e| Error::Load(EbpfError::ProgramError(e)))?;
-        program.load().map_err(load_error(names::REOPEN_PROGRAM))?;
-        program.attach(netns).map_err(|source| Error::Attach {
+        reopen_program(&mut self.ebpf)?.attach(netns).map_err(|source| Error::Attach {
             iface: "the network namespace (sk_lookup)".into(),
             source,
         })?;
@@ -226,7 +257,7 @@ impl Datapath {
 
 impl Drop for Datapath {
     fn drop(&mut self) {
-        if let Some(task) = self.logger.take() {
+        if let Some(task) = self.logger_task.take() {
             task.abort();
         }
         // `links` detach as they drop, then `ebpf` closes the program.
@@ -266,6 +297,13 @@ fn program_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
     let program = ebpf
         .program_mut(names::PROGRAM)
         .ok_or_else(|| Error::Load(EbpfError::ProgramError(ProgramError::UnexpectedProgramType)))?;
+    program.try_into().map_err(|e| Error::Load(EbpfError::ProgramError(e)))
+}
+
+fn reopen_program(ebpf: &mut Ebpf) -> Result<&mut SkLookup> {
+    let program = ebpf
+        .program_mut(names::REOPEN_PROGRAM)
+        .ok_or(Error::Load(EbpfError::ProgramError(ProgramError::UnexpectedProgramType)))?;
     program.try_into().map_err(|e| Error::Load(EbpfError::ProgramError(e)))
 }
 

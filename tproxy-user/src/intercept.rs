@@ -147,6 +147,17 @@ impl Interceptor {
         config: InterceptConfig,
         sockets: &[(RelaySocket, BorrowedFd<'_>)],
     ) -> Result<Self> {
+        preflight(&config)?;
+        let datapath = load(&config)?;
+        Self::start_loaded(config, sockets, datapath).await
+    }
+
+    /// [`Self::start`] with the programs already loaded by [`load`].
+    pub async fn start_loaded(
+        config: InterceptConfig,
+        sockets: &[(RelaySocket, BorrowedFd<'_>)],
+        mut datapath: Datapath,
+    ) -> Result<Self> {
         let kernel = preflight(&config)?;
         let (claim, leftover) = Claim::acquire(&config.name)?;
         // A killed run under this name left these; its routing is ours to
@@ -154,7 +165,7 @@ impl Interceptor {
         leftover.filters.iter().for_each(datapath::remove_filter);
         routing::remove(&config.routing()).await?;
 
-        let mut datapath = Datapath::load(config.mark, config.bypass_mark, config.return_path)?;
+        datapath.start_logger();
         for &(socket, fd) in sockets {
             datapath.set_listener(socket.slot(), &fd)?;
         }
@@ -270,6 +281,11 @@ impl Interceptor {
             None => Ok(()),
         }
     }
+}
+
+/// Loads the programs for `config` (see [`Datapath::load`]).
+pub fn load(config: &InterceptConfig) -> Result<Datapath> {
+    Datapath::load(config.mark, config.bypass_mark, config.return_path)
 }
 
 /// Everything that can be checked before changing anything: the

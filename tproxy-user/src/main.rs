@@ -8,6 +8,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tproxy_user::{
     attach::{self, AttachConfig},
     control::{self, Request, Response},
+    datapath::Datapath,
     intercept::{self, DEFAULT_RULE_PRIORITY, DEFAULT_TABLE, InterceptConfig},
     relay::{TcpRelayConfig, UdpRelayConfig, tcp, udp},
     rules::{Protocol, Rule, parse_ports},
@@ -317,19 +318,53 @@ async fn print_rules(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+/// What runs once the runtime is up; `attach` and `relay` are prepared
+/// before it, while the process has a single thread.
+enum Job {
+    Attach(Box<AttachConfig>, Datapath),
+    Relay(TcpRelayConfig, UdpRelayConfig),
+    Other(Command),
+}
+
+/// Checks the input, loads the programs, and drops every capability the
+/// rest of the run does not need. Capabilities are per thread, so this
+/// happens before the runtime starts its threads, which inherit the result.
+fn prepare(command: Command) -> anyhow::Result<Job> {
+    let job = match command {
         Command::Attach(args) => {
             let config = attach_config(*args)?;
-            attach::run(config, shutdown_signal()?).await.context("attach")
+            intercept::preflight(&config.intercept).context("attach")?;
+            tproxy_user::system::raise_memlock_limit();
+            let datapath = intercept::load(&config.intercept).context("attach")?;
+            Job::Attach(Box::new(config), datapath)
         }
         Command::Relay(args) => {
             if args.listen_port == 0 {
                 anyhow::bail!("give --listen-port: the port your TPROXY rules send traffic to");
             }
             let (tcp, udp) = relay_configs(&args)?;
-            attach::relay_only(tcp, udp, shutdown_signal()?).await.context("relay")
+            Job::Relay(tcp, udp)
         }
+        other => return Ok(Job::Other(other)),
+    };
+    tproxy_user::system::drop_capabilities(&tproxy_user::system::runtime_capabilities())?;
+    Ok(job)
+}
+
+async fn run(job: Job) -> anyhow::Result<()> {
+    let command = match job {
+        Job::Attach(config, datapath) => {
+            return attach::run_loaded(*config, Some(datapath), shutdown_signal()?)
+                .await
+                .context("attach");
+        }
+        Job::Relay(tcp, udp) => {
+            return attach::relay_only(tcp, udp, shutdown_signal()?).await.context("relay");
+        }
+        Job::Other(command) => command,
+    };
+    match command {
+        Command::Attach(_) | Command::Relay(_) => unreachable!("prepared before the runtime"),
         Command::Port { action } => match action {
             PortAction::Add(a) => {
                 ask(&a.instance.name, Request::AddRule { rule: a.rule() }).await.map(drop)
@@ -400,6 +435,13 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    let job = match prepare(cli.command) {
+        Ok(job) => job,
+        Err(e) => {
+            eprintln!("tproxy-user: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -407,7 +449,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(job)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tproxy-user: error: {e:#}");

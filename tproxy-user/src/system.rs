@@ -94,12 +94,14 @@ pub fn raise_fd_limit() -> u64 {
     limit.rlim_cur
 }
 
-/// Capabilities a running instance still needs once it is set up:
-/// CAP_NET_ADMIN for IP_TRANSPARENT and SO_MARK on the sockets it opens per
-/// connection and for removing its routing and filters at exit;
+/// The capabilities an instance needs, from start to exit: CAP_NET_ADMIN
+/// for attaching and routing, IP_TRANSPARENT and SO_MARK on the sockets it
+/// opens per connection, and removing everything at exit;
 /// CAP_NET_BIND_SERVICE because a UDP reply socket binds to the original
 /// destination's port (53, say) and a spoofed dial to the client's port;
-/// CAP_BPF for rule changes and counters (CAP_SYS_ADMIN before 5.8).
+/// CAP_BPF for loading, rule changes and counters (CAP_SYS_ADMIN before
+/// 5.8, which had no CAP_BPF). Everything else is dropped before the
+/// instance starts its threads.
 pub fn runtime_capabilities() -> Vec<caps::Capability> {
     use caps::Capability::*;
     let bpf = if caps::runtime::thread_all_supported().contains(&CAP_BPF) {
@@ -111,27 +113,40 @@ pub fn runtime_capabilities() -> Vec<caps::Capability> {
 }
 
 /// Drops every capability but `keep` from the effective, permitted,
-/// inheritable and bounding sets of every thread, for good. Call it once
-/// everything privileged at startup is done.
+/// inheritable and bounding sets, for good, and sets no_new_privs.
+/// Capabilities are per thread: call this before any thread is started
+/// (threads inherit the caller's sets). Capabilities the process does not
+/// have stay absent; the privilege check reports them later.
 pub fn drop_capabilities(keep: &[caps::Capability]) -> Result<()> {
     use caps::{CapSet, CapsHashSet};
     let err = |what: &str, e: caps::errors::CapsError| {
         Error::io(format!("dropping capabilities ({what})"), std::io::Error::other(e.to_string()))
     };
-    let keep: CapsHashSet = keep.iter().copied().collect();
-    // The bounding set needs CAP_SETPCAP, so it goes first.
-    for cap in caps::runtime::thread_all_supported() {
-        if !keep.contains(&cap) {
-            caps::drop(None, CapSet::Bounding, cap).map_err(|e| err("bounding", e))?;
+    let permitted = caps::read(None, CapSet::Permitted).map_err(|e| err("reading", e))?;
+    let keep: CapsHashSet = keep.iter().copied().filter(|c| permitted.contains(c)).collect();
+    // Shrinking the bounding set needs CAP_SETPCAP, so it goes first.
+    if caps::has_cap(None, CapSet::Effective, caps::Capability::CAP_SETPCAP).unwrap_or(false) {
+        for cap in caps::runtime::thread_all_supported() {
+            if !keep.contains(&cap) {
+                caps::drop(None, CapSet::Bounding, cap).map_err(|e| err("bounding", e))?;
+            }
         }
     }
-    caps::clear(None, CapSet::Inheritable).map_err(|e| err("inheritable", e))?;
     caps::clear(None, CapSet::Ambient).map_err(|e| err("ambient", e))?;
+    caps::clear(None, CapSet::Inheritable).map_err(|e| err("inheritable", e))?;
     caps::set(None, CapSet::Effective, &keep).map_err(|e| err("effective", e))?;
     caps::set(None, CapSet::Permitted, &keep).map_err(|e| err("permitted", e))?;
     // SAFETY: prctl with constant arguments.
     unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
     Ok(())
+}
+
+/// Lifts the locked-memory limit, which BPF maps count against on kernels
+/// before 5.11 (later ones charge the memory cgroup instead).
+pub fn raise_memlock_limit() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit with a valid pointer; failure leaves the limit as it was.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
 }
 
 /// This host's addresses (in the current network namespace).
