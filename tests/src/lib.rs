@@ -528,3 +528,55 @@ impl Drop for UdpServer {
         }
     }
 }
+
+/// A TCP server that echoes every connection until EOF on its own thread,
+/// and reports each peer it accepted (with when) on the returned channel.
+pub fn tcp_echo_server(
+    ns: &Netns,
+    addr: SocketAddr,
+) -> Result<std::sync::mpsc::Receiver<(Instant, SocketAddr)>> {
+    let listener = ns.tcp_listen(addr)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let Ok(peer) = stream.peer_addr() else { continue };
+            let _ = tx.send((Instant::now(), peer));
+            thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(rx)
+}
+
+/// Raises this process's open-file limit as far as it may go (the hard
+/// limit too, with CAP_SYS_RESOURCE) and returns the soft limit now in force.
+pub fn raise_fd_limit(want: u64) -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        let raised =
+            libc::rlimit { rlim_cur: want.max(limit.rlim_max), rlim_max: want.max(limit.rlim_max) };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            let soft = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &soft);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+    }
+    limit.rlim_cur
+}
+
+impl Proxy {
+    /// The instance's counters, from `tproxy-user stats --json`.
+    pub fn stats(&self, ns: &Netns) -> Result<serde_json::Value> {
+        let out = run_tproxy(ns, &["stats", "--json"])?;
+        ensure!(out.status.success(), "stats: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}

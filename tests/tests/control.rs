@@ -33,24 +33,15 @@ fn rules(topology: &Topology) -> Result<Vec<String>> {
     Ok(tproxy_ok(topology, &["rule", "list"])?.lines().map(str::to_owned).collect())
 }
 
-/// A server that accepts connections forever and echoes each until EOF,
-/// reporting every peer it saw.
+/// The lib's echo server, reporting only the peers.
 fn echo_server(ns: &Netns, addr: SocketAddr) -> Result<std::sync::mpsc::Receiver<SocketAddr>> {
-    let listener = ns.tcp_listen(addr)?;
+    let timed = tcp_echo_server(ns, addr)?;
     let (tx, rx) = std::sync::mpsc::channel();
     thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let Ok(peer) = stream.peer_addr() else { continue };
-            let _ = tx.send(peer);
-            thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = stream.read(&mut buf) {
-                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
+        for (_, peer) in timed {
+            if tx.send(peer).is_err() {
+                return;
+            }
         }
     });
     Ok(rx)
@@ -196,8 +187,8 @@ fn cidr_rules_exclusions_ranges_and_sources() -> Result<()> {
     let mut servers = std::collections::HashMap::new();
     for (dst, source, expected) in cases {
         let dst: SocketAddr = dst.parse()?;
-        if !servers.contains_key(&dst) {
-            servers.insert(dst, echo_server(&topology.server, dst)?);
+        if let std::collections::hash_map::Entry::Vacant(slot) = servers.entry(dst) {
+            slot.insert(echo_server(&topology.server, dst)?);
         }
         let source = source.map(|s| s.parse()).transpose()?;
         let peer = peer_seen(&topology, &servers[&dst], dst, source)?;

@@ -97,8 +97,11 @@ fn steer(ctx: &TcContext, mut flow: Flow) {
     if !to_port && !from_port {
         return;
     }
-    // The relay's own upstream traffic carries the bypass mark.
-    if unsafe { (*ctx.skb.skb).mark } == global(&BYPASS_MARK) {
+    let skb = unsafe { &*ctx.skb.skb };
+    // The relay's own upstream traffic carries the bypass mark. A frame
+    // still tagged with a VLAN here belongs to a VLAN device (attach there)
+    // or to nobody; the kernel drops it after us either way.
+    if skb.mark == global(&BYPASS_MARK) || skb.vlan_present != 0 {
         return;
     }
     let rule = if to_port { match_rule(&flow) } else { None };

@@ -74,7 +74,9 @@ pub async fn run_loaded(
     if port != 0 && intercept.rules.iter().any(|r| r.covers_port(port)) {
         return Err(Error::Config(format!("--listen-port {port} is also an intercepted port")));
     }
-    crate::intercept::preflight(&intercept)?;
+    if datapath.is_none() {
+        crate::intercept::preflight(&intercept)?;
+    }
     // Everything that can fail for a reason the user can fix is bound
     // before anything is attached.
     let control_socket = match &control_socket {
@@ -187,7 +189,7 @@ pub async fn relay_only(
     udp: UdpRelayConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    crate::system::check_privileges()?;
+    crate::system::check_relay_privileges()?;
     let port = tcp.listen_port;
     let tcp = TcpRelay::bind(tcp)?;
     let udp = UdpRelay::bind(UdpRelayConfig { listen_port: port, ..udp })?;

@@ -13,7 +13,7 @@ pub enum Error {
 
     /// The process lacks the named capabilities.
     #[error(
-        "insufficient privileges: run as root, or with CAP_NET_ADMIN and CAP_BPF (missing {0})"
+        "insufficient privileges: run as root, or with CAP_NET_ADMIN, CAP_BPF and CAP_PERFMON (missing {0})"
     )]
     Privileges(String),
 

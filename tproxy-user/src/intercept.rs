@@ -158,7 +158,8 @@ impl Interceptor {
         sockets: &[(RelaySocket, BorrowedFd<'_>)],
         mut datapath: Datapath,
     ) -> Result<Self> {
-        let kernel = preflight(&config)?;
+        // The programs are loaded: what is left needs CAP_NET_ADMIN.
+        let kernel = checks(&config, false)?;
         let (claim, leftover) = Claim::acquire(&config.name)?;
         // A killed run under this name left these; its routing is ours to
         // replace too (same mark and table).
@@ -291,8 +292,16 @@ pub fn load(config: &InterceptConfig) -> Result<Datapath> {
 /// Everything that can be checked before changing anything: the
 /// configuration, privileges, the kernel, and that the interfaces exist.
 pub fn preflight(config: &InterceptConfig) -> Result<aya::util::KernelVersion> {
+    checks(config, true)
+}
+
+fn checks(config: &InterceptConfig, loading: bool) -> Result<aya::util::KernelVersion> {
     config.validate()?;
-    system::check_privileges()?;
+    if loading {
+        system::check_privileges()?;
+    } else {
+        system::check_relay_privileges()?;
+    }
     let kernel = system::check_kernel()?;
     for iface in &config.interfaces {
         system::ifindex(iface)?;

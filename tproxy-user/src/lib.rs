@@ -55,6 +55,7 @@ pub mod attach;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod doctor;
 pub mod error;
 pub mod intercept;
 pub mod metrics;

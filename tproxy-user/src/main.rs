@@ -56,6 +56,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check this host for what tproxy needs and what gets in its way; each
+    /// finding comes with its fix. Exits non-zero if anything fails.
+    Doctor(DoctorArgs),
     /// Remove what a killed `attach` left behind: the TC filters it recorded
     /// and the policy routing for the mark and table.
     Cleanup(CleanupArgs),
@@ -192,6 +195,15 @@ struct RelayArgs {
 }
 
 #[derive(Args)]
+struct DoctorArgs {
+    /// Interfaces you mean to attach to.
+    #[arg(value_name = "IFACE")]
+    interfaces: Vec<String>,
+    #[command(flatten)]
+    routing: RoutingArgs,
+}
+
+#[derive(Args)]
 struct CleanupArgs {
     /// Also remove every tproxy TC filter on these interfaces, for when the
     /// instance's records under /run/tproxy are lost.
@@ -321,7 +333,7 @@ async fn print_rules(name: &str) -> anyhow::Result<()> {
 /// What runs once the runtime is up; `attach` and `relay` are prepared
 /// before it, while the process has a single thread.
 enum Job {
-    Attach(Box<AttachConfig>, Datapath),
+    Attach(Box<(AttachConfig, Datapath)>),
     Relay(TcpRelayConfig, UdpRelayConfig),
     Other(Command),
 }
@@ -336,7 +348,7 @@ fn prepare(command: Command) -> anyhow::Result<Job> {
             intercept::preflight(&config.intercept).context("attach")?;
             tproxy_user::system::raise_memlock_limit();
             let datapath = intercept::load(&config.intercept).context("attach")?;
-            Job::Attach(Box::new(config), datapath)
+            Job::Attach(Box::new((config, datapath)))
         }
         Command::Relay(args) => {
             if args.listen_port == 0 {
@@ -353,8 +365,9 @@ fn prepare(command: Command) -> anyhow::Result<Job> {
 
 async fn run(job: Job) -> anyhow::Result<()> {
     let command = match job {
-        Job::Attach(config, datapath) => {
-            return attach::run_loaded(*config, Some(datapath), shutdown_signal()?)
+        Job::Attach(prepared) => {
+            let (config, datapath) = *prepared;
+            return attach::run_loaded(config, Some(datapath), shutdown_signal()?)
                 .await
                 .context("attach");
         }
@@ -393,6 +406,17 @@ async fn run(job: Job) -> anyhow::Result<()> {
                 } else {
                     print!("{}", stats.to_table());
                 }
+            }
+            Ok(())
+        }
+        Command::Doctor(args) => {
+            let config = intercept_config(args.interfaces, vec![], &args.routing);
+            let findings = tproxy_user::doctor::check(&config).await;
+            for finding in &findings {
+                println!("{finding}");
+            }
+            if tproxy_user::doctor::failed(&findings) {
+                anyhow::bail!("doctor found problems (FAIL above)");
             }
             Ok(())
         }

@@ -132,24 +132,46 @@ async fn remove_with(handle: &Handle, config: &RoutingConfig) -> Result<()> {
 
 /// Refuses to share a mark or a table with someone else's routing.
 async fn check_conflicts(handle: &Handle, config: &RoutingConfig) -> Result<()> {
+    match conflicts_with(handle, config).await?.into_iter().next() {
+        Some(conflict) => Err(Error::Routing(conflict)),
+        None => Ok(()),
+    }
+}
+
+/// Rules and routes of someone else that use our mark or table, one line each.
+pub async fn conflicts(config: &RoutingConfig) -> Result<Vec<String>> {
+    let netlink = Netlink::connect()?;
+    conflicts_with(&netlink.handle, config).await
+}
+
+async fn conflicts_with(handle: &Handle, config: &RoutingConfig) -> Result<Vec<String>> {
+    let mut found = Vec::new();
     for family in config.families() {
         for rule in rules(handle, family.clone()).await? {
             if rule_mark(&rule) == Some(config.mark) {
-                return Err(Error::Routing(format!(
+                found.push(format!(
                     "fwmark {:#x} is already used by another rule (table {}); choose another --mark",
                     config.mark,
                     rule_table(&rule)
-                )));
+                ));
             }
         }
         if routes(handle, family.clone()).await?.iter().any(|r| route_table(r) == config.table) {
-            return Err(Error::Routing(format!(
+            found.push(format!(
                 "routing table {} already has routes; choose another --table",
                 config.table
-            )));
+            ));
         }
     }
-    Ok(())
+    found.dedup();
+    Ok(found)
+}
+
+/// Fails if the kernel cannot do IPv6 policy routing
+/// (CONFIG_IPV6_MULTIPLE_TABLES).
+pub async fn probe_ipv6_rules(_config: &RoutingConfig) -> Result<()> {
+    let netlink = Netlink::connect()?;
+    rules(&netlink.handle, IpVersion::V6).await.map(drop)
 }
 
 /// A connection to rtnetlink whose background task ends with it.

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 /// Oldest kernel whose TC programs may call `bpf_sk_assign`.
@@ -23,8 +24,20 @@ pub fn ifindex(name: &str) -> Result<u32> {
     }
 }
 
-/// Fails unless the process may load BPF programs and change networking.
+/// Fails unless the process may load our BPF programs and change
+/// networking: CAP_NET_ADMIN, CAP_BPF and CAP_PERFMON (without which the
+/// verifier's Spectre sanitation refuses the program), or CAP_SYS_ADMIN for
+/// the last two.
 pub fn check_privileges() -> Result<()> {
+    check_capabilities(true)
+}
+
+/// Like [`check_privileges`], for a process that loads no program.
+pub fn check_relay_privileges() -> Result<()> {
+    check_capabilities(false)
+}
+
+fn check_capabilities(loads_programs: bool) -> Result<()> {
     let status = fs::read_to_string("/proc/self/status")
         .map_err(|e| Error::io("reading /proc/self/status", e))?;
     let caps = status
@@ -37,9 +50,12 @@ pub fn check_privileges() -> Result<()> {
     if !has(CAP_NET_ADMIN) {
         missing.push("CAP_NET_ADMIN");
     }
-    // Before CAP_BPF existed (5.8), CAP_SYS_ADMIN covered it.
-    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+    // Before CAP_BPF and CAP_PERFMON existed (5.8), CAP_SYS_ADMIN covered them.
+    if loads_programs && !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
         missing.push("CAP_BPF");
+    }
+    if loads_programs && !has(CAP_PERFMON) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_PERFMON");
     }
     if missing.is_empty() { Ok(()) } else { Err(Error::Privileges(missing.join(", "))) }
 }

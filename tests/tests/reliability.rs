@@ -1,0 +1,512 @@
+//! Reliability and security: crashes, failing upstreams, idle and hostile
+//! clients, exhausted resources, load, and what the daemon may still do.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use tproxy_tests::*;
+
+fn attach(topology: &Topology, extra: &[&str]) -> Result<Proxy> {
+    let mut args = vec!["attach", PROXY_CLIENT_IFACE];
+    args.extend_from_slice(extra);
+    Proxy::start(&topology.proxy, &args)
+}
+
+/// Connects, sends `ping`, and returns what came back (or the error).
+fn ping(topology: &Topology, addr: SocketAddr, timeout: Duration) -> Result<Vec<u8>> {
+    let mut stream = topology
+        .client
+        .run(move || TcpStream::connect_timeout(&addr, timeout))?
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(b"ping")?;
+    stream.shutdown(Shutdown::Write)?;
+    read_to_end(&mut stream)
+}
+
+/// SIGKILL under load: new connections go straight to the server (fail-open)
+/// within a second, and a restart under the same name just works.
+#[test]
+fn sigkill_under_load_fails_open_within_a_second() -> Result<()> {
+    let topology = Topology::new("kill")?;
+    let addr = Topology::server_addr(false, 80);
+    let seen = tcp_echo_server(&topology.server, addr)?;
+    let proxy = attach(&topology, &["--port", "80"])?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (client, stop) = (Netns { name: topology.client.name.clone() }, stop.clone());
+        thread::spawn(move || {
+            let (mut ok, mut failed) = (0u32, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let attempt = client.run(move || -> std::io::Result<Vec<u8>> {
+                    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+                    s.set_read_timeout(Some(Duration::from_secs(1)))?;
+                    s.write_all(b"x")?;
+                    s.shutdown(Shutdown::Write)?;
+                    let mut back = Vec::new();
+                    s.read_to_end(&mut back)?;
+                    Ok(back)
+                });
+                match attempt {
+                    Ok(Ok(back)) if back == b"x" => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        })
+    };
+    thread::sleep(Duration::from_millis(500));
+    let killed_at = Instant::now();
+    let (status, _) = proxy.stop_with(libc::SIGKILL)?;
+    ensure!(!status.success());
+    thread::sleep(Duration::from_millis(1500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.join().unwrap();
+    let peers: Vec<(Instant, SocketAddr)> = seen.try_iter().collect();
+    let relayed_before =
+        peers.iter().filter(|(t, p)| *t < killed_at && p.ip() == proxy_ip(false)).count();
+    let first_direct = peers
+        .iter()
+        .find(|(t, p)| *t >= killed_at && p.ip() == client_ip(false))
+        .map(|(t, _)| t.duration_since(killed_at))
+        .context("no connection reached the server directly after the kill")?;
+    eprintln!(
+        "sigkill: {relayed_before} relayed before, first direct {first_direct:?} after, {ok} ok, {failed} cut by the kill"
+    );
+    ensure!(relayed_before > 0, "the load was not relayed before the kill");
+    ensure!(first_direct <= Duration::from_secs(1), "fail-open took {first_direct:?}");
+
+    // A restart under the same name clears what the killed run left.
+    let proxy = attach(&topology, &["--port", "80"])?;
+    ensure!(ping(&topology, addr, Duration::from_secs(5))? == b"ping");
+    let (_, peer) = seen.recv_timeout(Duration::from_secs(5))?;
+    ensure!(peer.ip() == proxy_ip(false), "not relayed after the restart: {peer}");
+    let log = proxy.stop()?;
+    ensure!(!log.to_lowercase().contains("file exists"), "{log}");
+    let state = topology.proxy.interception_state(PROXY_CLIENT_IFACE, 485)?;
+    ensure!(state.is_empty(), "left behind: {state}");
+    Ok(())
+}
+
+/// The server resets mid-stream: the client gets the data so far, then a
+/// reset, and the failure is counted.
+#[test]
+fn an_upstream_reset_reaches_the_client() -> Result<()> {
+    let topology = Topology::new("rstmid")?;
+    let addr = Topology::server_addr(false, 80);
+    let listener = topology.server.tcp_listen(addr)?;
+    let server = thread::spawn(move || -> Result<()> {
+        let (mut stream, _) = listener.accept()?;
+        stream.write_all(&pattern(5, 1000))?;
+        thread::sleep(Duration::from_millis(200));
+        socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
+        Ok(())
+    });
+    let proxy = attach(&topology, &["--port", "80"])?;
+    let mut client = topology.client.tcp_connect(addr)?;
+    let mut got = vec![0u8; 1000];
+    client.read_exact(&mut got)?;
+    ensure!(got == pattern(5, 1000));
+    let started = Instant::now();
+    let next = client.read(&mut [0u8; 16]);
+    ensure!(
+        matches!(&next, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "expected a reset, got {next:?}"
+    );
+    ensure!(started.elapsed() < Duration::from_secs(2), "the reset took {:?}", started.elapsed());
+    server.join().unwrap()?;
+    let log = proxy.stop()?;
+    ensure!(log.contains("1 aborted"), "{log}");
+    Ok(())
+}
+
+/// A blackholed destination: the client is reset after the connect timeout,
+/// the relay keeps serving others meanwhile, and the timeout is counted.
+#[test]
+fn a_blackholed_destination_times_out_and_resets() -> Result<()> {
+    let topology = Topology::new("blackhole")?;
+    // The server's answers to the proxy vanish; IPv6 still works.
+    topology.server.exec(&["ip", "route", "add", "blackhole", "198.51.100.1/32"])?;
+    let v6 = Topology::server_addr(true, 80);
+    let _seen = tcp_echo_server(&topology.server, v6)?;
+    let v4 = Topology::server_addr(false, 80);
+    let _listener = topology.server.tcp_listen(v4)?;
+    let proxy = attach(&topology, &["--port", "80", "--connect-timeout", "1"])?;
+    let started = Instant::now();
+    let stuck = thread::spawn({
+        let client = Netns { name: topology.client.name.clone() };
+        move || client.connection_is_reset(v4)
+    });
+    thread::sleep(Duration::from_millis(200));
+    ensure!(ping(&topology, v6, Duration::from_secs(5))? == b"ping", "others were not served");
+    ensure!(stuck.join().unwrap()?, "the client was not reset");
+    let waited = started.elapsed();
+    ensure!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(4),
+        "reset after {waited:?}"
+    );
+    let log = proxy.stop()?;
+    ensure!(log.contains("1 upstream failures, 1 timeouts"), "{log}");
+    Ok(())
+}
+
+/// 1000 connections that send nothing do not stop a new one from being
+/// served, and the idle timeout resets them.
+#[test]
+fn a_slowloris_does_not_starve_new_connections() -> Result<()> {
+    const IDLE: usize = 1000;
+    raise_fd_limit(4 * IDLE as u64);
+    let topology = Topology::new("slowloris")?;
+    let idle_addr = Topology::server_addr(false, 80);
+    let listener = topology.server.tcp_listen(idle_addr)?;
+    let holder = thread::spawn(move || {
+        let mut held = Vec::new();
+        while held.len() < IDLE {
+            match listener.accept() {
+                Ok((s, _)) => held.push(s),
+                Err(_) => break,
+            }
+        }
+        held
+    });
+    let echo_addr = Topology::server_addr(false, 81);
+    let _seen = tcp_echo_server(&topology.server, echo_addr)?;
+    let proxy = attach(&topology, &["--port", "80-81", "--tcp-idle-timeout", "3"])?;
+    let idle: Vec<TcpStream> =
+        (0..IDLE).map(|_| topology.client.tcp_connect(idle_addr)).collect::<Result<_>>()?;
+    let held = holder.join().unwrap();
+    ensure!(held.len() == IDLE, "only {} idle connections reached the server", held.len());
+    let started = Instant::now();
+    ensure!(ping(&topology, echo_addr, Duration::from_secs(5))? == b"ping");
+    ensure!(
+        started.elapsed() < Duration::from_secs(1),
+        "a new connection took {:?}",
+        started.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let stats = proxy.stats(&topology.proxy)?;
+        if stats["tcp"]["idle_timeouts"].as_u64() >= Some(IDLE as u64) {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "idle connections were not closed: {}", stats["tcp"]);
+        thread::sleep(Duration::from_millis(200));
+    }
+    let mut first = &idle[0];
+    let read = first.read(&mut [0u8; 1]);
+    ensure!(matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{read:?}");
+    drop(idle);
+    drop(held);
+    proxy.stop()?;
+    Ok(())
+}
+
+/// Out of file descriptors, the relay backs off instead of spinning or
+/// dying, and serves again once descriptors are free.
+#[test]
+fn fd_exhaustion_backs_off_and_recovers() -> Result<()> {
+    let topology = Topology::new("emfile")?;
+    let addr = Topology::server_addr(false, 80);
+    let seen = tcp_echo_server(&topology.server, addr)?;
+    let name = topology.proxy.name.clone();
+    let bin = tproxy_bin();
+    let proxy = Proxy::spawn_program(
+        &topology.proxy,
+        std::path::Path::new("prlimit"),
+        &[
+            "--nofile=128:128",
+            bin.to_str().unwrap(),
+            "attach",
+            PROXY_CLIENT_IFACE,
+            "--port",
+            "80",
+            "--max-connections",
+            "1000",
+            "--name",
+            &name,
+        ],
+        "info,aya::bpf=error,tproxy_user=debug",
+    )?;
+    proxy.wait_for_log("ready:", Duration::from_secs(30))?;
+    // Far more connections than 128 descriptors can relay; they sit open.
+    let open: Vec<TcpStream> =
+        (0..120).filter_map(|_| topology.client.tcp_connect(addr).ok()).collect();
+    proxy.wait_for_log("retrying in", Duration::from_secs(10))?;
+    let cpu = |pid: u32| -> Result<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
+    };
+    // prlimit execs tproxy-user in place, so the pid is the relay's.
+    let before = cpu(proxy.pid())?;
+    thread::sleep(Duration::from_secs(1));
+    let ticks = cpu(proxy.pid())? - before;
+    // 100 ticks are one CPU-second: a spinning loop would use them all.
+    ensure!(ticks < 30, "the relay used {ticks} ticks in one second while out of descriptors");
+    drop(open);
+    while seen.try_recv().is_ok() {}
+    // Once the clients are gone, descriptors come back and it serves again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(back) = ping(&topology, addr, Duration::from_secs(2))
+            && back == b"ping"
+        {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the relay did not recover:\n{}", proxy.log());
+        thread::sleep(Duration::from_millis(200));
+    }
+    let (_, peer) = seen.recv_timeout(Duration::from_secs(5))?;
+    ensure!(peer.ip() == proxy_ip(false), "not relayed: {peer}");
+    proxy.stop()?;
+    Ok(())
+}
+
+/// Socket descriptors of a process.
+fn socket_fds(pid: u32) -> Result<usize> {
+    let mut sockets = 0;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        if let Ok(target) = std::fs::read_link(entry?.path())
+            && target.to_string_lossy().starts_with("socket:")
+        {
+            sockets += 1;
+        }
+    }
+    Ok(sockets)
+}
+
+/// 10 000 concurrent relayed connections (fewer where the hard file limit
+/// does not allow two descriptors each), each moving 4 KiB each way, every
+/// byte checked; afterwards the relay holds no more sockets than before.
+#[test]
+fn ten_thousand_concurrent_connections() -> Result<()> {
+    let limit = raise_fd_limit(65_536);
+    let connections = 10_000.min((limit.saturating_sub(512) / 2) as usize);
+    eprintln!("load: {connections} connections (open-file limit {limit})");
+    let topology = Topology::new("load")?;
+    let addr = Topology::server_addr(false, 80);
+    let mut server = topology
+        .server
+        .command(env!("CARGO_BIN_EXE_echo-server"))
+        .arg(addr.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut ready = [0u8; 6];
+    server.stdout.as_mut().context("stdout")?.read_exact(&mut ready)?;
+    let result = (|| -> Result<()> {
+        let proxy = attach(&topology, &["--port", "80"])?;
+        let baseline = socket_fds(proxy.pid())?;
+        let started = Instant::now();
+        let mut streams = Vec::with_capacity(connections);
+        for i in 0..connections {
+            let stream =
+                topology.client.tcp_connect(addr).with_context(|| format!("connection {i}"))?;
+            streams.push(stream);
+        }
+        let concurrent = proxy.stats(&topology.proxy)?["tcp"]["active"].as_u64().unwrap_or(0);
+        for (i, stream) in streams.iter_mut().enumerate() {
+            stream.write_all(&pattern(i as u64, 4096))?;
+            stream.shutdown(Shutdown::Write)?;
+        }
+        for (i, stream) in streams.iter_mut().enumerate() {
+            let back = read_to_end(stream)?;
+            ensure!(
+                back == pattern(i as u64, 4096),
+                "connection {i}: {} bytes came back, or wrong ones",
+                back.len()
+            );
+        }
+        eprintln!(
+            "load: {connections} connections ({concurrent} relayed at once) checked in {:?}",
+            started.elapsed()
+        );
+        ensure!(
+            concurrent as usize >= connections * 99 / 100,
+            "only {concurrent} were relayed at once"
+        );
+        drop(streams);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = socket_fds(proxy.pid())?;
+            if now <= baseline {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the relay holds {now} sockets, {baseline} before the load"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        let log = proxy.stop()?;
+        ensure!(log.contains(&format!("{connections} connections relayed")), "{log}");
+        Ok(())
+    })();
+    let _ = server.kill();
+    let _ = server.wait();
+    result
+}
+
+/// A connection or datagram whose original destination is the proxy itself
+/// is refused, not relayed.
+#[test]
+fn the_proxy_itself_is_not_an_open_door() -> Result<()> {
+    let topology = Topology::new("selfdst")?;
+    let proxy = attach(&topology, &["--port", "80", "--port", "5300"])?;
+    let own: SocketAddr = (PROXY_CLIENT_SIDE_V4, 80).into();
+    ensure!(
+        topology.client.connection_is_reset(own)?,
+        "a connection to the proxy's own address was not refused"
+    );
+    let udp = topology.client.udp_client(own)?;
+    udp.send_to(b"hi", (PROXY_CLIENT_SIDE_V4, 5300))?;
+    udp.set_read_timeout(Some(Duration::from_millis(300)))?;
+    ensure!(udp.recv_from(&mut [0u8; 16]).is_err(), "a datagram to the proxy was answered");
+    thread::sleep(Duration::from_millis(200));
+    let stats = proxy.stats(&topology.proxy)?;
+    ensure!(stats["tcp"]["refused_local"] == 1, "{}", stats["tcp"]);
+    ensure!(stats["udp"]["refused_local"] == 1, "{}", stats["udp"]);
+    proxy.stop()?;
+    Ok(())
+}
+
+/// The relay's own upstream traffic, marked with the upstream mark, is never
+/// steered again, even when it comes back in through an interface the
+/// program is attached to (here a veth pair inside the proxy namespace,
+/// which keeps the mark).
+#[test]
+fn the_relays_own_traffic_is_never_steered_again() -> Result<()> {
+    let topology = Topology::new("hairpin")?;
+    let p = &topology.proxy;
+    p.exec(&["ip", "link", "add", "h0", "type", "veth", "peer", "name", "h1"])?;
+    p.exec(&["ip", "addr", "add", "203.0.113.1/24", "dev", "h0"])?;
+    p.exec(&["ip", "addr", "add", "203.0.113.2/24", "dev", "h1"])?;
+    p.exec(&["ip", "link", "set", "h0", "up"])?;
+    p.exec(&["ip", "link", "set", "h1", "up"])?;
+    p.exec(&["ip", "route", "add", "203.0.113.99/32", "via", "203.0.113.2", "dev", "h0"])?;
+    // Packets from our own address arriving on h1 are martians otherwise.
+    p.exec(&["sysctl", "-qw", "net.ipv4.conf.h1.accept_local=1", "net.ipv4.conf.h1.rp_filter=0"])?;
+    let proxy = Proxy::start(p, &["attach", "h1", "--port", "80", "--connect-timeout", "1"])?;
+    let target: SocketAddr = "203.0.113.99:80".parse()?;
+    let connect = |mark: u32| {
+        p.run(move || -> std::io::Result<TcpStream> {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            if mark != 0 {
+                socket.set_mark(mark)?;
+            }
+            socket.connect_timeout(&target.into(), Duration::from_secs(1))?;
+            Ok(socket.into())
+        })
+    };
+    let to_listener = || -> Result<u64> {
+        proxy.stats(p)?["datapath"]["to_listener"].as_u64().context("to_listener")
+    };
+    // Marked like the relay's own traffic: not steered (it loops in the
+    // routing until its TTL runs out).
+    ensure!(connect(0x1e6)?.is_err(), "the marked connection reached something");
+    ensure!(to_listener()? == 0, "a marked packet was steered");
+    // Unmarked: steered to the relay, which dials out with the mark; that
+    // SYN comes back in on h1 and must not be steered to ourselves again.
+    let mut stream = connect(0)?.context("the unmarked connection was not steered")?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let _ = stream.read(&mut [0u8; 1]);
+    ensure!(to_listener()? == 1, "the relay's own SYN was steered back to it: {}", to_listener()?);
+    let stats = proxy.stats(p)?;
+    ensure!(stats["tcp"]["accepted"] == 1, "{}", stats["tcp"]);
+    proxy.stop()?;
+    Ok(())
+}
+
+/// After setup the daemon holds only CAP_NET_ADMIN, CAP_NET_BIND_SERVICE and
+/// CAP_BPF, in every set, with no_new_privs, and still works: rules change,
+/// UDP replies bind to port 53, spoofed dials bind to clients' addresses.
+#[test]
+fn the_daemon_drops_what_it_does_not_need() -> Result<()> {
+    let topology = Topology::new("caps")?;
+    let proxy = Proxy::start(
+        &topology.proxy,
+        &["attach", PROXY_CLIENT_IFACE, PROXY_SERVER_IFACE, "--port", "53", "--spoof-source"],
+    )?;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid()))?;
+    let field = |name: &str| -> Result<u64> {
+        let value = status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .with_context(|| format!("no {name}"))?;
+        Ok(u64::from_str_radix(value.trim(), 16)?)
+    };
+    let expected = (1u64 << 12) | (1 << 10) | (1 << 39);
+    for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        let value = field(set)?;
+        ensure!(value == expected, "{set} {value:#x}, expected {expected:#x}");
+    }
+    ensure!(field("CapInh:")? == 0 && field("CapAmb:")? == 0);
+    ensure!(
+        status.lines().any(|l| l.starts_with("NoNewPrivs:") && l.ends_with('1')),
+        "no_new_privs is not set"
+    );
+    // Still able to change rules and to relay spoofed TCP and UDP on port 53/8080.
+    let out = run_tproxy(&topology.proxy, &["port", "add", "8080", "--proto", "tcp"])?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let addr = Topology::server_addr(false, 8080);
+    let seen = tcp_echo_server(&topology.server, addr)?;
+    ensure!(ping(&topology, addr, Duration::from_secs(5))? == b"ping");
+    ensure!(seen.recv_timeout(Duration::from_secs(5))?.1.ip() == client_ip(false));
+    let dns = Topology::server_addr(false, 53);
+    let server = UdpServer::start(&topology.server, dns, 1)?;
+    let client = topology.client.udp_client(dns)?;
+    client.send_to(b"query", dns)?;
+    let mut buf = [0u8; 16];
+    let (n, from) = client.recv_from(&mut buf)?;
+    ensure!(from == dns && &buf[..n] == b"query", "reply {from}");
+    ensure!(server.peers()[0].ip() == client_ip(false));
+    proxy.stop()?;
+    Ok(())
+}
+
+/// `doctor` reports a healthy setup, a conflicting rule, strict rp_filter and
+/// missing privileges, each with its fix.
+#[test]
+fn doctor_finds_what_is_wrong() -> Result<()> {
+    let topology = Topology::new("doctor")?;
+    let run = |wrapper: &[&str]| -> Result<(bool, String)> {
+        let bin = tproxy_bin();
+        let mut cmd =
+            topology.proxy.command(wrapper.first().copied().unwrap_or(bin.to_str().unwrap()));
+        if !wrapper.is_empty() {
+            cmd.args(&wrapper[1..]).arg(&bin);
+        }
+        let out = cmd.args(["doctor", PROXY_CLIENT_IFACE]).output()?;
+        Ok((out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned()))
+    };
+    let (healthy, report) = run(&[])?;
+    ensure!(healthy, "{report}");
+    for expected in
+        ["ok    privileges", "pass this kernel's verifier", "fwmark 0x1e5 and table 485 are free"]
+    {
+        ensure!(report.contains(expected), "no {expected:?} in:\n{report}");
+    }
+
+    topology.proxy.exec(&["ip", "rule", "add", "fwmark", "0x1e5", "lookup", "100"])?;
+    topology.proxy.exec(&["sysctl", "-qw", "net.ipv4.conf.p0.rp_filter=1"])?;
+    let (healthy, report) = run(&[])?;
+    ensure!(!healthy, "a conflict passed:\n{report}");
+    ensure!(report.contains("FAIL  fwmark 0x1e5 is already used"), "{report}");
+    ensure!(report.contains("warn  p0: strict reverse-path"), "{report}");
+    ensure!(report.contains("fix: "), "{report}");
+
+    let (healthy, report) = run(&[
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+    ])?;
+    ensure!(!healthy && report.contains("FAIL  insufficient privileges"), "{report}");
+    Ok(())
+}

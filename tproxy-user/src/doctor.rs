@@ -1,0 +1,229 @@
+//! `tproxy-user doctor`: checks this host for what tproxy needs and for what
+//! gets in its way, each finding with its fix.
+
+use std::{fmt, fs};
+
+use aya::util::KernelVersion;
+
+use crate::{
+    datapath::Datapath,
+    intercept::InterceptConfig,
+    routing::{self, RoutingConfig},
+    system,
+};
+
+/// How bad a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// Fine.
+    Ok,
+    /// Works, but worth knowing.
+    Warn,
+    /// `attach` would fail, or intercepted traffic would be lost.
+    Fail,
+}
+
+/// One check's result.
+#[derive(Debug, Clone)]
+pub struct Finding {
+    /// How bad.
+    pub level: Level,
+    /// What was found.
+    pub what: String,
+    /// What to do about it, if anything.
+    pub fix: Option<String>,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tag = match self.level {
+            Level::Ok => "ok  ",
+            Level::Warn => "warn",
+            Level::Fail => "FAIL",
+        };
+        write!(f, "{tag}  {}", self.what)?;
+        if let Some(fix) = &self.fix {
+            write!(f, "\n      fix: {fix}")?;
+        }
+        Ok(())
+    }
+}
+
+fn ok(what: impl Into<String>) -> Finding {
+    Finding { level: Level::Ok, what: what.into(), fix: None }
+}
+
+fn warn(what: impl Into<String>, fix: impl Into<String>) -> Finding {
+    Finding { level: Level::Warn, what: what.into(), fix: Some(fix.into()) }
+}
+
+fn fail(what: impl Into<String>, fix: impl Into<String>) -> Finding {
+    Finding { level: Level::Fail, what: what.into(), fix: Some(fix.into()) }
+}
+
+/// Runs every check for an instance configured like `config` (its
+/// interfaces, mark and table).
+pub async fn check(config: &InterceptConfig) -> Vec<Finding> {
+    let mut findings = vec![kernel()];
+    let privileged = system::check_privileges();
+    findings.push(match &privileged {
+        Ok(()) => ok("privileges: CAP_NET_ADMIN, CAP_BPF and CAP_PERFMON"),
+        Err(e) => fail(
+            e.to_string(),
+            "run as root, or grant those capabilities (e.g. systemd AmbientCapabilities=)",
+        ),
+    });
+    if privileged.is_ok() {
+        findings.push(match Datapath::load(config.mark, config.bypass_mark, config.return_path) {
+            Ok(_) => {
+                ok("the TC and sk_lookup programs pass this kernel's verifier (helpers present)")
+            }
+            Err(e) => fail(
+                format!("loading the programs: {e}"),
+                "run with RUST_LOG=debug for the verifier log, and report it",
+            ),
+        });
+    }
+    findings.push(bpffs());
+    findings.extend(ipv6(config).await);
+    findings.extend(routing_conflicts(config).await);
+    for iface in &config.interfaces {
+        findings.extend(interface(iface));
+    }
+    findings.push(forwarding());
+    findings
+}
+
+fn kernel() -> Finding {
+    let Ok(current) = KernelVersion::current() else {
+        return fail("cannot read the kernel version", "check /proc/sys/kernel/osrelease");
+    };
+    let code = current.code();
+    let version = format!("{}.{}.{}", code >> 16, (code >> 8) & 0xff, code & 0xff);
+    let at_least = |major, minor| current >= KernelVersion::new(major, minor, 0);
+    if !at_least(5, 7) {
+        return fail(
+            format!("kernel {version}: bpf_sk_assign at TC ingress needs 5.7"),
+            "upgrade the kernel",
+        );
+    }
+    let mut notes = vec!["bpf_sk_assign (5.7)".to_owned()];
+    if at_least(5, 9) {
+        notes.push("sk_lookup TIME_WAIT handover (5.9)".into());
+    }
+    if at_least(6, 6) {
+        notes.push("TCX links (6.6)".into());
+        ok(format!("kernel {version}: {}", notes.join(", ")))
+    } else {
+        warn(
+            format!(
+                "kernel {version}: {}; no TCX (6.6), so programs attach as netlink filters, which outlive a killed process",
+                notes.join(", ")
+            ),
+            "after a SIGKILL, the next `attach` with the same --name, or `tproxy-user cleanup`, removes them",
+        )
+    }
+}
+
+fn bpffs() -> Finding {
+    let mounted = fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("bpf"));
+    if mounted {
+        ok("bpffs is mounted (tproxy pins nothing, but other tools expect it)")
+    } else {
+        warn(
+            "bpffs is not mounted; tproxy does not need it (it pins nothing)",
+            "for bpftool and friends: mount -t bpf bpf /sys/fs/bpf",
+        )
+    }
+}
+
+async fn ipv6(config: &InterceptConfig) -> Vec<Finding> {
+    if !system::ipv6_enabled() {
+        return vec![warn(
+            "IPv6 is disabled: only IPv4 is intercepted",
+            "nothing to do unless you need IPv6",
+        )];
+    }
+    let routing = RoutingConfig {
+        mark: config.mark,
+        table: config.table,
+        priority: config.rule_priority,
+        ipv6: true,
+    };
+    match routing::probe_ipv6_rules(&routing).await {
+        Ok(()) => vec![ok("IPv6 policy routing (multiple tables) works")],
+        Err(e) => vec![fail(
+            format!("IPv6 policy routing: {e}"),
+            "a kernel with CONFIG_IPV6_MULTIPLE_TABLES, or disable IPv6",
+        )],
+    }
+}
+
+async fn routing_conflicts(config: &InterceptConfig) -> Vec<Finding> {
+    let routing = RoutingConfig {
+        mark: config.mark,
+        table: config.table,
+        priority: config.rule_priority,
+        ipv6: system::ipv6_enabled(),
+    };
+    match routing::conflicts(&routing).await {
+        Ok(conflicts) if conflicts.is_empty() => vec![ok(format!(
+            "fwmark {:#x} and table {} are free",
+            config.mark, config.table
+        ))],
+        Ok(conflicts) => conflicts
+            .into_iter()
+            .map(|c| fail(c, "choose another --mark/--table, or remove the other rule (tproxy-user cleanup if it is a leftover of ours)"))
+            .collect(),
+        Err(e) => vec![fail(format!("listing rules: {e}"), "check rtnetlink access")],
+    }
+}
+
+fn interface(iface: &str) -> Vec<Finding> {
+    if system::ifindex(iface).is_err() {
+        return vec![fail(
+            format!("interface {iface:?} not found"),
+            "check the name with `ip link`",
+        )];
+    }
+    let read =
+        |path: String| fs::read_to_string(path).ok().and_then(|v| v.trim().parse::<u32>().ok());
+    let iface_rp = read(format!("/proc/sys/net/ipv4/conf/{iface}/rp_filter")).unwrap_or(0);
+    let all_rp = read("/proc/sys/net/ipv4/conf/all/rp_filter".into()).unwrap_or(0);
+    // The kernel uses the larger of the two.
+    let rp = iface_rp.max(all_rp);
+    if rp == 1 {
+        vec![warn(
+            format!(
+                "{iface}: strict reverse-path filtering (rp_filter=1) drops packets from sources routed via another interface, intercepted or not"
+            ),
+            format!(
+                "with asymmetric routes: sysctl -w net.ipv4.conf.{iface}.rp_filter=2 net.ipv4.conf.all.rp_filter=2"
+            ),
+        )]
+    } else {
+        vec![ok(format!("{iface}: rp_filter={rp}"))]
+    }
+}
+
+fn forwarding() -> Finding {
+    let on = fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+        .map(|v| v.trim() == "1")
+        .unwrap_or(false);
+    if on {
+        ok("IPv4 forwarding is on (traffic that is not intercepted is routed on)")
+    } else {
+        warn(
+            "IPv4 forwarding is off: on a router, traffic that is not intercepted is dropped",
+            "sysctl -w net.ipv4.ip_forward=1 (and net.ipv6.conf.all.forwarding=1)",
+        )
+    }
+}
+
+/// Whether any finding fails.
+pub fn failed(findings: &[Finding]) -> bool {
+    findings.iter().any(|f| f.level == Level::Fail)
+}
