@@ -350,3 +350,41 @@ fn after_exit_a_reused_client_port_is_forwarded_at_once() -> Result<()> {
     ensure!(peers[0].ip() == proxy_ip(false) && peers[1] == client_addr, "server saw {peers:?}");
     Ok(())
 }
+
+/// `--tcp-listeners 2` makes an SO_REUSEPORT group. `bpf_sk_assign` takes
+/// such sockets since Linux 6.5: there connections are relayed; on older
+/// kernels attach refuses at start, in one line, and leaves nothing behind.
+#[test]
+fn reuseport_listeners_work_or_are_refused_by_kernel_version() -> Result<()> {
+    let topology = Topology::new("reuseport")?;
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    let mut numbers =
+        release.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u32>().ok());
+    let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    let args = ["attach", PROXY_CLIENT_IFACE, "--port", "80", "--tcp-listeners", "2"];
+    if (major, minor) < (6, 5) {
+        let out = run_tproxy(&topology.proxy, &args)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "attach succeeded on {release}");
+        ensure!(
+            stderr.lines().any(|l| l.contains("error") && l.contains("needs Linux 6.5 or newer")),
+            "{stderr}"
+        );
+        let state = topology.proxy.interception_state(PROXY_CLIENT_IFACE, TABLE)?;
+        ensure!(state.is_empty(), "left behind: {state}");
+        return Ok(());
+    }
+    let proxy = Proxy::start(&topology.proxy, &args)?;
+    let addr = Topology::server_addr(false, 80);
+    let seen = tcp_echo_server(&topology.server, addr)?;
+    for _ in 0..20 {
+        let mut client = topology.client.tcp_connect(addr)?;
+        client.write_all(b"x")?;
+        client.shutdown(Shutdown::Write)?;
+        ensure!(read_to_end(&mut client)? == b"x");
+        ensure!(seen.recv_timeout(Duration::from_secs(5))?.1.ip() == proxy_ip(false));
+    }
+    let log = proxy.stop()?;
+    ensure!(log.contains("20 connections relayed"), "{log}");
+    Ok(())
+}

@@ -70,6 +70,12 @@ pub async fn run_loaded(
     if let Some(path) = &rules_file {
         intercept.rules.extend(config::load_rules(path)?);
     }
+    if tcp.listeners > 1 {
+        crate::system::require_kernel(
+            crate::relay::tcp::REUSEPORT_KERNEL,
+            "more than one TCP listener (bpf_sk_assign of SO_REUSEPORT sockets)",
+        )?;
+    }
     let port = tcp.listen_port;
     if port != 0 && intercept.rules.iter().any(|r| r.covers_port(port)) {
         return Err(Error::Config(format!("--listen-port {port} is also an intercepted port")));
@@ -164,7 +170,7 @@ pub async fn run_loaded(
     let stopped = interceptor.stop().await;
     relays.cancel();
     while tasks.join_next().await.is_some() {}
-    remove_time_waits(&ports);
+    remove_time_waits(Some(&ports));
     if let Ok(s) = datapath_stats {
         info!(
             "datapath: {} packets to the listener, {} to existing sockets, {} SYNs met TIME_WAIT ({} handed over), {} replies to spoofed sockets, {} passed without a listener, {} assign failures",
@@ -201,13 +207,16 @@ pub async fn relay_only(
     info!("shutting down");
     stop.cancel();
     let _ = tokio::join!(tasks.0, tasks.1);
+    // Which ports were steered here is the rules' business; every
+    // transparent TIME_WAIT socket in this namespace is a relay's.
+    remove_time_waits(None);
     info!("relay: {}", tcp_stats.snapshot().summary());
     info!("relay: {}", udp_stats.snapshot().summary());
     Ok(())
 }
 
 /// Destroys the relay's TIME_WAIT sockets (see [`crate::timewait`]).
-fn remove_time_waits(ports: &std::collections::HashSet<u16>) {
+fn remove_time_waits(ports: Option<&std::collections::HashSet<u16>>) {
     let removed = crate::system::local_addresses()
         .and_then(|local| crate::timewait::remove_relay_time_waits(ports, &local));
     match removed {

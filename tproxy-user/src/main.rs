@@ -182,6 +182,11 @@ struct RelayArgs {
     /// Seconds a TCP connection may pass no bytes before it is reset; 0: never.
     #[arg(long, default_value_t = tcp::DEFAULT_IDLE_TIMEOUT.as_secs_f64(), value_name = "SECS")]
     tcp_idle_timeout: f64,
+    /// TCP listeners per family, sharing the port with SO_REUSEPORT so that
+    /// accepting spreads over cores. Above 1 it needs Linux 6.5 (when
+    /// bpf_sk_assign learned reuseport sockets).
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    tcp_listeners: usize,
     /// Most TCP connections relayed at once; past it new ones wait in the
     /// backlog. Default: 65536, or what the open-file limit allows.
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
@@ -300,6 +305,7 @@ fn relay_configs(args: &RelayArgs) -> anyhow::Result<(TcpRelayConfig, UdpRelayCo
         connect_timeout: seconds("--connect-timeout", args.connect_timeout)?,
         idle_timeout,
         max_connections,
+        listeners: args.tcp_listeners,
     };
     let udp = UdpRelayConfig {
         listen_port: args.listen_port,

@@ -75,6 +75,19 @@ pub fn check_kernel() -> Result<KernelVersion> {
     Ok(current)
 }
 
+/// Fails unless the kernel is at least `needed` ("6.5"), naming `feature`.
+pub fn require_kernel(needed: &'static str, feature: &'static str) -> Result<()> {
+    let current = KernelVersion::current().map_err(|e| {
+        Error::io("reading the kernel version", std::io::Error::other(e.to_string()))
+    })?;
+    let mut parts = needed.split('.').map(|p| p.parse::<u8>().unwrap_or(0));
+    let wanted = KernelVersion::new(parts.next().unwrap_or(0), parts.next().unwrap_or(0), 0);
+    if current < wanted {
+        return Err(Error::KernelTooOld { found: format_version(current), feature, needed });
+    }
+    Ok(())
+}
+
 /// TCX links (6.6+) detach by themselves when their owner dies; older kernels
 /// attach through netlink clsact filters, which outlive the process.
 pub fn has_tcx(kernel: KernelVersion) -> bool {

@@ -26,16 +26,22 @@ use tracing::debug;
 /// Destroys TCP TIME_WAIT sockets whose local address is not one of this
 /// host's (so only a transparent socket can have made them) and whose local
 /// port (a client-side socket) or remote port (a spoofed upstream socket)
-/// is in `ports`. Returns how many went.
-pub fn remove_relay_time_waits(ports: &HashSet<u16>, local: &HashSet<IpAddr>) -> io::Result<usize> {
-    if ports.is_empty() {
+/// is in `ports` (`None`: any port, for a relay that does not know what is
+/// steered to it). Returns how many went.
+pub fn remove_relay_time_waits(
+    ports: Option<&HashSet<u16>>,
+    local: &HashSet<IpAddr>,
+) -> io::Result<usize> {
+    if ports.is_some_and(HashSet::is_empty) {
         return Ok(0);
     }
     let mut removed = 0;
     for family in [AF_INET, AF_INET6] {
         for id in time_wait_sockets(family)? {
             let ours = !local.contains(&id.source_address)
-                && (ports.contains(&id.source_port) || ports.contains(&id.destination_port));
+                && ports.is_none_or(|p| {
+                    p.contains(&id.source_port) || p.contains(&id.destination_port)
+                });
             if ours {
                 match destroy(family, id) {
                     Ok(()) => removed += 1,

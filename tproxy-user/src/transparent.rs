@@ -46,8 +46,17 @@ impl TransparentListener {
     /// Binds and listens on `addr` (IPv6-only for an IPv6 address, so each
     /// family has its own listener).
     pub fn bind(addr: SocketAddr, backlog: i32) -> io::Result<Self> {
+        Self::bind_with(addr, backlog, false)
+    }
+
+    /// Like [`Self::bind`]; with `reuse_port`, several listeners share the
+    /// address (SO_REUSEPORT) and the kernel spreads connections over them.
+    pub fn bind_with(addr: SocketAddr, backlog: i32, reuse_port: bool) -> io::Result<Self> {
         let socket = transparent_socket(addr, Type::STREAM, Protocol::TCP)?;
         socket.set_reuse_address(true)?;
+        if reuse_port {
+            socket.set_reuse_port(true)?;
+        }
         socket.bind(&addr.into())?;
         socket.listen(backlog)?;
         Ok(Self { listener: TcpListener::from_std(socket.into())? })

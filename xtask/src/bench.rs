@@ -375,6 +375,11 @@ impl Drop for Steering<'_> {
         if matches!(self.mode, Mode::Haproxy | Mode::OursIptables) {
             let _ = self.iptables_tproxy(false);
         }
+        // A transparent relay's TIME_WAIT sockets carry the clients' tuples
+        // and make the kernel drop forwarded packets of those tuples for a
+        // minute. tproxy removes its own at exit; HAProxy does not, so the
+        // harness does, or the next mode would start crippled.
+        let _ = self.topology.proxy.exec(&["ss", "-K", "-tan", "state", "time-wait"]);
     }
 }
 

@@ -160,7 +160,7 @@ fn guest_script(binaries: &TestBinaries) -> String {
     );
     for (name, path) in &binaries.tests {
         script += &format!(
-            "echo \"== {name}\"\n{} --test-threads 2 > \"$1/{name}.log\" 2>&1 || status=1\ngrep '^test result' \"$1/{name}.log\"\n",
+            "echo \"== {name}\"\n{} --test-threads 2 --show-output > \"$1/{name}.log\" 2>&1 || status=1\ngrep '^test result' \"$1/{name}.log\"\n",
             path.display()
         );
     }

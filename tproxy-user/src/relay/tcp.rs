@@ -40,7 +40,14 @@ pub struct TcpRelayConfig {
     /// Most connections relayed at once. Past it the relay stops accepting;
     /// new connections wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Listeners per family. Above 1 they form an SO_REUSEPORT group that
+    /// the kernel balances; `bpf_sk_assign` takes such sockets only since
+    /// Linux 6.5 (see [`REUSEPORT_KERNEL`]).
+    pub listeners: usize,
 }
+
+/// The first kernel whose `bpf_sk_assign` accepts SO_REUSEPORT sockets.
+pub const REUSEPORT_KERNEL: &str = "6.5";
 
 impl Default for TcpRelayConfig {
     fn default() -> Self {
@@ -52,6 +59,7 @@ impl Default for TcpRelayConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            listeners: 1,
         }
     }
 }
@@ -99,8 +107,10 @@ super::counters! {
 /// Bound listeners, ready to be registered with the datapath and run.
 pub struct TcpRelay {
     config: TcpRelayConfig,
-    v4: TransparentListener,
-    v6: Option<TransparentListener>,
+    /// The first of each family goes into the datapath's sockmap; with
+    /// SO_REUSEPORT the kernel picks among all of them.
+    v4: Vec<TransparentListener>,
+    v6: Vec<TransparentListener>,
     stats: Arc<TcpRelayStats>,
 }
 
@@ -115,15 +125,28 @@ impl TcpRelay {
         let bind_err = |addr: SocketAddr| {
             move |e: io::Error| Error::io(format!("binding the relay listener on {addr}"), e)
         };
-        let v4_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.listen_port));
-        let v4 = TransparentListener::bind(v4_addr, BACKLOG).map_err(bind_err(v4_addr))?;
-        // With port 0 both families share the port the kernel chose for IPv4.
-        let port = v4.local_addr().map_err(bind_err(v4_addr))?.port();
+        let count = config.listeners.max(1);
+        let reuse_port = count > 1;
+        let group = |addr: SocketAddr| -> Result<Vec<TransparentListener>> {
+            let first = TransparentListener::bind_with(addr, BACKLOG, reuse_port)
+                .map_err(bind_err(addr))?;
+            // With port 0 the others join the port the kernel chose.
+            let addr = first.local_addr().map_err(bind_err(addr))?;
+            let mut all = vec![first];
+            for _ in 1..count {
+                all.push(
+                    TransparentListener::bind_with(addr, BACKLOG, true).map_err(bind_err(addr))?,
+                );
+            }
+            Ok(all)
+        };
+        let v4 = group(SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.listen_port)))?;
+        // Both families share the port the kernel chose for IPv4.
+        let port = v4[0].local_addr().map_err(|e| Error::io("reading the relay's port", e))?.port();
         let v6 = if config.ipv6 {
-            let v6_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
-            Some(TransparentListener::bind(v6_addr, BACKLOG).map_err(bind_err(v6_addr))?)
+            group(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))?
         } else {
-            None
+            Vec::new()
         };
         let config = TcpRelayConfig { listen_port: port, ..config };
         Ok(Self { config, v4, v6, stats: Arc::default() })
@@ -134,14 +157,14 @@ impl TcpRelay {
         self.config.listen_port
     }
 
-    /// The IPv4 listener.
+    /// The IPv4 listener (the first of its group).
     pub fn ipv4_listener(&self) -> &TransparentListener {
-        &self.v4
+        &self.v4[0]
     }
 
-    /// The IPv6 listener, if IPv6 is on.
+    /// The IPv6 listener (the first of its group), if IPv6 is on.
     pub fn ipv6_listener(&self) -> Option<&TransparentListener> {
-        self.v6.as_ref()
+        self.v6.first()
     }
 
     /// The relay's counters.
@@ -156,7 +179,7 @@ impl TcpRelay {
         let local = LocalAddrs::watch(shutdown.clone());
         let shared = Arc::new(Shared { config: self.config, stats: self.stats, local, slots });
         let mut tasks = JoinSet::new();
-        for listener in std::iter::once(self.v4).chain(self.v6) {
+        for listener in self.v4.into_iter().chain(self.v6) {
             tasks.spawn(accept_loop(listener, shared.clone(), shutdown.clone()));
         }
         shutdown.cancelled().await;
