@@ -207,46 +207,21 @@ fn syn_meeting_time_wait_opens_a_new_connection_ipv6() -> Result<()> {
 }
 
 fn syn_meeting_time_wait(v6: bool) -> Result<()> {
-    use socket2::{Domain, Socket, Type};
     let topology = Topology::new(if v6 { "timewait6" } else { "timewait4" })?;
     let proxy = attach_port_80(&topology)?;
     let addr = Topology::server_addr(v6, 80);
     let client_addr = std::net::SocketAddr::new(client_ip(v6), 40000);
-    let listener = topology.server.tcp_listen(addr)?;
     const ROUNDS: usize = 10;
-    let server = std::thread::spawn(move || -> Result<()> {
-        for _ in 0..ROUNDS {
-            let (mut stream, _) = listener.accept()?;
-            stream.write_all(b"bye")?;
-        }
-        Ok(())
-    });
+    let server = closing_server(&topology, addr, ROUNDS)?;
     let resets_before = tcp_counter(&topology.client, "TcpOutRsts")?;
     for round in 0..ROUNDS {
-        let socket = topology.client.run(move || -> std::io::Result<Socket> {
-            let socket = Socket::new(Domain::for_address(client_addr), Type::STREAM, None)?;
-            socket.set_reuse_address(true)?;
-            socket.bind(&client_addr.into())?;
-            Ok(socket)
-        })??;
-        socket
-            .connect_timeout(&addr.into(), Duration::from_secs(10))
+        let answer = connect_from(&topology, client_addr, addr, Duration::from_secs(10))
             .map_err(|e| anyhow::anyhow!("round {round}: {e}"))?;
-        let mut stream: std::net::TcpStream = socket.into();
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        ensure!(read_to_end(&mut stream)? == b"bye", "round {round}");
-        drop(stream);
+        ensure!(answer == b"bye", "round {round}");
         // The client closed second, so its socket is gone once the proxy's
         // last ACK arrives (slow under emulation); only the proxy's side
         // holds the tuple in TIME_WAIT.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !topology.client.exec(&["ss", "-Htan", "sport", "=", ":40000"])?.trim().is_empty() {
-            ensure!(
-                std::time::Instant::now() < deadline,
-                "round {round}: the client's socket lingers"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_until_port_free(&topology, 40000)?;
     }
     server.join().unwrap()?;
     // Without the handover the client would see a challenge ACK for each
@@ -301,56 +276,107 @@ fn a_connection_opened_before_attach_survives_it() -> Result<()> {
     Ok(())
 }
 
+/// Connects from `from` to `to` and reads to the end.
+fn connect_from(
+    topology: &Topology,
+    from: std::net::SocketAddr,
+    to: std::net::SocketAddr,
+    timeout: Duration,
+) -> Result<Vec<u8>> {
+    use socket2::{Domain, Socket, Type};
+    let socket = topology.client.run(move || -> std::io::Result<Socket> {
+        let socket = Socket::new(Domain::for_address(from), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&from.into())?;
+        Ok(socket)
+    })??;
+    socket.connect_timeout(&to.into(), timeout)?;
+    let mut stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    read_to_end(&mut stream)
+}
+
+/// Waits until the client holds no socket on `port` (its side closed).
+fn wait_until_port_free(topology: &Topology, port: u16) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !topology
+        .client
+        .exec(&["ss", "-Htan", "sport", "=", &format!(":{port}")])?
+        .trim()
+        .is_empty()
+    {
+        ensure!(std::time::Instant::now() < deadline, "the client's socket on {port} lingers");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// A server that answers `bye` and closes first, `count` times.
+fn closing_server(
+    topology: &Topology,
+    addr: std::net::SocketAddr,
+    count: usize,
+) -> Result<std::thread::JoinHandle<Result<Vec<std::net::SocketAddr>>>> {
+    let listener = topology.server.tcp_listen(addr)?;
+    Ok(std::thread::spawn(move || -> Result<Vec<std::net::SocketAddr>> {
+        let mut peers = Vec::new();
+        for _ in 0..count {
+            let (mut stream, peer) = listener.accept()?;
+            stream.write_all(b"bye")?;
+            peers.push(peer);
+        }
+        Ok(peers)
+    }))
+}
+
 /// The server closes first, so the relay's client-side socket ends in
 /// TIME_WAIT holding the client's tuple. After `attach` exits, that client
 /// port must reach the server directly at once: a TIME_WAIT socket left
 /// behind would make the kernel drop the forwarded SYNs for a minute.
 #[test]
 fn after_exit_a_reused_client_port_is_forwarded_at_once() -> Result<()> {
-    use socket2::{Domain, Socket, Type};
     let topology = Topology::new("twexit")?;
     let addr = Topology::server_addr(false, 80);
     let client_addr = std::net::SocketAddr::new(client_ip(false), 40001);
-    let listener = topology.server.tcp_listen(addr)?;
-    let server = std::thread::spawn(move || -> Result<Vec<std::net::SocketAddr>> {
-        let mut peers = Vec::new();
-        for _ in 0..2 {
-            let (mut stream, peer) = listener.accept()?;
-            stream.write_all(b"bye")?;
-            peers.push(peer);
-        }
-        Ok(peers)
-    });
-    let connect = |timeout: Duration| -> Result<Vec<u8>> {
-        let socket = topology.client.run(move || -> std::io::Result<Socket> {
-            let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-            socket.set_reuse_address(true)?;
-            socket.bind(&client_addr.into())?;
-            Ok(socket)
-        })??;
-        socket.connect_timeout(&addr.into(), timeout)?;
-        let mut stream: std::net::TcpStream = socket.into();
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        read_to_end(&mut stream)
-    };
+    let server = closing_server(&topology, addr, 2)?;
     let proxy = attach_port_80(&topology)?;
-    ensure!(connect(Duration::from_secs(5))? == b"bye");
+    ensure!(connect_from(&topology, client_addr, addr, Duration::from_secs(5))? == b"bye");
     let log = proxy.stop()?;
     ensure!(log.contains("removed 1 TIME_WAIT sockets"), "{log}");
-    // Wait for the client's own socket to finish closing, then reuse the port.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !topology.client.exec(&["ss", "-Htan", "sport", "=", ":40001"])?.trim().is_empty() {
-        ensure!(std::time::Instant::now() < deadline, "the client's socket lingers");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until_port_free(&topology, 40001)?;
     let started = std::time::Instant::now();
-    ensure!(connect(Duration::from_secs(3))? == b"bye", "the reused port was black-holed");
+    ensure!(
+        connect_from(&topology, client_addr, addr, Duration::from_secs(3))? == b"bye",
+        "the reused port was black-holed"
+    );
     ensure!(started.elapsed() < Duration::from_millis(900), "took {:?}", started.elapsed());
     let peers = server.join().unwrap()?;
     ensure!(peers[0].ip() == proxy_ip(false) && peers[1] == client_addr, "server saw {peers:?}");
     Ok(())
 }
 
+/// The same after a SIGKILL: `cleanup` removes the killed relay's
+/// TIME_WAIT sockets with its filters and routing.
+#[test]
+fn after_a_kill_cleanup_unblocks_reused_client_ports() -> Result<()> {
+    let topology = Topology::new("twkill")?;
+    let addr = Topology::server_addr(false, 80);
+    let client_addr = std::net::SocketAddr::new(client_ip(false), 40002);
+    let server = closing_server(&topology, addr, 2)?;
+    let proxy = attach_port_80(&topology)?;
+    ensure!(connect_from(&topology, client_addr, addr, Duration::from_secs(5))? == b"bye");
+    let (status, _) = proxy.stop_with(libc::SIGKILL)?;
+    ensure!(!status.success());
+    let out = run_tproxy(&topology.proxy, &["cleanup", PROXY_CLIENT_IFACE])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "{stderr}");
+    ensure!(stderr.contains("removed 1 TIME_WAIT sockets an earlier run left"), "{stderr}");
+    wait_until_port_free(&topology, 40002)?;
+    ensure!(connect_from(&topology, client_addr, addr, Duration::from_secs(3))? == b"bye");
+    let peers = server.join().unwrap()?;
+    ensure!(peers[1] == client_addr, "server saw {peers:?}");
+    Ok(())
+}
 /// `--tcp-listeners 2` makes an SO_REUSEPORT group. `bpf_sk_assign` takes
 /// such sockets since Linux 6.5: there connections are relayed; on older
 /// kernels attach refuses at start, in one line, and leaves nothing behind.

@@ -163,7 +163,7 @@ impl Interceptor {
         let (claim, leftover) = Claim::acquire(&config.name)?;
         // A killed run under this name left these; its routing is ours to
         // replace too (same mark and table).
-        leftover.filters.iter().for_each(datapath::remove_filter);
+        remove_recorded(&leftover);
         routing::remove(&config.routing()).await?;
 
         datapath.start_logger();
@@ -250,6 +250,7 @@ impl Interceptor {
                 self.gated_tcp.insert(port);
             }
         }
+        self.claim.record_tcp_ports(self.gated_tcp.iter().copied())?;
         self.datapath.replace_rules(next.entries())?;
         self.rules = next;
         Ok(())
@@ -281,6 +282,24 @@ impl Interceptor {
             Some(routing) => routing.remove().await,
             None => Ok(()),
         }
+    }
+}
+
+/// Removes what a dead instance recorded: its netlink filters, and its
+/// relay's TIME_WAIT sockets, which would black-hole clients reusing their
+/// ports for a minute.
+fn remove_recorded(leftover: &state::InstanceState) {
+    leftover.filters.iter().for_each(datapath::remove_filter);
+    if leftover.tcp_ports.is_empty() {
+        return;
+    }
+    let ports: HashSet<u16> = leftover.tcp_ports.iter().copied().collect();
+    match system::local_addresses()
+        .and_then(|local| crate::timewait::remove_relay_time_waits(Some(&ports), &local))
+    {
+        Ok(0) => {}
+        Ok(n) => warn!("removed {n} TIME_WAIT sockets an earlier run left"),
+        Err(e) => warn!("could not remove an earlier run's TIME_WAIT sockets: {e}"),
     }
 }
 
@@ -321,7 +340,7 @@ pub async fn remove_leftovers(config: &InterceptConfig) -> Result<()> {
             config.name
         )));
     };
-    leftover.filters.iter().for_each(datapath::remove_filter);
+    remove_recorded(&leftover);
     for iface in &config.interfaces {
         datapath::remove_all_filters(iface);
     }

@@ -38,6 +38,10 @@ pub struct NetlinkFilter {
 pub struct InstanceState {
     /// Filters attached through netlink.
     pub filters: Vec<NetlinkFilter>,
+    /// TCP ports intercepted during the run: a killed relay's TIME_WAIT
+    /// sockets on them are removed after it (see [`crate::timewait`]).
+    #[serde(default)]
+    pub tcp_ports: Vec<u16>,
 }
 
 /// A claimed instance name: the lock is held until this is dropped, which
@@ -86,6 +90,17 @@ impl Claim {
     pub fn record(&mut self, filter: NetlinkFilter) -> Result<()> {
         self.state.filters.push(filter);
         self.write()
+    }
+
+    /// Records TCP ports as intercepted.
+    pub fn record_tcp_ports(&mut self, ports: impl IntoIterator<Item = u16>) -> Result<()> {
+        let before = self.state.tcp_ports.len();
+        for port in ports {
+            if !self.state.tcp_ports.contains(&port) {
+                self.state.tcp_ports.push(port);
+            }
+        }
+        if self.state.tcp_ports.len() == before { Ok(()) } else { self.write() }
     }
 
     fn write(&self) -> Result<()> {
