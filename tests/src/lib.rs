@@ -580,3 +580,68 @@ impl Proxy {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 }
+
+/// The wrapper that runs a command as nobody with no capabilities at all.
+pub const UNPRIVILEGED: &[&str] = &[
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--inh-caps=-all",
+    "--bounding-set=-all",
+];
+
+/// dnsmasq in the server namespace, answering the given names with the
+/// given addresses and logging who asked. Killed when dropped.
+pub struct Dnsmasq {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Dnsmasq {
+    /// Starts it on the server's s0 with `records` (name, address).
+    pub fn start(topology: &Topology, records: &[(&str, &str)]) -> Result<Self> {
+        let addresses: Vec<String> =
+            records.iter().map(|(name, addr)| format!("--address=/{name}/{addr}")).collect();
+        let mut child = topology
+            .server
+            .command("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--pid-file=",
+                "--user=root",
+                "--bind-interfaces",
+                "--interface=s0",
+                "--log-queries",
+                "--log-facility=-",
+            ])
+            .args(addresses)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting dnsmasq")?;
+        let log = Arc::new(Mutex::new(String::new()));
+        collect_lines(child.stderr.take().expect("stderr"), log.clone());
+        Ok(Self { child, log })
+    }
+
+    /// Whether dnsmasq logged a query from `addr`.
+    pub fn saw_query_from(&self, addr: &str) -> bool {
+        self.log.lock().unwrap().contains(&format!("from {addr}"))
+    }
+
+    /// Everything it logged.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

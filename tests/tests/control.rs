@@ -417,14 +417,8 @@ fn control_is_root_only() -> Result<()> {
     let proxy = Proxy::start(&topology.proxy, &["attach", PROXY_CLIENT_IFACE, "--port", "80"])?;
     let out = topology
         .proxy
-        .command("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ])
+        .command(UNPRIVILEGED[0])
+        .args(&UNPRIVILEGED[1..])
         .arg(tproxy_bin())
         .args(topology.proxy.instance_args(&["rule", "add", "8080"]))
         .output()?;

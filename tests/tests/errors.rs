@@ -75,14 +75,7 @@ fn listen_port_that_is_also_intercepted() -> Result<()> {
 fn no_privileges() -> Result<()> {
     rejected(
         "noprivs",
-        &[
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ],
+        UNPRIVILEGED,
         &["attach", PROXY_CLIENT_IFACE, "--port", "80"],
         "insufficient privileges",
     )

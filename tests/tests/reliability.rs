@@ -499,14 +499,7 @@ fn doctor_finds_what_is_wrong() -> Result<()> {
     ensure!(report.contains("warn  p0: strict reverse-path"), "{report}");
     ensure!(report.contains("fix: "), "{report}");
 
-    let (healthy, report) = run(&[
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-        "--bounding-set=-all",
-    ])?;
+    let (healthy, report) = run(UNPRIVILEGED)?;
     ensure!(!healthy && report.contains("FAIL  insufficient privileges"), "{report}");
     Ok(())
 }

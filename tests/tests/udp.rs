@@ -255,26 +255,10 @@ fn upstream_sockets(topology: &Topology, server: SocketAddr) -> Result<usize> {
 fn dig_queries_dnsmasq_through_the_proxy() -> Result<()> {
     let topology = Topology::new("dns")?;
     let proxy = Proxy::start(&topology.proxy, &["attach", PROXY_CLIENT_IFACE, "--port", "53"])?;
-    let mut dnsmasq = topology
-        .server
-        .command("dnsmasq")
-        .args([
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--pid-file=",
-            "--user=root",
-            "--bind-interfaces",
-            "--interface=s0",
-            "--address=/tproxy.test/203.0.113.7",
-            "--address=/tproxy.test/2001:db8::7",
-            "--log-queries",
-            "--log-facility=-",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("starting dnsmasq")?;
+    let dnsmasq = Dnsmasq::start(
+        &topology,
+        &[("tproxy.test", "203.0.113.7"), ("tproxy.test", "2001:db8::7")],
+    )?;
     let result = (|| -> Result<()> {
         for (server, kind, answer) in
             [("198.51.100.10", "A", "203.0.113.7"), ("2001:db8:2::10", "AAAA", "2001:db8::7")]
@@ -300,13 +284,11 @@ fn dig_queries_dnsmasq_through_the_proxy() -> Result<()> {
         }
         Ok(())
     })();
-    let _ = dnsmasq.kill();
-    let output = dnsmasq.wait_with_output()?;
     result?;
-    let log = String::from_utf8_lossy(&output.stderr);
     // dnsmasq saw the queries come from the proxy.
-    ensure!(log.contains("from 198.51.100.1"), "{log}");
-    ensure!(log.contains("from 2001:db8:2::1"), "{log}");
+    for proxy_addr in ["198.51.100.1", "2001:db8:2::1"] {
+        ensure!(dnsmasq.saw_query_from(proxy_addr), "{}", dnsmasq.log());
+    }
     let log = proxy.stop()?;
     ensure!(!log.contains("0 datagrams up"), "{log}");
     Ok(())

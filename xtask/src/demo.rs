@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use tproxy_tests::{PROXY_CLIENT_IFACE, Proxy, Topology};
+use tproxy_tests::{Dnsmasq, PROXY_CLIENT_IFACE, Proxy, Topology};
 
 pub fn run(bin: &Path) -> Result<()> {
     // SAFETY: set before any thread starts.
@@ -26,7 +26,7 @@ pub fn run(bin: &Path) -> Result<()> {
     section("Without tproxy: the proxy namespace only routes, the server sees the client");
     curl(&topology, "http://198.51.100.10/")?;
 
-    let dns = Dnsmasq::start(&topology)?;
+    let dns = Dnsmasq::start(&topology, &[("demo.test", "203.0.113.7")])?;
     section("tproxy-user attach p0 --port 80 --port 53   (in the proxy namespace)");
     let proxy = Proxy::start_logging(
         &topology.proxy,
@@ -85,56 +85,6 @@ fn dig(topology: &Topology) -> Result<String> {
         thread::sleep(std::time::Duration::from_millis(100));
     }
     anyhow::bail!("dig got no answer")
-}
-
-/// dnsmasq in the server namespace, answering demo.test with 203.0.113.7
-/// and logging who asked.
-struct Dnsmasq {
-    child: std::process::Child,
-    log: std::sync::Arc<std::sync::Mutex<String>>,
-}
-
-impl Dnsmasq {
-    fn start(topology: &Topology) -> Result<Self> {
-        let mut child = topology
-            .server
-            .command("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--pid-file=",
-                "--user=root",
-                "--bind-interfaces",
-                "--interface=s0",
-                "--address=/demo.test/203.0.113.7",
-                "--log-queries",
-                "--log-facility=-",
-            ])
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .context("starting dnsmasq")?;
-        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let (stderr, sink) = (child.stderr.take().expect("stderr"), log.clone());
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        Ok(Self { child, log })
-    }
-
-    fn saw_query_from(&self, addr: &str) -> bool {
-        self.log.lock().unwrap().contains(&format!("from {addr}"))
-    }
-}
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn section(title: &str) {
