@@ -390,6 +390,10 @@ fn the_relays_own_traffic_is_never_steered_again() -> Result<()> {
     p.exec(&["ip", "route", "add", "203.0.113.99/32", "via", "203.0.113.2", "dev", "h0"])?;
     // Packets from our own address arriving on h1 are martians otherwise.
     p.exec(&["sysctl", "-qw", "net.ipv4.conf.h1.accept_local=1", "net.ipv4.conf.h1.rp_filter=0"])?;
+    // What comes in on h1 and is not steered ends in a silent blackhole
+    // (instead of looping back out through h0 until its TTL runs out).
+    p.exec(&["ip", "rule", "add", "iif", "h1", "lookup", "200", "priority", "1000"])?;
+    p.exec(&["ip", "route", "add", "blackhole", "203.0.113.99/32", "table", "200"])?;
     let proxy = Proxy::start(p, &["attach", "h1", "--port", "80", "--connect-timeout", "1"])?;
     let target: SocketAddr = "203.0.113.99:80".parse()?;
     let connect = |mark: u32| {
@@ -405,18 +409,20 @@ fn the_relays_own_traffic_is_never_steered_again() -> Result<()> {
     let to_listener = || -> Result<u64> {
         proxy.stats(p)?["datapath"]["to_listener"].as_u64().context("to_listener")
     };
-    // Marked like the relay's own traffic: not steered (it loops in the
-    // routing until its TTL runs out).
+    // Marked like the relay's own traffic: not steered, so it dies in the
+    // blackhole.
     ensure!(connect(0x1e6)?.is_err(), "the marked connection reached something");
     ensure!(to_listener()? == 0, "a marked packet was steered");
     // Unmarked: steered to the relay, which dials out with the mark; that
     // SYN comes back in on h1 and must not be steered to ourselves again.
     let mut stream = connect(0)?.context("the unmarked connection was not steered")?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    // The relay's dial dies in the blackhole: a reset after the timeout.
     let _ = stream.read(&mut [0u8; 1]);
     ensure!(to_listener()? == 1, "the relay's own SYN was steered back to it: {}", to_listener()?);
     let stats = proxy.stats(p)?;
     ensure!(stats["tcp"]["accepted"] == 1, "{}", stats["tcp"]);
+    ensure!(stats["tcp"]["connect_timeouts"] == 1, "{}", stats["tcp"]);
     proxy.stop()?;
     Ok(())
 }

@@ -98,9 +98,12 @@ fn boot_and_test(
     fs::write(&script, guest_script(binaries))?;
     eprintln!("vm-test: booting {version} under TCG and running the tests (several minutes)");
     let vng = root.join("venv/bin/vng");
+    // The guest sees the host's root filesystem, but mounts its own /tmp
+    // and /run: a checkout under /tmp must be passed in explicitly.
     let status = Command::new(&vng)
-        .args(["--disable-kvm", "--memory", "2G", "--cpus", "2", "--rwdir"])
-        .arg(&results)
+        .args(["--disable-kvm", "--memory", "2G", "--cpus", "2"])
+        .arg(format!("--rodir={}", super::workspace().display()))
+        .arg(format!("--rwdir={}", results.display()))
         .arg("--run")
         .arg(&vmlinuz)
         .arg("--exec")
