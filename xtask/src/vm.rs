@@ -94,15 +94,17 @@ fn boot_and_test(
     let results = root.join("results").join(&version);
     let _ = fs::remove_dir_all(&results);
     fs::create_dir_all(&results)?;
-    let script = root.join("guest-tests.sh");
+    let script = results.join("guest-tests.sh");
     fs::write(&script, guest_script(binaries))?;
     eprintln!("vm-test: booting {version} under TCG and running the tests (several minutes)");
     let vng = root.join("venv/bin/vng");
     // The guest sees the host's root filesystem, but mounts its own /tmp
-    // and /run: a checkout under /tmp must be passed in explicitly.
+    // and /run: a checkout under /tmp must be passed in explicitly. The
+    // binaries and the (writable) results must not nest, or one mount
+    // hides the other.
     let status = Command::new(&vng)
         .args(["--disable-kvm", "--memory", "2G", "--cpus", "2"])
-        .arg(format!("--rodir={}", super::workspace().display()))
+        .arg(format!("--rodir={}", super::workspace().join("target/debug").display()))
         .arg(format!("--rwdir={}", results.display()))
         .arg("--run")
         .arg(&vmlinuz)
