@@ -341,6 +341,8 @@ pub async fn remove_leftovers(config: &InterceptConfig) -> Result<()> {
         )));
     };
     remove_recorded(&leftover);
+    // The dead instance's control socket.
+    let _ = std::fs::remove_file(crate::control::socket_path(&config.name));
     for iface in &config.interfaces {
         datapath::remove_all_filters(iface);
     }

@@ -47,7 +47,9 @@ pub struct InstanceState {
 /// A claimed instance name: the lock is held until this is dropped, which
 /// also removes the state file.
 pub struct Claim {
+    /// Locked while the claim lives; closing it releases the name.
     _lock: File,
+    lock_path: PathBuf,
     state_path: PathBuf,
     state: InstanceState,
 }
@@ -63,25 +65,10 @@ impl Claim {
             .create(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let lock_path = dir.join(format!("{name}.lock"));
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| Error::io(format!("opening {}", lock_path.display()), e))?;
-        // SAFETY: flock on a file descriptor we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock {
-                return Err(Error::Config(format!(
-                    "an instance named {name:?} is already running; give this one another --name (and --mark and --table)"
-                )));
-            }
-            return Err(Error::io(format!("locking {}", lock_path.display()), e));
-        }
+        let lock = lock(&lock_path, name)?;
         let state_path = dir.join(format!("{name}.state"));
         let leftover = read(&state_path);
-        let claim = Self { _lock: lock, state_path, state: InstanceState::default() };
+        let claim = Self { _lock: lock, lock_path, state_path, state: InstanceState::default() };
         claim.write()?;
         Ok((claim, leftover))
     }
@@ -113,8 +100,40 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        // Everything recorded has been detached by now.
+        // Everything recorded has been detached by now. The lock file goes
+        // while still locked; `lock` checks for that race.
         let _ = fs::remove_file(&self.state_path);
+        let _ = fs::remove_file(&self.lock_path);
+    }
+}
+
+/// Opens and locks `path`. A lock file that its holder unlinked on exit
+/// while we waited for it is no lock at all, so the locked file must still
+/// be the one at `path`.
+fn lock(path: &Path, name: &str) -> Result<File> {
+    use std::os::unix::fs::MetadataExt;
+    loop {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock {
+                return Err(Error::Config(format!(
+                    "an instance named {name:?} is already running; give this one another --name (and --mark and --table)"
+                )));
+            }
+            return Err(Error::io(format!("locking {}", path.display()), e));
+        }
+        let locked = file.metadata().map(|m| m.ino()).ok();
+        let current = fs::metadata(path).map(|m| m.ino()).ok();
+        if locked.is_some() && locked == current {
+            return Ok(file);
+        }
     }
 }
 

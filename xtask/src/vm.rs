@@ -113,8 +113,22 @@ fn boot_and_test(
         // vng finds virtme-run next to itself.
         .env("PATH", format!("{}:{}", vng.parent().unwrap().display(), std::env::var("PATH")?))
         .stdin(Stdio::null())
-        .status()
+        // Through a pipe: given our stdout itself, the console output of the
+        // guest clobbered a log file it was redirected to.
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
         .with_context(|| format!("running {}", vng.display()))?;
+    for line in String::from_utf8_lossy(&status.stdout)
+        .lines()
+        .chain(String::from_utf8_lossy(&status.stderr).lines())
+    {
+        let line = line.trim_matches(|c: char| c.is_whitespace() || c.is_control());
+        if !line.is_empty() {
+            println!("  | {line}");
+        }
+    }
+    let status = status.status;
     let (mut passed, mut failed, mut seen) = (0, 0, 0);
     let mut problems = Vec::new();
     for (name, _) in &binaries.tests {
