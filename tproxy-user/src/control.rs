@@ -105,11 +105,6 @@ impl Controller {
         Self { name, interceptor: Mutex::new(Some(interceptor)), tcp, udp, fixed_rules, rules_file }
     }
 
-    /// The instance's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// Carries out one request.
     pub async fn handle(&self, request: Request) -> Response {
         let result = match request {

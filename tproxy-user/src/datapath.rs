@@ -50,7 +50,7 @@ pub struct DatapathStats {
 /// from every interface it was attached to.
 pub struct Datapath {
     /// Detached when dropped, before the program goes.
-    links: Vec<(String, SchedClassifierLink)>,
+    links: Vec<SchedClassifierLink>,
     ebpf: Ebpf,
     /// aya-log's reader, until a runtime drains it (see [`Self::start_logger`]).
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -154,13 +154,8 @@ impl Datapath {
             }
             _ => None,
         };
-        self.links.push((iface.to_owned(), link));
+        self.links.push(link);
         Ok(filter)
-    }
-
-    /// Interfaces the program is attached to.
-    pub fn interfaces(&self) -> impl Iterator<Item = &str> {
-        self.links.iter().map(|(iface, _)| iface.as_str())
     }
 
     /// Lets packets to and from `port` of `proto` into the rule and socket

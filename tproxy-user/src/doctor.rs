@@ -5,12 +5,7 @@ use std::{fmt, fs};
 
 use aya::util::KernelVersion;
 
-use crate::{
-    datapath::Datapath,
-    intercept::InterceptConfig,
-    routing::{self, RoutingConfig},
-    system,
-};
+use crate::{datapath::Datapath, intercept::InterceptConfig, routing, system};
 
 /// How bad a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,7 +80,7 @@ pub async fn check(config: &InterceptConfig) -> Vec<Finding> {
         });
     }
     findings.push(bpffs());
-    findings.extend(ipv6(config).await);
+    findings.extend(ipv6().await);
     findings.extend(routing_conflicts(config).await);
     for iface in &config.interfaces {
         findings.extend(interface(iface));
@@ -140,20 +135,14 @@ fn bpffs() -> Finding {
     }
 }
 
-async fn ipv6(config: &InterceptConfig) -> Vec<Finding> {
+async fn ipv6() -> Vec<Finding> {
     if !system::ipv6_enabled() {
         return vec![warn(
             "IPv6 is disabled: only IPv4 is intercepted",
             "nothing to do unless you need IPv6",
         )];
     }
-    let routing = RoutingConfig {
-        mark: config.mark,
-        table: config.table,
-        priority: config.rule_priority,
-        ipv6: true,
-    };
-    match routing::probe_ipv6_rules(&routing).await {
+    match routing::probe_ipv6_rules().await {
         Ok(()) => vec![ok("IPv6 policy routing (multiple tables) works")],
         Err(e) => vec![fail(
             format!("IPv6 policy routing: {e}"),
@@ -163,13 +152,7 @@ async fn ipv6(config: &InterceptConfig) -> Vec<Finding> {
 }
 
 async fn routing_conflicts(config: &InterceptConfig) -> Vec<Finding> {
-    let routing = RoutingConfig {
-        mark: config.mark,
-        table: config.table,
-        priority: config.rule_priority,
-        ipv6: system::ipv6_enabled(),
-    };
-    match routing::conflicts(&routing).await {
+    match routing::conflicts(&config.routing()).await {
         Ok(conflicts) if conflicts.is_empty() => vec![ok(format!(
             "fwmark {:#x} and table {} are free",
             config.mark, config.table

@@ -90,7 +90,7 @@ impl InterceptConfig {
         Ok(())
     }
 
-    fn routing(&self) -> RoutingConfig {
+    pub(crate) fn routing(&self) -> RoutingConfig {
         RoutingConfig {
             mark: self.mark,
             table: self.table,

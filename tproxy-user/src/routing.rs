@@ -169,7 +169,7 @@ async fn conflicts_with(handle: &Handle, config: &RoutingConfig) -> Result<Vec<S
 
 /// Fails if the kernel cannot do IPv6 policy routing
 /// (CONFIG_IPV6_MULTIPLE_TABLES).
-pub async fn probe_ipv6_rules(_config: &RoutingConfig) -> Result<()> {
+pub async fn probe_ipv6_rules() -> Result<()> {
     let netlink = Netlink::connect()?;
     rules(&netlink.handle, IpVersion::V6).await.map(drop)
 }

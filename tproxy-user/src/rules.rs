@@ -342,13 +342,6 @@ impl RuleSet {
         self.rules.is_empty()
     }
 
-    /// Whether some rule intercepts `proto` to `port` (for any destination).
-    pub fn intercepts_port(&self, proto: Protocol, port: u16) -> bool {
-        self.rules.values().any(|r| {
-            r.action == Action::Intercept && r.protocols.contains(&proto) && r.covers_port(port)
-        })
-    }
-
     /// The (protocol, port) pairs that some intercepting rule uses.
     pub fn gated_ports(&self) -> impl Iterator<Item = (Protocol, u16)> + '_ {
         self.rules.values().filter(|r| r.action == Action::Intercept).flat_map(|r| {
