@@ -12,6 +12,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("nstat", "iproute2"),
     ("ss", "iproute2"),
     ("setpriv", "util-linux"),
+    ("prlimit", "util-linux"),
+    ("sysctl", "procps"),
     ("curl", "curl"),
     ("dnsmasq", "dnsmasq-base"),
     ("dig", "bind9-dnsutils"),
