@@ -67,18 +67,18 @@ fn main() -> Result<()> {
     match cli.command {
         Task::Setup => setup::run(),
         Task::Build => {
-            setup::run()?;
+            setup::demo()?;
             build(true).map(|_| ())
         }
         Task::Run { args } => {
-            setup::run()?;
+            setup::demo()?;
             let bin = build(true)?;
             let status = Command::new(&bin).args(&args).status()?;
             std::process::exit(status.code().unwrap_or(1));
         }
         Task::Demo => {
             require_root("the demo creates network namespaces")?;
-            setup::run()?;
+            setup::demo()?;
             let bin = build(true)?;
             demo::run(&bin)
         }
@@ -94,7 +94,7 @@ fn main() -> Result<()> {
         }
         Task::Bench { rounds, seconds } => {
             require_root("the benchmark creates network namespaces and loads BPF programs")?;
-            setup::run()?;
+            setup::demo()?;
             setup::bench_tools()?;
             let bin = build(true)?;
             bench::run(&bin, &bench::Options { rounds, seconds })

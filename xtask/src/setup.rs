@@ -4,20 +4,28 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Result, bail};
 
-/// Commands the build, the tests and the demo use, with the Debian package
+/// Commands the demo uses (and so do the tests), with the Debian package
 /// that provides each.
-const TOOLS: &[(&str, &str)] = &[
+const DEMO_TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("tc", "iproute2"),
-    ("nstat", "iproute2"),
-    ("ss", "iproute2"),
-    ("setpriv", "util-linux"),
-    ("prlimit", "util-linux"),
     ("sysctl", "procps"),
     ("curl", "curl"),
     ("dnsmasq", "dnsmasq-base"),
     ("dig", "bind9-dnsutils"),
-    // Kernel-VM tests (virtme-ng).
+];
+
+/// What the tests use besides the demo's tools.
+const TEST_TOOLS: &[(&str, &str)] = &[
+    ("nstat", "iproute2"),
+    ("ss", "iproute2"),
+    ("setpriv", "util-linux"),
+    ("prlimit", "util-linux"),
+    ("python3", "python3"),
+];
+
+/// What the kernel-VM tests (virtme-ng) need.
+const VM_TOOLS: &[(&str, &str)] = &[
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("udevadm", "udev"),
     ("busybox", "busybox-static"),
@@ -30,10 +38,18 @@ const VIRTME_NG: &str = "virtme-ng==1.42";
 
 const BPF_LINKER_VERSION: &str = "0.10.0";
 
-pub fn run() -> Result<()> {
-    apt_packages()?;
+/// What the build and the demo need.
+pub fn demo() -> Result<()> {
+    install_missing(DEMO_TOOLS)?;
     rust_src()?;
-    bpf_linker()?;
+    bpf_linker()
+}
+
+/// What the build, the tests and the kernel-VM tests need.
+pub fn run() -> Result<()> {
+    demo()?;
+    install_missing(TEST_TOOLS)?;
+    install_missing(VM_TOOLS)?;
     virtme_ng()
 }
 
@@ -69,10 +85,6 @@ const BENCH_TOOLS: &[(&str, &str)] = &[
 /// Installs the benchmark's tools that are missing.
 pub fn bench_tools() -> Result<()> {
     install_missing(BENCH_TOOLS)
-}
-
-fn apt_packages() -> Result<()> {
-    install_missing(TOOLS)
 }
 
 fn install_missing(tools: &[(&str, &str)]) -> Result<()> {

@@ -2,7 +2,8 @@
 //!
 //! For each kernel: fetch Debian's generic (not -cloud-, which lacks 9p)
 //! `linux-image-*-amd64-unsigned` package, cache it under `target/vm`,
-//! install its modules so virtme-ng can load them, boot it under qemu's TCG
+//! index its modules where they were unpacked (virtme-ng loads them from
+//! there), boot it under qemu's TCG
 //! (KVM does not work on our machines) with the host's filesystem visible,
 //! and run the test binaries built on the host. A kernel that does not boot
 //! is a failure.
@@ -187,8 +188,8 @@ fn guest_script(binaries: &TestBinaries) -> String {
     script
 }
 
-/// Downloads (once) and unpacks the newest package of `series`; installs its
-/// modules. Returns the kernel version and its vmlinuz.
+/// Downloads (once) and unpacks the newest package of `series`, and indexes
+/// its modules in place. Returns the kernel version and its vmlinuz.
 fn fetch_kernel(root: &Path, series: &Series) -> Result<(String, PathBuf)> {
     let package = newest_package(series)?;
     let dir = root.join("kernels").join(&package);
@@ -211,11 +212,11 @@ fn fetch_kernel(root: &Path, series: &Series) -> Result<(String, PathBuf)> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .next()
         .context("the package has no modules")?;
-    // virtme-ng loads modules from the host's /lib/modules.
-    let installed = Path::new("/lib/modules").join(&version);
-    if !installed.join("modules.dep").exists() {
-        super::run(Command::new("cp").arg("-a").arg(modules.join(&version)).arg("/lib/modules/"))?;
-        super::run(Command::new("depmod").arg(&version))?;
+    // virtme-ng finds the modules beside the kernel image (the package's own
+    // lib/modules), so the host's /lib/modules is never touched; it may not
+    // even exist on a new machine.
+    if !modules.join(&version).join("modules.dep").exists() {
+        super::run(Command::new("depmod").arg("-b").arg(dir.join("root")).arg(&version))?;
     }
     let vmlinuz = dir.join("root/boot").join(format!("vmlinuz-{version}"));
     ensure!(vmlinuz.exists(), "no {}", vmlinuz.display());
