@@ -46,11 +46,11 @@ pub struct RuleMatch {
 /// Bits of a [`RuleMatch`] before the address.
 pub const RULE_MATCH_FIXED_BITS: u32 = 32;
 
-/// Value of the `RULES` trie: what to do with a packet whose destination
-/// matched, and which rule it belongs to (for the per-rule counters).
+/// One rule's say on a packet whose destination matched an entry: its
+/// source filter, what it does, and its counters.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RuleAction {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleChoice {
     /// Index into `RULE_STATS`.
     pub rule_id: u32,
     /// `ACTION_*`.
@@ -62,10 +62,46 @@ pub struct RuleAction {
     pub src: [u32; 4],
 }
 
+/// Most rules that can have a say on one (protocol, port, destination).
+pub const RULE_CHOICES: usize = 4;
+
+/// Value of the `RULES` trie: the rules whose destination covers the
+/// entry's, most specific destination first, then most specific source. The
+/// first whose source filter matches the packet decides; when none does,
+/// the packet is not intercepted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleAction {
+    /// How many of `choices` are in use.
+    pub len: u32,
+    /// In order of precedence.
+    pub choices: [RuleChoice; RULE_CHOICES],
+}
+
 /// Steer the packet to the relay.
 pub const ACTION_INTERCEPT: u32 = 1;
 /// Leave the packet alone (an exclusion that beats a shorter prefix).
 pub const ACTION_EXCLUDE: u32 = 2;
+
+/// Key data of the `LOCAL_DESTS` trie: the destinations this host receives
+/// itself (every route of its `local` table: its addresses, broadcast,
+/// anycast and multicast). The trie matches `ADDR_KEY_FIXED_BITS` plus the
+/// prefix's bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AddrKey {
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// Network order; IPv4 uses the first 4 bytes.
+    pub addr: [u8; 16],
+}
+
+/// Bits of an [`AddrKey`] before the address.
+pub const ADDR_KEY_FIXED_BITS: u32 = 32;
+
+/// Size of the `LOCAL_DESTS` trie.
+pub const MAX_LOCAL_DESTS: u32 = 16384;
 
 /// Size of the `RULES` trie (entries are allocated on insert).
 pub const MAX_RULE_ENTRIES: u32 = 1 << 18;
@@ -138,7 +174,10 @@ pub mod stat {
     pub const TW_HANDOVER: u32 = 5;
     /// Replies to the relay's spoofed upstream sockets, steered back to them.
     pub const RETURN_PATH: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// Packets on gated ports to one of this host's own destinations, left
+    /// to the host.
+    pub const TO_HOST: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// Names of the maps, programs and globals in the object file.
@@ -159,6 +198,10 @@ pub mod names {
     pub const BYPASS_MARK: &str = "BYPASS_MARK";
     /// Non-zero: also steer replies to the relay's spoofed upstream sockets.
     pub const RETURN_PATH: &str = "RETURN_PATH";
+    /// The host's own destinations, which are never steered...
+    pub const LOCAL_DESTS: &str = "LOCAL_DESTS";
+    /// ...unless this is non-zero.
+    pub const INTERCEPT_LOCAL: &str = "INTERCEPT_LOCAL";
 }
 
 #[cfg(feature = "user")]
@@ -166,6 +209,7 @@ mod pod {
     // SAFETY: plain `#[repr(C)]` integers with explicit padding.
     unsafe impl aya::Pod for super::RuleMatch {}
     unsafe impl aya::Pod for super::RuleAction {}
+    unsafe impl aya::Pod for super::AddrKey {}
     unsafe impl aya::Pod for super::RuleStats {}
     unsafe impl aya::Pod for super::ReopenKey {}
 }

@@ -18,8 +18,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use tproxy_ebpf::{
-    ACTION_INTERCEPT, FAMILY_V4, FAMILY_V6, GATE_ENTRIES, MAX_REOPENS, MAX_RULE_ENTRIES, MAX_RULES,
-    PROTO_TCP, RULE_MATCH_FIXED_BITS, ReopenKey, RuleAction, RuleMatch, RuleStats, gate_index,
+    ACTION_INTERCEPT, ADDR_KEY_FIXED_BITS, AddrKey, FAMILY_V4, FAMILY_V6, GATE_ENTRIES,
+    MAX_LOCAL_DESTS, MAX_REOPENS, MAX_RULE_ENTRIES, MAX_RULES, PROTO_TCP, RULE_CHOICES,
+    RULE_MATCH_FIXED_BITS, ReopenKey, RuleAction, RuleChoice, RuleMatch, RuleStats, gate_index,
     slot, stat,
 };
 
@@ -38,6 +39,8 @@ static MARK: u32 = 0;
 static BYPASS_MARK: u32 = 0;
 #[unsafe(no_mangle)]
 static RETURN_PATH: u32 = 0;
+#[unsafe(no_mangle)]
+static INTERCEPT_LOCAL: u32 = 0;
 
 #[inline(always)]
 fn global(value: &'static u32) -> u32 {
@@ -67,6 +70,11 @@ static LISTENERS: SockMap = SockMap::with_max_entries(slot::COUNT, 0);
 
 #[map]
 static TW_REOPEN: LruHashMap<ReopenKey, u8> = LruHashMap::with_max_entries(MAX_REOPENS, 0);
+
+/// The host's own destinations (its `local` routing table), kept current by
+/// userland: traffic to them is the host's, not the relay's.
+#[map]
+static LOCAL_DESTS: LpmTrie<AddrKey, u8> = LpmTrie::with_max_entries(MAX_LOCAL_DESTS, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
@@ -104,21 +112,42 @@ fn steer(ctx: &TcContext, mut flow: Flow) {
     if skb.mark == global(&BYPASS_MARK) || skb.vlan_present != 0 {
         return;
     }
+    // The host's own services and clients keep their traffic; they would
+    // otherwise lose it to the relay wherever a rule covers their port.
+    if global(&INTERCEPT_LOCAL) == 0 && to_this_host(&flow) {
+        count(stat::TO_HOST);
+        return;
+    }
     let rule = if to_port { match_rule(&flow) } else { None };
     if flow.proto == PROTO_TCP {
         steer_tcp(ctx, &mut flow, rule.as_ref(), to_port);
-    } else if let Some(rule) = &rule {
-        let index = if flow.ipv6 { slot::UDP_V6 } else { slot::UDP_V4 };
-        to_listener(ctx, index, rule);
-    } else if from_port {
-        steer_udp_reply(ctx, &mut flow);
+    } else {
+        steer_udp(ctx, &mut flow, rule.as_ref(), to_port);
     }
+}
+
+/// Whether the destination is one this host receives itself.
+#[inline(always)]
+fn to_this_host(flow: &Flow) -> bool {
+    let mut data = AddrKey { family: FAMILY_V4, _pad: [0; 3], addr: [0; 16] };
+    let bits = unsafe {
+        if flow.ipv6 {
+            data.family = FAMILY_V6;
+            data.addr =
+                core::mem::transmute::<[u32; 4], [u8; 16]>(flow.tuple.__bindgen_anon_1.ipv6.daddr);
+            128
+        } else {
+            data.addr[..4].copy_from_slice(&flow.tuple.__bindgen_anon_1.ipv4.daddr.to_ne_bytes());
+            32
+        }
+    };
+    LOCAL_DESTS.get(&Key::new(ADDR_KEY_FIXED_BITS + bits, data)).is_some()
 }
 
 /// A packet that belongs to a socket goes to that socket; a new connection
 /// that a rule intercepts goes to the relay's listener.
 #[inline(always)]
-fn steer_tcp(ctx: &TcContext, flow: &mut Flow, rule: Option<&RuleAction>, to_port: bool) {
+fn steer_tcp(ctx: &TcContext, flow: &mut Flow, rule: Option<&RuleChoice>, to_port: bool) {
     let len = flow.tuple_len();
     let sk = unsafe {
         bpf_skc_lookup_tcp(ctx.as_ptr(), &mut flow.tuple, len, BPF_F_CURRENT_NETNS as u64, 0)
@@ -162,7 +191,7 @@ fn steer_tcp(ctx: &TcContext, flow: &mut Flow, rule: Option<&RuleAction>, to_por
 /// Anything else belongs to a connection that was never steered (opened
 /// before `attach`, say) and passes untouched, so attaching breaks nothing.
 #[inline(always)]
-fn syncookie_to_listener(ctx: &TcContext, flow: &Flow, index: u32, rule: &RuleAction) {
+fn syncookie_to_listener(ctx: &TcContext, flow: &Flow, index: u32, rule: &RuleChoice) {
     let Some(sk) = listener(index) else { return };
     let th: Option<*const [u8; 20]> = ptr_at(ctx, flow.l4);
     let valid = match th {
@@ -183,37 +212,45 @@ fn syncookie_to_listener(ctx: &TcContext, flow: &Flow, index: u32, rule: &RuleAc
     }
 }
 
-/// A reply to one of the relay's spoofed UDP sockets: that socket is bound to
-/// the client's address and connected to the server, so it owns the tuple.
+/// A datagram that belongs to a connected socket goes to that socket: a
+/// session's reply socket (bound to the original destination, connected to
+/// the client), a spoofed upstream socket (bound to the client, connected to
+/// the server), or a connected socket of the host's own. Anything else that
+/// a rule intercepts goes to the relay's socket.
 #[inline(always)]
-fn steer_udp_reply(ctx: &TcContext, flow: &mut Flow) {
+fn steer_udp(ctx: &TcContext, flow: &mut Flow, rule: Option<&RuleChoice>, to_port: bool) {
     let len = flow.tuple_len();
     let sk = unsafe {
         bpf_sk_lookup_udp(ctx.as_ptr(), &mut flow.tuple, len, BPF_F_CURRENT_NETNS as u64, 0)
     };
-    if sk.is_null() {
-        return;
-    }
-    // The lookup also finds wildcard sockets on the port; only a socket
-    // connected to this packet's source is one of ours.
-    let peer = unsafe {
-        if flow.ipv6 {
-            sock_words(&(*sk).dst_ip6) == flow.tuple.__bindgen_anon_1.ipv6.saddr
-        } else {
-            core::ptr::read_volatile(&(*sk).dst_ip4) == flow.tuple.__bindgen_anon_1.ipv4.saddr
+    if !sk.is_null() {
+        // The lookup also finds wildcard sockets on the port. A connected
+        // socket matches only its peer's port, so a peer address equal to
+        // the packet's source means the socket owns the tuple.
+        let owned = unsafe {
+            if flow.ipv6 {
+                sock_words(&(*sk).dst_ip6) == flow.tuple.__bindgen_anon_1.ipv6.saddr
+            } else {
+                core::ptr::read_volatile(&(*sk).dst_ip4) == flow.tuple.__bindgen_anon_1.ipv4.saddr
+            }
+        };
+        if owned {
+            let counter = if to_port { stat::TO_SOCKET } else { stat::RETURN_PATH };
+            assign(ctx, sk, rule, counter, false);
+            return;
         }
-    };
-    if peer {
-        assign(ctx, sk, None, stat::RETURN_PATH, false);
-    } else {
         unsafe { bpf_sk_release(sk.cast()) };
+    }
+    if let Some(rule) = rule {
+        let index = if flow.ipv6 { slot::UDP_V6 } else { slot::UDP_V4 };
+        to_listener(ctx, index, rule);
     }
 }
 
 /// The intercepting rule for the packet's destination, if any: the longest
 /// matching prefix, provided it intercepts and its source filter matches.
 #[inline(always)]
-fn match_rule(flow: &Flow) -> Option<RuleAction> {
+fn match_rule(flow: &Flow) -> Option<RuleChoice> {
     let mut data = RuleMatch {
         family: FAMILY_V4,
         proto: flow.proto,
@@ -235,16 +272,23 @@ fn match_rule(flow: &Flow) -> Option<RuleAction> {
     };
     let key = Key::new(RULE_MATCH_FIXED_BITS + addr_bits, data);
     let rules = if ACTIVE_RULES.get(0).is_some_and(|a| *a == 1) { &RULES_1 } else { &RULES_0 };
-    let rule = *rules.get(&key)?;
-    if rule.action != ACTION_INTERCEPT || !source_matches(&src, &rule) {
-        return None;
+    let entry: &RuleAction = rules.get(&key)?;
+    // The first rule whose source filter matches decides.
+    for i in 0..RULE_CHOICES {
+        if i as u32 >= entry.len {
+            break;
+        }
+        let choice = &entry.choices[i];
+        if source_matches(&src, choice) {
+            return if choice.action == ACTION_INTERCEPT { Some(*choice) } else { None };
+        }
     }
-    Some(rule)
+    None
 }
 
 /// Whether the leading `src_prefix_len` bits of `src` equal the rule's.
 #[inline(always)]
-fn source_matches(src: &[u32; 4], rule: &RuleAction) -> bool {
+fn source_matches(src: &[u32; 4], rule: &RuleChoice) -> bool {
     let mut left = rule.src_prefix_len;
     for i in 0..4 {
         if left == 0 {
@@ -348,7 +392,7 @@ fn listener(index: u32) -> Option<*mut bpf_sock> {
 }
 
 #[inline(always)]
-fn to_listener(ctx: &TcContext, index: u32, rule: &RuleAction) {
+fn to_listener(ctx: &TcContext, index: u32, rule: &RuleChoice) {
     let Some(sk) = listener(index) else {
         count(stat::NO_LISTENER);
         if let Some(s) = rule_stats(rule) {
@@ -364,7 +408,7 @@ fn to_listener(ctx: &TcContext, index: u32, rule: &RuleAction) {
 fn assign(
     ctx: &TcContext,
     sk: *mut bpf_sock,
-    rule: Option<&RuleAction>,
+    rule: Option<&RuleChoice>,
     counter: u32,
     new_flow: bool,
 ) {
@@ -389,7 +433,7 @@ fn assign(
 }
 
 #[inline(always)]
-fn rule_stats(rule: &RuleAction) -> Option<&mut RuleStats> {
+fn rule_stats(rule: &RuleChoice) -> Option<&mut RuleStats> {
     RULE_STATS.get_ptr_mut(rule.rule_id).map(|p| unsafe { &mut *p })
 }
 

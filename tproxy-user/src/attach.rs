@@ -12,7 +12,7 @@ use crate::{
     control::{self, ControlSocket, Controller},
     datapath::Datapath,
     error::{Error, Result},
-    intercept::{InterceptConfig, Interceptor, RelaySocket},
+    intercept::{Instance, InterceptConfig, Interceptor, RelaySocket},
     metrics::MetricsServer,
     relay::{TcpRelay, TcpRelayConfig, UdpRelay, UdpRelayConfig},
 };
@@ -54,138 +54,167 @@ impl AttachConfig {
 /// Runs interception and the relays until `shutdown` completes, then removes
 /// everything it added. With a rules file, SIGHUP reloads it.
 pub async fn run(config: AttachConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
-    run_loaded(config, None, shutdown).await
+    prepare(config)?.run(shutdown).await
 }
 
-/// [`run`] with the programs already loaded (by [`crate::intercept::load`],
-/// before the process dropped the capabilities only loading needs).
-pub async fn run_loaded(
+/// An `attach` ready to run: its input checked, its name claimed (what a
+/// dead run under it left is removed), its routing values chosen and its
+/// programs loaded. Made without a runtime or threads, so that a process
+/// can then drop the capabilities only loading needs.
+pub struct Prepared {
     config: AttachConfig,
-    datapath: Option<Datapath>,
-    shutdown: impl Future<Output = ()>,
-) -> Result<()> {
-    let AttachConfig { mut intercept, tcp, udp, rules_file, control_socket, metrics } = config;
-    let name = intercept.name.clone();
-    let fixed_rules = intercept.rules.clone();
-    if let Some(path) = &rules_file {
-        intercept.rules.extend(config::load_rules(path)?);
+    fixed_rules: Vec<crate::rules::Rule>,
+    instance: Instance,
+    datapath: Datapath,
+}
+
+/// Checks `config` and the host, claims the instance and loads the programs.
+pub fn prepare(mut config: AttachConfig) -> Result<Prepared> {
+    let fixed_rules = config.intercept.rules.clone();
+    if let Some(path) = &config.rules_file {
+        config.intercept.rules.extend(config::load_rules(path)?);
     }
-    if tcp.listeners > 1 {
+    if config.tcp.listeners > 1 {
         crate::system::require_kernel(
             crate::relay::tcp::REUSEPORT_KERNEL,
             "more than one TCP listener (bpf_sk_assign of SO_REUSEPORT sockets)",
         )?;
     }
-    let port = tcp.listen_port;
-    if port != 0 && intercept.rules.iter().any(|r| r.covers_port(port)) {
+    let port = config.tcp.listen_port;
+    if port != 0 && config.intercept.rules.iter().any(|r| r.covers_port(port)) {
         return Err(Error::Config(format!("--listen-port {port} is also an intercepted port")));
     }
-    if datapath.is_none() {
-        crate::intercept::preflight(&intercept)?;
-    }
-    // Everything that can fail for a reason the user can fix is bound
-    // before anything is attached.
-    let control_socket = match &control_socket {
-        Some(path) => Some(ControlSocket::bind(path).await?),
-        None => None,
-    };
-    let metrics = match metrics {
-        Some(addr) => Some(MetricsServer::bind(addr).await?),
-        None => None,
-    };
-    let mut hangup = match &rules_file {
-        Some(_) => Some(
-            signal(SignalKind::hangup())
-                .map_err(|e| Error::io("installing a SIGHUP handler", e))?,
-        ),
-        None => None,
-    };
-    let tcp = TcpRelay::bind(tcp)?;
-    // Both relays on one port when it is free for UDP too.
-    let udp = match UdpRelay::bind(UdpRelayConfig { listen_port: tcp.port(), ..udp.clone() }) {
-        Err(_) if port == 0 => UdpRelay::bind(UdpRelayConfig { listen_port: 0, ..udp })?,
-        other => other?,
-    };
-    let mut sockets = vec![
-        (RelaySocket::TcpV4, tcp.ipv4_listener().as_fd()),
-        (RelaySocket::UdpV4, udp.ipv4_socket().as_fd()),
-    ];
-    if let Some(v6) = tcp.ipv6_listener() {
-        sockets.push((RelaySocket::TcpV6, v6.as_fd()));
-    }
-    if let Some(v6) = udp.ipv6_socket() {
-        sockets.push((RelaySocket::UdpV6, v6.as_fd()));
-    }
-    let datapath = match datapath {
-        Some(datapath) => datapath,
-        None => crate::intercept::load(&intercept)?,
-    };
-    let interceptor = Interceptor::start_loaded(intercept, &sockets, datapath).await?;
-    drop(sockets);
-    let controller = Arc::new(Controller::new(
-        name,
-        interceptor,
-        tcp.stats(),
-        udp.stats(),
-        fixed_rules,
-        rules_file,
-    ));
+    crate::intercept::preflight(&config.intercept)?;
+    crate::system::raise_memlock_limit();
+    let instance = crate::intercept::claim(&mut config.intercept)?;
+    // The relays mark their upstream traffic with the mark chosen.
+    config.tcp.upstream_mark = config.intercept.bypass_mark;
+    config.udp.upstream_mark = config.intercept.bypass_mark;
+    config.tcp.allow_local_destinations = config.intercept.intercept_local;
+    config.udp.allow_local_destinations = config.intercept.intercept_local;
+    let datapath = crate::intercept::load(&config.intercept)?;
+    Ok(Prepared { config, fixed_rules, instance, datapath })
+}
 
-    let stop = CancellationToken::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    if let Some(socket) = control_socket {
-        tasks.spawn(socket.serve(controller.clone(), stop.clone()));
+impl Prepared {
+    /// The configuration, with the routing values chosen.
+    pub fn config(&self) -> &AttachConfig {
+        &self.config
     }
-    if let Some(metrics) = metrics {
-        if let Some(addr) = metrics.local_addr() {
-            info!("metrics on http://{addr}/metrics");
+
+    /// Runs until `shutdown` completes, then removes everything it added.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let Prepared { config, fixed_rules, instance, datapath } = self;
+        let AttachConfig { intercept, tcp, udp, rules_file, control_socket, metrics } = config;
+        let name = intercept.name.clone();
+        let port = tcp.listen_port;
+        // Everything that can fail for a reason the user can fix is bound
+        // before anything is attached; the control socket only now that the
+        // name is ours.
+        let control_socket = match &control_socket {
+            Some(path) => Some(ControlSocket::bind(path).await?),
+            None => None,
+        };
+        let metrics = match metrics {
+            Some(addr) => Some(MetricsServer::bind(addr).await?),
+            None => None,
+        };
+        let mut hangup = match &rules_file {
+            Some(_) => Some(
+                signal(SignalKind::hangup())
+                    .map_err(|e| Error::io("installing a SIGHUP handler", e))?,
+            ),
+            None => None,
+        };
+        let tcp = TcpRelay::bind(tcp)?;
+        // Both relays on one port when it is free for UDP too.
+        let udp = match UdpRelay::bind(UdpRelayConfig { listen_port: tcp.port(), ..udp.clone() }) {
+            Err(_) if port == 0 => UdpRelay::bind(UdpRelayConfig { listen_port: 0, ..udp })?,
+            other => other?,
+        };
+        let mut sockets = vec![
+            (RelaySocket::TcpV4, tcp.ipv4_listener().as_fd()),
+            (RelaySocket::UdpV4, udp.ipv4_socket().as_fd()),
+        ];
+        if let Some(v6) = tcp.ipv6_listener() {
+            sockets.push((RelaySocket::TcpV6, v6.as_fd()));
         }
-        tasks.spawn(metrics.serve(controller.clone(), stop.clone()));
-    }
-    info!("ready: relay listening on port {} (tcp) and {} (udp)", tcp.port(), udp.port());
-    let (tcp_stats, udp_stats) = (tcp.stats(), udp.stats());
-    let relays = CancellationToken::new();
-    tasks.spawn(tcp.run(relays.clone()));
-    tasks.spawn(udp.run(relays.clone()));
+        if let Some(v6) = udp.ipv6_socket() {
+            sockets.push((RelaySocket::UdpV6, v6.as_fd()));
+        }
+        let interceptor =
+            Interceptor::start_claimed(intercept, instance, &sockets, datapath).await?;
+        drop(sockets);
+        let (tcp_stats, udp_stats) = (tcp.stats(), udp.stats());
+        let controller = Arc::new(Controller::new(
+            name,
+            interceptor,
+            tcp.stats(),
+            udp.stats(),
+            fixed_rules,
+            rules_file,
+        ));
 
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            Some(_) = async { hangup.as_mut()?.recv().await } => {
-                if let Err(e) = controller.reload().await {
-                    warn!("reload refused, the rules stay as they were: {e}");
+        let stop = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some(socket) = control_socket {
+            tasks.spawn(socket.serve(controller.clone(), stop.clone()));
+        }
+        if let Some(metrics) = metrics {
+            if let Some(addr) = metrics.local_addr() {
+                info!("metrics on http://{addr}/metrics");
+            }
+            tasks.spawn(metrics.serve(controller.clone(), stop.clone()));
+        }
+        info!("ready: relay listening on port {} (tcp) and {} (udp)", tcp.port(), udp.port());
+        let relays = CancellationToken::new();
+        tasks.spawn(tcp.run(relays.clone()));
+        tasks.spawn(udp.run(relays.clone()));
+
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(_) = async { hangup.as_mut()?.recv().await } => {
+                    if let Err(e) = controller.reload().await {
+                        warn!("reload refused, the rules stay as they were: {e}");
+                    }
                 }
             }
         }
+        info!("shutting down");
+        stop.cancel();
+        let Some(interceptor) = controller.take_interceptor().await else {
+            return Ok(());
+        };
+        let datapath_stats = interceptor.stats();
+        let ports = interceptor.intercepted_tcp_ports().clone();
+        // Detach first, so new traffic flows untouched while the relays
+        // close; the name is given up after everything else.
+        let stopped = interceptor
+            .stop_then(async {
+                relays.cancel();
+                while tasks.join_next().await.is_some() {}
+                remove_time_waits(Some(&ports));
+            })
+            .await;
+        if let Ok(s) = datapath_stats {
+            info!(
+                "datapath: {} packets to the listener, {} to existing sockets, {} SYNs met TIME_WAIT ({} handed over), {} replies to spoofed sockets, {} left to this host, {} passed without a listener, {} assign failures",
+                s.to_listener,
+                s.to_socket,
+                s.tw_syn,
+                s.tw_handover,
+                s.return_path,
+                s.to_host,
+                s.no_listener,
+                s.assign_failed
+            );
+        }
+        info!("relay: {}", tcp_stats.snapshot().summary());
+        info!("relay: {}", udp_stats.snapshot().summary());
+        stopped
     }
-    info!("shutting down");
-    stop.cancel();
-    let Some(interceptor) = controller.take_interceptor().await else {
-        return Ok(());
-    };
-    let datapath_stats = interceptor.stats();
-    let ports = interceptor.intercepted_tcp_ports().clone();
-    // Detach first, so new traffic flows untouched while the relays close.
-    let stopped = interceptor.stop().await;
-    relays.cancel();
-    while tasks.join_next().await.is_some() {}
-    remove_time_waits(Some(&ports));
-    if let Ok(s) = datapath_stats {
-        info!(
-            "datapath: {} packets to the listener, {} to existing sockets, {} SYNs met TIME_WAIT ({} handed over), {} replies to spoofed sockets, {} passed without a listener, {} assign failures",
-            s.to_listener,
-            s.to_socket,
-            s.tw_syn,
-            s.tw_handover,
-            s.return_path,
-            s.no_listener,
-            s.assign_failed
-        );
-    }
-    info!("relay: {}", tcp_stats.snapshot().summary());
-    info!("relay: {}", udp_stats.snapshot().summary());
-    stopped
 }
 
 /// Runs only the relays, on `tcp.listen_port`, until `shutdown` completes:

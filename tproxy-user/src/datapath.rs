@@ -15,7 +15,7 @@ use tokio::{
     io::{Interest, unix::AsyncFd},
     task::JoinHandle,
 };
-use tproxy_ebpf::{RuleAction, RuleMatch, RuleStats, gate_index, names, stat};
+use tproxy_ebpf::{AddrKey, RuleAction, RuleMatch, RuleStats, gate_index, names, stat};
 use tracing::{debug, warn};
 
 use crate::{
@@ -44,6 +44,19 @@ pub struct DatapathStats {
     pub tw_handover: u64,
     /// Replies steered back to the relay's spoofed upstream sockets.
     pub return_path: u64,
+    /// Packets on intercepted ports to this host's own destinations, left to
+    /// the host.
+    #[serde(default)]
+    pub to_host: u64,
+}
+
+/// What [`Datapath::attach`] added.
+#[derive(Debug)]
+pub struct Attached {
+    /// The netlink filter (kernels before 6.6).
+    pub filter: Option<NetlinkFilter>,
+    /// Whether the clsact qdisc was created for it.
+    pub created_qdisc: bool,
 }
 
 /// The loaded TC program and its maps. Dropping it detaches the program
@@ -65,17 +78,25 @@ impl Datapath {
     /// Loads the embedded programs through the verifier; attaches nothing.
     /// `mark` is put on steered packets; packets that already carry
     /// `bypass_mark` are never steered; `return_path` also steers replies
-    /// to the relay's spoofed sockets.
+    /// to the relay's spoofed sockets; `intercept_local` also steers traffic
+    /// to the host's own destinations.
     ///
     /// This needs no async runtime, so a program can load first and then
     /// drop the capabilities only loading needs (CAP_PERFMON, or
     /// CAP_SYS_ADMIN) before it starts any thread.
-    pub fn load(mark: u32, bypass_mark: u32, return_path: bool) -> Result<Self> {
+    pub fn load(
+        mark: u32,
+        bypass_mark: u32,
+        return_path: bool,
+        intercept_local: bool,
+    ) -> Result<Self> {
         let return_path = u32::from(return_path);
+        let intercept_local = u32::from(intercept_local);
         let mut ebpf = EbpfLoader::new()
             .override_global(names::MARK, &mark, true)
             .override_global(names::BYPASS_MARK, &bypass_mark, true)
             .override_global(names::RETURN_PATH, &return_path, true)
+            .override_global(names::INTERCEPT_LOCAL, &intercept_local, true)
             .load(PROGRAM_OBJECT)
             .map_err(Error::Load)?;
         // aya-log's ring buffer must stay open (and be drained), or the
@@ -135,13 +156,17 @@ impl Datapath {
     }
 
     /// Attaches at TC ingress of `iface`: TCX on 6.6+, a netlink clsact
-    /// filter before that (aya decides). A netlink filter outlives the
-    /// process if it is killed, so it is returned for the caller to record.
-    pub fn attach(&mut self, iface: &str, tcx: bool) -> Result<Option<NetlinkFilter>> {
+    /// filter before that (aya decides). A netlink filter, and a clsact
+    /// qdisc created for it, outlive the process if it is killed, so they
+    /// are returned for the caller to record.
+    pub fn attach(&mut self, iface: &str, tcx: bool) -> Result<Attached> {
+        let mut created_qdisc = false;
         if !tcx {
-            // The qdisc may exist already; the attach below reports real errors.
-            if let Err(e) = tc::qdisc_add_clsact(iface) {
-                debug!("clsact on {iface}: {e}");
+            // The qdisc may exist already (someone else's: it stays at the
+            // end); the attach below reports real errors.
+            match tc::qdisc_add_clsact(iface) {
+                Ok(()) => created_qdisc = true,
+                Err(e) => debug!("clsact on {iface}: {e}"),
             }
         }
         let attach_err = |source| Error::Attach { iface: iface.to_owned(), source };
@@ -155,7 +180,7 @@ impl Datapath {
             _ => None,
         };
         self.links.push(link);
-        Ok(filter)
+        Ok(Attached { filter, created_qdisc })
     }
 
     /// Lets packets to and from `port` of `proto` into the rule and socket
@@ -238,7 +263,16 @@ impl Datapath {
             tw_syn: sum(stat::TW_SYN)?,
             tw_handover: sum(stat::TW_HANDOVER)?,
             return_path: sum(stat::RETURN_PATH)?,
+            to_host: sum(stat::TO_HOST)?,
         })
+    }
+
+    /// Takes the map of the host's own destinations out, for
+    /// [`crate::local_table::LocalTable`] to keep current.
+    pub fn take_local_dests(&mut self) -> Result<LpmTrie<MapData, AddrKey, u8>> {
+        let map =
+            self.ebpf.take_map(names::LOCAL_DESTS).ok_or_else(|| missing(names::LOCAL_DESTS))?;
+        LpmTrie::try_from(map).map_err(map_err(names::LOCAL_DESTS))
     }
 
     fn map_mut<'a, M>(&'a mut self, name: &'static str) -> Result<M>
@@ -279,13 +313,76 @@ pub fn remove_filter(filter: &NetlinkFilter) {
     }
 }
 
-/// Removes every filter of this program on `iface`, whichever instance
-/// attached it: `tproxy-user cleanup IFACE` when the records are lost.
-pub fn remove_all_filters(iface: &str) {
-    match tc::qdisc_detach_program(iface, TcAttachType::Ingress, names::PROGRAM) {
-        Ok(()) => warn!("removed tproxy's TC filters from {iface}"),
-        Err(e) => debug!("no tproxy TC filter on {iface}: {e}"),
+/// Removes every netlink filter of this program on `iface` that is not in
+/// `keep` (live instances' filters): `tproxy-user cleanup IFACE` when the
+/// records are lost.
+pub async fn remove_unrecorded_filters(iface: &str, keep: &[NetlinkFilter]) -> Result<()> {
+    use futures::TryStreamExt as _;
+    use rtnetlink::packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
+    let index = crate::system::ifindex(iface)?;
+    let filters: Vec<_> = netlink(|handle| async move {
+        handle.traffic_filter(index as i32).get().ingress().execute().try_collect::<Vec<_>>().await
+    })
+    .await?
+    .map_err(|e| Error::Routing(format!("listing the TC filters of {iface}: {e}")))?;
+    for filter in filters {
+        let ours = filter.attributes.iter().any(|a| match a {
+            TcAttribute::Options(options) => options.iter().any(|o| {
+                matches!(o, TcOption::Bpf(TcFilterBpfOption::ProgName(n)) if n.starts_with(names::PROGRAM))
+            }),
+            _ => false,
+        });
+        let priority = (filter.header.info >> 16) as u16;
+        let handle =
+            (u32::from(filter.header.handle.major) << 16) | u32::from(filter.header.handle.minor);
+        let recorded =
+            keep.iter().any(|f| f.iface == iface && f.priority == priority && f.handle == handle);
+        if ours && !recorded {
+            remove_filter(&NetlinkFilter { iface: iface.to_owned(), priority, handle });
+        }
     }
+    Ok(())
+}
+
+/// Removes the clsact qdisc of `iface` unless a filter still uses it.
+pub async fn remove_clsact_if_unused(iface: &str) {
+    use futures::TryStreamExt as _;
+    use rtnetlink::packet_route::tc::TcHandle;
+    let Ok(index) = crate::system::ifindex(iface) else { return };
+    let result = netlink(|handle| async move {
+        let mut filters = handle.traffic_filter(index as i32);
+        let ingress: Vec<_> = filters.get().ingress().execute().try_collect().await?;
+        let egress: Vec<_> =
+            handle.traffic_filter(index as i32).get().egress().execute().try_collect().await?;
+        // A dump lists one header entry per filter chain and priority.
+        if !ingress.is_empty() || !egress.is_empty() {
+            return Ok(false);
+        }
+        let mut request = handle.qdisc().del(index as i32);
+        request.message_mut().header.parent = TcHandle::CLSACT;
+        request.execute().await.map(|()| true)
+    })
+    .await;
+    match result {
+        Ok(Ok(true)) => debug!("removed the clsact qdisc of {iface}"),
+        Ok(Ok(false)) => debug!("the clsact qdisc of {iface} still has filters; it stays"),
+        Ok(Err(e)) => debug!("removing the clsact qdisc of {iface}: {e}"),
+        Err(e) => debug!("removing the clsact qdisc of {iface}: {e}"),
+    }
+}
+
+/// Runs `f` with an rtnetlink handle whose connection lives as long as it.
+async fn netlink<F, Fut, T>(f: F) -> Result<T>
+where
+    F: FnOnce(rtnetlink::Handle) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let (connection, handle, _) =
+        rtnetlink::new_connection().map_err(|e| Error::io("opening rtnetlink", e))?;
+    let task = tokio::spawn(connection);
+    let out = f(handle).await;
+    task.abort();
+    Ok(out)
 }
 
 fn program_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {

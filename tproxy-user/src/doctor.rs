@@ -69,15 +69,22 @@ pub async fn check(config: &InterceptConfig) -> Vec<Finding> {
         ),
     });
     if privileged.is_ok() {
-        findings.push(match Datapath::load(config.mark, config.bypass_mark, config.return_path) {
-            Ok(_) => {
-                ok("the TC and sk_lookup programs pass this kernel's verifier (helpers present)")
-            }
-            Err(e) => fail(
-                format!("loading the programs: {e}"),
-                "run with RUST_LOG=debug for the verifier log, and report it",
-            ),
-        });
+        findings.push(
+            match Datapath::load(
+                config.mark,
+                config.bypass_mark,
+                config.return_path,
+                config.intercept_local,
+            ) {
+                Ok(_) => ok(
+                    "the TC and sk_lookup programs pass this kernel's verifier (helpers present)",
+                ),
+                Err(e) => fail(
+                    format!("loading the programs: {e}"),
+                    "run with RUST_LOG=debug for the verifier log, and report it",
+                ),
+            },
+        );
     }
     findings.push(bpffs());
     findings.extend(ipv6().await);

@@ -28,6 +28,16 @@ pub enum Error {
         needed: &'static str,
     },
 
+    /// A live instance holds the name.
+    #[error(
+        "an instance named {0:?} is already running; give this one another --name, or stop that one"
+    )]
+    InstanceRunning(String),
+
+    /// Something else's routing, or another instance's, is in the way.
+    #[error("{0}")]
+    RoutingConflict(String),
+
     /// A configuration that cannot work.
     #[error("invalid configuration: {0}")]
     Config(String),

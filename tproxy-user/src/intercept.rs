@@ -10,9 +10,10 @@ use crate::{
     control::{DEFAULT_NAME, validate_name},
     datapath::{self, Datapath, DatapathStats},
     error::{Error, Result},
+    local_table::LocalTable,
     routing::{self, PolicyRouting, RoutingConfig},
     rules::{Protocol, Rule, RuleSet},
-    state::{self, Claim},
+    state::{self, AllocationLock, Claim},
     system,
 };
 
@@ -45,14 +46,23 @@ pub struct InterceptConfig {
     pub rule_priority: u32,
     /// Packets already carrying this mark are never steered.
     pub bypass_mark: u32,
+    /// When true (the default), `mark`, `table`, `rule_priority` and
+    /// `bypass_mark` are replaced at start by the first set, from the
+    /// defaults on, that no other live instance and no one else's routing
+    /// uses; the start logs which. When false they are used as given, and a
+    /// conflict is refused.
+    pub choose_free_routing: bool,
     /// Also steer replies addressed to the relay's spoofed upstream sockets
     /// (source spoofing: the relay connects from the client's address).
     pub return_path: bool,
+    /// Also intercept traffic to this host's own addresses. By default it is
+    /// left to the host's own services.
+    pub intercept_local: bool,
 }
 
 impl InterceptConfig {
-    /// Interception of `rules` on `interfaces`, with the default mark, table
-    /// and rule priority.
+    /// Interception of `rules` on `interfaces`, with routing values chosen
+    /// free at start from the defaults on.
     pub fn new(interfaces: Vec<String>, rules: Vec<Rule>) -> Self {
         Self {
             name: DEFAULT_NAME.to_owned(),
@@ -62,7 +72,9 @@ impl InterceptConfig {
             table: DEFAULT_TABLE,
             rule_priority: DEFAULT_RULE_PRIORITY,
             bypass_mark: DEFAULT_UPSTREAM_MARK,
+            choose_free_routing: true,
             return_path: false,
+            intercept_local: false,
         }
     }
 
@@ -100,6 +112,86 @@ impl InterceptConfig {
     }
 }
 
+/// A claimed instance: its name is held, what a dead run under the name
+/// recorded is removed, and its routing values are chosen and recorded.
+/// Made by [`claim`]; [`Interceptor::start_claimed`] installs the rest.
+pub struct Instance {
+    claim: Claim,
+    /// Held until the routing is installed.
+    allocation: Option<AllocationLock>,
+}
+
+/// Claims `config.name`, removes what a dead instance of that name left,
+/// and chooses the routing (see [`InterceptConfig::choose_free_routing`]),
+/// updating `config`. Needs no runtime, so it can run before the process
+/// drops capabilities; nothing else's state is touched.
+pub fn claim(config: &mut InterceptConfig) -> Result<Instance> {
+    let (mut claim, leftover) = Claim::acquire(&config.name)?;
+    let allocation = AllocationLock::acquire()?;
+    system::block_on(async {
+        remove_recorded(&config.name, &leftover).await;
+        choose_routing(config, &mut claim).await
+    })??;
+    Ok(Instance { claim, allocation: Some(allocation) })
+}
+
+/// Replaces the config's routing values by the first free set, or checks
+/// the given ones, and records the choice before anything is installed.
+async fn choose_routing(config: &mut InterceptConfig, claim: &mut Claim) -> Result<()> {
+    let live = state::live_instances(&config.name)?;
+    let candidates: Vec<(u32, u32, u32, u32)> = if config.choose_free_routing {
+        (0..64)
+            .map(|k| {
+                (
+                    DEFAULT_MARK + 2 * k,
+                    DEFAULT_UPSTREAM_MARK + 2 * k,
+                    DEFAULT_TABLE + k,
+                    DEFAULT_RULE_PRIORITY + k,
+                )
+            })
+            .collect()
+    } else {
+        vec![(config.mark, config.bypass_mark, config.table, config.rule_priority)]
+    };
+    let mut first_refusal = None;
+    for (mark, upstream, table, priority) in candidates {
+        let routing = RoutingConfig { mark, table, priority, ipv6: system::ipv6_enabled() };
+        let held = live.iter().find(|(_, s)| {
+            let theirs = [s.routing.map(|r| r.mark), Some(s.upstream_mark)];
+            s.routing.is_some_and(|r| r.table == table)
+                || theirs.contains(&Some(mark))
+                || theirs.contains(&Some(upstream))
+        });
+        let refusal = match held {
+            Some((name, _)) => Some(format!(
+                "fwmark {mark:#x}, upstream mark {upstream:#x} or table {table} is held by the running instance {name:?}"
+            )),
+            None => routing::conflicts(&routing).await?.into_iter().next(),
+        };
+        match refusal {
+            Some(why) => {
+                first_refusal.get_or_insert(why);
+            }
+            None => {
+                if let Some(why) = &first_refusal {
+                    info!(
+                        "{why}; this instance uses fwmark {mark:#x}, table {table}, rule priority {priority}, upstream mark {upstream:#x}"
+                    );
+                }
+                (config.mark, config.bypass_mark, config.table, config.rule_priority) =
+                    (mark, upstream, table, priority);
+                return claim.record_routing(routing, upstream);
+            }
+        }
+    }
+    let why = first_refusal.unwrap_or_default();
+    Err(Error::RoutingConflict(if config.choose_free_routing {
+        format!("no free mark and table near the defaults ({why})")
+    } else {
+        format!("{why}; give this instance other --mark, --table and --upstream-mark values")
+    }))
+}
+
 /// Which of the relay's sockets a `BorrowedFd` is, for [`Interceptor::start`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelaySocket {
@@ -130,7 +222,9 @@ pub struct Interceptor {
     // Field order is drop order: detach before the routing goes, and give up
     // the name last.
     datapath: Datapath,
+    local_table: Option<LocalTable>,
     routing: Option<PolicyRouting>,
+    qdiscs: CreatedQdiscs,
     claim: Claim,
     config: InterceptConfig,
     rules: RuleSet,
@@ -139,33 +233,31 @@ pub struct Interceptor {
 }
 
 impl Interceptor {
-    /// Checks the host and the configuration, removes what an earlier killed
-    /// run left behind, then loads the program, registers the relay's sockets,
-    /// installs the rules and the routing, and attaches to every interface.
-    /// On error nothing stays attached or installed.
+    /// Checks the host and the configuration, claims the name (removing what
+    /// an earlier killed run under it left), then loads the program,
+    /// registers the relay's sockets, installs the rules and the routing,
+    /// and attaches to every interface. On error nothing stays attached or
+    /// installed.
     pub async fn start(
-        config: InterceptConfig,
+        mut config: InterceptConfig,
         sockets: &[(RelaySocket, BorrowedFd<'_>)],
     ) -> Result<Self> {
         preflight(&config)?;
+        let instance = claim(&mut config)?;
         let datapath = load(&config)?;
-        Self::start_loaded(config, sockets, datapath).await
+        Self::start_claimed(config, instance, sockets, datapath).await
     }
 
-    /// [`Self::start`] with the programs already loaded by [`load`].
-    pub async fn start_loaded(
+    /// [`Self::start`] with the name claimed by [`claim`] and the programs
+    /// loaded by [`load`] (with the config `claim` updated).
+    pub async fn start_claimed(
         config: InterceptConfig,
+        mut instance: Instance,
         sockets: &[(RelaySocket, BorrowedFd<'_>)],
         mut datapath: Datapath,
     ) -> Result<Self> {
         // The programs are loaded: what is left needs CAP_NET_ADMIN.
         let kernel = checks(&config, false)?;
-        let (claim, leftover) = Claim::acquire(&config.name)?;
-        // A killed run under this name left these; its routing is ours to
-        // replace too (same mark and table).
-        remove_recorded(&leftover);
-        routing::remove(&config.routing()).await?;
-
         datapath.start_logger();
         for &(socket, fd) in sockets {
             datapath.set_listener(socket.slot(), &fd)?;
@@ -173,19 +265,29 @@ impl Interceptor {
         if let Err(e) = datapath.attach_reopen() {
             warn!("{e}: a SYN that meets a TIME_WAIT socket will wait for its retry");
         }
+        // Before anything is attached: the host's own traffic is never steered.
+        let local_table = LocalTable::start(datapath.take_local_dests()?).await?;
         let mut interceptor = Self {
             datapath,
+            local_table: Some(local_table),
             routing: None,
-            claim,
+            qdiscs: CreatedQdiscs(Vec::new()),
+            claim: instance.claim,
             config,
             rules: RuleSet::default(),
             gated_tcp: HashSet::new(),
         };
         interceptor.set_rules(interceptor.config.rules.clone())?;
         interceptor.routing = Some(PolicyRouting::install(interceptor.config.routing()).await?);
+        drop(instance.allocation.take());
         let tcx = system::has_tcx(kernel);
         for iface in &interceptor.config.interfaces {
-            if let Some(filter) = interceptor.datapath.attach(iface, tcx)? {
+            let attached = interceptor.datapath.attach(iface, tcx)?;
+            if attached.created_qdisc {
+                interceptor.qdiscs.0.push(iface.clone());
+                interceptor.claim.record_qdisc(iface)?;
+            }
+            if let Some(filter) = attached.filter {
                 interceptor.claim.record(filter)?;
             }
         }
@@ -251,7 +353,7 @@ impl Interceptor {
             }
         }
         self.claim.record_tcp_ports(self.gated_tcp.iter().copied())?;
-        self.datapath.replace_rules(next.entries())?;
+        self.datapath.replace_rules(next.entries().iter().copied())?;
         self.rules = next;
         Ok(())
     }
@@ -275,21 +377,80 @@ impl Interceptor {
     }
 
     /// Detaches and removes the routing.
-    pub async fn stop(mut self) -> Result<()> {
-        let routing = self.routing.take();
-        drop(self);
-        match routing {
+    pub async fn stop(self) -> Result<()> {
+        self.stop_then(async {}).await
+    }
+
+    /// Detaches, removes the routing and the qdiscs this instance created,
+    /// then runs `before_release` (the relays closing, say), and gives up the
+    /// name last, so that no other start under the name can meet half of it.
+    pub async fn stop_then(
+        self,
+        before_release: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
+        let Self { datapath, local_table, routing, qdiscs, claim, .. } = self;
+        drop(datapath);
+        drop(local_table);
+        let removed = match routing {
             Some(routing) => routing.remove().await,
             None => Ok(()),
+        };
+        qdiscs.remove().await;
+        before_release.await;
+        drop(claim);
+        removed
+    }
+}
+
+/// clsact qdiscs this instance created; removed at the end unless some
+/// other filter now uses them.
+struct CreatedQdiscs(Vec<String>);
+
+impl CreatedQdiscs {
+    async fn remove(mut self) {
+        for iface in std::mem::take(&mut self.0) {
+            datapath::remove_clsact_if_unused(&iface).await;
         }
     }
 }
 
-/// Removes what a dead instance recorded: its netlink filters, and its
-/// relay's TIME_WAIT sockets, which would black-hole clients reusing their
-/// ports for a minute.
-fn remove_recorded(leftover: &state::InstanceState) {
+impl Drop for CreatedQdiscs {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        let ifaces = std::mem::take(&mut self.0);
+        let _ = system::block_on(async {
+            for iface in &ifaces {
+                datapath::remove_clsact_if_unused(iface).await;
+            }
+        });
+    }
+}
+
+/// Removes what a dead instance recorded: its netlink filters and the
+/// qdiscs it created, its routing, and its relay's TIME_WAIT sockets, which
+/// would black-hole clients reusing their ports for a minute.
+async fn remove_recorded(name: &str, leftover: &state::InstanceState) {
+    if leftover.netns != 0 && state::netns_id().is_ok_and(|id| id != leftover.netns) {
+        warn!(
+            "instance {name:?} last ran in another network namespace; what it left there can only be removed there"
+        );
+        return;
+    }
     leftover.filters.iter().for_each(datapath::remove_filter);
+    for iface in &leftover.qdiscs {
+        datapath::remove_clsact_if_unused(iface).await;
+    }
+    if let Some(routing) = &leftover.routing {
+        match routing::remove(routing).await {
+            Ok(()) => warn!(
+                "removed the policy routing an earlier run of {name:?} left (fwmark {:#x}, table {})",
+                routing.mark, routing.table
+            ),
+            Err(e) => warn!("could not remove an earlier run's routing: {e}"),
+        }
+    }
     if leftover.tcp_ports.is_empty() {
         return;
     }
@@ -305,7 +466,7 @@ fn remove_recorded(leftover: &state::InstanceState) {
 
 /// Loads the programs for `config` (see [`Datapath::load`]).
 pub fn load(config: &InterceptConfig) -> Result<Datapath> {
-    Datapath::load(config.mark, config.bypass_mark, config.return_path)
+    Datapath::load(config.mark, config.bypass_mark, config.return_path, config.intercept_local)
 }
 
 /// Everything that can be checked before changing anything: the
@@ -328,23 +489,22 @@ fn checks(config: &InterceptConfig, loading: bool) -> Result<aya::util::KernelVe
     Ok(kernel)
 }
 
-/// Removes what a killed instance with this configuration's name left
-/// behind: the netlink TC filters it recorded, and its rules and routes
-/// (by mark and table). Every tproxy filter on `config.interfaces` goes too,
-/// for when the records are lost. Refuses while the instance runs.
-pub async fn remove_leftovers(config: &InterceptConfig) -> Result<()> {
-    validate_name(&config.name)?;
-    let Some(leftover) = state::leftovers(&config.name)? else {
-        return Err(Error::Config(format!(
-            "instance {:?} is running; stop it instead of cleaning up after it",
-            config.name
-        )));
+/// `tproxy-user cleanup`: removes exactly what a dead instance named `name`
+/// recorded (nothing when it never ran), and every tproxy TC filter on
+/// `interfaces` that no live instance recorded, for when records are lost.
+/// Refuses while `name` runs.
+pub async fn remove_leftovers(name: &str, interfaces: &[String]) -> Result<()> {
+    validate_name(name)?;
+    let Some(leftover) = state::leftovers(name)? else {
+        return Err(Error::InstanceRunning(name.to_owned()));
     };
-    remove_recorded(&leftover);
+    remove_recorded(name, &leftover).await;
     // The dead instance's control socket.
-    let _ = std::fs::remove_file(crate::control::socket_path(&config.name));
-    for iface in &config.interfaces {
-        datapath::remove_all_filters(iface);
+    let _ = std::fs::remove_file(crate::control::socket_path(name));
+    let live: Vec<state::NetlinkFilter> =
+        state::live_instances(name)?.into_iter().flat_map(|(_, s)| s.filters).collect();
+    for iface in interfaces {
+        datapath::remove_unrecorded_filters(iface, &live).await?;
     }
-    routing::remove(&config.routing()).await
+    Ok(())
 }

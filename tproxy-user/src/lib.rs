@@ -58,6 +58,7 @@ pub mod datapath;
 pub mod doctor;
 pub mod error;
 pub mod intercept;
+pub mod local_table;
 pub mod metrics;
 pub mod relay;
 pub mod routing;

@@ -8,8 +8,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use tproxy_user::{
     attach::{self, AttachConfig},
     control::{self, Request, Response},
-    datapath::Datapath,
-    intercept::{self, DEFAULT_RULE_PRIORITY, DEFAULT_TABLE, InterceptConfig},
+    intercept::{
+        self, DEFAULT_MARK, DEFAULT_RULE_PRIORITY, DEFAULT_TABLE, DEFAULT_UPSTREAM_MARK,
+        InterceptConfig,
+    },
     relay::{TcpRelayConfig, UdpRelayConfig, tcp, udp},
     rules::{Protocol, Rule, parse_ports},
 };
@@ -120,17 +122,26 @@ struct RuleArgs {
     instance: InstanceArgs,
 }
 
+/// The routing values. Left out, `attach` takes the first free set from
+/// the defaults on (another instance or someone else's routing may hold
+/// them); given, they are used as they are, and a conflict is refused.
 #[derive(Args)]
 struct RoutingArgs {
-    /// Mark put on steered packets (decimal or 0x hex).
-    #[arg(long, default_value = "0x1e5", value_parser = parse_u32)]
-    mark: u32,
-    /// Routing table that delivers marked packets locally.
-    #[arg(long, default_value_t = DEFAULT_TABLE, value_parser = clap::value_parser!(u32).range(1..=u32::MAX as i64))]
-    table: u32,
-    /// Priority of the `fwmark → table` rule.
-    #[arg(long, default_value_t = DEFAULT_RULE_PRIORITY)]
-    rule_priority: u32,
+    /// Mark put on steered packets (decimal or 0x hex) [default: 0x1e5, or the next free]
+    #[arg(long, value_parser = parse_u32)]
+    mark: Option<u32>,
+    /// Routing table that delivers marked packets locally [default: 485, or the next free]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=u32::MAX as i64))]
+    table: Option<u32>,
+    /// Priority of the `fwmark → table` rule [default: 485, or the next free]
+    #[arg(long)]
+    rule_priority: Option<u32>,
+}
+
+impl RoutingArgs {
+    fn given(&self) -> bool {
+        self.mark.is_some() || self.table.is_some() || self.rule_priority.is_some()
+    }
 }
 
 #[derive(Args)]
@@ -157,6 +168,10 @@ struct AttachArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Also intercept traffic to this host's own addresses. By default it
+    /// goes to the host's own services untouched.
+    #[arg(long)]
+    intercept_local: bool,
     #[command(flatten)]
     routing: RoutingArgs,
     #[command(flatten)]
@@ -168,9 +183,10 @@ struct RelayArgs {
     /// Port of the relay's transparent sockets; 0 lets the kernel choose.
     #[arg(long, default_value_t = 0)]
     listen_port: u16,
-    /// SO_MARK of the relay's upstream connections, which are never steered.
-    #[arg(long, default_value = "0x1e6", value_parser = parse_u32)]
-    upstream_mark: u32,
+    /// SO_MARK of the relay's upstream connections, which are never steered
+    /// [default: 0x1e6, or with `attach` the next free]
+    #[arg(long, value_parser = parse_u32)]
+    upstream_mark: Option<u32>,
     /// Connect upstream from the client's own address (both TCP and UDP), so
     /// the server sees the client; replies are steered back on every given
     /// interface.
@@ -210,14 +226,12 @@ struct DoctorArgs {
 
 #[derive(Args)]
 struct CleanupArgs {
-    /// Also remove every tproxy TC filter on these interfaces, for when the
-    /// instance's records under /run/tproxy are lost.
+    /// Also remove every tproxy TC filter on these interfaces that no live
+    /// instance recorded, for when records under /run/tproxy are lost.
     #[arg(value_name = "IFACE")]
     interfaces: Vec<String>,
     #[command(flatten)]
     instance: InstanceArgs,
-    #[command(flatten)]
-    routing: RoutingArgs,
 }
 
 const DEFAULT_LOG_FILTER: &str = "info,aya::bpf=error";
@@ -244,9 +258,10 @@ fn intercept_config(
     routing: &RoutingArgs,
 ) -> InterceptConfig {
     InterceptConfig {
-        mark: routing.mark,
-        table: routing.table,
-        rule_priority: routing.rule_priority,
+        mark: routing.mark.unwrap_or(DEFAULT_MARK),
+        table: routing.table.unwrap_or(DEFAULT_TABLE),
+        rule_priority: routing.rule_priority.unwrap_or(DEFAULT_RULE_PRIORITY),
+        choose_free_routing: !routing.given(),
         ..InterceptConfig::new(interfaces, rules)
     }
 }
@@ -264,8 +279,10 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
     rules.extend(args.rules);
     let mut intercept = intercept_config(args.interfaces, rules, &args.routing);
     intercept.name = args.name;
-    intercept.bypass_mark = args.relay.upstream_mark;
+    intercept.choose_free_routing &= args.relay.upstream_mark.is_none();
+    intercept.bypass_mark = args.relay.upstream_mark.unwrap_or(DEFAULT_UPSTREAM_MARK);
     intercept.return_path = args.relay.spoof_source;
+    intercept.intercept_local = args.intercept_local;
     let (tcp, udp) = relay_configs(&args.relay)?;
     Ok(AttachConfig {
         control_socket: Some(control::socket_path(&intercept.name)),
@@ -300,8 +317,9 @@ fn relay_configs(args: &RelayArgs) -> anyhow::Result<(TcpRelayConfig, UdpRelayCo
     let tcp = TcpRelayConfig {
         listen_port: args.listen_port,
         ipv6,
-        upstream_mark: args.upstream_mark,
+        upstream_mark: args.upstream_mark.unwrap_or(DEFAULT_UPSTREAM_MARK),
         spoof_source: args.spoof_source,
+        allow_local_destinations: false,
         connect_timeout: seconds("--connect-timeout", args.connect_timeout)?,
         idle_timeout,
         max_connections,
@@ -310,8 +328,9 @@ fn relay_configs(args: &RelayArgs) -> anyhow::Result<(TcpRelayConfig, UdpRelayCo
     let udp = UdpRelayConfig {
         listen_port: args.listen_port,
         ipv6,
-        upstream_mark: args.upstream_mark,
+        upstream_mark: args.upstream_mark.unwrap_or(DEFAULT_UPSTREAM_MARK),
         spoof_source: args.spoof_source,
+        allow_local_destinations: false,
         idle_timeout: seconds("--udp-idle-timeout", args.udp_idle_timeout)?,
         max_sessions: args.max_udp_sessions,
     };
@@ -339,7 +358,7 @@ async fn print_rules(name: &str) -> anyhow::Result<()> {
 /// What runs once the runtime is up; `attach` and `relay` are prepared
 /// before it, while the process has a single thread.
 enum Job {
-    Attach(Box<(AttachConfig, Datapath)>),
+    Attach(Box<attach::Prepared>),
     Relay(TcpRelayConfig, UdpRelayConfig),
     Other(Command),
 }
@@ -351,10 +370,7 @@ fn prepare(command: Command) -> anyhow::Result<Job> {
     let job = match command {
         Command::Attach(args) => {
             let config = attach_config(*args)?;
-            intercept::preflight(&config.intercept).context("attach")?;
-            tproxy_user::system::raise_memlock_limit();
-            let datapath = intercept::load(&config.intercept).context("attach")?;
-            Job::Attach(Box::new((config, datapath)))
+            Job::Attach(Box::new(attach::prepare(config).context("attach")?))
         }
         Command::Relay(args) => {
             if args.listen_port == 0 {
@@ -372,10 +388,7 @@ fn prepare(command: Command) -> anyhow::Result<Job> {
 async fn run(job: Job) -> anyhow::Result<()> {
     let command = match job {
         Job::Attach(prepared) => {
-            let (config, datapath) = *prepared;
-            return attach::run_loaded(config, Some(datapath), shutdown_signal()?)
-                .await
-                .context("attach");
+            return prepared.run(shutdown_signal()?).await.context("attach");
         }
         Job::Relay(tcp, udp) => {
             return attach::relay_only(tcp, udp, shutdown_signal()?).await.context("relay");
@@ -431,10 +444,10 @@ async fn run(job: Job) -> anyhow::Result<()> {
             for iface in &args.interfaces {
                 tproxy_user::system::ifindex(iface)?;
             }
-            let mut config = intercept_config(args.interfaces, vec![], &args.routing);
-            config.name = args.instance.name;
-            intercept::remove_leftovers(&config).await.context("cleanup")?;
-            tracing::info!("removed leftovers for mark {:#x}, table {}", config.mark, config.table);
+            intercept::remove_leftovers(&args.instance.name, &args.interfaces)
+                .await
+                .context("cleanup")?;
+            tracing::info!("removed what instance {:?} left behind", args.instance.name);
             Ok(())
         }
     }
@@ -491,13 +504,19 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tproxy_user::intercept::{DEFAULT_MARK, DEFAULT_UPSTREAM_MARK};
 
     #[test]
-    fn hex_defaults_match_the_library() {
+    fn routing_values_are_chosen_unless_given() {
         let cli = Cli::parse_from(["tproxy-user", "attach", "eth0", "--port", "80"]);
         let Command::Attach(args) = cli.command else { panic!("not attach") };
-        assert_eq!(args.routing.mark, DEFAULT_MARK);
-        assert_eq!(args.relay.upstream_mark, DEFAULT_UPSTREAM_MARK);
+        let config = attach_config(*args).unwrap();
+        assert!(config.intercept.choose_free_routing);
+        assert_eq!(config.intercept.mark, DEFAULT_MARK);
+        assert_eq!(config.intercept.bypass_mark, DEFAULT_UPSTREAM_MARK);
+        let cli = Cli::parse_from(["tproxy-user", "attach", "eth0", "-p", "80", "--mark", "0x10"]);
+        let Command::Attach(args) = cli.command else { panic!("not attach") };
+        let config = attach_config(*args).unwrap();
+        assert!(!config.intercept.choose_free_routing);
+        assert_eq!(config.intercept.mark, 0x10);
     }
 }

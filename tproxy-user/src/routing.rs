@@ -25,7 +25,7 @@ use crate::{
 
 /// Identifies our routing state: the mark our program sets, the table it
 /// routes to, and the rule priority.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RoutingConfig {
     /// The fwmark the rule matches.
     pub mark: u32,
@@ -45,12 +45,11 @@ pub struct PolicyRouting {
 }
 
 impl PolicyRouting {
-    /// Removes leftovers of an earlier run with the same mark and table,
-    /// checks that nothing else uses them, and installs the rules and routes.
+    /// Checks that nothing uses the mark or the table, and installs the
+    /// rules and routes. What is in the way is refused, never removed.
     pub async fn install(config: RoutingConfig) -> Result<Self> {
         let lo = system::ifindex("lo")?;
         let netlink = Netlink::connect()?;
-        remove_with(&netlink.handle, &config).await?;
         check_conflicts(&netlink.handle, &config).await?;
         // From here on, Drop undoes whatever part was added.
         let routing = Self { config, installed: true };
@@ -100,8 +99,9 @@ impl RoutingConfig {
     }
 }
 
-/// Removes our rules (fwmark M → table T) and our local default routes in
-/// table T, in both families. Succeeds when there is nothing to remove.
+/// Removes exactly our rules (priority P: fwmark M → table T) and our local
+/// default routes in table T, in both families. Succeeds when there is
+/// nothing to remove.
 pub async fn remove(config: &RoutingConfig) -> Result<()> {
     let netlink = Netlink::connect()?;
     remove_with(&netlink.handle, config).await
@@ -113,7 +113,10 @@ async fn remove_with(handle: &Handle, config: &RoutingConfig) -> Result<()> {
             continue;
         }
         for rule in rules(handle, family.clone()).await? {
-            if rule_mark(&rule) == Some(config.mark) && rule_table(&rule) == config.table {
+            if rule_mark(&rule) == Some(config.mark)
+                && rule_table(&rule) == config.table
+                && rule_priority(&rule) == Some(config.priority)
+            {
                 trace!("removing rule {rule:?}");
                 ignore_missing(handle.rule().del(rule).execute().await)
                     .map_err(routing_err("removing a rule"))?;
@@ -133,7 +136,7 @@ async fn remove_with(handle: &Handle, config: &RoutingConfig) -> Result<()> {
 /// Refuses to share a mark or a table with someone else's routing.
 async fn check_conflicts(handle: &Handle, config: &RoutingConfig) -> Result<()> {
     match conflicts_with(handle, config).await?.into_iter().next() {
-        Some(conflict) => Err(Error::Routing(conflict)),
+        Some(conflict) => Err(Error::RoutingConflict(conflict)),
         None => Ok(()),
     }
 }
@@ -147,19 +150,23 @@ pub async fn conflicts(config: &RoutingConfig) -> Result<Vec<String>> {
 async fn conflicts_with(handle: &Handle, config: &RoutingConfig) -> Result<Vec<String>> {
     let mut found = Vec::new();
     for family in config.families() {
+        let v = if *family == IpVersion::V6 { "-6 " } else { "" };
         for rule in rules(handle, family.clone()).await? {
-            if rule_mark(&rule) == Some(config.mark) {
+            let (mark, table) = (rule_mark(&rule), rule_table(&rule));
+            if mark == Some(config.mark) || table == config.table {
                 found.push(format!(
-                    "fwmark {:#x} is already used by another rule (table {}); choose another --mark",
+                    "fwmark {:#x} or table {} is in use by another rule (ip {v}rule: priority {}{} lookup {table})",
                     config.mark,
-                    rule_table(&rule)
+                    config.table,
+                    rule_priority(&rule).unwrap_or(0),
+                    mark.map(|m| format!(" fwmark {m:#x}")).unwrap_or_default(),
                 ));
             }
         }
         if routes(handle, family.clone()).await?.iter().any(|r| route_table(r) == config.table) {
             found.push(format!(
-                "routing table {} already has routes; choose another --table",
-                config.table
+                "routing table {} already has routes (ip {v}route show table {})",
+                config.table, config.table
             ));
         }
     }
@@ -239,7 +246,7 @@ async fn rules(handle: &Handle, family: IpVersion) -> Result<Vec<RuleMessage>> {
     handle.rule().get(family).execute().try_collect().await.map_err(routing_err("listing rules"))
 }
 
-async fn routes(handle: &Handle, family: IpVersion) -> Result<Vec<RouteMessage>> {
+pub(crate) async fn routes(handle: &Handle, family: IpVersion) -> Result<Vec<RouteMessage>> {
     let message = match family {
         IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
         IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
@@ -254,6 +261,13 @@ fn rule_mark(rule: &RuleMessage) -> Option<u32> {
     })
 }
 
+fn rule_priority(rule: &RuleMessage) -> Option<u32> {
+    rule.attributes.iter().find_map(|a| match a {
+        RuleAttribute::Priority(p) => Some(*p),
+        _ => None,
+    })
+}
+
 fn rule_table(rule: &RuleMessage) -> u32 {
     rule.attributes
         .iter()
@@ -264,7 +278,7 @@ fn rule_table(rule: &RuleMessage) -> u32 {
         .unwrap_or(rule.header.table.into())
 }
 
-fn route_table(route: &RouteMessage) -> u32 {
+pub(crate) fn route_table(route: &RouteMessage) -> u32 {
     route
         .attributes
         .iter()

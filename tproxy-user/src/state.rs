@@ -4,9 +4,14 @@
 //! - `<name>.lock`, locked (flock) for the instance's lifetime. The kernel
 //!   releases the lock when the process dies, so a held lock means a live
 //!   instance and a free one means whatever is recorded is a leftover.
-//! - `<name>.state`, the netlink TC filters the instance attached (kernels
-//!   before 6.6). Those outlive their process, unlike TCX links; the next
-//!   start under the same name, or `tproxy-user cleanup`, removes exactly them.
+//! - `<name>.state`, what the instance added that can outlive it: its
+//!   policy routing (mark, table, priority, recorded before it is
+//!   installed), the netlink TC filters it attached and the clsact qdiscs it
+//!   created (kernels before 6.6; TCX links die with their process), the
+//!   TCP ports it intercepted, and its network namespace. The next start
+//!   under the same name, or `tproxy-user cleanup`, removes exactly that.
+//!   Live instances' records also tell a new instance which marks and
+//!   tables are taken.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -17,7 +22,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    routing::RoutingConfig,
+};
 
 /// Where instances keep their lock, state and control socket.
 pub const RUN_DIR: &str = "/run/tproxy";
@@ -42,6 +50,18 @@ pub struct InstanceState {
     /// sockets on them are removed after it (see [`crate::timewait`]).
     #[serde(default)]
     pub tcp_ports: Vec<u16>,
+    /// The network namespace it ran in (see [`netns_id`]).
+    #[serde(default)]
+    pub netns: u64,
+    /// Its policy routing, recorded before it was installed.
+    #[serde(default)]
+    pub routing: Option<RoutingConfig>,
+    /// The mark of its relay's upstream traffic.
+    #[serde(default)]
+    pub upstream_mark: u32,
+    /// Interfaces whose clsact qdisc it created.
+    #[serde(default)]
+    pub qdiscs: Vec<String>,
 }
 
 /// A claimed instance name: the lock is held until this is dropped, which
@@ -68,9 +88,28 @@ impl Claim {
         let lock = lock(&lock_path, name)?;
         let state_path = dir.join(format!("{name}.state"));
         let leftover = read(&state_path);
-        let claim = Self { _lock: lock, lock_path, state_path, state: InstanceState::default() };
+        let state = InstanceState { netns: netns_id()?, ..InstanceState::default() };
+        let claim = Self { _lock: lock, lock_path, state_path, state };
         claim.write()?;
         Ok((claim, leftover))
+    }
+
+    /// What is recorded so far.
+    pub fn state(&self) -> &InstanceState {
+        &self.state
+    }
+
+    /// Records the routing and upstream mark, before they are installed.
+    pub fn record_routing(&mut self, routing: RoutingConfig, upstream_mark: u32) -> Result<()> {
+        self.state.routing = Some(routing);
+        self.state.upstream_mark = upstream_mark;
+        self.write()
+    }
+
+    /// Records a clsact qdisc as created by this instance.
+    pub fn record_qdisc(&mut self, iface: &str) -> Result<()> {
+        self.state.qdiscs.push(iface.to_owned());
+        self.write()
     }
 
     /// Records a filter as attached.
@@ -123,9 +162,7 @@ fn lock(path: &Path, name: &str) -> Result<File> {
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::WouldBlock {
-                return Err(Error::Config(format!(
-                    "an instance named {name:?} is already running; give this one another --name (and --mark and --table)"
-                )));
+                return Err(Error::InstanceRunning(name.to_owned()));
             }
             return Err(Error::io(format!("locking {}", path.display()), e));
         }
@@ -145,9 +182,76 @@ pub fn leftovers(name: &str) -> Result<Option<InstanceState>> {
             drop(claim);
             Ok(Some(leftover))
         }
-        Err(Error::Config(_)) => Ok(None),
+        Err(Error::InstanceRunning(_)) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// The records of every other live instance in this network namespace.
+pub fn live_instances(except: &str) -> Result<Vec<(String, InstanceState)>> {
+    let netns = netns_id()?;
+    let Ok(entries) = fs::read_dir(RUN_DIR) else { return Ok(Vec::new()) };
+    let mut live = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()?.strip_suffix(".state")) else {
+            continue;
+        };
+        if name == except || !is_locked(&path.with_extension("lock")) {
+            continue;
+        }
+        let state = read(&path);
+        if state.netns == netns {
+            live.push((name.to_owned(), state));
+        }
+    }
+    Ok(live)
+}
+
+/// Whether a live process holds the lock at `path`.
+fn is_locked(path: &Path) -> bool {
+    let Ok(file) = File::open(path) else { return false };
+    // SAFETY: flock on a file descriptor we own; closing it drops our lock.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }
+}
+
+/// Held while an instance chooses and installs its routing, so that two
+/// instances starting at once never choose the same mark or table.
+pub struct AllocationLock(#[allow(dead_code)] File);
+
+impl AllocationLock {
+    /// Waits for the lock.
+    pub fn acquire() -> Result<Self> {
+        let dir = Path::new(RUN_DIR);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let path = dir.join("routing.lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(Error::io(
+                format!("locking {}", path.display()),
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(Self(file))
+    }
+}
+
+/// Identifies the current network namespace: the inode of /proc/self/ns/net.
+pub fn netns_id() -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata("/proc/self/ns/net")
+        .map(|m| m.ino())
+        .map_err(|e| Error::io("reading /proc/self/ns/net", e))
 }
 
 fn read(path: &Path) -> InstanceState {

@@ -72,10 +72,11 @@ impl StatsReport {
         let d = &self.datapath;
         let _ = writeln!(
             out,
-            "\ndatapath   {} to the listener, {} to existing sockets, {} to spoofed sockets, {} without a listener, {} assign failures, {} SYNs met TIME_WAIT ({} handed over)",
+            "\ndatapath   {} to the listener, {} to existing sockets, {} to spoofed sockets, {} left to this host, {} without a listener, {} assign failures, {} SYNs met TIME_WAIT ({} handed over)",
             d.to_listener,
             d.to_socket,
             d.return_path,
+            d.to_host,
             d.no_listener,
             d.assign_failed,
             d.tw_syn,
@@ -211,6 +212,12 @@ impl Collector for Snapshot {
                 path("socket", d.to_socket),
                 path("spoofed_socket", d.return_path),
             ],
+        )?;
+        c(
+            &mut e,
+            "tproxy_datapath_to_host",
+            "Packets on intercepted ports to this host's own destinations, left to the host",
+            &[(none(), d.to_host)],
         )?;
         c(
             &mut e,

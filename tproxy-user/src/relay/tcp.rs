@@ -32,6 +32,10 @@ pub struct TcpRelayConfig {
     /// Connect upstream from the client's address and port instead of the
     /// host's (the client's port if free, else another).
     pub spoof_source: bool,
+    /// Relay connections whose original destination is this host (`attach
+    /// --intercept-local`); refused by default, so that the relay is no open
+    /// door to the host's own services.
+    pub allow_local_destinations: bool,
     /// Upper bound on connecting to the original destination.
     pub connect_timeout: Duration,
     /// A connection with no bytes either way for this long is closed (with a
@@ -56,6 +60,7 @@ impl Default for TcpRelayConfig {
             ipv6: true,
             upstream_mark: crate::intercept::DEFAULT_UPSTREAM_MARK,
             spoof_source: false,
+            allow_local_destinations: false,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -257,7 +262,7 @@ async fn relay(accepted: Accepted, shared: &Shared) {
         reset(&client);
         return;
     }
-    if shared.local.contains(dst.ip()) {
+    if !config.allow_local_destinations && shared.local.contains(dst.ip()) {
         stats.refused_local.fetch_add(1, Relaxed);
         debug!(%peer, %dst, "refused: destination is this host");
         reset(&client);

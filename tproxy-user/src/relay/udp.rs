@@ -42,6 +42,10 @@ pub struct UdpRelayConfig {
     pub upstream_mark: u32,
     /// Send upstream from the client's address instead of the host's.
     pub spoof_source: bool,
+    /// Relay flows whose original destination is this host (`attach
+    /// --intercept-local`); refused by default, so that the relay is no open
+    /// door to the host's own services.
+    pub allow_local_destinations: bool,
     /// A session without traffic either way for this long is closed.
     pub idle_timeout: Duration,
     /// Most sessions at once; past it the least recently used is evicted.
@@ -55,6 +59,7 @@ impl Default for UdpRelayConfig {
             ipv6: true,
             upstream_mark: crate::intercept::DEFAULT_UPSTREAM_MARK,
             spoof_source: false,
+            allow_local_destinations: false,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_sessions: DEFAULT_MAX_SESSIONS,
         }
@@ -261,7 +266,7 @@ impl SessionTable {
             debug!(%client, %dst, "UDP datagram to the relay itself dropped");
             return;
         }
-        if self.local.contains(dst.ip()) {
+        if !self.config.allow_local_destinations && self.local.contains(dst.ip()) {
             self.stats.refused_local.fetch_add(1, Relaxed);
             debug!(%client, %dst, "UDP datagram to this host dropped");
             return;
