@@ -348,8 +348,10 @@ fn bad_rules_are_refused_and_reloads_apply() -> Result<()> {
     Ok(())
 }
 
-/// Two named instances on one interface, each with its own port, mark and
-/// table, both relay; a third with a name in use is refused.
+/// Two named instances on one interface with the default routing values:
+/// the second chooses its own mark and table; both relay; a third with a
+/// name in use is refused; `cleanup` of a name that never ran touches
+/// nothing; when the second goes, the first still relays.
 #[test]
 fn named_instances_run_side_by_side() -> Result<()> {
     let topology = Topology::new("names")?;
@@ -361,25 +363,14 @@ fn named_instances_run_side_by_side() -> Result<()> {
     )?;
     let b = Proxy::start(
         &topology.proxy,
-        &[
-            "attach",
-            PROXY_CLIENT_IFACE,
-            "--port",
-            "8080",
-            "--proto",
-            "tcp",
-            "--name",
-            &b_name,
-            "--mark",
-            "0x1e7",
-            "--table",
-            "486",
-            "--rule-priority",
-            "486",
-            "--upstream-mark",
-            "0x1e8",
-        ],
+        &["attach", PROXY_CLIENT_IFACE, "--port", "8080", "--proto", "tcp", "--name", &b_name],
     )?;
+    ensure!(b.log().contains("this instance uses fwmark 0x1e7, table 486"), "{}", b.log());
+    let routing = topology.proxy.exec(&["ip", "rule", "show"])?;
+    ensure!(
+        routing.contains("fwmark 0x1e5 lookup 485") && routing.contains("fwmark 0x1e7 lookup 486"),
+        "{routing}"
+    );
     for port in [80, 8080] {
         let seen = echo_server(&topology.server, Topology::server_addr(false, port))?;
         let peer = peer_seen(&topology, &seen, Topology::server_addr(false, port), None)?;
@@ -401,12 +392,19 @@ fn named_instances_run_side_by_side() -> Result<()> {
             "--table",
             "487",
         ],
-        "already runs",
+        "already running",
     )?;
     tproxy_refused(&topology, &["stats", "--name", "nobody-here"], "no instance named")?;
-    let log_a = a.stop()?;
+    tproxy_ok(&topology, &["cleanup", PROXY_CLIENT_IFACE, "--name", "never-ran-here"])?;
+    ensure!(topology.proxy.exec(&["ip", "rule", "show"])? == routing, "cleanup of another name");
     let log_b = b.stop()?;
-    ensure!(log_a.contains("1 connections relayed") && log_b.contains("1 connections relayed"));
+    ensure!(log_b.contains("1 connections relayed"), "{log_b}");
+    // The first instance's routing and filter survived the second's exit.
+    let seen = echo_server(&topology.server, Topology::server_addr(true, 80))?;
+    let peer = peer_seen(&topology, &seen, Topology::server_addr(true, 80), None)?;
+    ensure!(peer.ip() == proxy_ip(true), "not relayed after the second instance left: {peer}");
+    let log_a = a.stop()?;
+    ensure!(log_a.contains("2 connections relayed"), "{log_a}");
     Ok(())
 }
 

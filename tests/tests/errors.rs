@@ -81,18 +81,34 @@ fn no_privileges() -> Result<()> {
     )
 }
 
+/// Someone's hand-made TPROXY recipe on our default mark and table is never
+/// removed: given explicitly, the values are refused with what is in the
+/// way; by default the next free ones are chosen.
 #[test]
 fn a_mark_already_routed_elsewhere() -> Result<()> {
     let topology = Topology::new("markused")?;
     topology
         .proxy
-        .exec(&["ip", "rule", "add", "fwmark", "0x1e5", "lookup", "100", "priority", "100"])?;
-    let out = run_tproxy(&topology.proxy, &["attach", PROXY_CLIENT_IFACE, "--port", "80"])?;
+        .exec(&["ip", "rule", "add", "fwmark", "0x1e5", "lookup", "485", "priority", "100"])?;
+    topology
+        .proxy
+        .exec(&["ip", "route", "add", "local", "default", "dev", "lo", "table", "485"])?;
+    let foreign = topology.proxy.interception_state(PROXY_CLIENT_IFACE, TABLE)?;
+    let out = run_tproxy(
+        &topology.proxy,
+        &["attach", PROXY_CLIENT_IFACE, "--port", "80", "--mark", "0x1e5", "--table", "485"],
+    )?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(!out.status.success());
-    ensure!(stderr.contains("fwmark 0x1e5 is already used by another rule"), "{stderr}");
-    // The other rule is still there, and nothing of ours was added.
-    let rules = topology.proxy.exec(&["ip", "rule", "show"])?;
-    ensure!(rules.contains("lookup 100") && !rules.contains("lookup 485"), "{rules}");
+    ensure!(stderr.trim().lines().count() == 1, "{stderr}");
+    ensure!(stderr.contains("fwmark 0x1e5 or table 485 is in use by another rule"), "{stderr}");
+    ensure!(topology.proxy.interception_state(PROXY_CLIENT_IFACE, TABLE)? == foreign);
+    // With the defaults it steps around them, and leaves them alone.
+    let proxy = Proxy::start(&topology.proxy, &["attach", PROXY_CLIENT_IFACE, "--port", "80"])?;
+    ensure!(proxy.log().contains("this instance uses fwmark 0x1e7, table 486"), "{}", proxy.log());
+    proxy.stop()?;
+    let out = run_tproxy(&topology.proxy, &["cleanup", PROXY_CLIENT_IFACE])?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ensure!(topology.proxy.interception_state(PROXY_CLIENT_IFACE, TABLE)? == foreign);
     Ok(())
 }

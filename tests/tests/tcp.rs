@@ -1,9 +1,13 @@
 //! The core TCP slice, end to end: `tproxy-user attach` in the proxy
 //! namespace, real sockets in the client and server namespaces.
 
-use std::{io::Write, net::Shutdown, time::Duration};
+use std::{
+    io::{Read, Write},
+    net::Shutdown,
+    time::Duration,
+};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
 use tproxy_tests::*;
 
 const MIB: usize = 1 << 20;
@@ -412,5 +416,88 @@ fn reuseport_listeners_work_or_are_refused_by_kernel_version() -> Result<()> {
     }
     let log = proxy.stop()?;
     ensure!(log.contains("20 connections relayed"), "{log}");
+    Ok(())
+}
+
+/// Deleting the rule retires the relay's TIME_WAIT sockets of flows it no
+/// longer intercepts: the client's reused port reaches the server directly
+/// at once, instead of being dropped for a minute.
+#[test]
+fn deleting_a_rule_unblocks_reused_client_ports() -> Result<()> {
+    let topology = Topology::new("twdel")?;
+    let addr = Topology::server_addr(false, 80);
+    let client_addr = std::net::SocketAddr::new(client_ip(false), 40003);
+    let server = closing_server(&topology, addr, 2)?;
+    let proxy = attach_port_80(&topology)?;
+    ensure!(connect_from(&topology, client_addr, addr, Duration::from_secs(5))? == b"bye");
+    let out = run_tproxy(&topology.proxy, &["port", "del", "80"])?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    proxy.wait_for_log(
+        "removed 1 TIME_WAIT sockets of flows no rule intercepts now",
+        Duration::from_secs(5),
+    )?;
+    wait_until_port_free(&topology, 40003)?;
+    let started = std::time::Instant::now();
+    ensure!(
+        connect_from(&topology, client_addr, addr, Duration::from_secs(3))? == b"bye",
+        "the reused port was black-holed"
+    );
+    ensure!(started.elapsed() < Duration::from_millis(900), "took {:?}", started.elapsed());
+    let peers = server.join().unwrap()?;
+    ensure!(peers[0].ip() == proxy_ip(false) && peers[1] == client_addr, "server saw {peers:?}");
+    proxy.stop()?;
+    Ok(())
+}
+
+/// A connection still open when its rule goes keeps flowing; when it ends
+/// it leaves no TIME_WAIT socket on the client's tuple, so the client's
+/// reused port is forwarded at once.
+#[test]
+fn a_flow_that_outlives_its_rule_leaves_nothing_behind() -> Result<()> {
+    use socket2::{Domain, Socket, Type};
+    let topology = Topology::new("twlater")?;
+    let addr = Topology::server_addr(false, 80);
+    let client_addr = std::net::SocketAddr::new(client_ip(false), 40004);
+    let listener = topology.server.tcp_listen(addr)?;
+    // Answers `bye` and closes first, once the client has spoken.
+    let server = std::thread::spawn(move || -> Result<Vec<std::net::SocketAddr>> {
+        let mut peers = Vec::new();
+        for _ in 0..2 {
+            let (mut stream, peer) = listener.accept()?;
+            let mut byte = [0u8; 1];
+            stream.read_exact(&mut byte)?;
+            stream.write_all(b"bye")?;
+            peers.push(peer);
+        }
+        Ok(peers)
+    });
+    let proxy = attach_port_80(&topology)?;
+    let open = || -> Result<std::net::TcpStream> {
+        let socket = topology.client.run(move || -> std::io::Result<Socket> {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&client_addr.into())?;
+            Ok(socket)
+        })??;
+        socket.connect_timeout(&addr.into(), Duration::from_secs(3))?;
+        let stream: std::net::TcpStream = socket.into();
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(stream)
+    };
+    let mut stream = open()?;
+    let out = run_tproxy(&topology.proxy, &["port", "del", "80"])?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    stream.write_all(b"x")?;
+    ensure!(read_to_end(&mut stream)? == b"bye", "the open flow broke when its rule went");
+    drop(stream);
+    wait_until_port_free(&topology, 40004)?;
+    let mut stream = open().with_context(|| {
+        format!("reconnecting:\n{}\n{:?}", proxy.log(), topology.proxy.exec(&["ss", "-tan"]))
+    })?;
+    stream.write_all(b"x")?;
+    ensure!(read_to_end(&mut stream)? == b"bye");
+    let peers = server.join().unwrap()?;
+    ensure!(peers[0].ip() == proxy_ip(false) && peers[1] == client_addr, "server saw {peers:?}");
+    proxy.stop()?;
     Ok(())
 }

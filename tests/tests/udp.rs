@@ -313,3 +313,30 @@ fn proto_tcp_leaves_udp_alone() -> Result<()> {
     ensure!(log.contains("0 UDP sessions"), "{log}");
     Ok(())
 }
+
+/// Deleting the rule closes its sessions at once: the same client socket's
+/// next datagram goes to the server directly (the server sees the client),
+/// not to the session's reply socket, which would still own the tuple.
+#[test]
+fn deleting_a_rule_ends_its_sessions() -> Result<()> {
+    let topology = Topology::new("udpdel")?;
+    let proxy = attach(&topology, &[])?;
+    let server_addr = Topology::server_addr(false, PORT);
+    let server = UdpServer::start(&topology.server, server_addr, 1)?;
+    let client = topology.client.udp_client(server_addr)?;
+    client.send_to(b"relayed", server_addr)?;
+    ensure!(recv_from(&client, server_addr)? == b"relayed");
+    let out = run_tproxy(&topology.proxy, &["port", "del", &PORT.to_string(), "--proto", "udp"])?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    proxy.wait_for_log("UDP session closed: no rule intercepts it now", Duration::from_secs(5))?;
+    client.send_to(b"direct", server_addr)?;
+    ensure!(recv_from(&client, server_addr)? == b"direct");
+    let peers = server.peers();
+    let own = client.local_addr()?.port();
+    ensure!(
+        peers.len() == 2 && peers[0].ip() == proxy_ip(false) && peers[1] == (CLIENT_V4, own).into(),
+        "server saw {peers:?}"
+    );
+    proxy.stop()?;
+    Ok(())
+}

@@ -145,6 +145,9 @@ impl Prepared {
         let interceptor =
             Interceptor::start_claimed(intercept, instance, &sockets, datapath).await?;
         drop(sockets);
+        let (mut tcp, mut udp) = (tcp, udp);
+        tcp.follow_rules(interceptor.watch_rules());
+        udp.follow_rules(interceptor.watch_rules());
         let (tcp_stats, udp_stats) = (tcp.stats(), udp.stats());
         let controller = Arc::new(Controller::new(
             name,

@@ -1,7 +1,9 @@
 //! The interception controller: the TC program on a set of interfaces, the
 //! ports it intercepts, and the policy routing it needs, as one value.
 
-use std::{collections::HashSet, os::fd::BorrowedFd};
+use std::{collections::HashSet, os::fd::BorrowedFd, sync::Arc};
+
+use tokio::sync::watch;
 
 use tproxy_ebpf::RuleStats;
 use tracing::{info, warn};
@@ -230,6 +232,8 @@ pub struct Interceptor {
     rules: RuleSet,
     /// TCP ports gated at some point of the run (gates are never closed).
     gated_tcp: HashSet<u16>,
+    /// The rules in force, for the relays.
+    rules_tx: watch::Sender<Arc<RuleSet>>,
 }
 
 impl Interceptor {
@@ -276,6 +280,7 @@ impl Interceptor {
             config,
             rules: RuleSet::default(),
             gated_tcp: HashSet::new(),
+            rules_tx: watch::Sender::new(Arc::default()),
         };
         interceptor.set_rules(interceptor.config.rules.clone())?;
         interceptor.routing = Some(PolicyRouting::install(interceptor.config.routing()).await?);
@@ -355,7 +360,40 @@ impl Interceptor {
         self.claim.record_tcp_ports(self.gated_tcp.iter().copied())?;
         self.datapath.replace_rules(next.entries().iter().copied())?;
         self.rules = next;
+        self.rules_tx.send_replace(Arc::new(self.rules.clone()));
+        self.remove_unsteered_time_waits();
         Ok(())
+    }
+
+    /// The rules in force, updated on every change: the relays end what
+    /// they hold for flows no rule intercepts any more.
+    pub fn watch_rules(&self) -> watch::Receiver<Arc<RuleSet>> {
+        self.rules_tx.subscribe()
+    }
+
+    /// The relay's TIME_WAIT sockets carry clients' tuples; for a flow no
+    /// rule intercepts now, early demux would attach one to the client's
+    /// next forwarded SYN, which `ip_forward` drops for up to a minute.
+    fn remove_unsteered_time_waits(&self) {
+        let (rules, gated) = (&self.rules, &self.gated_tcp);
+        let removed = system::local_addresses().and_then(|local| {
+            crate::timewait::remove_relay_time_waits_where(&local, |id| {
+                let (l, r) = (id.source_address, id.destination_address);
+                let (lp, rp) = (id.source_port, id.destination_port);
+                // Client side: bound to the destination; spoofed upstream:
+                // bound to the client.
+                let steered = (gated.contains(&lp) && rules.intercepts(Protocol::Tcp, r, l, lp))
+                    || (gated.contains(&rp) && rules.intercepts(Protocol::Tcp, l, r, rp));
+                (gated.contains(&lp) || gated.contains(&rp)) && !steered
+            })
+        });
+        match removed {
+            Ok(0) => {}
+            Ok(n) => info!("removed {n} TIME_WAIT sockets of flows no rule intercepts now"),
+            Err(e) => {
+                warn!("could not remove TIME_WAIT sockets of flows no rule intercepts now: {e}")
+            }
+        }
     }
 
     /// Every TCP port intercepted at some point of this run.

@@ -13,7 +13,7 @@
 use std::{collections::HashSet, io, net::IpAddr};
 
 use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_sock_diag::{
     SockDiagDestroy, SockDiagMessage,
@@ -35,22 +35,65 @@ pub fn remove_relay_time_waits(
     if ports.is_some_and(HashSet::is_empty) {
         return Ok(0);
     }
+    remove_relay_time_waits_where(local, |id| {
+        ports.is_none_or(|p| p.contains(&id.source_port) || p.contains(&id.destination_port))
+    })
+}
+
+/// Destroys the relay's TIME_WAIT sockets (local address not this host's)
+/// for which `remove` is true. Fails if the kernel cannot destroy sockets
+/// (no CONFIG_INET_DIAG_DESTROY), rather than reporting them gone.
+pub fn remove_relay_time_waits_where(
+    local: &HashSet<IpAddr>,
+    remove: impl Fn(&SocketId) -> bool,
+) -> io::Result<usize> {
     let mut removed = 0;
     for family in [AF_INET, AF_INET6] {
         for id in time_wait_sockets(family)? {
-            let ours = !local.contains(&id.source_address)
-                && ports.is_none_or(|p| {
-                    p.contains(&id.source_port) || p.contains(&id.destination_port)
-                });
+            // A dual-stack service's IPv4 sockets show v4-mapped addresses.
+            let ours = !is_local(local, id.source_address) && remove(&id);
             if ours {
                 match destroy(family, id) {
                     Ok(()) => removed += 1,
+                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                        return Err(io::Error::new(
+                            e.kind(),
+                            "this kernel cannot destroy sockets (CONFIG_INET_DIAG_DESTROY is off); they expire within 60 s",
+                        ));
+                    }
                     Err(e) => debug!("destroying a TIME_WAIT socket: {e}"),
                 }
             }
         }
     }
     Ok(removed)
+}
+
+/// Destroys the TIME_WAIT socket of exactly this tuple, if there is one.
+pub fn remove_time_wait(
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+) -> io::Result<bool> {
+    let family = if local.is_ipv4() { AF_INET } else { AF_INET6 };
+    let id = SocketId {
+        source_port: local.port(),
+        destination_port: remote.port(),
+        source_address: local.ip(),
+        destination_address: remote.ip(),
+        interface_id: 0,
+        // Any socket of the tuple.
+        cookie: [0xff; 8],
+    };
+    match destroy(family, id) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn is_local(local: &HashSet<IpAddr>, addr: IpAddr) -> bool {
+    let addr = addr.to_canonical();
+    addr.is_loopback() || addr.is_unspecified() || local.contains(&addr)
 }
 
 fn socket() -> io::Result<Socket> {
@@ -112,10 +155,11 @@ fn time_wait_sockets(family: u8) -> io::Result<Vec<SocketId>> {
     }
 }
 
+/// Destroys one socket and reads the kernel's answer.
 fn destroy(family: u8, id: SocketId) -> io::Result<()> {
     let socket = socket()?;
     let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST;
+    header.flags = NLM_F_REQUEST | NLM_F_ACK;
     let mut packet = NetlinkMessage::new(
         header,
         SockDiagDestroy::new(SockDiagMessage::InetRequest(request(family, id))).into(),
@@ -124,5 +168,15 @@ fn destroy(family: u8, id: SocketId) -> io::Result<()> {
     let mut buf = vec![0; packet.buffer_len()];
     packet.serialize(&mut buf);
     socket.send(&buf, 0)?;
-    Ok(())
+    let mut receive = vec![0u8; 4096];
+    let size = socket.recv(&mut &mut receive[..], 0)?;
+    let message = NetlinkMessage::<SockDiagMessage>::deserialize(&receive[..size])
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    match message.payload {
+        NetlinkPayload::Error(e) => match e.code {
+            None => Ok(()),
+            Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
+        },
+        _ => Ok(()),
+    }
 }

@@ -117,7 +117,11 @@ pub struct TcpRelay {
     v4: Vec<TransparentListener>,
     v6: Vec<TransparentListener>,
     stats: Arc<TcpRelayStats>,
+    rules: Option<RulesWatch>,
 }
+
+/// The interceptor's rules in force (see [`crate::Interceptor::watch_rules`]).
+pub type RulesWatch = tokio::sync::watch::Receiver<Arc<crate::rules::RuleSet>>;
 
 const BACKLOG: i32 = 4096;
 /// Pause after accept fails for lack of file descriptors or memory, so the
@@ -154,7 +158,15 @@ impl TcpRelay {
             Vec::new()
         };
         let config = TcpRelayConfig { listen_port: port, ..config };
-        Ok(Self { config, v4, v6, stats: Arc::default() })
+        Ok(Self { config, v4, v6, stats: Arc::default(), rules: None })
+    }
+
+    /// Follows the interceptor's rules: a connection that ends after no
+    /// rule intercepts its flow any more closes with a reset, so that no
+    /// TIME_WAIT socket is left holding the client's tuple (the kernel would
+    /// drop the client's next, now forwarded, SYN with it).
+    pub fn follow_rules(&mut self, rules: RulesWatch) {
+        self.rules = Some(rules);
     }
 
     /// The port the listeners are bound to.
@@ -182,7 +194,13 @@ impl TcpRelay {
     pub async fn run(self, shutdown: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.config.max_connections.max(1)));
         let local = LocalAddrs::watch(shutdown.clone());
-        let shared = Arc::new(Shared { config: self.config, stats: self.stats, local, slots });
+        let shared = Arc::new(Shared {
+            config: self.config,
+            stats: self.stats,
+            local,
+            slots,
+            rules: self.rules,
+        });
         let mut tasks = JoinSet::new();
         for listener in self.v4.into_iter().chain(self.v6) {
             tasks.spawn(accept_loop(listener, shared.clone(), shutdown.clone()));
@@ -199,6 +217,7 @@ struct Shared {
     local: LocalAddrs,
     /// One permit per connection that may be relayed at once.
     slots: Arc<Semaphore>,
+    rules: Option<RulesWatch>,
 }
 
 async fn accept_loop(
@@ -326,6 +345,23 @@ async fn relay(accepted: Accepted, shared: &Shared) {
     };
     if outcome == "closed" {
         std::mem::forget(pair);
+    } else {
+        drop(pair);
+    }
+    let steered = shared.rules.as_ref().is_none_or(|rules| {
+        rules.borrow().intercepts(crate::rules::Protocol::Tcp, peer.ip(), dst.ip(), dst.port())
+    });
+    if !steered {
+        // No rule intercepts this flow now: a TIME_WAIT socket left on the
+        // client's tuple would have the kernel drop its next, forwarded, SYN.
+        let upstream_local = upstream.local_addr().ok();
+        drop((client, upstream));
+        for (local, remote) in [(Some(dst), peer), (upstream_local, dst)] {
+            if let Some(local) = local {
+                let removed = crate::timewait::remove_time_wait(local, remote);
+                debug!(%local, %remote, ?removed, "TIME_WAIT of a flow no rule intercepts now");
+            }
+        }
     }
     debug!(%peer, %dst, up, down, duration = ?started.elapsed(), outcome, "connection");
 }

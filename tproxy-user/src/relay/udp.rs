@@ -131,6 +131,7 @@ pub struct UdpRelay {
     v4: TransparentUdp,
     v6: Option<TransparentUdp>,
     stats: Arc<UdpRelayStats>,
+    rules: Option<super::tcp::RulesWatch>,
 }
 
 impl UdpRelay {
@@ -155,7 +156,7 @@ impl UdpRelay {
             None
         };
         let config = UdpRelayConfig { listen_port: port, ..config };
-        Ok(Self { config, v4, v6, stats: Arc::default() })
+        Ok(Self { config, v4, v6, stats: Arc::default(), rules: None })
     }
 
     /// The port the sockets are bound to.
@@ -178,17 +179,31 @@ impl UdpRelay {
         self.stats.clone()
     }
 
+    /// Follows the interceptor's rules: sessions of flows that no rule
+    /// intercepts any more are closed at once, so that their reply sockets
+    /// (bound to the destination, connected to the client) stop taking the
+    /// client's datagrams.
+    pub fn follow_rules(&mut self, rules: super::tcp::RulesWatch) {
+        self.rules = Some(rules);
+    }
+
     /// Relays until `shutdown` is cancelled, then closes every session.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let local = LocalAddrs::watch(shutdown.clone());
         let mut table = SessionTable::new(self.config.clone(), self.stats.clone(), local);
         let mut buf4 = vec![0u8; BUFFER_SIZE];
         let mut buf6 = vec![0u8; BUFFER_SIZE];
         let mut sweep = tokio::time::interval(sweep_interval(self.config.idle_timeout));
         let v6 = self.v6.as_ref();
+        let mut rules = self.rules.take();
         loop {
             let (received, buf) = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                Some(Ok(())) = async { Some(rules.as_mut()?.changed().await) } => {
+                    let rules = rules.as_mut().expect("followed").borrow_and_update().clone();
+                    table.close_unsteered(&rules);
+                    continue;
+                }
                 _ = sweep.tick() => {
                     table.expire();
                     continue;
@@ -361,6 +376,23 @@ impl SessionTable {
         let down = session.activity.bytes_down.load(Relaxed);
         let duration = session.opened.elapsed();
         debug!(%client, %dst, up, down, ?duration, "UDP session {outcome}");
+    }
+
+    /// Closes the sessions of flows that `rules` no longer intercept.
+    fn close_unsteered(&mut self, rules: &crate::rules::RuleSet) {
+        let gone: Vec<SessionKey> = self
+            .sessions
+            .iter()
+            .map(|(k, _)| *k)
+            .filter(|(client, dst)| {
+                !rules.intercepts(crate::rules::Protocol::Udp, client.ip(), dst.ip(), dst.port())
+            })
+            .collect();
+        for key in gone {
+            if let Some(session) = self.sessions.pop(&key) {
+                self.close(key, session, "closed: no rule intercepts it now");
+            }
+        }
     }
 
     fn close_all(&mut self) {
