@@ -601,10 +601,15 @@ pub struct Dnsmasq {
 impl Dnsmasq {
     /// Starts it on the server's s0 with `records` (name, address).
     pub fn start(topology: &Topology, records: &[(&str, &str)]) -> Result<Self> {
+        Self::start_in(&topology.server, &["--interface=s0"], records)
+    }
+
+    /// Starts it in `ns`, listening where `listen` says (dnsmasq options
+    /// such as `--listen-address=ADDR`), with `records` (name, address).
+    pub fn start_in(ns: &Netns, listen: &[&str], records: &[(&str, &str)]) -> Result<Self> {
         let addresses: Vec<String> =
             records.iter().map(|(name, addr)| format!("--address=/{name}/{addr}")).collect();
-        let mut child = topology
-            .server
+        let mut child = ns
             .command("dnsmasq")
             .args([
                 "--keep-in-foreground",
@@ -614,10 +619,10 @@ impl Dnsmasq {
                 "--pid-file=",
                 "--user=root",
                 "--bind-interfaces",
-                "--interface=s0",
                 "--log-queries",
                 "--log-facility=-",
             ])
+            .args(listen)
             .args(addresses)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -643,5 +648,89 @@ impl Drop for Dnsmasq {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// `python3 -m http.server` in a namespace, dual-stack on `[::]:port`,
+/// serving a directory whose index says `body`. Killed when dropped.
+pub struct HttpServer {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl HttpServer {
+    /// Starts it and waits until it listens.
+    pub fn start(ns: &Netns, port: u16, body: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{}-http-{port}", ns.name));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("index.html"), body)?;
+        let child = ns
+            .command("python3")
+            .args(["-m", "http.server", &port.to_string(), "--bind", "::", "--directory"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting python3 -m http.server")?;
+        let server = Self { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ns.exec(&["ss", "-Htln", "sport", "=", &format!(":{port}")])?.trim().is_empty() {
+            ensure!(Instant::now() < deadline, "http.server did not listen on {port}");
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A one-line HTTP server on a thread: answers every request with `body`
+/// and reports each peer on the returned channel.
+pub fn http_responder(
+    ns: &Netns,
+    addr: SocketAddr,
+    body: &'static str,
+) -> Result<std::sync::mpsc::Receiver<SocketAddr>> {
+    let listener = ns.tcp_listen(addr)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let Ok(peer) = stream.peer_addr() else { continue };
+            let _ = tx.send(peer);
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while !request.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
+                request.push(byte[0]);
+            }
+            let _ = write!(
+                stream,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    Ok(rx)
+}
+
+impl Netns {
+    /// `curl -sS URL` here; its body, or the error.
+    pub fn curl(&self, url: &str) -> Result<String> {
+        let out = self.command("curl").args(["-sS", "--max-time", "5", url]).output()?;
+        ensure!(out.status.success(), "curl {url}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `dig +short @server name A` here; the answer.
+    pub fn dig(&self, server: IpAddr, name: &str) -> Result<String> {
+        let out =
+            self.exec(&["dig", "+short", "+time=2", "+tries=3", &format!("@{server}"), name, "A"])?;
+        Ok(out.trim().to_owned())
     }
 }

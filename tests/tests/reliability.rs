@@ -301,7 +301,10 @@ fn ten_thousand_concurrent_connections() -> Result<()> {
     let mut ready = [0u8; 6];
     server.stdout.as_mut().context("stdout")?.read_exact(&mut ready)?;
     let result = (|| -> Result<()> {
-        let proxy = attach(&topology, &["--port", "80"])?;
+        // More than the default, which budgets for pipes in flight on
+        // every connection at once; these take turns.
+        let max = connections.to_string();
+        let proxy = attach(&topology, &["--port", "80", "--max-connections", &max])?;
         let baseline = socket_fds(proxy.pid())?;
         let started = Instant::now();
         let mut streams = Vec::with_capacity(connections);
@@ -509,5 +512,42 @@ fn doctor_finds_what_is_wrong() -> Result<()> {
 
     let (healthy, report) = run(UNPRIVILEGED)?;
     ensure!(!healthy && report.contains("FAIL  insufficient privileges"), "{report}");
+    Ok(())
+}
+
+/// `--max-connections-per-source` resets a client's connections past its
+/// share while another client is still served, and the client gets its
+/// share back as its connections end.
+#[test]
+fn one_source_cannot_hold_every_slot() -> Result<()> {
+    let topology = Topology::new("persource")?;
+    let v4 = Topology::server_addr(false, 80);
+    let v6 = Topology::server_addr(true, 80);
+    let _seen4 = tcp_echo_server(&topology.server, v4)?;
+    let _seen6 = tcp_echo_server(&topology.server, v6)?;
+    let proxy = attach(&topology, &["--port", "80", "--max-connections-per-source", "2"])?;
+    let held: Vec<TcpStream> =
+        (0..2).map(|_| topology.client.tcp_connect(v4)).collect::<Result<_>>()?;
+    for mut stream in held.iter() {
+        stream.write_all(b"ping")?;
+        let mut back = [0u8; 4];
+        stream.read_exact(&mut back)?;
+    }
+    ensure!(
+        topology.client.connection_is_reset(v4)?,
+        "a third connection from one source was served"
+    );
+    // Another source (the client's IPv6 address) is served meanwhile.
+    ensure!(ping(&topology, v6, Duration::from_secs(5))? == b"ping");
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.stats(&topology.proxy)?["tcp"]["active"].as_u64() != Some(0) {
+        ensure!(Instant::now() < deadline, "the held connections did not end");
+        thread::sleep(Duration::from_millis(20));
+    }
+    ensure!(ping(&topology, v4, Duration::from_secs(5))? == b"ping", "the share did not come back");
+    let stats = proxy.stats(&topology.proxy)?;
+    ensure!(stats["tcp"]["refused_per_source"] == 1, "{}", stats["tcp"]);
+    proxy.stop()?;
     Ok(())
 }

@@ -207,12 +207,17 @@ struct RelayArgs {
     /// backlog. Default: 65536, or what the open-file limit allows.
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_connections: Option<usize>,
+    /// Most TCP connections relayed at once for one client address; past it
+    /// the client's new connections are reset. Default: no limit.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_connections_per_source: Option<usize>,
     /// Seconds a UDP session may be idle before it is closed.
     #[arg(long, default_value_t = udp::DEFAULT_IDLE_TIMEOUT.as_secs_f64(), value_name = "SECS")]
     udp_idle_timeout: f64,
-    /// Most UDP sessions at once; the least recently used are evicted past it.
-    #[arg(long, default_value_t = udp::DEFAULT_MAX_SESSIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
-    max_udp_sessions: usize,
+    /// Most UDP sessions at once; the least recently used are evicted past
+    /// it. Default: 16384, or a quarter of what the open-file limit allows.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_udp_sessions: Option<usize>,
 }
 
 #[derive(Args)]
@@ -300,14 +305,23 @@ fn relay_configs(args: &RelayArgs) -> anyhow::Result<(TcpRelayConfig, UdpRelayCo
         0.0 => None,
         secs => Some(seconds("--tcp-idle-timeout", secs)?),
     };
-    // Two descriptors per relayed connection, and some to spare.
+    // What a relayed connection can hold at once: its two sockets and, while
+    // bytes are in flight, a pipe each way (two descriptors each); a UDP
+    // session holds two sockets. Some descriptors stay spare.
+    const PER_CONNECTION: u64 = 6;
+    const PER_SESSION: u64 = 2;
     let fd_limit = tproxy_user::system::raise_fd_limit();
-    let fits = (fd_limit.saturating_sub(512) / 2).max(1) as usize;
+    let budget = fd_limit.saturating_sub(512);
+    let max_sessions = args.max_udp_sessions.unwrap_or_else(|| {
+        udp::DEFAULT_MAX_SESSIONS.min((budget / 4 / PER_SESSION).max(1) as usize)
+    });
+    let fits = ((budget.saturating_sub(max_sessions as u64 * PER_SESSION)) / PER_CONNECTION).max(1)
+        as usize;
     let max_connections = match args.max_connections {
         Some(max) => {
             if max > fits {
                 tracing::warn!(
-                    "--max-connections {max}: the open-file limit ({fd_limit}) allows about {fits}"
+                    "--max-connections {max}: the open-file limit ({fd_limit}) allows about {fits} beside {max_sessions} UDP sessions (6 descriptors a connection at most, 2 a session)"
                 );
             }
             max
@@ -323,6 +337,7 @@ fn relay_configs(args: &RelayArgs) -> anyhow::Result<(TcpRelayConfig, UdpRelayCo
         connect_timeout: seconds("--connect-timeout", args.connect_timeout)?,
         idle_timeout,
         max_connections,
+        max_connections_per_source: args.max_connections_per_source,
         listeners: args.tcp_listeners,
     };
     let udp = UdpRelayConfig {
@@ -332,7 +347,7 @@ fn relay_configs(args: &RelayArgs) -> anyhow::Result<(TcpRelayConfig, UdpRelayCo
         spoof_source: args.spoof_source,
         allow_local_destinations: false,
         idle_timeout: seconds("--udp-idle-timeout", args.udp_idle_timeout)?,
-        max_sessions: args.max_udp_sessions,
+        max_sessions,
     };
     Ok((tcp, udp))
 }

@@ -85,7 +85,7 @@ impl StatsReport {
         let t = &self.tcp;
         let _ = writeln!(
             out,
-            "tcp relay  {} connections ({} active), {} bytes up, {} bytes down, {} upstream failures ({} timeouts), {} idle timeouts, {} aborted, {} refused loops, {} refused local",
+            "tcp relay  {} connections ({} active), {} bytes up, {} bytes down, {} upstream failures ({} timeouts), {} idle timeouts, {} aborted, {} refused loops, {} refused local, {} refused per source",
             t.accepted,
             t.active,
             t.bytes_to_upstream,
@@ -95,7 +95,8 @@ impl StatsReport {
             t.idle_timeouts,
             t.aborted,
             t.refused_loops,
-            t.refused_local
+            t.refused_local,
+            t.refused_per_source
         );
         let u = &self.udp;
         let _ = writeln!(
@@ -287,6 +288,12 @@ impl Collector for Snapshot {
             "tproxy_tcp_refused_local",
             "TCP connections to this host, refused",
             &[(none(), t.refused_local)],
+        )?;
+        c(
+            &mut e,
+            "tproxy_tcp_refused_per_source",
+            "TCP connections reset because their client held its most connections",
+            &[(none(), t.refused_per_source)],
         )?;
         c(
             &mut e,

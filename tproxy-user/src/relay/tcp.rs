@@ -44,6 +44,10 @@ pub struct TcpRelayConfig {
     /// Most connections relayed at once. Past it the relay stops accepting;
     /// new connections wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Most connections relayed at once for one client address; past it a
+    /// new connection from that address is reset, so that one client
+    /// cannot hold every slot. `None`: no limit.
+    pub max_connections_per_source: Option<usize>,
     /// Listeners per family. Above 1 they form an SO_REUSEPORT group that
     /// the kernel balances; `bpf_sk_assign` takes such sockets only since
     /// Linux 6.5 (see [`REUSEPORT_KERNEL`]).
@@ -64,6 +68,7 @@ impl Default for TcpRelayConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_source: None,
             listeners: 1,
         }
     }
@@ -93,6 +98,9 @@ super::counters! {
         refused_loops,
         /// Connections whose original destination is this host, reset.
         refused_local,
+        /// Connections reset because their client already held
+        /// `max_connections_per_source`.
+        refused_per_source,
         /// Upstream connects that failed (refused, unreachable, timed out).
         upstream_failures,
         /// Of those, the ones that timed out.
@@ -194,11 +202,16 @@ impl TcpRelay {
     pub async fn run(self, shutdown: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.config.max_connections.max(1)));
         let local = LocalAddrs::watch(shutdown.clone());
+        let per_source = self.config.max_connections_per_source.map(|max| PerSource {
+            max,
+            held: std::sync::Mutex::new(std::collections::HashMap::new()),
+        });
         let shared = Arc::new(Shared {
             config: self.config,
             stats: self.stats,
             local,
             slots,
+            per_source,
             rules: self.rules,
         });
         let mut tasks = JoinSet::new();
@@ -217,7 +230,37 @@ struct Shared {
     local: LocalAddrs,
     /// One permit per connection that may be relayed at once.
     slots: Arc<Semaphore>,
+    per_source: Option<PerSource>,
     rules: Option<RulesWatch>,
+}
+
+/// Connections held per client address.
+struct PerSource {
+    max: usize,
+    held: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+impl PerSource {
+    /// Takes a slot for `ip`, unless it holds `max` already.
+    fn take(&self, ip: std::net::IpAddr) -> bool {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let count = held.entry(ip).or_default();
+        if *count >= self.max {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    fn give_back(&self, ip: std::net::IpAddr) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = held.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&ip);
+            }
+        }
+    }
 }
 
 async fn accept_loop(
@@ -244,9 +287,19 @@ async fn accept_loop(
         match accepted {
             Ok(accepted) => {
                 shared.stats.accepted.fetch_add(1, Relaxed);
+                let source = accepted.client.ip();
+                if shared.per_source.as_ref().is_some_and(|p| !p.take(source)) {
+                    shared.stats.refused_per_source.fetch_add(1, Relaxed);
+                    debug!(peer = %accepted.client, "refused: the client holds its most connections");
+                    reset(&accepted.stream);
+                    continue;
+                }
                 let shared = shared.clone();
                 connections.spawn(async move {
                     relay(accepted, &shared).await;
+                    if let Some(p) = &shared.per_source {
+                        p.give_back(source);
+                    }
                     drop(permit);
                 });
             }
@@ -389,10 +442,11 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 impl TcpRelayCounters {
     pub(crate) fn summary(&self) -> String {
         format!(
-            "{} connections relayed ({} refused loops, {} refused local, {} upstream failures, {} timeouts, {} idle timeouts, {} aborted), {} bytes up, {} bytes down",
+            "{} connections relayed ({} refused loops, {} refused local, {} refused per source, {} upstream failures, {} timeouts, {} idle timeouts, {} aborted), {} bytes up, {} bytes down",
             self.accepted,
             self.refused_loops,
             self.refused_local,
+            self.refused_per_source,
             self.upstream_failures,
             self.connect_timeouts,
             self.idle_timeouts,
