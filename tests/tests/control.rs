@@ -165,6 +165,11 @@ fn cidr_rules_exclusions_ranges_and_sources() -> Result<()> {
             "tcp/8000-8002 to 203.0.113.0/24",
             "--rule",
             "tcp/9000 from 192.0.2.100",
+            // Narrower rules whose source filter only some clients match.
+            "--rule",
+            "tcp/80 to 203.0.113.0/24 from 192.0.2.100",
+            "--rule",
+            "tcp/8000-8002 to 203.0.113.10 from 192.0.2.100 exclude",
         ],
     )?;
     let (proxied4, direct4) = (proxy_ip(false), client_ip(false));
@@ -183,6 +188,12 @@ fn cidr_rules_exclusions_ranges_and_sources() -> Result<()> {
         // The source filter.
         ("198.51.100.10:9000", None, direct4),
         ("198.51.100.10:9000", Some("192.0.2.100:0"), proxied4),
+        // A narrower rule whose source filter fails has no say: the
+        // broader rule decides.
+        ("203.0.113.10:80", None, proxied4),
+        ("203.0.113.10:80", Some("192.0.2.100:0"), proxied4),
+        ("203.0.113.10:8001", None, proxied4),
+        ("203.0.113.10:8001", Some("192.0.2.100:0"), direct4),
     ];
     let mut servers = std::collections::HashMap::new();
     for (dst, source, expected) in cases {

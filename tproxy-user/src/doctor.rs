@@ -164,9 +164,14 @@ async fn routing_conflicts(config: &InterceptConfig) -> Vec<Finding> {
             "fwmark {:#x} and table {} are free",
             config.mark, config.table
         ))],
+        // With the default values attach steps to the next free ones.
+        Ok(conflicts) if config.choose_free_routing => conflicts
+            .into_iter()
+            .map(|c| warn(c, "attach will choose the next free mark and table, and say which"))
+            .collect(),
         Ok(conflicts) => conflicts
             .into_iter()
-            .map(|c| fail(c, "choose another --mark/--table, or remove the other rule (tproxy-user cleanup if it is a leftover of ours)"))
+            .map(|c| fail(c, "choose another --mark/--table, or remove the other rule (tproxy-user cleanup --name N if it is a leftover of instance N)"))
             .collect(),
         Err(e) => vec![fail(format!("listing rules: {e}"), "check rtnetlink access")],
     }
