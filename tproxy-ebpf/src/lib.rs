@@ -177,12 +177,21 @@ pub mod stat {
     /// Packets on gated ports to one of this host's own destinations, left
     /// to the host.
     pub const TO_HOST: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// ICMP errors about packets of the relay's sockets, delivered to them.
+    pub const ICMP_TO_SOCKET: u32 = 8;
+    /// Packets that may be for an intercepted port but cannot be parsed
+    /// whole (first fragments, IPv6 chains past the walk), passed.
+    pub const UNPARSED_PASSED: u32 = 9;
+    /// The same, dropped (`--unparsed drop`).
+    pub const UNPARSED_DROPPED: u32 = 10;
+    pub const COUNT: u32 = 11;
 }
 
 /// Names of the maps, programs and globals in the object file.
 pub mod names {
     pub const PROGRAM: &str = "tproxy_ingress";
+    /// The same program for L3 devices, whose packets start at the IP header.
+    pub const PROGRAM_L3: &str = "tproxy_ingress_l3";
     pub const REOPEN_PROGRAM: &str = "tproxy_reopen";
     pub const TW_REOPEN: &str = "TW_REOPEN";
     pub const PORT_GATE: &str = "PORT_GATE";
@@ -202,6 +211,9 @@ pub mod names {
     pub const LOCAL_DESTS: &str = "LOCAL_DESTS";
     /// ...unless this is non-zero.
     pub const INTERCEPT_LOCAL: &str = "INTERCEPT_LOCAL";
+    /// Non-zero: drop what may be for an intercepted port but cannot be
+    /// parsed whole, instead of passing it.
+    pub const DROP_UNPARSED: &str = "DROP_UNPARSED";
 }
 
 #[cfg(feature = "user")]

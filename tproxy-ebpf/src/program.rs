@@ -24,11 +24,13 @@ use tproxy_ebpf::{
     slot, stat,
 };
 
-use crate::parse::{Flow, L3, parse, ptr_at};
+use crate::parse::{ETH_L3, ETH_P_IP, ETH_P_IPV6, Flow, Packet, parse, ptr_at};
 
 /// `TC_ACT_UNSPEC`: "no verdict", so the next program or filter still runs and
 /// the packet otherwise continues as if we were not there.
 const TC_NEXT: i32 = -1;
+/// `TC_ACT_SHOT`: drop (only for packets `--unparsed drop` refuses).
+const TC_DROP: i32 = 2;
 
 // Set by the loader. Plain statics read through `read_volatile`, so the
 // compiler keeps the loads; aya's `Global<T>` would emit a `MaybeUninit<u32>`
@@ -41,6 +43,8 @@ static BYPASS_MARK: u32 = 0;
 static RETURN_PATH: u32 = 0;
 #[unsafe(no_mangle)]
 static INTERCEPT_LOCAL: u32 = 0;
+#[unsafe(no_mangle)]
+static DROP_UNPARSED: u32 = 0;
 
 #[inline(always)]
 fn global(value: &'static u32) -> u32 {
@@ -79,12 +83,101 @@ static LOCAL_DESTS: LpmTrie<AddrKey, u8> = LpmTrie::with_max_entries(MAX_LOCAL_D
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
+/// For devices with an Ethernet header.
 #[classifier]
 pub fn tproxy_ingress(ctx: TcContext) -> i32 {
-    if let Some(flow) = parse(&ctx) {
-        steer(&ctx, flow);
+    let Some(eth) = ptr_at::<[u8; 14]>(&ctx, 0) else { return TC_NEXT };
+    let ether_type = unsafe { u16::from_be_bytes([(*eth)[12], (*eth)[13]]) };
+    handle(&ctx, ETH_L3, ether_type)
+}
+
+/// For L3 devices (tun, WireGuard, ipip, GRE, PPP): the packet starts with
+/// its IP header, and the skb says which IP it is.
+#[classifier]
+pub fn tproxy_ingress_l3(ctx: TcContext) -> i32 {
+    let ether_type = match u16::from_be(ctx.skb.protocol() as u16) {
+        ETH_P_IP => ETH_P_IP,
+        ETH_P_IPV6 => ETH_P_IPV6,
+        _ => return TC_NEXT,
+    };
+    handle(&ctx, 0, ether_type)
+}
+
+#[inline(always)]
+fn handle(ctx: &TcContext, l3: usize, ether_type: u16) -> i32 {
+    match parse(ctx, l3, ether_type) {
+        Some(Packet::Flow(flow)) => steer(ctx, flow),
+        Some(Packet::Error(flow)) => steer_error(ctx, flow),
+        Some(Packet::Fragment(flow)) => {
+            if gated(flow.proto, flow.dport) {
+                return unparsed(ctx);
+            }
+        }
+        Some(Packet::TooDeep) => return unparsed(ctx),
+        None => {}
     }
     TC_NEXT
+}
+
+/// A packet that may be for an intercepted port but cannot be steered
+/// whole: a first fragment to a gated port, an IPv6 chain past the walk.
+/// It passes untouched, unless interception must not be bypassed.
+#[inline(always)]
+fn unparsed(ctx: &TcContext) -> i32 {
+    if skb_mark(ctx) == global(&BYPASS_MARK) {
+        return TC_NEXT;
+    }
+    if global(&DROP_UNPARSED) != 0 {
+        count(stat::UNPARSED_DROPPED);
+        TC_DROP
+    } else {
+        count(stat::UNPARSED_PASSED);
+        TC_NEXT
+    }
+}
+
+#[inline(always)]
+fn skb_mark(ctx: &TcContext) -> u32 {
+    unsafe { (*ctx.skb.skb).mark }
+}
+
+/// An ICMP error about a packet one of our sockets sent (a relay's
+/// client-side or spoofed upstream socket, bound to an address not the
+/// host's) is addressed to that non-local address and would be forwarded.
+/// Marked, it is delivered locally, where the kernel hands it to the socket:
+/// path MTU is learnt, and an unreachable destination fails the connect at
+/// once, as iptables' `-m socket` arranges.
+#[inline(always)]
+fn steer_error(ctx: &TcContext, mut flow: Flow) {
+    if !gated(flow.proto, flow.dport) && !gated(flow.proto, flow.sport) {
+        return;
+    }
+    let len = flow.tuple_len();
+    let owned = unsafe {
+        if flow.proto == PROTO_TCP {
+            let sk =
+                bpf_skc_lookup_tcp(ctx.as_ptr(), &mut flow.tuple, len, BPF_F_CURRENT_NETNS as u64, 0);
+            if sk.is_null() {
+                return;
+            }
+            let state = (*sk).state;
+            bpf_sk_release(sk.cast());
+            state != BPF_TCP_LISTEN && state != BPF_TCP_TIME_WAIT
+        } else {
+            let sk =
+                bpf_sk_lookup_udp(ctx.as_ptr(), &mut flow.tuple, len, BPF_F_CURRENT_NETNS as u64, 0);
+            if sk.is_null() {
+                return;
+            }
+            let owned = owns_tuple(sk, &flow);
+            bpf_sk_release(sk.cast());
+            owned
+        }
+    };
+    if owned {
+        ctx.set_mark(global(&MARK));
+        count(stat::ICMP_TO_SOCKET);
+    }
 }
 
 #[inline(always)]
@@ -112,6 +205,11 @@ fn steer(ctx: &TcContext, mut flow: Flow) {
     if skb.mark == global(&BYPASS_MARK) || skb.vlan_present != 0 {
         return;
     }
+    // An IPv4-mapped IPv6 destination is never a real one on the wire; the
+    // relay must not turn it into an IPv4 connection (to loopback, say).
+    if flow.ipv6 && is_v4_mapped(unsafe { &flow.tuple.__bindgen_anon_1.ipv6.daddr }) {
+        return;
+    }
     // The host's own services and clients keep their traffic; they would
     // otherwise lose it to the relay wherever a rule covers their port.
     if global(&INTERCEPT_LOCAL) == 0 && to_this_host(&flow) {
@@ -124,6 +222,12 @@ fn steer(ctx: &TcContext, mut flow: Flow) {
     } else {
         steer_udp(ctx, &mut flow, rule.as_ref(), to_port);
     }
+}
+
+/// `::ffff:0:0/96`, in network order.
+#[inline(always)]
+fn is_v4_mapped(addr: &[u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_be(0xffff)
 }
 
 /// Whether the destination is one this host receives itself.
@@ -195,11 +299,11 @@ fn syncookie_to_listener(ctx: &TcContext, flow: &Flow, index: u32, rule: &RuleCh
     let Some(sk) = listener(index) else { return };
     let th: Option<*const [u8; 20]> = ptr_at(ctx, flow.l4);
     let valid = match th {
-        Some(th) if flow.ipv6 => ptr_at::<[u8; 40]>(ctx, L3).is_some_and(|iph| unsafe {
+        Some(th) if flow.ipv6 => ptr_at::<[u8; 40]>(ctx, flow.l3).is_some_and(|iph| unsafe {
             bpf_tcp_check_syncookie(sk.cast(), iph.cast_mut().cast(), 40, th.cast_mut().cast(), 20)
                 == 0
         }),
-        Some(th) => ptr_at::<[u8; 20]>(ctx, L3).is_some_and(|iph| unsafe {
+        Some(th) => ptr_at::<[u8; 20]>(ctx, flow.l3).is_some_and(|iph| unsafe {
             bpf_tcp_check_syncookie(sk.cast(), iph.cast_mut().cast(), 20, th.cast_mut().cast(), 20)
                 == 0
         }),
@@ -224,17 +328,7 @@ fn steer_udp(ctx: &TcContext, flow: &mut Flow, rule: Option<&RuleChoice>, to_por
         bpf_sk_lookup_udp(ctx.as_ptr(), &mut flow.tuple, len, BPF_F_CURRENT_NETNS as u64, 0)
     };
     if !sk.is_null() {
-        // The lookup also finds wildcard sockets on the port. A connected
-        // socket matches only its peer's port, so a peer address equal to
-        // the packet's source means the socket owns the tuple.
-        let owned = unsafe {
-            if flow.ipv6 {
-                sock_words(&(*sk).dst_ip6) == flow.tuple.__bindgen_anon_1.ipv6.saddr
-            } else {
-                core::ptr::read_volatile(&(*sk).dst_ip4) == flow.tuple.__bindgen_anon_1.ipv4.saddr
-            }
-        };
-        if owned {
+        if owns_tuple(sk, flow) {
             let counter = if to_port { stat::TO_SOCKET } else { stat::RETURN_PATH };
             assign(ctx, sk, rule, counter, false);
             return;
@@ -244,6 +338,21 @@ fn steer_udp(ctx: &TcContext, flow: &mut Flow, rule: Option<&RuleChoice>, to_por
     if let Some(rule) = rule {
         let index = if flow.ipv6 { slot::UDP_V6 } else { slot::UDP_V4 };
         to_listener(ctx, index, rule);
+    }
+}
+
+/// Whether a UDP socket the lookup found is connected to the flow's source.
+/// The lookup also finds wildcard sockets on the port; a connected socket
+/// matches only its peer's port, so a peer address equal to the source
+/// means the socket owns the tuple.
+#[inline(always)]
+fn owns_tuple(sk: *mut bpf_sock, flow: &Flow) -> bool {
+    unsafe {
+        if flow.ipv6 {
+            sock_words(&(*sk).dst_ip6) == flow.tuple.__bindgen_anon_1.ipv6.saddr
+        } else {
+            core::ptr::read_volatile(&(*sk).dst_ip4) == flow.tuple.__bindgen_anon_1.ipv4.saddr
+        }
     }
 }
 

@@ -20,6 +20,7 @@ use tracing::{debug, warn};
 
 use crate::{
     error::{Error, Result},
+    system::LinkKind,
     rules::TrieEntry,
     state::NetlinkFilter,
 };
@@ -48,6 +49,31 @@ pub struct DatapathStats {
     /// the host.
     #[serde(default)]
     pub to_host: u64,
+    /// ICMP errors about packets of the relay's sockets, delivered to them.
+    #[serde(default)]
+    pub icmp_to_socket: u64,
+    /// Packets possibly for an intercepted port that could not be parsed
+    /// whole (first fragments, long IPv6 chains), passed.
+    #[serde(default)]
+    pub unparsed_passed: u64,
+    /// The same, dropped (`--unparsed drop`).
+    #[serde(default)]
+    pub unparsed_dropped: u64,
+}
+
+/// What the programs are loaded with.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Settings {
+    /// Put on steered packets.
+    pub mark: u32,
+    /// Packets carrying it are never steered.
+    pub bypass_mark: u32,
+    /// Also steer replies to the relay's spoofed sockets.
+    pub return_path: bool,
+    /// Also steer traffic to the host's own destinations.
+    pub intercept_local: bool,
+    /// Drop what may be for an intercepted port but cannot be parsed whole.
+    pub drop_unparsed: bool,
 }
 
 /// What [`Datapath::attach`] added.
@@ -84,19 +110,19 @@ impl Datapath {
     /// This needs no async runtime, so a program can load first and then
     /// drop the capabilities only loading needs (CAP_PERFMON, or
     /// CAP_SYS_ADMIN) before it starts any thread.
-    pub fn load(
-        mark: u32,
-        bypass_mark: u32,
-        return_path: bool,
-        intercept_local: bool,
-    ) -> Result<Self> {
-        let return_path = u32::from(return_path);
-        let intercept_local = u32::from(intercept_local);
+    pub fn load(settings: &Settings) -> Result<Self> {
+        let flag = u32::from;
+        let (return_path, intercept_local, drop_unparsed) = (
+            flag(settings.return_path),
+            flag(settings.intercept_local),
+            flag(settings.drop_unparsed),
+        );
         let mut ebpf = EbpfLoader::new()
-            .override_global(names::MARK, &mark, true)
-            .override_global(names::BYPASS_MARK, &bypass_mark, true)
+            .override_global(names::MARK, &settings.mark, true)
+            .override_global(names::BYPASS_MARK, &settings.bypass_mark, true)
             .override_global(names::RETURN_PATH, &return_path, true)
             .override_global(names::INTERCEPT_LOCAL, &intercept_local, true)
+            .override_global(names::DROP_UNPARSED, &drop_unparsed, true)
             .load(PROGRAM_OBJECT)
             .map_err(Error::Load)?;
         // aya-log's ring buffer must stay open (and be drained), or the
@@ -108,7 +134,9 @@ impl Datapath {
                 None
             }
         };
-        program_mut(&mut ebpf)?.load().map_err(load_error(names::PROGRAM))?;
+        for name in [names::PROGRAM, names::PROGRAM_L3] {
+            program_mut(&mut ebpf, name)?.load().map_err(load_error(name))?;
+        }
         let reopen_loaded = match reopen_program(&mut ebpf)?.load() {
             Ok(()) => true,
             Err(e) => {
@@ -159,7 +187,7 @@ impl Datapath {
     /// filter before that (aya decides). A netlink filter, and a clsact
     /// qdisc created for it, outlive the process if it is killed, so they
     /// are returned for the caller to record.
-    pub fn attach(&mut self, iface: &str, tcx: bool) -> Result<Attached> {
+    pub fn attach(&mut self, iface: &str, kind: LinkKind, tcx: bool) -> Result<Attached> {
         let mut created_qdisc = false;
         if !tcx {
             // The qdisc may exist already (someone else's: it stays at the
@@ -170,7 +198,11 @@ impl Datapath {
             }
         }
         let attach_err = |source| Error::Attach { iface: iface.to_owned(), source };
-        let program = program_mut(&mut self.ebpf)?;
+        let name = match kind {
+            LinkKind::Ethernet => names::PROGRAM,
+            LinkKind::L3 => names::PROGRAM_L3,
+        };
+        let program = program_mut(&mut self.ebpf, name)?;
         let id = program.attach(iface, TcAttachType::Ingress).map_err(attach_err)?;
         let link = program.take_link(id).map_err(attach_err)?;
         let filter = match (link.priority(), link.handle()) {
@@ -264,6 +296,9 @@ impl Datapath {
             tw_handover: sum(stat::TW_HANDOVER)?,
             return_path: sum(stat::RETURN_PATH)?,
             to_host: sum(stat::TO_HOST)?,
+            icmp_to_socket: sum(stat::ICMP_TO_SOCKET)?,
+            unparsed_passed: sum(stat::UNPARSED_PASSED)?,
+            unparsed_dropped: sum(stat::UNPARSED_DROPPED)?,
         })
     }
 
@@ -385,9 +420,9 @@ where
     Ok(out)
 }
 
-fn program_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
     let program = ebpf
-        .program_mut(names::PROGRAM)
+        .program_mut(name)
         .ok_or_else(|| Error::Load(EbpfError::ProgramError(ProgramError::UnexpectedProgramType)))?;
     program.try_into().map_err(|e| Error::Load(EbpfError::ProgramError(e)))
 }

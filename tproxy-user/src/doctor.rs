@@ -5,7 +5,7 @@ use std::{fmt, fs};
 
 use aya::util::KernelVersion;
 
-use crate::{datapath::Datapath, intercept::InterceptConfig, routing, system};
+use crate::{intercept::InterceptConfig, routing, system};
 
 /// How bad a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,12 +70,7 @@ pub async fn check(config: &InterceptConfig) -> Vec<Finding> {
     });
     if privileged.is_ok() {
         findings.push(
-            match Datapath::load(
-                config.mark,
-                config.bypass_mark,
-                config.return_path,
-                config.intercept_local,
-            ) {
+            match crate::intercept::load(config) {
                 Ok(_) => ok(
                     "the TC and sk_lookup programs pass this kernel's verifier (helpers present)",
                 ),
@@ -184,24 +179,49 @@ fn interface(iface: &str) -> Vec<Finding> {
             "check the name with `ip link`",
         )];
     }
+    let mut findings = vec![match system::link_kind(iface) {
+        Ok(kind) => ok(format!(
+            "{iface}: link type {} ({})",
+            system::link_type(iface).unwrap_or(0),
+            match kind {
+                system::LinkKind::Ethernet => "Ethernet header",
+                system::LinkKind::L3 => "L3: packets start at the IP header",
+            }
+        )),
+        Err(e) => fail(e.to_string(), "attach to the Ethernet or L3 device the traffic arrives on"),
+    }];
     let read =
         |path: String| fs::read_to_string(path).ok().and_then(|v| v.trim().parse::<u32>().ok());
     let iface_rp = read(format!("/proc/sys/net/ipv4/conf/{iface}/rp_filter")).unwrap_or(0);
     let all_rp = read("/proc/sys/net/ipv4/conf/all/rp_filter".into()).unwrap_or(0);
     // The kernel uses the larger of the two.
     let rp = iface_rp.max(all_rp);
-    if rp == 1 {
-        vec![warn(
+    findings.push(if rp == 1 {
+        warn(
             format!(
                 "{iface}: strict reverse-path filtering (rp_filter=1) drops packets from sources routed via another interface, intercepted or not"
             ),
             format!(
                 "with asymmetric routes: sysctl -w net.ipv4.conf.{iface}.rp_filter=2 net.ipv4.conf.all.rp_filter=2"
             ),
-        )]
+        )
     } else {
-        vec![ok(format!("{iface}: rp_filter={rp}"))]
-    }
+        ok(format!("{iface}: rp_filter={rp}"))
+    });
+    // wg-quick sets it. The source check of a steered packet then routes
+    // the client's address with our mark; tproxy's routing answers that
+    // with its own rule (`iif lo fwmark M lookup main`), so it passes.
+    let valid_mark = read(format!("/proc/sys/net/ipv4/conf/{iface}/src_valid_mark")).unwrap_or(0)
+        | read("/proc/sys/net/ipv4/conf/all/src_valid_mark".into()).unwrap_or(0);
+    findings.push(ok(format!(
+        "{iface}: src_valid_mark={valid_mark}{}",
+        if valid_mark != 0 {
+            " (source checks see the mark; tproxy's routing answers them, so steered packets pass)"
+        } else {
+            ""
+        }
+    )));
+    findings
 }
 
 fn forwarding() -> Finding {

@@ -60,6 +60,11 @@ pub struct InterceptConfig {
     /// Also intercept traffic to this host's own addresses. By default it is
     /// left to the host's own services.
     pub intercept_local: bool,
+    /// Drop packets that may be for an intercepted port but cannot be
+    /// parsed whole (first fragments to a gated port, IPv6 extension chains
+    /// longer than the program walks), so that interception cannot be
+    /// bypassed with them. By default they pass untouched.
+    pub drop_unparsed: bool,
 }
 
 impl InterceptConfig {
@@ -77,6 +82,7 @@ impl InterceptConfig {
             choose_free_routing: true,
             return_path: false,
             intercept_local: false,
+            drop_unparsed: false,
         }
     }
 
@@ -287,7 +293,8 @@ impl Interceptor {
         drop(instance.allocation.take());
         let tcx = system::has_tcx(kernel);
         for iface in &interceptor.config.interfaces {
-            let attached = interceptor.datapath.attach(iface, tcx)?;
+            let kind = system::link_kind(iface)?;
+            let attached = interceptor.datapath.attach(iface, kind, tcx)?;
             if attached.created_qdisc {
                 interceptor.qdiscs.0.push(iface.clone());
                 interceptor.claim.record_qdisc(iface)?;
@@ -504,7 +511,13 @@ async fn remove_recorded(name: &str, leftover: &state::InstanceState) {
 
 /// Loads the programs for `config` (see [`Datapath::load`]).
 pub fn load(config: &InterceptConfig) -> Result<Datapath> {
-    Datapath::load(config.mark, config.bypass_mark, config.return_path, config.intercept_local)
+    Datapath::load(&datapath::Settings {
+        mark: config.mark,
+        bypass_mark: config.bypass_mark,
+        return_path: config.return_path,
+        intercept_local: config.intercept_local,
+        drop_unparsed: config.drop_unparsed,
+    })
 }
 
 /// Everything that can be checked before changing anything: the
@@ -523,6 +536,7 @@ fn checks(config: &InterceptConfig, loading: bool) -> Result<aya::util::KernelVe
     let kernel = system::check_kernel()?;
     for iface in &config.interfaces {
         system::ifindex(iface)?;
+        system::link_kind(iface)?;
     }
     Ok(kernel)
 }

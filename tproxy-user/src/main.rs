@@ -172,6 +172,12 @@ struct AttachArgs {
     /// goes to the host's own services untouched.
     #[arg(long)]
     intercept_local: bool,
+    /// What to do with packets that may be for an intercepted port but
+    /// cannot be parsed whole: first fragments to an intercepted port, IPv6
+    /// extension chains longer than the program walks. `drop` makes
+    /// interception impossible to bypass with them.
+    #[arg(long, value_name = "pass|drop", default_value = "pass", value_parser = ["pass", "drop"])]
+    unparsed: String,
     #[command(flatten)]
     routing: RoutingArgs,
     #[command(flatten)]
@@ -288,6 +294,7 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
     intercept.bypass_mark = args.relay.upstream_mark.unwrap_or(DEFAULT_UPSTREAM_MARK);
     intercept.return_path = args.relay.spoof_source;
     intercept.intercept_local = args.intercept_local;
+    intercept.drop_unparsed = args.unparsed == "drop";
     let (tcp, udp) = relay_configs(&args.relay)?;
     Ok(AttachConfig {
         control_socket: Some(control::socket_path(&intercept.name)),

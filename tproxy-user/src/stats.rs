@@ -72,11 +72,14 @@ impl StatsReport {
         let d = &self.datapath;
         let _ = writeln!(
             out,
-            "\ndatapath   {} to the listener, {} to existing sockets, {} to spoofed sockets, {} left to this host, {} without a listener, {} assign failures, {} SYNs met TIME_WAIT ({} handed over)",
+            "\ndatapath   {} to the listener, {} to existing sockets, {} to spoofed sockets, {} left to this host, {} ICMP errors to sockets, {} unparsed passed, {} unparsed dropped, {} without a listener, {} assign failures, {} SYNs met TIME_WAIT ({} handed over)",
             d.to_listener,
             d.to_socket,
             d.return_path,
             d.to_host,
+            d.icmp_to_socket,
+            d.unparsed_passed,
+            d.unparsed_dropped,
             d.no_listener,
             d.assign_failed,
             d.tw_syn,
@@ -219,6 +222,21 @@ impl Collector for Snapshot {
             "tproxy_datapath_to_host",
             "Packets on intercepted ports to this host's own destinations, left to the host",
             &[(none(), d.to_host)],
+        )?;
+        c(
+            &mut e,
+            "tproxy_datapath_icmp_to_socket",
+            "ICMP errors about packets of the relay's sockets, delivered to them",
+            &[(none(), d.icmp_to_socket)],
+        )?;
+        c(
+            &mut e,
+            "tproxy_datapath_unparsed",
+            "Packets possibly for an intercepted port that could not be parsed whole, by what was done",
+            &[
+                (vec![("action", "pass".to_owned())], d.unparsed_passed),
+                (vec![("action", "drop".to_owned())], d.unparsed_dropped),
+            ],
         )?;
         c(
             &mut e,

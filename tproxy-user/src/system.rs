@@ -213,3 +213,57 @@ pub(crate) fn block_on<T: Send>(future: impl std::future::Future<Output = T> + S
             })
     })
 }
+
+/// How packets on a device begin at TC ingress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkKind {
+    /// With an Ethernet header (veth, bridges, bonds, VLAN, VXLAN, Wi-Fi).
+    Ethernet,
+    /// With the IP header (tun, WireGuard, ipip, sit, GRE, PPP).
+    L3,
+}
+
+/// The device's link type (ARPHRD_*), from `SIOCGIFHWADDR` in the current
+/// network namespace.
+pub fn link_type(iface: &str) -> Result<u16> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::]:0"))
+        .map_err(|e| Error::io("opening a socket for SIOCGIFHWADDR", e))?;
+    // SAFETY: ifreq is plain data; the name is NUL-terminated within it.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = iface.as_bytes();
+    if name.len() >= request.ifr_name.len() {
+        return Err(Error::InterfaceNotFound(iface.to_owned()));
+    }
+    for (dst, src) in request.ifr_name.iter_mut().zip(name) {
+        *dst = *src as libc::c_char;
+    }
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: SIOCGIFHWADDR fills `request`, which outlives the call.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFHWADDR, &mut request) } != 0 {
+        return Err(Error::InterfaceNotFound(iface.to_owned()));
+    }
+    // SAFETY: SIOCGIFHWADDR set the hwaddr member of the union.
+    Ok(unsafe { request.ifr_ifru.ifru_hwaddr.sa_family })
+}
+
+/// Which program fits `iface`; refuses device types it cannot parse.
+pub fn link_kind(iface: &str) -> Result<LinkKind> {
+    const ETHER: u16 = 1;
+    const PPP: u16 = 512;
+    const RAWIP: u16 = 519;
+    const TUNNEL: u16 = 768;
+    const TUNNEL6: u16 = 769;
+    const SIT: u16 = 776;
+    const IPGRE: u16 = 778;
+    const IP6GRE: u16 = 823;
+    const NONE: u16 = 65534;
+    match link_type(iface)? {
+        ETHER => Ok(LinkKind::Ethernet),
+        NONE | TUNNEL | TUNNEL6 | SIT | IPGRE | IP6GRE | PPP | RAWIP => Ok(LinkKind::L3),
+        other => Err(Error::Config(format!(
+            "interface {iface} has link type {other}{}, whose packets tproxy cannot parse; attach to Ethernet-like or L3 (tun, WireGuard, ipip, GRE, PPP) devices",
+            if other == 772 { " (loopback)" } else { "" }
+        ))),
+    }
+}

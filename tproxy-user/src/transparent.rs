@@ -105,6 +105,10 @@ impl Default for DialOptions {
 pub async fn tcp_dial(dst: SocketAddr, options: &DialOptions) -> io::Result<TcpStream> {
     let socket = if dst.is_ipv6() { TcpSocket::new_v6()? } else { TcpSocket::new_v4()? };
     let sock = SockRef::from(&socket);
+    // A v4-mapped destination must never become an IPv4 connection.
+    if dst.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
     if options.mark != 0 {
         sock.set_mark(options.mark)?;
     }
@@ -279,6 +283,10 @@ pub fn udp_reply_socket(from: SocketAddr, to: SocketAddr) -> io::Result<UdpSocke
 pub fn udp_upstream(dst: SocketAddr, options: &DialOptions) -> io::Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(dst), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_nonblocking(true)?;
+    // A v4-mapped destination must never become an IPv4 datagram.
+    if dst.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
     if options.mark != 0 {
         socket.set_mark(options.mark)?;
     }

@@ -22,6 +22,7 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     ("prlimit", "util-linux"),
     ("python3", "python3"),
+    ("socat", "socat"),
 ];
 
 /// What the kernel-VM tests (virtme-ng) need.

@@ -47,6 +47,8 @@ impl LocalAddrs {
     /// Whether `ip` is one of this host's addresses (loopback and
     /// unspecified included).
     pub(crate) fn contains(&self, ip: IpAddr) -> bool {
+        // `::ffff:127.0.0.1` is loopback too.
+        let ip = ip.to_canonical();
         ip.is_loopback()
             || ip.is_unspecified()
             || self.0.read().unwrap_or_else(|e| e.into_inner()).contains(&ip)
