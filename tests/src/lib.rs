@@ -673,7 +673,8 @@ impl HttpServer {
             .spawn()
             .context("starting python3 -m http.server")?;
         let server = Self { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Python starts slowly under emulation (the kernel-VM tests).
+        let deadline = Instant::now() + Duration::from_secs(60);
         while ns.exec(&["ss", "-Htln", "sport", "=", &format!(":{port}")])?.trim().is_empty() {
             ensure!(Instant::now() < deadline, "http.server did not listen on {port}");
             thread::sleep(Duration::from_millis(20));

@@ -125,8 +125,6 @@ impl InterceptConfig {
 /// Made by [`claim`]; [`Interceptor::start_claimed`] installs the rest.
 pub struct Instance {
     claim: Claim,
-    /// Held until the routing is installed.
-    allocation: Option<AllocationLock>,
 }
 
 /// Claims `config.name`, removes what a dead instance of that name left,
@@ -135,12 +133,14 @@ pub struct Instance {
 /// drops capabilities; nothing else's state is touched.
 pub fn claim(config: &mut InterceptConfig) -> Result<Instance> {
     let (mut claim, leftover) = Claim::acquire(&config.name)?;
-    let allocation = AllocationLock::acquire()?;
     system::block_on(async {
         remove_recorded(&config.name, &leftover).await;
+        // Once recorded, the choice is visible to every later start: the
+        // lock covers only choosing and recording.
+        let _allocation = AllocationLock::acquire()?;
         choose_routing(config, &mut claim).await
     })??;
-    Ok(Instance { claim, allocation: Some(allocation) })
+    Ok(Instance { claim })
 }
 
 /// Replaces the config's routing values by the first free set, or checks
@@ -262,7 +262,7 @@ impl Interceptor {
     /// loaded by [`load`] (with the config `claim` updated).
     pub async fn start_claimed(
         config: InterceptConfig,
-        mut instance: Instance,
+        instance: Instance,
         sockets: &[(RelaySocket, BorrowedFd<'_>)],
         mut datapath: Datapath,
     ) -> Result<Self> {
@@ -290,7 +290,6 @@ impl Interceptor {
         };
         interceptor.set_rules(interceptor.config.rules.clone())?;
         interceptor.routing = Some(PolicyRouting::install(interceptor.config.routing()).await?);
-        drop(instance.allocation.take());
         let tcx = system::has_tcx(kernel);
         for iface in &interceptor.config.interfaces {
             let kind = system::link_kind(iface)?;

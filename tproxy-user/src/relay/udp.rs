@@ -242,6 +242,8 @@ struct Session {
     /// of the LRU.
     promoted_at: u64,
     opened: Instant,
+    /// Ends the session's task once it has relayed what is queued.
+    stop: CancellationToken,
     task: JoinHandle<()>,
 }
 
@@ -319,17 +321,19 @@ impl SessionTable {
         let reply = transparent::udp_reply_socket(dst, client)?;
         let activity = Arc::new(Activity::default());
         activity.last_active.store(now, Relaxed);
+        let stop = CancellationToken::new();
         let task = tokio::spawn(relay_replies(
             upstream.clone(),
             reply,
             activity.clone(),
             self.epoch,
             self.stats.clone(),
+            stop.clone(),
         ));
         self.stats.sessions_total.fetch_add(1, Relaxed);
         self.stats.sessions_active.fetch_add(1, Relaxed);
         debug!(%client, %dst, upstream = ?upstream.local_addr().ok(), "UDP session opened");
-        Ok(Session { upstream, activity, promoted_at: now, opened: Instant::now(), task })
+        Ok(Session { upstream, activity, promoted_at: now, opened: Instant::now(), stop, task })
     }
 
     /// Evicts least recently used sessions until one more fits. A session
@@ -370,7 +374,10 @@ impl SessionTable {
 
     /// Ends a session, with one debug line about it.
     fn close(&self, (client, dst): SessionKey, session: Session, outcome: &str) {
-        session.task.abort();
+        // Datagrams the program already handed to the session's sockets
+        // are relayed before they close; later ones open a new session.
+        session.stop.cancel();
+        drop(session.task);
         self.stats.sessions_active.fetch_sub(1, Relaxed);
         let up = session.activity.bytes_up.load(Relaxed);
         let down = session.activity.bytes_down.load(Relaxed);
@@ -426,35 +433,77 @@ async fn relay_replies(
     activity: Arc<Activity>,
     epoch: Instant,
     stats: Arc<UdpRelayStats>,
+    stop: CancellationToken,
 ) {
+    let mut last_round = false;
     loop {
         let ready = tokio::select! {
-            r = upstream.readable() => r.map(|()| Direction::Down),
-            r = reply.readable() => r.map(|()| Direction::Up),
+            r = upstream.readable() => r.map(|()| Some(Direction::Down)),
+            r = reply.readable() => r.map(|()| Some(Direction::Up)),
+            _ = stop.cancelled(), if !last_round => Ok(None),
         };
-        let direction = match ready {
-            Ok(direction) => direction,
+        let directions: &[Direction] = match ready {
+            Ok(Some(Direction::Down)) => &[Direction::Down],
+            Ok(Some(Direction::Up)) => &[Direction::Up],
+            // Closing: one last pass over whatever is queued either way.
+            Ok(None) => {
+                last_round = true;
+                &[Direction::Down, Direction::Up]
+            }
             Err(e) => {
                 warn!("UDP session socket: {e}");
                 return;
             }
         };
-        let (from, to) = match direction {
-            Direction::Down => (&*upstream, &reply),
-            Direction::Up => (&reply, &*upstream),
+        for &direction in directions {
+            relay_queued(&upstream, &reply, direction, &activity, epoch, &stats, last_round);
+        }
+        if last_round {
+            return;
+        }
+    }
+}
+
+/// Relays every datagram queued on one side of a session, without waiting.
+/// `last`: the session is closing, so ask the socket itself rather than
+/// tokio, which tries only sockets it has seen readable.
+fn relay_queued(
+    upstream: &UdpSocket,
+    reply: &UdpSocket,
+    direction: Direction,
+    activity: &Activity,
+    epoch: Instant,
+    stats: &UdpRelayStats,
+    last: bool,
+) {
+    let (from, to) = match direction {
+        Direction::Down => (upstream, reply),
+        Direction::Up => (reply, upstream),
+    };
+    let receive = |buf: &mut [u8]| -> io::Result<usize> {
+        if !last {
+            return from.try_recv(buf);
+        }
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: recv into a buffer we own, of its length.
+        let n = unsafe {
+            libc::recv(from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
         };
+        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    };
+    {
         // No await while the thread's buffer is borrowed.
         BUF.with_borrow_mut(|buf| {
             loop {
                 // The buffer is a byte larger than any datagram: a full read
                 // means the datagram was cut.
-                match from.try_recv(buf) {
+                match receive(buf) {
                     Ok(n) if n == buf.len() => {
                         stats.truncated.fetch_add(1, Relaxed);
                     }
                     Ok(n) => {
                         activity.last_active.store(epoch.elapsed().as_millis() as u64, Relaxed);
-                        forward(to, &buf[..n], direction, &activity, &stats);
+                        forward(to, &buf[..n], direction, activity, stats);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     // An ICMP error from the peer surfaces here; keep listening.
