@@ -101,13 +101,23 @@ fn ipv4(h: V4, l4: &[u8]) -> Vec<u8> {
 
 /// An IPv6 packet with `ext` (already chained) before the transport header.
 fn ipv6(first_next: u8, ext: &[u8], l4: &[u8], payload_len: Option<u16>) -> Vec<u8> {
+    ipv6_to(SERVER_V6, first_next, ext, l4, payload_len)
+}
+
+fn ipv6_to(
+    dst: std::net::Ipv6Addr,
+    first_next: u8,
+    ext: &[u8],
+    l4: &[u8],
+    payload_len: Option<u16>,
+) -> Vec<u8> {
     let mut p = vec![0x60, 0, 0, 0];
     let len = payload_len.unwrap_or((ext.len() + l4.len()) as u16);
     p.extend(len.to_be_bytes());
     p.push(first_next);
     p.push(64);
     p.extend(CLIENT_V6.octets());
-    p.extend(SERVER_V6.octets());
+    p.extend(dst.octets());
     p.extend(ext);
     p.extend(l4);
     p
@@ -213,7 +223,11 @@ fn crafted_packets_are_steered_correctly_or_passed_untouched() -> Result<()> {
             v4(V4 { frag: 185, ..V4::default() }, &syn(6)),
             false,
         ),
-        ("a first IPv4 fragment (MF)", v4(V4 { frag: 0x2000, ..V4::default() }, &syn(7)), false),
+        (
+            "a first IPv4 fragment (MF: unparsed)",
+            v4(V4 { frag: 0x2000, ..V4::default() }, &syn(7)),
+            false,
+        ),
         ("an IPv4 TCP header cut short", v4(V4::default(), &syn(8)[..10]), false),
         (
             "IPv4 whose total length ends inside the TCP header",
@@ -244,8 +258,19 @@ fn crafted_packets_are_steered_correctly_or_passed_untouched() -> Result<()> {
             true,
         ),
         (
-            "an IPv6 SYN behind 7 extension headers (too long a chain)",
+            "an IPv6 SYN behind 6 extension headers (as many as the walk takes)",
+            v6(60, &dest_chain(6, TCP), &syn(23)),
+            true,
+        ),
+        (
+            "an IPv6 SYN behind 7 extension headers (too long a chain: unparsed)",
             v6(60, &dest_chain(7, TCP), &syn(16)),
+            false,
+        ),
+        ("a first IPv6 fragment (unparsed)", v6(44, &frag_ext(TCP, 0, true), &syn(24)), false),
+        (
+            "an IPv6 SYN to a v4-mapped address",
+            wire.eth(ETH_P_IPV6, &ipv6_to(SERVER_V4.to_ipv6_mapped(), TCP, &[], &syn(25), None)),
             false,
         ),
         ("a non-first IPv6 fragment", v6(44, &frag_ext(TCP, 100, false), &syn(17)), false),
@@ -274,14 +299,25 @@ fn crafted_packets_are_steered_correctly_or_passed_untouched() -> Result<()> {
             d["assign_failed"].as_u64().unwrap_or(0),
         ))
     };
+    // After each case, a sentinel SYN that is always steered: frames on one
+    // device are judged in order, so once the sentinel is counted, the
+    // case before it has been judged too.
     let (mut steered_before, _) = counters(&proxy)?;
     let mut wrong = Vec::new();
-    for (what, frame, expect_steered) in &cases {
+    for (i, (what, frame, expect_steered)) in cases.iter().enumerate() {
         send(&raw, frame)?;
-        thread::sleep(Duration::from_millis(30));
-        let (steered, failed) = counters(&proxy)?;
-        let was_steered = steered != steered_before;
-        if was_steered != *expect_steered || failed != 0 {
+        send(&raw, &v4(V4::default(), &tcp_syn(41000 + i as u16, 80)))?;
+        let target = steered_before + 1 + u64::from(*expect_steered);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let (steered, failed) = loop {
+            let (steered, failed) = counters(&proxy)?;
+            if steered >= target || std::time::Instant::now() > deadline {
+                break (steered, failed);
+            }
+            thread::sleep(Duration::from_millis(5));
+        };
+        let was_steered = steered - steered_before == 2;
+        if steered != target || failed != 0 {
             wrong.push(format!(
                 "{what}: steered {was_steered}, expected {expect_steered}, assign failures {failed}"
             ));
@@ -289,6 +325,8 @@ fn crafted_packets_are_steered_correctly_or_passed_untouched() -> Result<()> {
         steered_before = steered;
     }
     ensure!(wrong.is_empty(), "{}", wrong.join("\n"));
+    let unparsed = proxy.stats(&topology.proxy)?["datapath"]["unparsed_passed"].clone();
+    ensure!(unparsed == 3, "unparsed packets passed: {unparsed}, expected the 3 marked so");
     eprintln!("packets: {} crafted packets, each steered or passed as expected", cases.len());
 
     // The relay still works for real traffic.
@@ -299,5 +337,78 @@ fn crafted_packets_are_steered_correctly_or_passed_untouched() -> Result<()> {
     ensure!(read_to_end(&mut client)? == b"fine");
     ensure!(server.join().unwrap()?.peer.ip() == proxy_ip(false));
     proxy.stop()?;
+    Ok(())
+}
+
+/// A UDP datagram to the server, fragmented in two by the client.
+fn fragmented_datagram(wire: &Wire, id: u16) -> [Vec<u8>; 2] {
+    let payload = [7u8; 24];
+    let datagram = udp(40100, 5300, &payload);
+    // The first fragment carries the UDP header and 8 bytes; the second the
+    // rest, at offset 16 bytes (2 units).
+    let (head, tail) = datagram.split_at(16);
+    let fragment = |frag: u16, l4: &[u8]| {
+        let mut packet = ipv4(V4 { frag, proto: UDP, ..V4::default() }, l4);
+        packet[4..6].copy_from_slice(&id.to_be_bytes());
+        // The header checksum covers the id.
+        packet[10..12].copy_from_slice(&[0, 0]);
+        let mut sum = 0u32;
+        for chunk in packet[..20].chunks(2) {
+            sum += u16::from_be_bytes([chunk[0], chunk[1]]) as u32;
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        packet[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        wire.eth(ETH_P_IP, &packet)
+    };
+    [fragment(0x2000, head), fragment(2, tail)]
+}
+
+/// A fragmented datagram to an intercepted port cannot be steered whole.
+/// By default it passes to the server untouched; with `--unparsed drop` its
+/// first fragment is dropped, so it never arrives, and interception cannot
+/// be bypassed with fragments.
+#[test]
+fn unparsed_packets_pass_or_drop_as_configured() -> Result<()> {
+    for (policy, arrives) in [("pass", true), ("drop", false)] {
+        let topology = Topology::new(&format!("unparsed{policy}"))?;
+        let server = UdpServer::start(&topology.server, Topology::server_addr(false, 5300), 0)?;
+        let proxy = Proxy::start(
+            &topology.proxy,
+            &["attach", PROXY_CLIENT_IFACE, "--port", "5300", "--unparsed", policy],
+        )?;
+        let wire =
+            Wire { dst_mac: mac(&topology.proxy, "p0")?, src_mac: mac(&topology.client, "c0")? };
+        let raw = raw_socket(&topology.client, "c0")?;
+        for frame in fragmented_datagram(&wire, 4242) {
+            send(&raw, &frame)?;
+        }
+        let counter = if arrives { "unparsed_passed" } else { "unparsed_dropped" };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while proxy.stats(&topology.proxy)?["datapath"][counter] != 1 {
+            ensure!(std::time::Instant::now() < deadline, "{policy}: not counted as {counter}");
+            thread::sleep(Duration::from_millis(10));
+        }
+        if arrives {
+            while server.peers().is_empty() {
+                ensure!(std::time::Instant::now() < deadline, "the fragmented datagram was lost");
+                thread::sleep(Duration::from_millis(10));
+            }
+            ensure!(server.peers()[0].ip() == client_ip(false), "{:?}", server.peers());
+        } else {
+            // A datagram sent after it, whole, is relayed; the dropped one
+            // never arrived before it.
+            let client = topology.client.udp_client(Topology::server_addr(false, 5300))?;
+            client.send_to(b"whole", Topology::server_addr(false, 5300))?;
+            while server.peers().is_empty() {
+                ensure!(std::time::Instant::now() < deadline, "the whole datagram was lost");
+                thread::sleep(Duration::from_millis(10));
+            }
+            ensure!(server.peers() == [server.peers()[0]], "{:?}", server.peers());
+            ensure!(server.peers()[0].ip() == proxy_ip(false), "{:?}", server.peers());
+        }
+        proxy.stop()?;
+    }
     Ok(())
 }

@@ -187,6 +187,39 @@ pub mod stat {
     pub const COUNT: u32 = 11;
 }
 
+/// What the parser made of the last packet, when the loader enables
+/// tracing (tests: `BPF_PROG_TEST_RUN` against a userland oracle). With
+/// tracing off the verifier removes the recording: it costs nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ParseTrace {
+    /// `PARSED_*`.
+    pub kind: u32,
+    pub proto: u8,
+    pub ipv6: u8,
+    pub syn: u8,
+    pub _pad: u8,
+    /// Host order.
+    pub sport: u16,
+    /// Host order.
+    pub dport: u16,
+    /// The tuple the program looks sockets up with, network order (IPv4 in
+    /// `[0]`).
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+}
+
+/// [`ParseTrace::kind`]: nothing to steer.
+pub const PARSED_NONE: u32 = 0;
+/// A TCP segment or UDP datagram.
+pub const PARSED_FLOW: u32 = 1;
+/// An ICMP error; the tuple is the quoted packet's, reversed.
+pub const PARSED_ERROR: u32 = 2;
+/// A first fragment.
+pub const PARSED_FRAGMENT: u32 = 3;
+/// An IPv6 extension chain longer than the walk.
+pub const PARSED_TOO_DEEP: u32 = 4;
+
 /// Names of the maps, programs and globals in the object file.
 pub mod names {
     pub const PROGRAM: &str = "tproxy_ingress";
@@ -214,6 +247,9 @@ pub mod names {
     /// Non-zero: drop what may be for an intercepted port but cannot be
     /// parsed whole, instead of passing it.
     pub const DROP_UNPARSED: &str = "DROP_UNPARSED";
+    /// Non-zero: record each parse in `PARSE_TRACE` (tests only).
+    pub const TRACE_PARSE: &str = "TRACE_PARSE";
+    pub const PARSE_TRACE: &str = "PARSE_TRACE";
 }
 
 #[cfg(feature = "user")]
@@ -222,6 +258,7 @@ mod pod {
     unsafe impl aya::Pod for super::RuleMatch {}
     unsafe impl aya::Pod for super::RuleAction {}
     unsafe impl aya::Pod for super::AddrKey {}
+    unsafe impl aya::Pod for super::ParseTrace {}
     unsafe impl aya::Pod for super::RuleStats {}
     unsafe impl aya::Pod for super::ReopenKey {}
 }

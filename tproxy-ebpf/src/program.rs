@@ -19,9 +19,9 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use tproxy_ebpf::{
     ACTION_INTERCEPT, ADDR_KEY_FIXED_BITS, AddrKey, FAMILY_V4, FAMILY_V6, GATE_ENTRIES,
-    MAX_LOCAL_DESTS, MAX_REOPENS, MAX_RULE_ENTRIES, MAX_RULES, PROTO_TCP, RULE_CHOICES,
-    RULE_MATCH_FIXED_BITS, ReopenKey, RuleAction, RuleChoice, RuleMatch, RuleStats, gate_index,
-    slot, stat,
+    MAX_LOCAL_DESTS, MAX_REOPENS, MAX_RULE_ENTRIES, MAX_RULES, PARSED_ERROR, PARSED_FLOW,
+    PARSED_FRAGMENT, PARSED_TOO_DEEP, PROTO_TCP, ParseTrace, RULE_CHOICES, RULE_MATCH_FIXED_BITS,
+    ReopenKey, RuleAction, RuleChoice, RuleMatch, RuleStats, gate_index, slot, stat,
 };
 
 use crate::parse::{ETH_L3, ETH_P_IP, ETH_P_IPV6, Flow, Packet, parse, ptr_at};
@@ -45,6 +45,8 @@ static RETURN_PATH: u32 = 0;
 static INTERCEPT_LOCAL: u32 = 0;
 #[unsafe(no_mangle)]
 static DROP_UNPARSED: u32 = 0;
+#[unsafe(no_mangle)]
+static TRACE_PARSE: u32 = 0;
 
 #[inline(always)]
 fn global(value: &'static u32) -> u32 {
@@ -81,6 +83,9 @@ static TW_REOPEN: LruHashMap<ReopenKey, u8> = LruHashMap::with_max_entries(MAX_R
 static LOCAL_DESTS: LpmTrie<AddrKey, u8> = LpmTrie::with_max_entries(MAX_LOCAL_DESTS, 0);
 
 #[map]
+static PARSE_TRACE: Array<ParseTrace> = Array::with_max_entries(1, 0);
+
+#[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
 /// For devices with an Ethernet header.
@@ -105,7 +110,11 @@ pub fn tproxy_ingress_l3(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn handle(ctx: &TcContext, l3: usize, ether_type: u16) -> i32 {
-    match parse(ctx, l3, ether_type) {
+    let packet = parse(ctx, l3, ether_type);
+    if global(&TRACE_PARSE) != 0 {
+        trace(&packet);
+    }
+    match packet {
         Some(Packet::Flow(flow)) => steer(ctx, flow),
         Some(Packet::Error(flow)) => steer_error(ctx, flow),
         Some(Packet::Fragment(flow)) => {
@@ -117,6 +126,49 @@ fn handle(ctx: &TcContext, l3: usize, ether_type: u16) -> i32 {
         None => {}
     }
     TC_NEXT
+}
+
+/// Records what the parser made of the packet (tests only).
+#[inline(always)]
+fn trace(packet: &Option<Packet>) {
+    let Some(slot) = PARSE_TRACE.get_ptr_mut(0) else { return };
+    let mut t = ParseTrace::default();
+    let flow = match packet {
+        None => None,
+        Some(Packet::TooDeep) => {
+            t.kind = PARSED_TOO_DEEP;
+            None
+        }
+        Some(Packet::Flow(f)) => {
+            t.kind = PARSED_FLOW;
+            Some(f)
+        }
+        Some(Packet::Error(f)) => {
+            t.kind = PARSED_ERROR;
+            Some(f)
+        }
+        Some(Packet::Fragment(f)) => {
+            t.kind = PARSED_FRAGMENT;
+            Some(f)
+        }
+    };
+    if let Some(f) = flow {
+        t.proto = f.proto;
+        t.ipv6 = f.ipv6 as u8;
+        t.syn = f.syn as u8;
+        t.sport = f.sport;
+        t.dport = f.dport;
+        unsafe {
+            if f.ipv6 {
+                t.saddr = f.tuple.__bindgen_anon_1.ipv6.saddr;
+                t.daddr = f.tuple.__bindgen_anon_1.ipv6.daddr;
+            } else {
+                t.saddr[0] = f.tuple.__bindgen_anon_1.ipv4.saddr;
+                t.daddr[0] = f.tuple.__bindgen_anon_1.ipv4.daddr;
+            }
+        }
+    }
+    unsafe { *slot = t };
 }
 
 /// A packet that may be for an intercepted port but cannot be steered
@@ -155,8 +207,13 @@ fn steer_error(ctx: &TcContext, mut flow: Flow) {
     let len = flow.tuple_len();
     let owned = unsafe {
         if flow.proto == PROTO_TCP {
-            let sk =
-                bpf_skc_lookup_tcp(ctx.as_ptr(), &mut flow.tuple, len, BPF_F_CURRENT_NETNS as u64, 0);
+            let sk = bpf_skc_lookup_tcp(
+                ctx.as_ptr(),
+                &mut flow.tuple,
+                len,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            );
             if sk.is_null() {
                 return;
             }
@@ -164,8 +221,13 @@ fn steer_error(ctx: &TcContext, mut flow: Flow) {
             bpf_sk_release(sk.cast());
             state != BPF_TCP_LISTEN && state != BPF_TCP_TIME_WAIT
         } else {
-            let sk =
-                bpf_sk_lookup_udp(ctx.as_ptr(), &mut flow.tuple, len, BPF_F_CURRENT_NETNS as u64, 0);
+            let sk = bpf_sk_lookup_udp(
+                ctx.as_ptr(),
+                &mut flow.tuple,
+                len,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            );
             if sk.is_null() {
                 return;
             }

@@ -15,14 +15,14 @@ use tokio::{
     io::{Interest, unix::AsyncFd},
     task::JoinHandle,
 };
-use tproxy_ebpf::{AddrKey, RuleAction, RuleMatch, RuleStats, gate_index, names, stat};
+use tproxy_ebpf::{AddrKey, ParseTrace, RuleAction, RuleMatch, RuleStats, gate_index, names, stat};
 use tracing::{debug, warn};
 
 use crate::{
     error::{Error, Result},
-    system::LinkKind,
     rules::TrieEntry,
     state::NetlinkFilter,
+    system::LinkKind,
 };
 
 /// The TC program, built by build.rs from the tproxy-ebpf crate.
@@ -74,6 +74,9 @@ pub struct Settings {
     pub intercept_local: bool,
     /// Drop what may be for an intercepted port but cannot be parsed whole.
     pub drop_unparsed: bool,
+    /// Record each parse for [`Datapath::trace_parse`] (tests and
+    /// diagnostics; off, it costs nothing).
+    pub trace: bool,
 }
 
 /// What [`Datapath::attach`] added.
@@ -112,10 +115,11 @@ impl Datapath {
     /// CAP_SYS_ADMIN) before it starts any thread.
     pub fn load(settings: &Settings) -> Result<Self> {
         let flag = u32::from;
-        let (return_path, intercept_local, drop_unparsed) = (
+        let (return_path, intercept_local, drop_unparsed, trace) = (
             flag(settings.return_path),
             flag(settings.intercept_local),
             flag(settings.drop_unparsed),
+            flag(settings.trace),
         );
         let mut ebpf = EbpfLoader::new()
             .override_global(names::MARK, &settings.mark, true)
@@ -123,6 +127,7 @@ impl Datapath {
             .override_global(names::RETURN_PATH, &return_path, true)
             .override_global(names::INTERCEPT_LOCAL, &intercept_local, true)
             .override_global(names::DROP_UNPARSED, &drop_unparsed, true)
+            .override_global(names::TRACE_PARSE, &trace, true)
             .load(PROGRAM_OBJECT)
             .map_err(Error::Load)?;
         // aya-log's ring buffer must stay open (and be drained), or the
@@ -300,6 +305,60 @@ impl Datapath {
             unparsed_passed: sum(stat::UNPARSED_PASSED)?,
             unparsed_dropped: sum(stat::UNPARSED_DROPPED)?,
         })
+    }
+
+    /// Runs the Ethernet program once on `frame` (`BPF_PROG_TEST_RUN`, in
+    /// the current network namespace) and returns what its parser made of
+    /// it. Needs [`Settings::trace`].
+    pub fn trace_parse(&self, frame: &[u8]) -> Result<ParseTrace> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(names::PROGRAM)
+            .ok_or_else(|| {
+                Error::Load(EbpfError::ProgramError(ProgramError::UnexpectedProgramType))
+            })?
+            .try_into()
+            .map_err(|e| Error::Load(EbpfError::ProgramError(e)))?;
+        let fd = program.fd().map_err(|e| Error::Load(EbpfError::ProgramError(e)))?;
+        // The `test` member of `union bpf_attr`, up to the fields we use.
+        #[repr(C)]
+        #[derive(Default)]
+        struct TestRun {
+            prog_fd: u32,
+            retval: u32,
+            data_size_in: u32,
+            data_size_out: u32,
+            data_in: u64,
+            data_out: u64,
+            repeat: u32,
+            duration: u32,
+        }
+        let mut attr = TestRun {
+            prog_fd: fd.as_fd().as_raw_fd() as u32,
+            data_size_in: frame.len() as u32,
+            data_in: frame.as_ptr() as u64,
+            repeat: 1,
+            ..TestRun::default()
+        };
+        const BPF_PROG_TEST_RUN: libc::c_long = 10;
+        // SAFETY: the attribute and the frame outlive the call; the kernel
+        // reads `size_of::<TestRun>()` bytes of the attribute.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                &mut attr as *mut TestRun,
+                std::mem::size_of::<TestRun>(),
+            )
+        };
+        if ret != 0 {
+            return Err(Error::io("BPF_PROG_TEST_RUN", std::io::Error::last_os_error()));
+        }
+        let map = self.ebpf.map(names::PARSE_TRACE).ok_or_else(|| missing(names::PARSE_TRACE))?;
+        let traces: Array<&MapData, ParseTrace> =
+            Array::try_from(map).map_err(map_err(names::PARSE_TRACE))?;
+        traces.get(&0, 0).map_err(map_err(names::PARSE_TRACE))
     }
 
     /// Takes the map of the host's own destinations out, for

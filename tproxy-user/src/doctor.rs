@@ -69,17 +69,15 @@ pub async fn check(config: &InterceptConfig) -> Vec<Finding> {
         ),
     });
     if privileged.is_ok() {
-        findings.push(
-            match crate::intercept::load(config) {
-                Ok(_) => ok(
-                    "the TC and sk_lookup programs pass this kernel's verifier (helpers present)",
-                ),
-                Err(e) => fail(
-                    format!("loading the programs: {e}"),
-                    "run with RUST_LOG=debug for the verifier log, and report it",
-                ),
-            },
-        );
+        findings.push(match crate::intercept::load(config) {
+            Ok(_) => {
+                ok("the TC and sk_lookup programs pass this kernel's verifier (helpers present)")
+            }
+            Err(e) => fail(
+                format!("loading the programs: {e}"),
+                "run with RUST_LOG=debug for the verifier log, and report it",
+            ),
+        });
     }
     findings.push(bpffs());
     findings.extend(ipv6().await);
@@ -98,13 +96,15 @@ fn kernel() -> Finding {
     let code = current.code();
     let version = format!("{}.{}.{}", code >> 16, (code >> 8) & 0xff, code & 0xff);
     let at_least = |major, minor| current >= KernelVersion::new(major, minor, 0);
-    if !at_least(5, 7) {
+    if !at_least(5, 8) {
         return fail(
-            format!("kernel {version}: bpf_sk_assign at TC ingress needs 5.7"),
+            format!(
+                "kernel {version}: the programs need 5.8 (bpf_sk_assign at TC ingress, the BPF ring buffer)"
+            ),
             "upgrade the kernel",
         );
     }
-    let mut notes = vec!["bpf_sk_assign (5.7)".to_owned()];
+    let mut notes = vec!["bpf_sk_assign and the BPF ring buffer (5.8)".to_owned()];
     if at_least(5, 9) {
         notes.push("sk_lookup TIME_WAIT handover (5.9)".into());
     }

@@ -516,6 +516,7 @@ pub fn load(config: &InterceptConfig) -> Result<Datapath> {
         return_path: config.return_path,
         intercept_local: config.intercept_local,
         drop_unparsed: config.drop_unparsed,
+        trace: false,
     })
 }
 

@@ -23,6 +23,9 @@ use crate::{
     system,
 };
 
+/// The kernel's main routing table.
+const MAIN_TABLE: u32 = 254;
+
 /// Identifies our routing state: the mark our program sets, the table it
 /// routes to, and the rule priority.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -55,6 +58,9 @@ impl PolicyRouting {
         let routing = Self { config, installed: true };
         for family in config.families() {
             netlink.add_route(family, config.table, lo).await?;
+            // First at the shared priority: lookups the host itself makes
+            // with our mark use the main table (see `add_local_rule`).
+            netlink.add_local_rule(family, &config).await?;
             netlink.add_rule(family, &config).await?;
         }
         info!(
@@ -113,10 +119,11 @@ async fn remove_with(handle: &Handle, config: &RoutingConfig) -> Result<()> {
             continue;
         }
         for rule in rules(handle, family.clone()).await? {
-            if rule_mark(&rule) == Some(config.mark)
-                && rule_table(&rule) == config.table
+            let ours = rule_mark(&rule) == Some(config.mark)
                 && rule_priority(&rule) == Some(config.priority)
-            {
+                && (rule_table(&rule) == config.table
+                    || (rule_table(&rule) == MAIN_TABLE && rule_iif(&rule) == Some("lo")));
+            if ours {
                 trace!("removing rule {rule:?}");
                 ignore_missing(handle.rule().del(rule).execute().await)
                     .map_err(routing_err("removing a rule"))?;
@@ -219,6 +226,29 @@ impl Netlink {
             .map_err(routing_err("adding the local route"))
     }
 
+    /// `fwmark M iif lo lookup main`: lookups the host itself makes with the
+    /// mark (iif lo) use the main table. The kernel's source check of a
+    /// steered packet is one of those when `src_valid_mark` is on (wg-quick
+    /// sets it): through our table the client's address would be local,
+    /// and the packet dropped as a martian. So is any packet of the host's
+    /// own that carries the mark (`tcp_fwmark_accept` replies).
+    async fn add_local_rule(&self, family: &IpVersion, config: &RoutingConfig) -> Result<()> {
+        let request = self
+            .handle
+            .rule()
+            .add()
+            .fw_mark(config.mark)
+            .input_interface("lo")
+            .table_id(MAIN_TABLE)
+            .priority(config.priority)
+            .action(RuleAction::ToTable);
+        let result = match family {
+            IpVersion::V4 => request.v4().execute().await,
+            IpVersion::V6 => request.v6().execute().await,
+        };
+        result.map_err(routing_err("adding the fwmark rule for the host's own lookups"))
+    }
+
     async fn add_rule(&self, family: &IpVersion, config: &RoutingConfig) -> Result<()> {
         let request = self
             .handle
@@ -257,6 +287,13 @@ pub(crate) async fn routes(handle: &Handle, family: IpVersion) -> Result<Vec<Rou
 fn rule_mark(rule: &RuleMessage) -> Option<u32> {
     rule.attributes.iter().find_map(|a| match a {
         RuleAttribute::FwMark(mark) => Some(*mark),
+        _ => None,
+    })
+}
+
+fn rule_iif(rule: &RuleMessage) -> Option<&str> {
+    rule.attributes.iter().find_map(|a| match a {
+        RuleAttribute::Iifname(name) => Some(name.as_str()),
         _ => None,
     })
 }

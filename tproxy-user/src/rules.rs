@@ -418,8 +418,8 @@ impl RuleSet {
     /// that destination, in precedence order.
     fn compile(&self) -> Result<Vec<TrieEntry>> {
         // (family, protocol, port) -> (destination, source, choice).
-        let mut groups: BTreeMap<(u8, u8, u16), Vec<(IpNet, Option<IpNet>, RuleChoice)>> =
-            BTreeMap::new();
+        type Member = (IpNet, Option<IpNet>, RuleChoice);
+        let mut groups: BTreeMap<(u8, u8, u16), Vec<Member>> = BTreeMap::new();
         for (id, rule) in &self.rules {
             let choice = choice_of(*id, rule);
             for proto in &rule.protocols {
@@ -440,7 +440,7 @@ impl RuleSet {
             dests.sort();
             dests.dedup();
             for dest in dests {
-                let mut covering: Vec<&(IpNet, Option<IpNet>, RuleChoice)> =
+                let mut covering: Vec<&Member> =
                     members.iter().filter(|(d, _, _)| d.contains(&dest)).collect();
                 covering.sort_by_key(|(d, from, _)| {
                     std::cmp::Reverse((d.prefix_len(), from.map_or(0, |f| f.prefix_len())))

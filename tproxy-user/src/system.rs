@@ -12,8 +12,9 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
-/// Oldest kernel whose TC programs may call `bpf_sk_assign`.
-pub const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 7, 0);
+/// Oldest kernel that runs the programs: `bpf_sk_assign` at TC ingress
+/// (5.7) and the BPF ring buffer that the programs' logs use (5.8).
+pub const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 8, 0);
 
 /// The interface index of `name`.
 pub fn ifindex(name: &str) -> Result<u32> {
@@ -60,7 +61,7 @@ fn check_capabilities(loads_programs: bool) -> Result<()> {
     if missing.is_empty() { Ok(()) } else { Err(Error::Privileges(missing.join(", "))) }
 }
 
-/// Fails on kernels that cannot `bpf_sk_assign` from TC ingress.
+/// Fails on kernels older than [`MIN_KERNEL`].
 pub fn check_kernel() -> Result<KernelVersion> {
     let current = KernelVersion::current().map_err(|e| {
         Error::io("reading the kernel version", std::io::Error::other(e.to_string()))
@@ -68,8 +69,8 @@ pub fn check_kernel() -> Result<KernelVersion> {
     if current < MIN_KERNEL {
         return Err(Error::KernelTooOld {
             found: format_version(current),
-            feature: "bpf_sk_assign at TC ingress",
-            needed: "5.7",
+            feature: "the BPF ring buffer (program logs)",
+            needed: "5.8",
         });
     }
     Ok(current)

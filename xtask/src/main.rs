@@ -56,8 +56,8 @@ enum Task {
     },
     /// Run the integration tests inside Debian kernels under qemu (virtme-ng).
     VmTest {
-        /// Which kernel: 6.1, 6.12 or all.
-        #[arg(long, default_value = "all", value_parser = ["6.1", "6.12", "all"])]
+        /// Which kernel: 5.10, 6.1, 6.12 or all.
+        #[arg(long, default_value = "all", value_parser = ["5.10", "6.1", "6.12", "all"])]
         kernel: String,
     },
 }
@@ -90,7 +90,9 @@ fn main() -> Result<()> {
                 return Ok(());
             }
             let binaries = build_test_binaries()?;
-            vm::run(&[&vm::SERIES[0]], &binaries)
+            let six_one =
+                vm::SERIES.iter().find(|s| s.name == "6.1").expect("6.1 is in the matrix");
+            vm::run(&[six_one], &binaries)
         }
         Task::Bench { rounds, seconds } => {
             require_root("the benchmark creates network namespaces and loads BPF programs")?;

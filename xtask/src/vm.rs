@@ -22,12 +22,43 @@ pub struct Series {
     pub name: &'static str,
     /// `apt-cache search --names-only` pattern.
     pattern: &'static str,
+    /// An apt source line for a series this distribution does not carry;
+    /// it is used through a private apt state under `target/vm`, so the
+    /// host's apt configuration is never touched.
+    source: Option<&'static str>,
 }
 
 pub const SERIES: &[Series] = &[
-    Series { name: "6.1", pattern: r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$" },
-    Series { name: "6.12", pattern: r"^linux-image-6\.12\.[0-9]+\+deb[0-9]+-amd64-unsigned$" },
+    Series { name: "6.1", pattern: r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$", source: None },
+    Series {
+        name: "6.12",
+        pattern: r"^linux-image-6\.12\.[0-9]+\+deb[0-9]+-amd64-unsigned$",
+        source: None,
+    },
+    // Debian 11, the oldest kernel still common in production.
+    Series {
+        name: "5.10",
+        pattern: r"^linux-image-5\.10\.0-[0-9]+-amd64-unsigned$",
+        source: Some(
+            "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bullseye-security main",
+        ),
+    },
 ];
+
+/// `apt-get`/`apt-cache` options that use `series`' own source, if it has one.
+fn apt_options(root: &Path, series: &Series) -> Result<Vec<String>> {
+    let Some(source) = series.source else { return Ok(Vec::new()) };
+    let dir = root.join(format!("apt-{}", series.name));
+    fs::create_dir_all(dir.join("lists/partial"))?;
+    fs::create_dir_all(dir.join("cache/archives/partial"))?;
+    fs::write(dir.join("sources.list"), format!("{source}\n"))?;
+    Ok(vec![
+        format!("-oDir::Etc::SourceList={}", dir.join("sources.list").display()),
+        "-oDir::Etc::SourceParts=/dev/null".to_owned(),
+        format!("-oDir::State::Lists={}", dir.join("lists").display()),
+        format!("-oDir::Cache={}", dir.join("cache").display()),
+    ])
+}
 
 /// One kernel's outcome.
 struct Outcome {
@@ -191,13 +222,16 @@ fn guest_script(binaries: &TestBinaries) -> String {
 /// Downloads (once) and unpacks the newest package of `series`, and indexes
 /// its modules in place. Returns the kernel version and its vmlinuz.
 fn fetch_kernel(root: &Path, series: &Series) -> Result<(String, PathBuf)> {
-    let package = newest_package(series)?;
+    let apt = apt_options(root, series)?;
+    let package = newest_package(series, &apt)?;
     let dir = root.join("kernels").join(&package);
     let stamp = dir.join(".unpacked");
     if !stamp.exists() {
         fs::create_dir_all(&dir)?;
         eprintln!("vm-test: downloading {package}");
-        super::run(Command::new("apt-get").arg("download").arg(&package).current_dir(&dir))?;
+        super::run(
+            Command::new("apt-get").args(&apt).arg("download").arg(&package).current_dir(&dir),
+        )?;
         let deb = fs::read_dir(&dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .find(|p| p.extension().is_some_and(|x| x == "deb"))
@@ -224,9 +258,10 @@ fn fetch_kernel(root: &Path, series: &Series) -> Result<(String, PathBuf)> {
 }
 
 /// The newest package matching the series, refreshing apt's lists if none does.
-fn newest_package(series: &Series) -> Result<String> {
+fn newest_package(series: &Series, apt: &[String]) -> Result<String> {
     for attempt in 0..2 {
         let out = Command::new("apt-cache")
+            .args(apt)
             .args(["search", "--names-only", series.pattern])
             .output()
             .context("running apt-cache")?;
@@ -239,7 +274,7 @@ fn newest_package(series: &Series) -> Result<String> {
             return Ok(newest);
         }
         if attempt == 0 {
-            super::run(Command::new("apt-get").args(["update", "-qq"]))?;
+            super::run(Command::new("apt-get").args(apt).args(["update", "-qq"]))?;
         }
     }
     bail!("no Debian package for kernel {} (pattern {})", series.name, series.pattern)
