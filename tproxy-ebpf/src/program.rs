@@ -16,7 +16,6 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, SockMap, lpm_trie::Key},
     programs::{SkLookupContext, TcContext},
 };
-use aya_log_ebpf::warn;
 use tproxy_ebpf::{
     ACTION_INTERCEPT, ADDR_KEY_FIXED_BITS, AddrKey, FAMILY_V4, FAMILY_V6, GATE_ENTRIES,
     MAX_LOCAL_DESTS, MAX_REOPENS, MAX_RULE_ENTRIES, MAX_RULES, PARSED_ERROR, PARSED_FLOW,
@@ -599,7 +598,6 @@ fn assign(
         if let Some(s) = stats {
             s.assign_failed += 1;
         }
-        warn!(ctx, "bpf_sk_assign failed: {}", ret);
     }
 }
 

@@ -203,13 +203,16 @@ impl Prepared {
             .await;
         if let Ok(s) = datapath_stats {
             info!(
-                "datapath: {} packets to the listener, {} to existing sockets, {} SYNs met TIME_WAIT ({} handed over), {} replies to spoofed sockets, {} left to this host, {} passed without a listener, {} assign failures",
+                "datapath: {} packets to the listener, {} to existing sockets, {} SYNs met TIME_WAIT ({} handed over), {} replies to spoofed sockets, {} left to this host, {} ICMP errors to sockets, {} unparsed passed, {} unparsed dropped, {} passed without a listener, {} assign failures",
                 s.to_listener,
                 s.to_socket,
                 s.tw_syn,
                 s.tw_handover,
                 s.return_path,
                 s.to_host,
+                s.icmp_to_socket,
+                s.unparsed_passed,
+                s.unparsed_dropped,
                 s.no_listener,
                 s.assign_failed
             );

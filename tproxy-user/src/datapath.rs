@@ -11,10 +11,6 @@ use aya::{
     },
     util::nr_cpus,
 };
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    task::JoinHandle,
-};
 use tproxy_ebpf::{AddrKey, ParseTrace, RuleAction, RuleMatch, RuleStats, gate_index, names, stat};
 use tracing::{debug, warn};
 
@@ -94,9 +90,6 @@ pub struct Datapath {
     /// Detached when dropped, before the program goes.
     links: Vec<SchedClassifierLink>,
     ebpf: Ebpf,
-    /// aya-log's reader, until a runtime drains it (see [`Self::start_logger`]).
-    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    logger_task: Option<JoinHandle<()>>,
     /// Whether the `sk_lookup` program loaded (kernels 5.9 and later).
     reopen_loaded: bool,
     /// Which copy of the rule trie the program reads.
@@ -130,15 +123,6 @@ impl Datapath {
             .override_global(names::TRACE_PARSE, &trace, true)
             .load(PROGRAM_OBJECT)
             .map_err(Error::Load)?;
-        // aya-log's ring buffer must stay open (and be drained), or the
-        // program's load fails and its records are lost.
-        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
-            Ok(logger) => Some(logger),
-            Err(e) => {
-                warn!("eBPF logs unavailable: {e}");
-                None
-            }
-        };
         for name in [names::PROGRAM, names::PROGRAM_L3] {
             program_mut(&mut ebpf, name)?.load().map_err(load_error(name))?;
         }
@@ -149,22 +133,7 @@ impl Datapath {
                 false
             }
         };
-        Ok(Self {
-            links: Vec::new(),
-            ebpf,
-            logger,
-            logger_task: None,
-            reopen_loaded,
-            active_rules: 0,
-        })
-    }
-
-    /// Starts draining the program's log records into `log` (and so into
-    /// `tracing`). Needs a tokio runtime.
-    pub fn start_logger(&mut self) {
-        if let Some(logger) = self.logger.take() {
-            self.logger_task = Some(tokio::spawn(drain_log(logger)));
-        }
+        Ok(Self { links: Vec::new(), ebpf, reopen_loaded, active_rules: 0 })
     }
 
     /// Attaches the `sk_lookup` program that lets a SYN reopen a tuple held
@@ -378,15 +347,6 @@ impl Datapath {
     }
 }
 
-impl Drop for Datapath {
-    fn drop(&mut self) {
-        if let Some(task) = self.logger_task.take() {
-            task.abort();
-        }
-        // `links` detach as they drop, then `ebpf` closes the program.
-    }
-}
-
 /// Removes a netlink filter that a killed instance recorded. TCX links
 /// cannot be left behind: they die with their owner.
 pub fn remove_filter(filter: &NetlinkFilter) {
@@ -509,23 +469,4 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> Error {
 
 fn missing(name: &'static str) -> Error {
     Error::Map { name, source: aya::maps::MapError::InvalidName { name: name.to_owned() } }
-}
-
-async fn drain_log<T: log::Log>(logger: aya_log::EbpfLogger<T>) {
-    // SAFETY: the logger owns its ring buffer fd, which stays open and the
-    // same for as long as the logger lives inside the AsyncFd.
-    let mut fd = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {
-        Ok(fd) => fd,
-        Err(e) => {
-            warn!("eBPF logs unavailable: {e}");
-            return;
-        }
-    };
-    loop {
-        let Ok(mut guard) = fd.readable_mut().await else {
-            return;
-        };
-        guard.get_inner_mut().flush();
-        guard.clear_ready();
-    }
 }

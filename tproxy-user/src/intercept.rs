@@ -268,7 +268,6 @@ impl Interceptor {
     ) -> Result<Self> {
         // The programs are loaded: what is left needs CAP_NET_ADMIN.
         let kernel = checks(&config, false)?;
-        datapath.start_logger();
         for &(socket, fd) in sockets {
             datapath.set_listener(socket.slot(), &fd)?;
         }

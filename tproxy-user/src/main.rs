@@ -245,7 +245,7 @@ struct CleanupArgs {
     instance: InstanceArgs,
 }
 
-const DEFAULT_LOG_FILTER: &str = "info,aya::bpf=error";
+const DEFAULT_LOG_FILTER: &str = "info";
 
 fn parse_u32(s: &str) -> Result<u32, String> {
     let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
@@ -489,16 +489,16 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // aya-log-ebpf 0.2 emits a BTF union name (`MaybeUninit<u8>`) that
-    // bpf-linker 0.10 leaves unsanitized, so the kernel rejects the object's
-    // BTF and aya loads the program without it. Nothing here needs BTF
-    // (legacy maps, no CO-RE), so that warning is noise by default.
+    use std::io::IsTerminal as _;
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER)),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never in log files
+        // or the journal.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let job = match prepare(cli.command) {
         Ok(job) => job,

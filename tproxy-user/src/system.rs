@@ -12,9 +12,9 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
-/// Oldest kernel that runs the programs: `bpf_sk_assign` at TC ingress
-/// (5.7) and the BPF ring buffer that the programs' logs use (5.8).
-pub const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 8, 0);
+/// Oldest kernel that runs the programs: `bpf_sk_assign` at TC ingress,
+/// and UDP sockets in a sockmap. (The programs keep no log ring buffer, 5.8.)
+pub const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 7, 0);
 
 /// The interface index of `name`.
 pub fn ifindex(name: &str) -> Result<u32> {
@@ -69,8 +69,8 @@ pub fn check_kernel() -> Result<KernelVersion> {
     if current < MIN_KERNEL {
         return Err(Error::KernelTooOld {
             found: format_version(current),
-            feature: "the BPF ring buffer (program logs)",
-            needed: "5.8",
+            feature: "bpf_sk_assign at TC ingress",
+            needed: "5.7",
         });
     }
     Ok(current)
