@@ -261,6 +261,8 @@ pub fn tproxy_bin() -> PathBuf {
 pub struct Proxy {
     child: Child,
     log: Arc<Mutex<String>>,
+    /// The threads copying stdout and stderr into `log`; they end at EOF.
+    readers: Vec<thread::JoinHandle<()>>,
 }
 
 impl Proxy {
@@ -272,7 +274,8 @@ impl Proxy {
     /// Like [`Proxy::start`], with `log_filter` as `RUST_LOG`.
     pub fn start_logging(ns: &Netns, args: &[&str], log_filter: &str) -> Result<Self> {
         let proxy = Self::spawn(ns, args, log_filter)?;
-        proxy.wait_for_log("ready:", Duration::from_secs(30))?;
+        // Loading through the verifier takes seconds under emulation.
+        proxy.wait_for_log("ready:", Duration::from_secs(60))?;
         Ok(proxy)
     }
 
@@ -303,9 +306,8 @@ impl Proxy {
         let log = Arc::new(Mutex::new(String::new()));
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
-        collect_lines(stdout, log.clone());
-        collect_lines(stderr, log.clone());
-        Ok(Self { child, log })
+        let readers = vec![collect_lines(stdout, log.clone()), collect_lines(stderr, log.clone())];
+        Ok(Self { child, log, readers })
     }
 
     pub fn log(&self) -> String {
@@ -348,8 +350,10 @@ impl Proxy {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = self.child.try_wait()? {
-                // Let the reader thread take the last lines.
-                thread::sleep(Duration::from_millis(50));
+                // The readers end at EOF, after the last lines.
+                for reader in self.readers.drain(..) {
+                    let _ = reader.join();
+                }
                 return Ok((status, self.log()));
             }
             if Instant::now() > deadline {
@@ -375,14 +379,17 @@ impl Drop for Proxy {
     }
 }
 
-fn collect_lines(stream: impl Read + Send + 'static, log: Arc<Mutex<String>>) {
+fn collect_lines(
+    stream: impl Read + Send + 'static,
+    log: Arc<Mutex<String>>,
+) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         for line in BufReader::new(stream).lines().map_while(Result::ok) {
             let mut log = log.lock().unwrap();
             log.push_str(&line);
             log.push('\n');
         }
-    });
+    })
 }
 
 /// Path of one of tproxy-user's examples: under `$TPROXY_EXAMPLES_DIR`, or
@@ -629,7 +636,7 @@ impl Dnsmasq {
             .spawn()
             .context("starting dnsmasq")?;
         let log = Arc::new(Mutex::new(String::new()));
-        collect_lines(child.stderr.take().expect("stderr"), log.clone());
+        let _ = collect_lines(child.stderr.take().expect("stderr"), log.clone());
         Ok(Self { child, log })
     }
 

@@ -143,3 +143,32 @@ fn only_the_qdisc_tproxy_created_is_removed() -> Result<()> {
     ensure!(qdiscs()?.contains("clsact"), "someone else's qdisc was removed");
     Ok(())
 }
+
+/// A UDP rule over the ephemeral range on both interfaces covers the ports
+/// of the relay's own upstream sockets: the server's replies to them (to
+/// the host's own address) must reach them, not the relay's listener.
+#[test]
+fn a_rule_over_ephemeral_ports_leaves_the_relays_own_replies() -> Result<()> {
+    let topology = Topology::new("ephemeral")?;
+    let proxy = Proxy::start(
+        &topology.proxy,
+        &["attach", PROXY_CLIENT_IFACE, PROXY_SERVER_IFACE, "--rule", "udp/1024-65535"],
+    )?;
+    for v6 in [false, true] {
+        let addr = Topology::server_addr(v6, 5300);
+        let server = UdpServer::start(&topology.server, addr, 1)?;
+        let client = topology.client.udp_client(addr)?;
+        for i in 0..5u8 {
+            client.send_to(&[i; 16], addr)?;
+            let mut buf = [0u8; 64];
+            let (n, from) = client.recv_from(&mut buf)?;
+            ensure!(from == addr && buf[..n] == [i; 16], "reply {i} from {from}");
+        }
+        ensure!(server.peers().iter().all(|p| p.ip() == proxy_ip(v6)), "{:?}", server.peers());
+    }
+    let stats = proxy.stats(&topology.proxy)?;
+    ensure!(stats["udp"]["sessions_total"] == 2, "{}", stats["udp"]);
+    ensure!(stats["datapath"]["to_host"].as_u64() >= Some(10), "{}", stats["datapath"]);
+    proxy.stop()?;
+    Ok(())
+}

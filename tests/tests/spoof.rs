@@ -176,3 +176,32 @@ fn unrelated_traffic_on_the_upstream_interface_is_untouched() -> Result<()> {
     ensure!(log.contains("0 connections relayed"), "{log}");
     Ok(())
 }
+
+/// Symmetric ports, as NTP uses (123 to 123): the server's reply from the
+/// intercepted port to the client's same port belongs to the spoofed
+/// upstream socket, which owns that tuple. It must reach that socket, not
+/// open a mirrored session as if the server were a client.
+#[test]
+fn symmetric_ports_make_one_spoofed_session() -> Result<()> {
+    let topology = Topology::new("spoofsym")?;
+    let proxy = attach_spoofing(&topology, "5300")?;
+    for v6 in [false, true] {
+        let addr = Topology::server_addr(v6, 5300);
+        let server = UdpServer::start(&topology.server, addr, 1)?;
+        let any: std::net::SocketAddr =
+            if v6 { "[::]:5300".parse()? } else { "0.0.0.0:5300".parse()? };
+        let client = topology.client.udp_bind(any)?;
+        for i in 0..5u8 {
+            client.send_to(&[i; 16], addr)?;
+            let mut buf = [0u8; 64];
+            let (n, from) = client.recv_from(&mut buf)?;
+            ensure!(from == addr && buf[..n] == [i; 16], "reply {i} from {from}");
+        }
+        let peers = server.peers();
+        ensure!(peers.iter().all(|p| p.port() == 5300 && p.ip() == client_ip(v6)), "{peers:?}");
+    }
+    let udp = proxy.stats(&topology.proxy)?["udp"].clone();
+    ensure!(udp["sessions_total"] == 2, "mirrored sessions were opened: {udp}");
+    proxy.stop()?;
+    Ok(())
+}

@@ -8,7 +8,7 @@
 
 use std::{
     io,
-    os::unix::fs::{DirBuilderExt, PermissionsExt},
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -232,12 +232,7 @@ impl ControlSocket {
     /// Binds `path`, refusing if a live instance answers there; a socket
     /// file left by a killed instance is replaced.
     pub async fn bind(path: &Path) -> Result<Self> {
-        let dir = path.parent().unwrap_or(Path::new("/"));
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        crate::state::create_private_dir(path.parent().unwrap_or(Path::new("/")))?;
         if UnixStream::connect(path).await.is_ok() {
             return Err(Error::Config(format!(
                 "an instance already runs with control socket {}; give this one another --name (and --mark and --table)",

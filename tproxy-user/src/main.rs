@@ -257,10 +257,10 @@ fn parse_u32(s: &str) -> Result<u32, String> {
 
 /// A positive, finite number of seconds.
 fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
-    if !(value.is_finite() && value > 0.0) {
-        anyhow::bail!("{name} must be a positive number of seconds");
+    match Duration::try_from_secs_f64(value) {
+        Ok(duration) if value > 0.0 => Ok(duration),
+        _ => anyhow::bail!("{name} must be a positive number of seconds, at most about 5.8e11"),
     }
-    Ok(Duration::from_secs_f64(value))
 }
 
 fn intercept_config(
@@ -312,29 +312,16 @@ fn relay_configs(args: &RelayArgs) -> anyhow::Result<(TcpRelayConfig, UdpRelayCo
         0.0 => None,
         secs => Some(seconds("--tcp-idle-timeout", secs)?),
     };
-    // What a relayed connection can hold at once: its two sockets and, while
-    // bytes are in flight, a pipe each way (two descriptors each); a UDP
-    // session holds two sockets. Some descriptors stay spare.
-    const PER_CONNECTION: u64 = 6;
-    const PER_SESSION: u64 = 2;
     let fd_limit = tproxy_user::system::raise_fd_limit();
-    let budget = fd_limit.saturating_sub(512);
-    let max_sessions = args.max_udp_sessions.unwrap_or_else(|| {
-        udp::DEFAULT_MAX_SESSIONS.min((budget / 4 / PER_SESSION).max(1) as usize)
-    });
-    let fits = ((budget.saturating_sub(max_sessions as u64 * PER_SESSION)) / PER_CONNECTION).max(1)
-        as usize;
-    let max_connections = match args.max_connections {
-        Some(max) => {
-            if max > fits {
-                tracing::warn!(
-                    "--max-connections {max}: the open-file limit ({fd_limit}) allows about {fits} beside {max_sessions} UDP sessions (6 descriptors a connection at most, 2 a session)"
-                );
-            }
-            max
-        }
-        None => tcp::DEFAULT_MAX_CONNECTIONS.min(fits),
-    };
+    let budget = tproxy_user::relay::DescriptorBudget::new(
+        fd_limit,
+        args.max_connections,
+        args.max_udp_sessions,
+    );
+    if let Some(warning) = &budget.warning {
+        tracing::warn!("{warning}");
+    }
+    let (max_connections, max_sessions) = (budget.max_connections, budget.max_udp_sessions);
     let tcp = TcpRelayConfig {
         listen_port: args.listen_port,
         ipv6,
@@ -526,6 +513,14 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seconds_out_of_range_are_refused_not_a_panic() {
+        for bad in [1e20, f64::INFINITY, f64::NAN, 0.0, -1.0] {
+            assert!(seconds("--connect-timeout", bad).is_err(), "{bad}");
+        }
+        assert_eq!(seconds("--connect-timeout", 2.5).unwrap(), Duration::from_millis(2500));
+    }
 
     #[test]
     fn routing_values_are_chosen_unless_given() {

@@ -30,6 +30,21 @@ use crate::{
 /// Where instances keep their lock, state and control socket.
 pub const RUN_DIR: &str = "/run/tproxy";
 
+/// [`RUN_DIR`], created root-only if missing.
+pub fn run_dir() -> Result<&'static Path> {
+    create_private_dir(Path::new(RUN_DIR))
+}
+
+/// Creates `dir` (and its parents) with mode 0700 if missing.
+pub(crate) fn create_private_dir(dir: &Path) -> Result<&Path> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    Ok(dir)
+}
+
 /// A netlink TC filter, enough to find and delete it again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetlinkFilter {
@@ -78,12 +93,7 @@ impl Claim {
     /// Claims `name`, failing if a live instance holds it. Returns what a
     /// dead instance of that name left recorded.
     pub fn acquire(name: &str) -> Result<(Self, InstanceState)> {
-        let dir = Path::new(RUN_DIR);
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let dir = run_dir()?;
         let lock_path = dir.join(format!("{name}.lock"));
         let lock = lock(&lock_path, name)?;
         let state_path = dir.join(format!("{name}.state"));
@@ -222,12 +232,7 @@ pub struct AllocationLock(#[allow(dead_code)] File);
 impl AllocationLock {
     /// Waits for the lock.
     pub fn acquire() -> Result<Self> {
-        let dir = Path::new(RUN_DIR);
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let dir = run_dir()?;
         let path = dir.join("routing.lock");
         let file = OpenOptions::new()
             .create(true)

@@ -1,16 +1,11 @@
 //! Checks of the host that run before anything is changed, so that a bad
 //! start fails with a clear message and leaves nothing behind.
 
-use std::{ffi::CString, fs};
+use std::ffi::CString;
 
 use aya::util::KernelVersion;
 
 use crate::error::{Error, Result};
-
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
 
 /// Oldest kernel that runs the programs: `bpf_sk_assign` at TC ingress,
 /// and UDP sockets in a sockmap. (The programs keep no log ring buffer, 5.8.)
@@ -39,14 +34,8 @@ pub fn check_relay_privileges() -> Result<()> {
 }
 
 fn check_capabilities(loads_programs: bool) -> Result<()> {
-    let status = fs::read_to_string("/proc/self/status")
-        .map_err(|e| Error::io("reading /proc/self/status", e))?;
-    let caps = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    let has = |cap: u32| caps & (1 << cap) != 0;
+    use caps::{CapSet, Capability::*};
+    let has = |cap| caps::has_cap(None, CapSet::Effective, cap).unwrap_or(false);
     let mut missing = Vec::new();
     if !has(CAP_NET_ADMIN) {
         missing.push("CAP_NET_ADMIN");
@@ -166,9 +155,8 @@ pub fn drop_capabilities(keep: &[caps::Capability]) -> Result<()> {
     caps::clear(None, CapSet::Inheritable).map_err(|e| err("inheritable", e))?;
     caps::set(None, CapSet::Effective, &keep).map_err(|e| err("effective", e))?;
     caps::set(None, CapSet::Permitted, &keep).map_err(|e| err("permitted", e))?;
-    // SAFETY: prctl with constant arguments.
-    unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
-    Ok(())
+    nix::sys::prctl::set_no_new_privs()
+        .map_err(|e| Error::io("setting no_new_privs", std::io::Error::from(e)))
 }
 
 /// Lifts the locked-memory limit, which BPF maps count against on kernels

@@ -1,11 +1,13 @@
 //! The relay: accepts what the TC program steers and forwards it to the
 //! original destination.
 
+mod budget;
 mod local;
 mod splice;
 pub mod tcp;
 pub mod udp;
 
+pub use budget::DescriptorBudget;
 pub use tcp::{TcpRelay, TcpRelayConfig, TcpRelayCounters, TcpRelayStats};
 pub use udp::{UdpRelay, UdpRelayConfig, UdpRelayCounters, UdpRelayStats};
 
