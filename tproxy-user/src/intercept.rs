@@ -364,9 +364,14 @@ impl Interceptor {
         }
         self.claim.record_tcp_ports(self.gated_tcp.iter().copied())?;
         self.datapath.replace_rules(next.entries().iter().copied())?;
+        // The first set narrows nothing: TIME_WAIT sockets on its ports are
+        // not ours (an earlier run's were removed with its records).
+        let narrowed = !self.rules.is_empty();
         self.rules = next;
         self.rules_tx.send_replace(Arc::new(self.rules.clone()));
-        self.remove_unsteered_time_waits();
+        if narrowed {
+            self.remove_unsteered_time_waits();
+        }
         Ok(())
     }
 

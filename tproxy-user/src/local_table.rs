@@ -6,8 +6,10 @@
 //! every route of the kernel's `local` table: the host's addresses, and its
 //! broadcast, anycast and multicast destinations, which is exactly what the
 //! kernel itself delivers locally. Addresses come and go on a gateway (DHCP,
-//! PPPoE), so a task follows rtnetlink's address and route events and
-//! brings the trie up to date after each.
+//! PPPoE), so a task follows rtnetlink's address events and the route events
+//! of the `local` table, and brings the trie up to date after each. Only
+//! the `local` table is dumped (strict checking asks the kernel to filter),
+//! and other tables' route churn (a full BGP table, say) is ignored.
 
 use std::{
     collections::HashSet,
@@ -17,11 +19,15 @@ use std::{
 use aya::maps::{LpmTrie, MapData, lpm_trie::Key};
 use futures::StreamExt as _;
 use ipnet::IpNet;
+use netlink_packet_core::NetlinkPayload;
 use netlink_sys::{AsyncSocket as _, SocketAddr};
 use rtnetlink::{
-    Handle, IpVersion,
+    Handle, IpVersion, RouteMessageBuilder,
     constants::{RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE},
-    packet_route::route::{RouteAddress, RouteAttribute, RouteMessage},
+    packet_route::{
+        RouteNetlinkMessage,
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType},
+    },
 };
 use tokio::task::JoinHandle;
 use tproxy_ebpf::{ADDR_KEY_FIXED_BITS, AddrKey, FAMILY_V4, FAMILY_V6, names};
@@ -48,11 +54,13 @@ impl LocalTable {
             rtnetlink::new_connection().map_err(|e| Error::io("opening rtnetlink", e))?;
         let groups =
             RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE;
-        connection
-            .socket_mut()
-            .socket_mut()
+        let socket = connection.socket_mut().socket_mut();
+        socket
             .bind(&SocketAddr::new(0, groups))
             .map_err(|e| Error::io("subscribing to address and route events", e))?;
+        // Lets the kernel dump the one table asked for; without it (old
+        // kernels) the dump is filtered here.
+        let _ = socket.set_netlink_get_strict_chk(true);
         let connection = tokio::spawn(connection);
         let mut synced = Synced { map, present: HashSet::new() };
         if let Err(e) = synced.sync(&handle).await {
@@ -60,13 +68,17 @@ impl LocalTable {
             return Err(e);
         }
         let task = tokio::spawn(async move {
-            while events.next().await.is_some() {
+            while let Some((event, _)) = events.next().await {
+                let mut relevant = concerns_local(&event.payload);
                 // One resync covers a burst of events.
-                while events.try_recv().is_ok() {}
-                if let Err(e) = synced.sync(&handle).await {
+                while let Ok((event, _)) = events.try_recv() {
+                    relevant |= concerns_local(&event.payload);
+                }
+                if relevant && let Err(e) = synced.sync(&handle).await {
                     warn!("updating the host's own destinations: {e}");
                 }
             }
+            warn!("rtnetlink events ended: the host's own destinations are no longer followed");
             connection.abort();
         });
         Ok(Self { task })
@@ -92,7 +104,7 @@ impl Synced {
             if family == IpVersion::V6 && !system::ipv6_enabled() {
                 continue;
             }
-            for route in routing::routes(handle, family).await? {
+            for route in local_routes(handle, family).await? {
                 if routing::route_table(&route) == LOCAL_TABLE
                     && let Some(net) = destination(&route)
                 {
@@ -112,6 +124,42 @@ impl Synced {
         self.present = now;
         Ok(())
     }
+}
+
+/// Whether an rtnetlink event can change the `local` table: an address
+/// change, or a route change in that table.
+fn concerns_local(payload: &NetlinkPayload<RouteNetlinkMessage>) -> bool {
+    match payload {
+        NetlinkPayload::InnerMessage(
+            RouteNetlinkMessage::NewAddress(_) | RouteNetlinkMessage::DelAddress(_),
+        ) => true,
+        NetlinkPayload::InnerMessage(
+            RouteNetlinkMessage::NewRoute(route) | RouteNetlinkMessage::DelRoute(route),
+        ) => routing::route_table(route) == LOCAL_TABLE,
+        _ => false,
+    }
+}
+
+/// The routes of the `local` table of `family` (with strict checking the
+/// kernel sends no others).
+async fn local_routes(handle: &Handle, family: IpVersion) -> Result<Vec<RouteMessage>> {
+    use futures::TryStreamExt as _;
+    let mut message = match family {
+        IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().table_id(LOCAL_TABLE).build(),
+        IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().table_id(LOCAL_TABLE).build(),
+    };
+    // Under strict checking every set header field filters the dump: only
+    // the table may be set (the builder's defaults are `static` and
+    // `unicast`, which local routes are not).
+    message.header.protocol = RouteProtocol::Unspec;
+    message.header.kind = RouteType::Unspec;
+    handle
+        .route()
+        .get(message)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| Error::Routing(format!("listing the local routing table: {e}")))
 }
 
 /// The route's destination prefix.
