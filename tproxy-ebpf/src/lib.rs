@@ -124,6 +124,16 @@ pub struct RuleStats {
     pub assign_failed: u64,
 }
 
+impl core::ops::AddAssign for RuleStats {
+    fn add_assign(&mut self, other: Self) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.new_flows += other.new_flows;
+        self.no_listener += other.no_listener;
+        self.assign_failed += other.assign_failed;
+    }
+}
+
 /// Key of the `TW_REOPEN` map: a TCP tuple whose SYN met a TIME_WAIT socket
 /// on its way in. Addresses in network order (IPv4 in `[0]`), ports in host
 /// order.

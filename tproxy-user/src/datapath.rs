@@ -237,11 +237,7 @@ impl Datapath {
             PerCpuArray::try_from(map).map_err(map_err(names::RULE_STATS))?;
         let values = stats.get(&id, 0).map_err(map_err(names::RULE_STATS))?;
         Ok(values.iter().fold(RuleStats::default(), |mut sum, v| {
-            sum.packets += v.packets;
-            sum.bytes += v.bytes;
-            sum.new_flows += v.new_flows;
-            sum.no_listener += v.no_listener;
-            sum.assign_failed += v.assign_failed;
+            sum += *v;
             sum
         }))
     }
