@@ -742,3 +742,16 @@ impl Netns {
         Ok(out.trim().to_owned())
     }
 }
+
+/// Whether this kernel destroys TIME_WAIT sockets through sock_diag
+/// (`ss -K`). 6.1 and later do; Debian 11's 5.10 answers EOPNOTSUPP (its
+/// `tcp_abort` takes only full sockets), and tproxy then says so.
+pub fn kernel_destroys_time_waits() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut numbers =
+        release.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u32>().ok());
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (6, 1)
+}
+
+/// What tproxy says where the kernel cannot destroy TIME_WAIT sockets.
+pub const CANNOT_DESTROY_TIME_WAITS: &str = "this kernel cannot destroy TIME_WAIT sockets";

@@ -262,7 +262,9 @@ fn a_connection_opened_before_attach_survives_it() -> Result<()> {
     let listener = topology.server.tcp_listen(addr)?;
     let server = std::thread::spawn(move || -> Result<(std::net::SocketAddr, Vec<u8>)> {
         let (mut stream, peer) = listener.accept()?;
-        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        // Attaching in between takes a while under emulation (5.10's
+        // verifier): the server must not give up first.
+        stream.set_read_timeout(Some(Duration::from_secs(90)))?;
         let data = read_to_end(&mut stream)?;
         stream.write_all(&data)?;
         Ok((peer, data))
@@ -346,6 +348,10 @@ fn after_exit_a_reused_client_port_is_forwarded_at_once() -> Result<()> {
     let proxy = attach_port_80(&topology)?;
     ensure!(connect_from(&topology, client_addr, addr, Duration::from_secs(5))? == b"bye");
     let log = proxy.stop()?;
+    if !kernel_destroys_time_waits() {
+        ensure!(log.contains(CANNOT_DESTROY_TIME_WAITS), "{log}");
+        return Ok(());
+    }
     ensure!(log.contains("removed 1 TIME_WAIT sockets"), "{log}");
     wait_until_port_free(&topology, 40001)?;
     let started = std::time::Instant::now();
@@ -374,6 +380,10 @@ fn after_a_kill_cleanup_unblocks_reused_client_ports() -> Result<()> {
     let out = run_tproxy(&topology.proxy, &["cleanup", PROXY_CLIENT_IFACE])?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.success(), "{stderr}");
+    if !kernel_destroys_time_waits() {
+        ensure!(stderr.contains(CANNOT_DESTROY_TIME_WAITS), "{stderr}");
+        return Ok(());
+    }
     ensure!(stderr.contains("removed 1 TIME_WAIT sockets an earlier run left"), "{stderr}");
     wait_until_port_free(&topology, 40002)?;
     ensure!(connect_from(&topology, client_addr, addr, Duration::from_secs(3))? == b"bye");
@@ -432,6 +442,9 @@ fn deleting_a_rule_unblocks_reused_client_ports() -> Result<()> {
     ensure!(connect_from(&topology, client_addr, addr, Duration::from_secs(5))? == b"bye");
     let out = run_tproxy(&topology.proxy, &["port", "del", "80"])?;
     ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    if !kernel_destroys_time_waits() {
+        return proxy.wait_for_log(CANNOT_DESTROY_TIME_WAITS, Duration::from_secs(5));
+    }
     proxy.wait_for_log(
         "removed 1 TIME_WAIT sockets of flows no rule intercepts now",
         Duration::from_secs(5),
@@ -490,6 +503,9 @@ fn a_flow_that_outlives_its_rule_leaves_nothing_behind() -> Result<()> {
     stream.write_all(b"x")?;
     ensure!(read_to_end(&mut stream)? == b"bye", "the open flow broke when its rule went");
     drop(stream);
+    if !kernel_destroys_time_waits() {
+        return proxy.wait_for_log("Operation not supported", Duration::from_secs(5));
+    }
     wait_until_port_free(&topology, 40004)?;
     let mut stream = open().with_context(|| {
         format!("reconnecting:\n{}\n{:?}", proxy.log(), topology.proxy.exec(&["ss", "-tan"]))

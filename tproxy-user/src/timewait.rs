@@ -41,8 +41,9 @@ pub fn remove_relay_time_waits(
 }
 
 /// Destroys the relay's TIME_WAIT sockets (local address not this host's)
-/// for which `remove` is true. Fails if the kernel cannot destroy sockets
-/// (no CONFIG_INET_DIAG_DESTROY), rather than reporting them gone.
+/// for which `remove` is true. Fails if the kernel cannot destroy them
+/// (5.10's `tcp_abort` refuses anything but a full socket; a kernel may also
+/// lack CONFIG_INET_DIAG_DESTROY), rather than reporting them gone.
 pub fn remove_relay_time_waits_where(
     local: &HashSet<IpAddr>,
     remove: impl Fn(&SocketId) -> bool,
@@ -58,7 +59,7 @@ pub fn remove_relay_time_waits_where(
                     Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
                         return Err(io::Error::new(
                             e.kind(),
-                            "this kernel cannot destroy sockets (CONFIG_INET_DIAG_DESTROY is off); they expire within 60 s",
+                            "this kernel cannot destroy TIME_WAIT sockets (EOPNOTSUPP, as Debian 11's 5.10 answers, or no CONFIG_INET_DIAG_DESTROY); they expire within 60 s, and until then a client reusing such a port is dropped",
                         ));
                     }
                     Err(e) => debug!("destroying a TIME_WAIT socket: {e}"),
