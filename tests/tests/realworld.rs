@@ -193,8 +193,9 @@ fn tun_tunnel(topology: &Topology) -> Result<(Socat, Socat)> {
         &topology.client,
         &["UDP:192.0.2.1:7000", "TUN:203.0.113.129/30,up,iff-no-pi,tun-name=tc3"],
     )?;
-    // The listening end opens its TUN when the first datagram arrives.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // The listening end opens its TUN when the first datagram arrives;
+    // under emulation, with other tests running, that takes a while.
+    let deadline = Instant::now() + Duration::from_secs(60);
     let poke = topology.client.udp_bind((Ipv4Addr::UNSPECIFIED, 0).into())?;
     while topology.proxy.exec(&["ip", "link", "show", "tl3"]).is_err() {
         ensure!(Instant::now() < deadline, "the tunnel did not come up");
