@@ -755,3 +755,15 @@ pub fn kernel_destroys_time_waits() -> bool {
 
 /// What tproxy says where the kernel cannot destroy TIME_WAIT sockets.
 pub const CANNOT_DESTROY_TIME_WAITS: &str = "this kernel cannot destroy TIME_WAIT sockets";
+
+/// Sends `rounds` datagrams from `client` to `addr`; each must come back,
+/// whole, from `addr` itself (an echoing [`UdpServer`] on the other end).
+pub fn udp_round_trips(client: &UdpSocket, addr: SocketAddr, rounds: u8) -> Result<()> {
+    for i in 0..rounds {
+        client.send_to(&[i; 16], addr)?;
+        let mut buf = [0u8; 64];
+        let (n, from) = client.recv_from(&mut buf)?;
+        ensure!(from == addr && buf[..n] == [i; 16], "reply {i} from {from}");
+    }
+    Ok(())
+}

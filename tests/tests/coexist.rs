@@ -170,12 +170,7 @@ fn a_rule_over_ephemeral_ports_leaves_the_relays_own_replies() -> Result<()> {
         let addr = Topology::server_addr(v6, 5300);
         let server = UdpServer::start(&topology.server, addr, 1)?;
         let client = topology.client.udp_client(addr)?;
-        for i in 0..5u8 {
-            client.send_to(&[i; 16], addr)?;
-            let mut buf = [0u8; 64];
-            let (n, from) = client.recv_from(&mut buf)?;
-            ensure!(from == addr && buf[..n] == [i; 16], "reply {i} from {from}");
-        }
+        udp_round_trips(&client, addr, 5)?;
         let peers = server.peers();
         ensure!(
             peers.iter().all(|p| p.ip() == proxy_ip(v6) && (40000..40100).contains(&p.port())),

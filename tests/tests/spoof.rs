@@ -191,12 +191,7 @@ fn symmetric_ports_make_one_spoofed_session() -> Result<()> {
         let any: std::net::SocketAddr =
             if v6 { "[::]:5300".parse()? } else { "0.0.0.0:5300".parse()? };
         let client = topology.client.udp_bind(any)?;
-        for i in 0..5u8 {
-            client.send_to(&[i; 16], addr)?;
-            let mut buf = [0u8; 64];
-            let (n, from) = client.recv_from(&mut buf)?;
-            ensure!(from == addr && buf[..n] == [i; 16], "reply {i} from {from}");
-        }
+        udp_round_trips(&client, addr, 5)?;
         let peers = server.peers();
         ensure!(peers.iter().all(|p| p.port() == 5300 && p.ip() == client_ip(v6)), "{peers:?}");
     }

@@ -317,6 +317,27 @@ fn wait_until_port_free(topology: &Topology, port: u16) -> Result<()> {
     Ok(())
 }
 
+/// Once the relay's TIME_WAIT socket is gone, the client's reused port
+/// reaches the server directly at once: the server saw the proxy first (the
+/// relayed connection), then the client itself.
+fn reused_port_is_forwarded_at_once(
+    topology: &Topology,
+    client_addr: std::net::SocketAddr,
+    addr: std::net::SocketAddr,
+    server: std::thread::JoinHandle<Result<Vec<std::net::SocketAddr>>>,
+) -> Result<()> {
+    wait_until_port_free(topology, client_addr.port())?;
+    let started = std::time::Instant::now();
+    ensure!(
+        connect_from(topology, client_addr, addr, Duration::from_secs(3))? == b"bye",
+        "the reused port was black-holed"
+    );
+    ensure!(started.elapsed() < Duration::from_millis(900), "took {:?}", started.elapsed());
+    let peers = server.join().unwrap()?;
+    ensure!(peers[0].ip() == proxy_ip(false) && peers[1] == client_addr, "server saw {peers:?}");
+    Ok(())
+}
+
 /// A server that answers `bye` and closes first, `count` times.
 fn closing_server(
     topology: &Topology,
@@ -353,16 +374,7 @@ fn after_exit_a_reused_client_port_is_forwarded_at_once() -> Result<()> {
         return Ok(());
     }
     ensure!(log.contains("removed 1 TIME_WAIT sockets"), "{log}");
-    wait_until_port_free(&topology, 40001)?;
-    let started = std::time::Instant::now();
-    ensure!(
-        connect_from(&topology, client_addr, addr, Duration::from_secs(3))? == b"bye",
-        "the reused port was black-holed"
-    );
-    ensure!(started.elapsed() < Duration::from_millis(900), "took {:?}", started.elapsed());
-    let peers = server.join().unwrap()?;
-    ensure!(peers[0].ip() == proxy_ip(false) && peers[1] == client_addr, "server saw {peers:?}");
-    Ok(())
+    reused_port_is_forwarded_at_once(&topology, client_addr, addr, server)
 }
 
 /// The same after a SIGKILL: `cleanup` removes the killed relay's
@@ -449,15 +461,7 @@ fn deleting_a_rule_unblocks_reused_client_ports() -> Result<()> {
         "removed 1 TIME_WAIT sockets of flows no rule intercepts now",
         Duration::from_secs(5),
     )?;
-    wait_until_port_free(&topology, 40003)?;
-    let started = std::time::Instant::now();
-    ensure!(
-        connect_from(&topology, client_addr, addr, Duration::from_secs(3))? == b"bye",
-        "the reused port was black-holed"
-    );
-    ensure!(started.elapsed() < Duration::from_millis(900), "took {:?}", started.elapsed());
-    let peers = server.join().unwrap()?;
-    ensure!(peers[0].ip() == proxy_ip(false) && peers[1] == client_addr, "server saw {peers:?}");
+    reused_port_is_forwarded_at_once(&topology, client_addr, addr, server)?;
     proxy.stop()?;
     Ok(())
 }
