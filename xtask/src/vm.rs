@@ -176,6 +176,10 @@ fn boot_and_test(
             eprintln!("vm-test {version}: {name}: {line}");
         }
         if summary.contains("FAILED") {
+            // CI keeps only the console: the failures' own words go there.
+            for line in failure_text(&log).take(80) {
+                eprintln!("vm-test {version}: {name}: | {line}");
+            }
             eprintln!(
                 "vm-test {version}: the {name} log is {}",
                 results.join(format!("{name}.log")).display()
@@ -190,6 +194,15 @@ fn boot_and_test(
         None
     };
     Ok((version, passed, failed, error))
+}
+
+/// libtest's `failures:` section: each failed test's output and panic.
+fn failure_text(log: &str) -> impl Iterator<Item = &str> {
+    log.lines()
+        .skip_while(|l| *l != "failures:")
+        .skip(1)
+        .take_while(|l| *l != "failures:")
+        .filter(|l| !l.is_empty())
 }
 
 /// `N passed` in a libtest summary line.
