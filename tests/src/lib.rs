@@ -680,12 +680,7 @@ impl HttpServer {
             .spawn()
             .context("starting python3 -m http.server")?;
         let server = Self { child, dir };
-        // Python starts slowly under emulation (the kernel-VM tests).
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while ns.exec(&["ss", "-Htln", "sport", "=", &format!(":{port}")])?.trim().is_empty() {
-            ensure!(Instant::now() < deadline, "http.server did not listen on {port}");
-            thread::sleep(Duration::from_millis(20));
-        }
+        ns.wait_until_bound("-t", port).context("http.server")?;
         Ok(server)
     }
 }
@@ -733,6 +728,23 @@ impl Netns {
         let out = self.command("curl").args(["-sS", "--max-time", "5", url]).output()?;
         ensure!(out.status.success(), "curl {url}: {}", String::from_utf8_lossy(&out.stderr));
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Waits until a socket here is bound to `port`: `-t` TCP listening,
+    /// `-u` UDP. Programs we start (python, socat) take a while under
+    /// emulation, and a peer that talks first meets a refusal.
+    pub fn wait_until_bound(&self, proto: &str, port: u16) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let flags = format!("-Hln{}", proto.trim_start_matches('-'));
+        while self.exec(&["ss", &flags, "sport", "=", &format!(":{port}")])?.trim().is_empty() {
+            ensure!(
+                Instant::now() < deadline,
+                "nothing bound {proto} port {port} in {}",
+                self.name
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     /// `dig +short @server name A` here; the answer.

@@ -189,6 +189,9 @@ fn tun_tunnel(topology: &Topology) -> Result<(Socat, Socat)> {
         &topology.proxy,
         &["UDP-LISTEN:7000,bind=192.0.2.1", "TUN:203.0.113.130/30,up,iff-no-pi,tun-name=tl3"],
     )?;
+    // The calling end's UDP socket is connected: a datagram that meets no
+    // listener yet makes it fail with ECONNREFUSED and exit.
+    topology.proxy.wait_until_bound("-u", 7000)?;
     let calling = socat(
         &topology.client,
         &["UDP:192.0.2.1:7000", "TUN:203.0.113.129/30,up,iff-no-pi,tun-name=tc3"],
