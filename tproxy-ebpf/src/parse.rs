@@ -87,6 +87,14 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
     Some((start + offset) as *const T)
 }
 
+/// `value & mask`, with the mask kept. The verifier wants a bound on the very
+/// register used as a packet offset; the compiler drops a mask it can prove
+/// redundant, or offsets with an unbounded copy of the value it checked.
+#[inline(always)]
+pub fn bounded(value: usize, mask: usize) -> usize {
+    unsafe { core::ptr::read_volatile(&value) & mask }
+}
+
 /// Parses a packet whose IP header starts at `l3`, with `ether_type` as its
 /// protocol. `None`: not TCP, UDP or an error about them, or malformed.
 #[inline(always)]

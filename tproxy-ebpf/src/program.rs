@@ -6,11 +6,14 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, bpf_sock},
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT,
+        bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock,
+    },
     cty::c_void,
     helpers::{
-        bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
-        bpf_tcp_check_syncookie,
+        bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release,
+        bpf_skb_load_bytes_relative, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie,
     },
     macros::{classifier, map, sk_lookup},
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, SockMap, lpm_trie::Key},
@@ -23,7 +26,7 @@ use tproxy_ebpf::{
     ReopenKey, RuleAction, RuleChoice, RuleMatch, RuleStats, gate_index, slot, stat,
 };
 
-use crate::parse::{ETH_L3, ETH_P_IP, ETH_P_IPV6, Flow, Packet, parse, ptr_at};
+use crate::parse::{ETH_L3, ETH_P_IP, ETH_P_IPV6, Flow, Packet, bounded, parse, ptr_at};
 
 /// `TC_ACT_UNSPEC`: "no verdict", so the next program or filter still runs and
 /// the packet otherwise continues as if we were not there.
@@ -104,7 +107,49 @@ pub fn tproxy_ingress_l3(ctx: TcContext) -> i32 {
         ETH_P_IPV6 => ETH_P_IPV6,
         _ => return TC_NEXT,
     };
-    handle(&ctx, 0, ether_type)
+    handle(&ctx, l3_start(&ctx, ether_type), ether_type)
+}
+
+/// How far outer headers the kernel still shows reach: at most an outer
+/// Ethernet and IPv6 header with a few options.
+const MAX_OUTER: u32 = 128;
+
+/// Where the IP header of an L3 device's packet starts. Usually at 0, but
+/// 5.10's ipip shows the outer Ethernet and IP headers before it (the skb's
+/// MAC header still points at the outer frame). The IP header's own length,
+/// counted back from the end, says where it is; the version nibble there
+/// must agree, so that a padded packet is still read from 0.
+#[inline(always)]
+fn l3_start(ctx: &TcContext, ether_type: u16) -> usize {
+    let mut head = [0u8; 6];
+    let read = unsafe {
+        bpf_skb_load_bytes_relative(
+            ctx.as_ptr(),
+            0,
+            head.as_mut_ptr() as *mut c_void,
+            head.len() as u32,
+            BPF_HDR_START_NET,
+        )
+    };
+    if read != 0 {
+        return 0;
+    }
+    let (version, ip_len) = if ether_type == ETH_P_IP {
+        (4, u16::from_be_bytes([head[2], head[3]]) as u32)
+    } else {
+        (6, u16::from_be_bytes([head[4], head[5]]) as u32 + 40)
+    };
+    let Some(outer) = ctx.len().checked_sub(ip_len) else { return 0 };
+    if outer == 0 || outer > MAX_OUTER || head[0] >> 4 != version {
+        return 0;
+    }
+    let outer = bounded(outer as usize, 0xff);
+    // A whole minimal header: a one-byte check compiles to `p >= end`,
+    // which older verifiers do not credit as a bound.
+    match ptr_at::<[u8; 20]>(ctx, outer) {
+        Some(ip) if unsafe { (*ip)[0] } == head[0] => outer,
+        _ => 0,
+    }
 }
 
 #[inline(always)]

@@ -272,14 +272,24 @@ impl Datapath {
         })
     }
 
-    /// Runs the Ethernet program once on `frame` (`BPF_PROG_TEST_RUN`, in
+    /// Runs the program for `kind` once on `frame` (`BPF_PROG_TEST_RUN`, in
     /// the current network namespace) and returns what its parser made of
-    /// it. Needs [`Settings::trace`].
-    pub fn trace_parse(&self, frame: &[u8]) -> Result<ParseTrace> {
+    /// it (`PARSED_NONE` if it never parsed). Needs [`Settings::trace`].
+    ///
+    /// The kernel's harness takes an Ethernet frame either way and points
+    /// the skb's network header past it: the L3 program then meets the
+    /// layout of a tunnel that still shows its outer headers.
+    pub fn trace_parse(&mut self, frame: &[u8], kind: LinkKind) -> Result<ParseTrace> {
         use std::os::fd::{AsFd as _, AsRawFd as _};
+        let mut traces: Array<&mut MapData, ParseTrace> = self.map_mut(names::PARSE_TRACE)?;
+        traces.set(0, ParseTrace::default(), 0).map_err(map_err(names::PARSE_TRACE))?;
+        let name = match kind {
+            LinkKind::Ethernet => names::PROGRAM,
+            LinkKind::L3 => names::PROGRAM_L3,
+        };
         let program: &SchedClassifier = self
             .ebpf
-            .program(names::PROGRAM)
+            .program(name)
             .ok_or_else(|| {
                 Error::Load(EbpfError::ProgramError(ProgramError::UnexpectedProgramType))
             })?
