@@ -112,7 +112,9 @@ pub const MAX_RULES: u32 = 1024;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RuleStats {
-    /// Packets steered to the relay (its listener or one of its sockets).
+    /// Packets this rule steered: those that needed a rule (the first of
+    /// each flow, and SYN-cookie ACKs). Later packets of a flow go to its
+    /// socket without a rule lookup, counted by the datapath's `to_socket`.
     pub packets: u64,
     /// Bytes of those packets, IP header included.
     pub bytes: u64,
@@ -168,7 +170,9 @@ pub mod slot {
     pub const COUNT: u32 = 4;
 }
 
-/// Indexes of the per-CPU `STATS` counters (all rules together).
+/// Indexes of the per-CPU `STATS` counters (all rules together): each is
+/// one outcome of a packet, counted once. Userland describes them in the
+/// same order (`DatapathStats`).
 pub mod stat {
     /// Packets assigned to the relay's listener (new TCP flows, UDP datagrams).
     pub const TO_LISTENER: u32 = 0;
@@ -178,7 +182,8 @@ pub mod stat {
     pub const NO_LISTENER: u32 = 2;
     /// `bpf_sk_assign` refused the socket; the packet passed untouched.
     pub const ASSIGN_FAILED: u32 = 3;
-    /// SYNs that met a TIME_WAIT socket holding their tuple.
+    /// SYNs of intercepted flows that met a TIME_WAIT socket holding their
+    /// tuple, handed to it (to be handed over to the listener).
     pub const TW_SYN: u32 = 4;
     /// Of those, the ones the `sk_lookup` program handed to the listener.
     pub const TW_HANDOVER: u32 = 5;

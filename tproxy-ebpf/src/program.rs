@@ -152,24 +152,26 @@ fn l3_start(ctx: &TcContext, ether_type: u16) -> usize {
     }
 }
 
+/// What became of a packet, as the `stat` index that counts it; `None` for
+/// packets that are none of our business. `handle` counts it, once.
+type Outcome = Option<u32>;
+
 #[inline(always)]
 fn handle(ctx: &TcContext, l3: usize, ether_type: u16) -> i32 {
     let packet = parse(ctx, l3, ether_type);
     if global(&TRACE_PARSE) != 0 {
         trace(&packet);
     }
-    match packet {
+    let outcome = match packet {
         Some(Packet::Flow(flow)) => steer(ctx, flow),
         Some(Packet::Error(flow)) => steer_error(ctx, flow),
-        Some(Packet::Fragment(flow)) => {
-            if gated(flow.proto, flow.dport) {
-                return unparsed(ctx);
-            }
-        }
-        Some(Packet::TooDeep) => return unparsed(ctx),
-        None => {}
-    }
-    TC_NEXT
+        Some(Packet::Fragment(flow)) if gated(flow.proto, flow.dport) => unparsed(ctx),
+        Some(Packet::TooDeep) => unparsed(ctx),
+        _ => None,
+    };
+    let Some(index) = outcome else { return TC_NEXT };
+    count(index);
+    if index == stat::UNPARSED_DROPPED { TC_DROP } else { TC_NEXT }
 }
 
 /// Records what the parser made of the packet (tests only). A subprogram
@@ -221,17 +223,11 @@ fn trace(packet: &Option<Packet>) {
 /// whole: a first fragment to a gated port, an IPv6 chain past the walk.
 /// It passes untouched, unless interception must not be bypassed.
 #[inline(always)]
-fn unparsed(ctx: &TcContext) -> i32 {
+fn unparsed(ctx: &TcContext) -> Outcome {
     if skb_mark(ctx) == global(&BYPASS_MARK) {
-        return TC_NEXT;
+        return None;
     }
-    if global(&DROP_UNPARSED) != 0 {
-        count(stat::UNPARSED_DROPPED);
-        TC_DROP
-    } else {
-        count(stat::UNPARSED_PASSED);
-        TC_NEXT
-    }
+    Some(if global(&DROP_UNPARSED) != 0 { stat::UNPARSED_DROPPED } else { stat::UNPARSED_PASSED })
 }
 
 #[inline(always)]
@@ -246,9 +242,9 @@ fn skb_mark(ctx: &TcContext) -> u32 {
 /// path MTU is learnt, and an unreachable destination fails the connect at
 /// once, as iptables' `-m socket` arranges.
 #[inline(always)]
-fn steer_error(ctx: &TcContext, mut flow: Flow) {
+fn steer_error(ctx: &TcContext, mut flow: Flow) -> Outcome {
     if !gated(flow.proto, flow.dport) && !gated(flow.proto, flow.sport) {
-        return;
+        return None;
     }
     let len = flow.tuple_len();
     let owned = unsafe {
@@ -261,7 +257,7 @@ fn steer_error(ctx: &TcContext, mut flow: Flow) {
                 0,
             );
             if sk.is_null() {
-                return;
+                return None;
             }
             let state = (*sk).state;
             bpf_sk_release(sk.cast());
@@ -275,17 +271,18 @@ fn steer_error(ctx: &TcContext, mut flow: Flow) {
                 0,
             );
             if sk.is_null() {
-                return;
+                return None;
             }
             let owned = owns_tuple(sk, &flow);
             bpf_sk_release(sk.cast());
             owned
         }
     };
-    if owned {
-        ctx.set_mark(global(&MARK));
-        count(stat::ICMP_TO_SOCKET);
+    if !owned {
+        return None;
     }
+    ctx.set_mark(global(&MARK));
+    Some(stat::ICMP_TO_SOCKET)
 }
 
 #[inline(always)]
@@ -297,38 +294,36 @@ fn gated(proto: u8, port: u16) -> bool {
 }
 
 #[inline(always)]
-fn steer(ctx: &TcContext, mut flow: Flow) {
+fn steer(ctx: &TcContext, mut flow: Flow) -> Outcome {
     // To an intercepted port: new flows to the relay, packets of its flows to
     // their sockets. From one (spoof mode): replies to the relay's upstream
     // sockets, which are bound to the client's non-local address.
     let to_port = gated(flow.proto, flow.dport);
     let from_port = global(&RETURN_PATH) != 0 && gated(flow.proto, flow.sport);
     if !to_port && !from_port {
-        return;
+        return None;
     }
     let skb = unsafe { &*ctx.skb.skb };
     // The relay's own upstream traffic carries the bypass mark. A frame
     // still tagged with a VLAN here belongs to a VLAN device (attach there)
     // or to nobody; the kernel drops it after us either way.
     if skb.mark == global(&BYPASS_MARK) || skb.vlan_present != 0 {
-        return;
+        return None;
     }
     // An IPv4-mapped IPv6 destination is never a real one on the wire; the
     // relay must not turn it into an IPv4 connection (to loopback, say).
     if flow.ipv6 && is_v4_mapped(unsafe { &flow.tuple.__bindgen_anon_1.ipv6.daddr }) {
-        return;
+        return None;
     }
     // The host's own services and clients keep their traffic; they would
     // otherwise lose it to the relay wherever a rule covers their port.
     if global(&INTERCEPT_LOCAL) == 0 && to_this_host(&flow) {
-        count(stat::TO_HOST);
-        return;
+        return Some(stat::TO_HOST);
     }
-    let rule = if to_port { match_rule(&flow) } else { None };
     if flow.proto == PROTO_TCP {
-        steer_tcp(ctx, &mut flow, rule.as_ref(), to_port);
+        steer_tcp(ctx, &mut flow, to_port)
     } else {
-        steer_udp(ctx, &mut flow, rule.as_ref(), to_port);
+        steer_udp(ctx, &mut flow, to_port)
     }
 }
 
@@ -357,45 +352,52 @@ fn to_this_host(flow: &Flow) -> bool {
 }
 
 /// A packet that belongs to a socket goes to that socket; a new connection
-/// that a rule intercepts goes to the relay's listener.
+/// that a rule intercepts goes to the relay's listener. The socket is
+/// looked up first, so that the packets of established flows never pay for
+/// the rule lookup.
 #[inline(always)]
-fn steer_tcp(ctx: &TcContext, flow: &mut Flow, rule: Option<&RuleChoice>, to_port: bool) {
+fn steer_tcp(ctx: &TcContext, flow: &mut Flow, to_port: bool) -> Outcome {
     let len = flow.tuple_len();
     let sk = unsafe {
         bpf_skc_lookup_tcp(ctx.as_ptr(), &mut flow.tuple, len, BPF_F_CURRENT_NETNS as u64, 0)
     };
     if !sk.is_null() {
         let state = unsafe { (*sk).state };
+        if state == BPF_TCP_TIME_WAIT && flow.syn {
+            // A SYN that meets TIME_WAIT opens a new connection, which is
+            // ours only if a rule intercepts it now.
+            let Some(rule) = intercepting_rule(flow, to_port) else {
+                unsafe { bpf_sk_release(sk.cast()) };
+                return None;
+            };
+            // Handing it to the listener directly fails: the kernel
+            // refuses a request socket whose tuple a TIME_WAIT socket
+            // holds. Handed to the TIME_WAIT socket, the kernel retires
+            // it and looks up a listener, which `tproxy_reopen` answers.
+            let _ = TW_REOPEN.insert(&reopen_key(flow), &0, 0);
+            return assign(ctx, sk, Some(&rule), stat::TW_SYN, true);
+        }
         if state != BPF_TCP_LISTEN {
-            if state == BPF_TCP_TIME_WAIT && flow.syn {
-                // A SYN that meets TIME_WAIT opens a new connection, which is
-                // ours only if a rule intercepts it now.
-                if rule.is_none() {
-                    unsafe { bpf_sk_release(sk.cast()) };
-                    return;
-                }
-                // Handing it to the listener directly fails: the kernel
-                // refuses a request socket whose tuple a TIME_WAIT socket
-                // holds. Handed to the TIME_WAIT socket, the kernel retires
-                // it and looks up a listener, which `tproxy_reopen` answers.
-                let _ = TW_REOPEN.insert(&reopen_key(flow), &0, 0);
-                count(stat::TW_SYN);
-            }
             let counter = if to_port { stat::TO_SOCKET } else { stat::RETURN_PATH };
-            assign(ctx, sk, rule, counter, false);
-            return;
+            return assign(ctx, sk, None, counter, false);
         }
         // A LISTEN socket found by tuple is some local server's wildcard
         // listener, not ours.
         unsafe { bpf_sk_release(sk.cast()) };
     }
-    let Some(rule) = rule else { return };
+    let rule = intercepting_rule(flow, to_port)?;
     let index = if flow.ipv6 { slot::TCP_V6 } else { slot::TCP_V4 };
     if flow.syn {
-        to_listener(ctx, index, rule);
+        to_listener(ctx, index, &rule)
     } else {
-        syncookie_to_listener(ctx, flow, index, rule);
+        syncookie_to_listener(ctx, flow, index, &rule)
     }
+}
+
+/// The rule that intercepts a flow to a gated port, if one does.
+#[inline(always)]
+fn intercepting_rule(flow: &Flow, to_port: bool) -> Option<RuleChoice> {
+    if to_port { match_rule(flow) } else { None }
 }
 
 /// A segment without a socket is the listener's only if it completes a
@@ -403,8 +405,8 @@ fn steer_tcp(ctx: &TcContext, flow: &mut Flow, rule: Option<&RuleChoice>, to_por
 /// Anything else belongs to a connection that was never steered (opened
 /// before `attach`, say) and passes untouched, so attaching breaks nothing.
 #[inline(always)]
-fn syncookie_to_listener(ctx: &TcContext, flow: &Flow, index: u32, rule: &RuleChoice) {
-    let Some(sk) = listener(index) else { return };
+fn syncookie_to_listener(ctx: &TcContext, flow: &Flow, index: u32, rule: &RuleChoice) -> Outcome {
+    let sk = listener(index)?;
     let th: Option<*const [u8; 20]> = ptr_at(ctx, flow.l4);
     let valid = match th {
         Some(th) if flow.ipv6 => ptr_at::<[u8; 40]>(ctx, flow.l3).is_some_and(|iph| unsafe {
@@ -417,11 +419,11 @@ fn syncookie_to_listener(ctx: &TcContext, flow: &Flow, index: u32, rule: &RuleCh
         }),
         None => false,
     };
-    if valid {
-        assign(ctx, sk, Some(rule), stat::TO_LISTENER, true);
-    } else {
+    if !valid {
         unsafe { bpf_sk_release(sk.cast()) };
+        return None;
     }
+    assign(ctx, sk, Some(rule), stat::TO_LISTENER, true)
 }
 
 /// A datagram that belongs to a connected socket goes to that socket: a
@@ -430,7 +432,7 @@ fn syncookie_to_listener(ctx: &TcContext, flow: &Flow, index: u32, rule: &RuleCh
 /// the server), or a connected socket of the host's own. Anything else that
 /// a rule intercepts goes to the relay's socket.
 #[inline(always)]
-fn steer_udp(ctx: &TcContext, flow: &mut Flow, rule: Option<&RuleChoice>, to_port: bool) {
+fn steer_udp(ctx: &TcContext, flow: &mut Flow, to_port: bool) -> Outcome {
     let len = flow.tuple_len();
     let sk = unsafe {
         bpf_sk_lookup_udp(ctx.as_ptr(), &mut flow.tuple, len, BPF_F_CURRENT_NETNS as u64, 0)
@@ -438,15 +440,13 @@ fn steer_udp(ctx: &TcContext, flow: &mut Flow, rule: Option<&RuleChoice>, to_por
     if !sk.is_null() {
         if owns_tuple(sk, flow) {
             let counter = if to_port { stat::TO_SOCKET } else { stat::RETURN_PATH };
-            assign(ctx, sk, rule, counter, false);
-            return;
+            return assign(ctx, sk, None, counter, false);
         }
         unsafe { bpf_sk_release(sk.cast()) };
     }
-    if let Some(rule) = rule {
-        let index = if flow.ipv6 { slot::UDP_V6 } else { slot::UDP_V4 };
-        to_listener(ctx, index, rule);
-    }
+    let rule = intercepting_rule(flow, to_port)?;
+    let index = if flow.ipv6 { slot::UDP_V6 } else { slot::UDP_V4 };
+    to_listener(ctx, index, &rule)
 }
 
 /// Whether a UDP socket the lookup found is connected to the flow's source.
@@ -609,18 +609,19 @@ fn listener(index: u32) -> Option<*mut bpf_sock> {
 }
 
 #[inline(always)]
-fn to_listener(ctx: &TcContext, index: u32, rule: &RuleChoice) {
+fn to_listener(ctx: &TcContext, index: u32, rule: &RuleChoice) -> Outcome {
     let Some(sk) = listener(index) else {
-        count(stat::NO_LISTENER);
         if let Some(s) = rule_stats(rule) {
             s.no_listener += 1;
         }
-        return;
+        return Some(stat::NO_LISTENER);
     };
-    assign(ctx, sk, Some(rule), stat::TO_LISTENER, true);
+    assign(ctx, sk, Some(rule), stat::TO_LISTENER, true)
 }
 
-/// Assigns `sk` to the packet, marks it for local delivery, and releases `sk`.
+/// Assigns `sk` to the packet, marks it for local delivery, and releases
+/// `sk`. The outcome is `counter`, or `ASSIGN_FAILED`; the deciding rule, if
+/// the packet needed one, counts it too.
 #[inline(always)]
 fn assign(
     ctx: &TcContext,
@@ -628,24 +629,23 @@ fn assign(
     rule: Option<&RuleChoice>,
     counter: u32,
     new_flow: bool,
-) {
+) -> Outcome {
     let ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk.cast(), 0) };
     unsafe { bpf_sk_release(sk.cast()) };
     let stats = rule.and_then(rule_stats);
-    if ret == 0 {
-        ctx.set_mark(global(&MARK));
-        count(counter);
-        if let Some(s) = stats {
-            s.packets += 1;
-            s.bytes += ctx.len() as u64;
-            s.new_flows += new_flow as u64;
-        }
-    } else {
-        count(stat::ASSIGN_FAILED);
+    if ret != 0 {
         if let Some(s) = stats {
             s.assign_failed += 1;
         }
+        return Some(stat::ASSIGN_FAILED);
     }
+    ctx.set_mark(global(&MARK));
+    if let Some(s) = stats {
+        s.packets += 1;
+        s.bytes += ctx.len() as u64;
+        s.new_flows += new_flow as u64;
+    }
+    Some(counter)
 }
 
 #[inline(always)]
