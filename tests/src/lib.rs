@@ -263,6 +263,8 @@ pub struct Proxy {
     log: Arc<Mutex<String>>,
     /// The threads copying stdout and stderr into `log`; they end at EOF.
     readers: Vec<thread::JoinHandle<()>>,
+    /// The instance name it was given (`--name`), for `stats`.
+    name: String,
 }
 
 impl Proxy {
@@ -307,7 +309,8 @@ impl Proxy {
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
         let readers = vec![collect_lines(stdout, log.clone()), collect_lines(stderr, log.clone())];
-        Ok(Self { child, log, readers })
+        let name = args.iter().skip_while(|a| **a != "--name").nth(1).unwrap_or(&"default");
+        Ok(Self { child, log, readers, name: name.to_string() })
     }
 
     pub fn log(&self) -> String {
@@ -582,9 +585,31 @@ pub fn raise_fd_limit(want: u64) -> u64 {
 impl Proxy {
     /// The instance's counters, from `tproxy-user stats --json`.
     pub fn stats(&self, ns: &Netns) -> Result<serde_json::Value> {
-        let out = run_tproxy(ns, &["stats", "--json"])?;
+        let out = run_tproxy(ns, &["stats", "--json", "--name", &self.name])?;
         ensure!(out.status.success(), "stats: {}", String::from_utf8_lossy(&out.stderr));
         Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Waits until the counter `group.name` (as in `stats --json`) reaches
+    /// `value`: counters of a connection's end move just after the client
+    /// sees it.
+    pub fn wait_for_counter(&self, ns: &Netns, group: &str, name: &str, value: u64) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stats = self.stats(ns)?;
+            if stats[group][name] == value {
+                return Ok(());
+            }
+            ensure!(Instant::now() < deadline, "{group}.{name} never reached {value}: {stats}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The counters as the instance stops: read, then a clean stop.
+    pub fn stop_with_stats(self, ns: &Netns) -> Result<serde_json::Value> {
+        let stats = self.stats(ns)?;
+        self.stop()?;
+        Ok(stats)
     }
 }
 

@@ -257,7 +257,10 @@ fn counters_match_the_traffic() -> Result<()> {
         .find(|r| r["rule"] == "tcp/80")
         .context("no tcp/80 rule")?;
     ensure!(rule["new_flows"] == N, "new flows: {rule}");
-    ensure!(rule["packets"].as_u64() >= Some(4 * N), "packets: {rule}");
+    // A rule decides the first packet of each flow; the rest go to their
+    // sockets without a rule lookup (about 4 more per connection here).
+    let packets = rule["packets"].as_u64().context("packets")?;
+    ensure!((N..2 * N).contains(&packets), "packets: {rule}");
     ensure!(rule["bytes"].as_u64() > Some(0), "bytes: {rule}");
     ensure!(json["tcp"]["accepted"] == N, "tcp: {}", json["tcp"]);
     ensure!(json["tcp"]["bytes_to_upstream"] == 4 * N, "tcp: {}", json["tcp"]);
@@ -408,14 +411,14 @@ fn named_instances_run_side_by_side() -> Result<()> {
     tproxy_refused(&topology, &["stats", "--name", "nobody-here"], "no instance named")?;
     tproxy_ok(&topology, &["cleanup", PROXY_CLIENT_IFACE, "--name", "never-ran-here"])?;
     ensure!(topology.proxy.exec(&["ip", "rule", "show"])? == routing, "cleanup of another name");
-    let log_b = b.stop()?;
-    ensure!(log_b.contains("1 connections relayed"), "{log_b}");
+    let stats_b = b.stop_with_stats(&topology.proxy)?;
+    ensure!(stats_b["tcp"]["accepted"] == 1, "{stats_b}");
     // The first instance's routing and filter survived the second's exit.
     let seen = echo_server(&topology.server, Topology::server_addr(true, 80))?;
     let peer = peer_seen(&topology, &seen, Topology::server_addr(true, 80), None)?;
     ensure!(peer.ip() == proxy_ip(true), "not relayed after the second instance left: {peer}");
-    let log_a = a.stop()?;
-    ensure!(log_a.contains("2 connections relayed"), "{log_a}");
+    let stats_a = a.stop_with_stats(&topology.proxy)?;
+    ensure!(stats_a["tcp"]["accepted"] == 2, "{stats_a}");
     Ok(())
 }
 

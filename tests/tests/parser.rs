@@ -511,7 +511,7 @@ fn the_program_parses_as_the_oracle_does() -> Result<()> {
     let counts = topology.proxy.run(move || -> Result<[usize; 5]> {
         let mut datapath = Datapath::load(&Settings {
             mark: 0x1e5,
-            bypass_mark: 0x1e6,
+            upstream_mark: 0x1e6,
             trace: true,
             ..Settings::default()
         })?;

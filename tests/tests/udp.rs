@@ -46,8 +46,8 @@ fn request_response(v6: bool) -> Result<()> {
     ensure!(peers.iter().all(|p| p.ip() == proxy_ip(v6)), "server saw {peers:?}");
     // One session: both datagrams left from the same upstream socket.
     ensure!(peers[0] == peers[1], "a second upstream socket was opened: {peers:?}");
-    let log = proxy.stop()?;
-    ensure!(log.contains("1 UDP sessions"), "{log}");
+    let udp = &proxy.stop_with_stats(&topology.proxy)?["udp"];
+    ensure!(udp["sessions_total"] == 1, "{udp}");
     Ok(())
 }
 
@@ -88,10 +88,9 @@ fn a_thousand_datagrams_in_one_session() -> Result<()> {
         ensure!(outstanding.remove(&seq), "reply {seq} was not asked for, or came twice");
         answered += 1;
     }
-    let log = proxy.stop()?;
-    ensure!(log.contains("1 UDP sessions"), "{log}");
-    ensure!(log.contains(&format!("{COUNT} datagrams up")), "{log}");
-    ensure!(log.contains(&format!("{COUNT} down")), "{log}");
+    let udp = &proxy.stop_with_stats(&topology.proxy)?["udp"];
+    ensure!(udp["sessions_total"] == 1, "{udp}");
+    ensure!(udp["datagrams_up"] == COUNT as u64 && udp["datagrams_down"] == COUNT as u64, "{udp}");
     Ok(())
 }
 
@@ -134,8 +133,8 @@ fn concurrent_clients_get_only_their_own_replies() -> Result<()> {
     for client in clients {
         client.join().unwrap()?;
     }
-    let log = proxy.stop()?;
-    ensure!(log.contains("2 UDP sessions"), "{log}");
+    let udp = &proxy.stop_with_stats(&topology.proxy)?["udp"];
+    ensure!(udp["sessions_total"] == 2, "{udp}");
     Ok(())
 }
 
@@ -163,9 +162,8 @@ fn several_replies_and_a_silent_server() -> Result<()> {
     client.set_read_timeout(Some(Duration::from_millis(300)))?;
     ensure!(client.recv_from(&mut [0u8; 16]).is_err(), "an unexpected extra reply");
     ensure!(silent.peers().len() == 5, "the silent server got {:?}", silent.peers());
-    let log = proxy.stop()?;
-    ensure!(log.contains("2 UDP sessions"), "{log}");
-    ensure!(log.contains("15 down"), "{log}");
+    let udp = &proxy.stop_with_stats(&topology.proxy)?["udp"];
+    ensure!(udp["sessions_total"] == 2 && udp["datagrams_down"] == 15, "{udp}");
     Ok(())
 }
 
@@ -183,8 +181,8 @@ fn largest_datagrams_pass_whole() -> Result<()> {
         let reply = recv_from(&client, server_addr)?;
         ensure!(reply.len() == len && reply == data, "{len} bytes sent, {} came back", reply.len());
     }
-    let log = proxy.stop()?;
-    ensure!(log.contains("0 truncated"), "{log}");
+    let udp = &proxy.stop_with_stats(&topology.proxy)?["udp"];
+    ensure!(udp["truncated"] == 0, "{udp}");
     Ok(())
 }
 
@@ -209,8 +207,9 @@ fn idle_sessions_expire() -> Result<()> {
     let peers = server.peers();
     ensure!(peers[0] == peers[1], "the session did not survive activity: {peers:?}");
     ensure!(peers[1].port() != peers[2].port(), "no new upstream socket after expiry: {peers:?}");
-    let log = proxy.stop()?;
-    ensure!(log.contains("2 UDP sessions (1 expired"), "{log}");
+    let udp = &proxy.stats(&topology.proxy)?["udp"];
+    ensure!(udp["sessions_total"] == 2 && udp["sessions_expired"] == 1, "{udp}");
+    proxy.stop()?;
     Ok(())
 }
 
@@ -238,8 +237,12 @@ fn the_session_table_is_bounded() -> Result<()> {
     recv_from(&clients[0], server_addr)?;
     let again = *server.peers().last().unwrap();
     ensure!(again.port() != first_port, "the evicted session was still there");
-    let log = proxy.stop()?;
-    ensure!(log.contains("11 UDP sessions (0 expired, 7 evicted)"), "{log}");
+    let udp = &proxy.stats(&topology.proxy)?["udp"];
+    ensure!(
+        udp["sessions_total"] == 11 && udp["sessions_expired"] == 0 && udp["sessions_evicted"] == 7,
+        "{udp}"
+    );
+    proxy.stop()?;
     Ok(())
 }
 
@@ -289,8 +292,8 @@ fn dig_queries_dnsmasq_through_the_proxy() -> Result<()> {
     for proxy_addr in ["198.51.100.1", "2001:db8:2::1"] {
         ensure!(dnsmasq.saw_query_from(proxy_addr), "{}", dnsmasq.log());
     }
-    let log = proxy.stop()?;
-    ensure!(!log.contains("0 datagrams up"), "{log}");
+    let udp = &proxy.stop_with_stats(&topology.proxy)?["udp"];
+    ensure!(udp["datagrams_up"].as_u64() > Some(0), "{udp}");
     Ok(())
 }
 
@@ -309,8 +312,8 @@ fn proto_tcp_leaves_udp_alone() -> Result<()> {
     client.send_to(b"direct", server_addr)?;
     ensure!(recv_from(&client, server_addr)? == b"direct");
     ensure!(server.peers()[0].ip() == client_ip(false), "server saw {:?}", server.peers());
-    let log = proxy.stop()?;
-    ensure!(log.contains("0 UDP sessions"), "{log}");
+    let udp = &proxy.stop_with_stats(&topology.proxy)?["udp"];
+    ensure!(udp["sessions_total"] == 0, "{udp}");
     Ok(())
 }
 

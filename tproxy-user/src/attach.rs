@@ -10,22 +10,30 @@ use tracing::{info, warn};
 use crate::{
     config,
     control::{self, ControlSocket, Controller},
+    counters::Snapshot as _,
     datapath::Datapath,
     error::{Error, Result},
     intercept::{Instance, InterceptConfig, Interceptor, RelaySocket},
     metrics::MetricsServer,
-    relay::{TcpRelay, TcpRelayConfig, UdpRelay, UdpRelayConfig},
+    relay::{RelaySettings, TcpRelay, TcpRelayConfig, UdpRelay, UdpRelayConfig},
 };
 
 /// Everything `attach` needs.
 #[derive(Debug, Clone)]
 pub struct AttachConfig {
     /// What to intercept, where, and the routing marks. Its rules are kept
-    /// across reloads of `rules_file`.
+    /// across reloads of `rules_file`. Its `upstream_mark`, `spoof_source`
+    /// and `intercept_local` are the relays' too (see
+    /// [`AttachConfig::relay_settings`]).
     pub intercept: InterceptConfig,
-    /// The TCP relay. Its `listen_port` is the UDP relay's too.
+    /// Port of the relays' transparent sockets, TCP and UDP; 0 lets the
+    /// kernel pick one.
+    pub listen_port: u16,
+    /// Also relay IPv6.
+    pub ipv6: bool,
+    /// The TCP relay's limits and timeouts.
     pub tcp: TcpRelayConfig,
-    /// The UDP relay; its `listen_port` is ignored.
+    /// The UDP relay's limits.
     pub udp: UdpRelayConfig,
     /// A rules file (see [`config`]), applied at start and again on SIGHUP
     /// or `tproxy-user reload`.
@@ -43,10 +51,23 @@ impl AttachConfig {
         Self {
             control_socket: Some(control::socket_path(&intercept.name)),
             intercept,
+            listen_port: 0,
+            ipv6: crate::system::ipv6_enabled(),
             tcp: TcpRelayConfig::default(),
             udp: UdpRelayConfig::default(),
             rules_file: None,
             metrics: None,
+        }
+    }
+
+    /// What the relays share, as this configuration sets it.
+    pub fn relay_settings(&self) -> RelaySettings {
+        RelaySettings {
+            listen_port: self.listen_port,
+            ipv6: self.ipv6,
+            upstream_mark: self.intercept.upstream_mark,
+            spoof_source: self.intercept.spoof_source,
+            allow_local_destinations: self.intercept.intercept_local,
         }
     }
 }
@@ -75,23 +96,17 @@ pub fn prepare(mut config: AttachConfig) -> Result<Prepared> {
         config.intercept.rules.extend(config::load_rules(path)?);
     }
     if config.tcp.listeners > 1 {
-        crate::system::require_kernel(
-            crate::relay::tcp::REUSEPORT_KERNEL,
-            "more than one TCP listener (bpf_sk_assign of SO_REUSEPORT sockets)",
-        )?;
+        crate::kernel::REUSEPORT_ASSIGN.require()?;
     }
-    let port = config.tcp.listen_port;
+    let port = config.listen_port;
     if port != 0 && config.intercept.rules.iter().any(|r| r.covers_port(port)) {
         return Err(Error::Config(format!("--listen-port {port} is also an intercepted port")));
     }
     crate::intercept::preflight(&config.intercept)?;
     crate::system::raise_memlock_limit();
+    // Choosing the routing values may change the upstream mark, which the
+    // relays then take from it.
     let instance = crate::intercept::claim(&mut config.intercept)?;
-    // The relays mark their upstream traffic with the mark chosen.
-    config.tcp.upstream_mark = config.intercept.bypass_mark;
-    config.udp.upstream_mark = config.intercept.bypass_mark;
-    config.tcp.allow_local_destinations = config.intercept.intercept_local;
-    config.udp.allow_local_destinations = config.intercept.intercept_local;
     let datapath = crate::intercept::load(&config.intercept)?;
     Ok(Prepared { config, fixed_rules, instance, datapath })
 }
@@ -105,9 +120,10 @@ impl Prepared {
     /// Runs until `shutdown` completes, then removes everything it added.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let Prepared { config, fixed_rules, instance, datapath } = self;
-        let AttachConfig { intercept, tcp, udp, rules_file, control_socket, metrics } = config;
+        let settings = config.relay_settings();
+        let AttachConfig { intercept, tcp, udp, rules_file, control_socket, metrics, .. } = config;
         let name = intercept.name.clone();
-        let port = tcp.listen_port;
+        let port = settings.listen_port;
         // Everything that can fail for a reason the user can fix is bound
         // before anything is attached; the control socket only now that the
         // name is ours.
@@ -126,10 +142,11 @@ impl Prepared {
             ),
             None => None,
         };
-        let tcp = TcpRelay::bind(tcp)?;
+        let tcp = TcpRelay::bind(settings.clone(), tcp)?;
         // Both relays on one port when it is free for UDP too.
-        let udp = match UdpRelay::bind(UdpRelayConfig { listen_port: tcp.port(), ..udp.clone() }) {
-            Err(_) if port == 0 => UdpRelay::bind(UdpRelayConfig { listen_port: 0, ..udp })?,
+        let on = |listen_port| RelaySettings { listen_port, ..settings.clone() };
+        let udp = match UdpRelay::bind(on(tcp.port()), udp.clone()) {
+            Err(_) if port == 0 => UdpRelay::bind(on(0), udp)?,
             other => other?,
         };
         let mut sockets = vec![
@@ -202,20 +219,7 @@ impl Prepared {
             })
             .await;
         if let Ok(s) = datapath_stats {
-            info!(
-                "datapath: {} packets to the listener, {} to existing sockets, {} SYNs met TIME_WAIT ({} handed over), {} replies to spoofed sockets, {} left to this host, {} ICMP errors to sockets, {} unparsed passed, {} unparsed dropped, {} passed without a listener, {} assign failures",
-                s.to_listener,
-                s.to_socket,
-                s.tw_syn,
-                s.tw_handover,
-                s.return_path,
-                s.to_host,
-                s.icmp_to_socket,
-                s.unparsed_passed,
-                s.unparsed_dropped,
-                s.no_listener,
-                s.assign_failed
-            );
+            info!("datapath: {}", s.summary());
         }
         info!("relay: {}", tcp_stats.snapshot().summary());
         info!("relay: {}", udp_stats.snapshot().summary());
@@ -223,17 +227,18 @@ impl Prepared {
     }
 }
 
-/// Runs only the relays, on `tcp.listen_port`, until `shutdown` completes:
-/// for traffic steered by other means (iptables `-j TPROXY --on-port`).
+/// Runs only the relays, on `settings.listen_port`, until `shutdown`
+/// completes: for traffic steered by other means (iptables `-j TPROXY
+/// --on-port`).
 pub async fn relay_only(
+    settings: RelaySettings,
     tcp: TcpRelayConfig,
     udp: UdpRelayConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     crate::system::check_relay_privileges()?;
-    let port = tcp.listen_port;
-    let tcp = TcpRelay::bind(tcp)?;
-    let udp = UdpRelay::bind(UdpRelayConfig { listen_port: port, ..udp })?;
+    let tcp = TcpRelay::bind(settings.clone(), tcp)?;
+    let udp = UdpRelay::bind(settings, udp)?;
     let (tcp_stats, udp_stats) = (tcp.stats(), udp.stats());
     info!("ready: relay listening on port {} (tcp) and {} (udp)", tcp.port(), udp.port());
     let stop = CancellationToken::new();

@@ -24,46 +24,60 @@ use crate::{
 /// The TC program, built by build.rs from the tproxy-ebpf crate.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tproxy"));
 
-/// Counters kept by the TC program, summed over all CPUs.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DatapathStats {
-    /// Packets handed to the relay's listener: the first packets of new flows.
-    pub to_listener: u64,
-    /// Packets handed to a socket that already owned their tuple.
-    pub to_socket: u64,
-    /// Matched packets passed untouched because no relay socket was there.
-    pub no_listener: u64,
-    /// Packets whose `bpf_sk_assign` failed; they passed untouched.
-    pub assign_failed: u64,
-    /// SYNs that met a TIME_WAIT socket holding their tuple.
-    pub tw_syn: u64,
-    /// Of those, the ones handed straight to the relay's listener.
-    pub tw_handover: u64,
-    /// Replies steered back to the relay's spoofed upstream sockets.
-    pub return_path: u64,
-    /// Packets on intercepted ports to this host's own destinations, left to
-    /// the host.
-    #[serde(default)]
-    pub to_host: u64,
-    /// ICMP errors about packets of the relay's sockets, delivered to them.
-    #[serde(default)]
-    pub icmp_to_socket: u64,
-    /// Packets possibly for an intercepted port that could not be parsed
-    /// whole (first fragments, long IPv6 chains), passed.
-    #[serde(default)]
-    pub unparsed_passed: u64,
-    /// The same, dropped (`--unparsed drop`).
-    #[serde(default)]
-    pub unparsed_dropped: u64,
+crate::counters::counters! {
+    /// Counters kept by the TC program, summed over all CPUs. The fields
+    /// follow the program's `stat` indices, in order.
+    DatapathStats {
+        /// Packets handed to the relay's listener: the first packets of new flows.
+        to_listener: Counter("tproxy_datapath_packets" path = "listener", "packets to the listener",
+            "Packets steered by the TC program, by where they went"),
+        /// Packets handed to a socket that already owned their tuple.
+        to_socket: Counter("tproxy_datapath_packets" path = "socket", "to existing sockets",
+            "Packets steered by the TC program, by where they went"),
+        /// Matched packets passed untouched because no relay socket was there.
+        no_listener: Counter("tproxy_datapath_no_listener", "passed without a listener",
+            "Matched packets passed without a relay socket"),
+        /// Packets whose `bpf_sk_assign` failed; they passed untouched.
+        assign_failed: Counter("tproxy_datapath_assign_failed", "assign failures",
+            "bpf_sk_assign failures"),
+        /// SYNs that met a TIME_WAIT socket holding their tuple.
+        tw_syn: Counter("tproxy_datapath_time_wait_syns", "SYNs met TIME_WAIT",
+            "SYNs that met a TIME_WAIT socket"),
+        /// Of those, the ones handed straight to the relay's listener.
+        tw_handover: Counter("tproxy_datapath_time_wait_handovers", "handed over",
+            "Of those, handed to the relay's listener"),
+        /// Replies steered back to the relay's spoofed upstream sockets.
+        return_path: Counter("tproxy_datapath_packets" path = "spoofed_socket", "replies to spoofed sockets",
+            "Packets steered by the TC program, by where they went"),
+        /// Packets on intercepted ports to this host's own destinations, left to
+        /// the host.
+        to_host: Counter("tproxy_datapath_to_host", "left to this host",
+            "Packets on intercepted ports to this host's own destinations, left to the host"),
+        /// ICMP errors about packets of the relay's sockets, delivered to them.
+        icmp_to_socket: Counter("tproxy_datapath_icmp_to_socket", "ICMP errors to sockets",
+            "ICMP errors about packets of the relay's sockets, delivered to them"),
+        /// Packets possibly for an intercepted port that could not be parsed
+        /// whole (first fragments, long IPv6 chains), passed.
+        unparsed_passed: Counter("tproxy_datapath_unparsed" action = "pass", "unparsed passed",
+            "Packets possibly for an intercepted port that could not be parsed whole, by what was done"),
+        /// The same, dropped (`--unparsed drop`).
+        unparsed_dropped: Counter("tproxy_datapath_unparsed" action = "drop", "unparsed dropped",
+            "Packets possibly for an intercepted port that could not be parsed whole, by what was done"),
+    }
 }
+
+const _: () = assert!(
+    <DatapathStats as crate::counters::Snapshot>::COUNTERS.len() == stat::COUNT as usize,
+    "a datapath counter without a description, or one too many"
+);
 
 /// What the programs are loaded with.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Settings {
     /// Put on steered packets.
     pub mark: u32,
-    /// Packets carrying it are never steered.
-    pub bypass_mark: u32,
+    /// The relay's upstream traffic carries it: never steered.
+    pub upstream_mark: u32,
     /// Also steer replies to the relay's spoofed sockets.
     pub return_path: bool,
     /// Also steer traffic to the host's own destinations.
@@ -97,11 +111,8 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the embedded programs through the verifier; attaches nothing.
-    /// `mark` is put on steered packets; packets that already carry
-    /// `bypass_mark` are never steered; `return_path` also steers replies
-    /// to the relay's spoofed sockets; `intercept_local` also steers traffic
-    /// to the host's own destinations.
+    /// Loads the embedded programs through the verifier with `settings`;
+    /// attaches nothing.
     ///
     /// This needs no async runtime, so a program can load first and then
     /// drop the capabilities only loading needs (CAP_PERFMON, or
@@ -116,7 +127,7 @@ impl Datapath {
         );
         let mut ebpf = EbpfLoader::new()
             .override_global(names::MARK, &settings.mark, true)
-            .override_global(names::BYPASS_MARK, &settings.bypass_mark, true)
+            .override_global(names::BYPASS_MARK, &settings.upstream_mark, true)
             .override_global(names::RETURN_PATH, &return_path, true)
             .override_global(names::INTERCEPT_LOCAL, &intercept_local, true)
             .override_global(names::DROP_UNPARSED, &drop_unparsed, true)
@@ -142,10 +153,11 @@ impl Datapath {
     /// retry a second later gets through.
     pub fn attach_reopen(&mut self) -> Result<()> {
         if !self.reopen_loaded {
+            let found = crate::kernel::current().map(crate::kernel::text);
             return Err(Error::KernelTooOld {
-                found: "this kernel".into(),
-                feature: "sk_lookup (TIME_WAIT handover)",
-                needed: "5.9",
+                found: found.unwrap_or_else(|_| "this kernel".into()),
+                feature: crate::kernel::SK_LOOKUP.name,
+                needed: crate::kernel::SK_LOOKUP.since_text(),
             });
         }
         let netns = std::fs::File::open("/proc/self/ns/net")
@@ -257,19 +269,17 @@ impl Datapath {
             let values = counters.get(&index, 0).map_err(map_err(names::STATS))?;
             Ok(values.iter().sum())
         };
-        Ok(DatapathStats {
-            to_listener: sum(stat::TO_LISTENER)?,
-            to_socket: sum(stat::TO_SOCKET)?,
-            no_listener: sum(stat::NO_LISTENER)?,
-            assign_failed: sum(stat::ASSIGN_FAILED)?,
-            tw_syn: sum(stat::TW_SYN)?,
-            tw_handover: sum(stat::TW_HANDOVER)?,
-            return_path: sum(stat::RETURN_PATH)?,
-            to_host: sum(stat::TO_HOST)?,
-            icmp_to_socket: sum(stat::ICMP_TO_SOCKET)?,
-            unparsed_passed: sum(stat::UNPARSED_PASSED)?,
-            unparsed_dropped: sum(stat::UNPARSED_DROPPED)?,
-        })
+        let mut failed = None;
+        let stats = DatapathStats::from_values(|index| {
+            sum(index as u32).unwrap_or_else(|e| {
+                failed.get_or_insert(e);
+                0
+            })
+        });
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(stats),
+        }
     }
 
     /// Runs the program for `kind` once on `frame` (`BPF_PROG_TEST_RUN`, in

@@ -3,9 +3,7 @@
 
 use std::{fmt, fs};
 
-use aya::util::KernelVersion;
-
-use crate::{intercept::InterceptConfig, routing, system};
+use crate::{intercept::InterceptConfig, kernel::Feature, routing, system};
 
 /// How bad a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,36 +88,29 @@ pub async fn check(config: &InterceptConfig) -> Vec<Finding> {
 }
 
 fn kernel() -> Finding {
-    let Ok(current) = KernelVersion::current() else {
+    let Ok(current) = crate::kernel::current() else {
         return fail("cannot read the kernel version", "check /proc/sys/kernel/osrelease");
     };
-    let code = current.code();
-    let version = format!("{}.{}.{}", code >> 16, (code >> 8) & 0xff, code & 0xff);
-    let at_least = |major, minor| current >= KernelVersion::new(major, minor, 0);
-    if !at_least(5, 8) {
+    let version = crate::kernel::text(current);
+    let (has, lacks): (Vec<&Feature>, Vec<&Feature>) =
+        crate::kernel::FEATURES.iter().partition(|f| f.in_kernel(current));
+    let min = crate::kernel::SK_ASSIGN;
+    if !min.in_kernel(current) {
         return fail(
-            format!(
-                "kernel {version}: the programs need 5.8 (bpf_sk_assign at TC ingress, the BPF ring buffer)"
-            ),
+            format!("kernel {version}: the programs need {} ({})", min.since_text(), min.name),
             "upgrade the kernel",
         );
     }
-    let mut notes = vec!["bpf_sk_assign and the BPF ring buffer (5.8)".to_owned()];
-    if at_least(5, 9) {
-        notes.push("sk_lookup TIME_WAIT handover (5.9)".into());
+    let has: Vec<String> = has.iter().map(|f| format!("{} ({})", f.name, f.since_text())).collect();
+    if lacks.is_empty() {
+        return ok(format!("kernel {version}: {}", has.join(", ")));
     }
-    if at_least(6, 6) {
-        notes.push("TCX links (6.6)".into());
-        ok(format!("kernel {version}: {}", notes.join(", ")))
-    } else {
-        warn(
-            format!(
-                "kernel {version}: {}; no TCX (6.6), so programs attach as netlink filters, which outlive a killed process",
-                notes.join(", ")
-            ),
-            "after a SIGKILL, the next `attach` with the same --name, or `tproxy-user cleanup`, removes them",
-        )
-    }
+    let lacks: Vec<String> =
+        lacks.iter().map(|f| format!("no {} ({}): {}", f.name, f.since_text(), f.role)).collect();
+    warn(
+        format!("kernel {version}: {}; {}", has.join(", "), lacks.join("; ")),
+        "a newer kernel; after a SIGKILL without TCX, the next `attach` with the same --name, or `tproxy-user cleanup`, removes what it left",
+    )
 }
 
 fn bpffs() -> Finding {

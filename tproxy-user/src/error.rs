@@ -25,7 +25,7 @@ pub enum Error {
         /// What is missing.
         feature: &'static str,
         /// The first version that has it.
-        needed: &'static str,
+        needed: String,
     },
 
     /// A live instance holds the name.

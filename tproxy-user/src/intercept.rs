@@ -12,6 +12,7 @@ use crate::{
     control::{DEFAULT_NAME, validate_name},
     datapath::{self, Datapath, DatapathStats},
     error::{Error, Result},
+    kernel,
     local_table::LocalTable,
     routing::{self, PolicyRouting, RoutingConfig},
     rules::{Protocol, Rule, RuleSet},
@@ -46,17 +47,18 @@ pub struct InterceptConfig {
     pub table: u32,
     /// Priority of the fwmark rule.
     pub rule_priority: u32,
-    /// Packets already carrying this mark are never steered.
-    pub bypass_mark: u32,
+    /// The relay's upstream traffic carries this mark (SO_MARK), and packets
+    /// carrying it are never steered.
+    pub upstream_mark: u32,
     /// When true (the default), `mark`, `table`, `rule_priority` and
-    /// `bypass_mark` are replaced at start by the first set, from the
+    /// `upstream_mark` are replaced at start by the first set, from the
     /// defaults on, that no other live instance and no one else's routing
     /// uses; the start logs which. When false they are used as given, and a
     /// conflict is refused.
     pub choose_free_routing: bool,
-    /// Also steer replies addressed to the relay's spoofed upstream sockets
-    /// (source spoofing: the relay connects from the client's address).
-    pub return_path: bool,
+    /// The relay reaches upstream from the client's address: the program
+    /// then also steers the replies to those spoofed sockets.
+    pub spoof_source: bool,
     /// Also intercept traffic to this host's own addresses. By default it is
     /// left to the host's own services.
     pub intercept_local: bool,
@@ -78,9 +80,9 @@ impl InterceptConfig {
             mark: DEFAULT_MARK,
             table: DEFAULT_TABLE,
             rule_priority: DEFAULT_RULE_PRIORITY,
-            bypass_mark: DEFAULT_UPSTREAM_MARK,
+            upstream_mark: DEFAULT_UPSTREAM_MARK,
             choose_free_routing: true,
-            return_path: false,
+            spoof_source: false,
             intercept_local: false,
             drop_unparsed: false,
         }
@@ -97,10 +99,10 @@ impl InterceptConfig {
         if let Some(dup) = self.interfaces.iter().find(|i| !seen.insert(*i)) {
             return bad(format!("interface {dup} given twice"));
         }
-        if self.mark == 0 || self.bypass_mark == 0 {
+        if self.mark == 0 || self.upstream_mark == 0 {
             return bad("marks must not be 0".into());
         }
-        if self.mark == self.bypass_mark {
+        if self.mark == self.upstream_mark {
             return bad(format!("--mark and --upstream-mark are both {:#x}", self.mark));
         }
         if matches!(self.table, 0 | 253..=255) {
@@ -159,7 +161,7 @@ async fn choose_routing(config: &mut InterceptConfig, claim: &mut Claim) -> Resu
             })
             .collect()
     } else {
-        vec![(config.mark, config.bypass_mark, config.table, config.rule_priority)]
+        vec![(config.mark, config.upstream_mark, config.table, config.rule_priority)]
     };
     let mut first_refusal = None;
     for (mark, upstream, table, priority) in candidates {
@@ -186,7 +188,7 @@ async fn choose_routing(config: &mut InterceptConfig, claim: &mut Claim) -> Resu
                         "{why}; this instance uses fwmark {mark:#x}, table {table}, rule priority {priority}, upstream mark {upstream:#x}"
                     );
                 }
-                (config.mark, config.bypass_mark, config.table, config.rule_priority) =
+                (config.mark, config.upstream_mark, config.table, config.rule_priority) =
                     (mark, upstream, table, priority);
                 return claim.record_routing(routing, upstream);
             }
@@ -289,7 +291,7 @@ impl Interceptor {
         };
         interceptor.set_rules(interceptor.config.rules.clone())?;
         interceptor.routing = Some(PolicyRouting::install(interceptor.config.routing()).await?);
-        let tcx = system::has_tcx(kernel);
+        let tcx = kernel::TCX.in_kernel(kernel);
         for iface in &interceptor.config.interfaces {
             let kind = system::link_kind(iface)?;
             let attached = interceptor.datapath.attach(iface, kind, tcx)?;
@@ -516,8 +518,8 @@ async fn remove_recorded(name: &str, leftover: &state::InstanceState) {
 pub fn load(config: &InterceptConfig) -> Result<Datapath> {
     Datapath::load(&datapath::Settings {
         mark: config.mark,
-        bypass_mark: config.bypass_mark,
-        return_path: config.return_path,
+        upstream_mark: config.upstream_mark,
+        return_path: config.spoof_source,
         intercept_local: config.intercept_local,
         drop_unparsed: config.drop_unparsed,
         trace: false,
@@ -537,7 +539,7 @@ fn checks(config: &InterceptConfig, loading: bool) -> Result<aya::util::KernelVe
     } else {
         system::check_relay_privileges()?;
     }
-    let kernel = system::check_kernel()?;
+    let kernel = kernel::SK_ASSIGN.require()?;
     for iface in &config.interfaces {
         system::ifindex(iface)?;
         system::link_kind(iface)?;

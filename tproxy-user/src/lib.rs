@@ -24,23 +24,12 @@
 //! connecting upstream as the client, until Ctrl-C:
 //!
 //! ```no_run
-//! use tproxy_user::{
-//!     attach::{self, AttachConfig},
-//!     relay::{TcpRelayConfig, UdpRelayConfig},
-//!     rules::Rule,
-//!     InterceptConfig,
-//! };
+//! use tproxy_user::{attach::{self, AttachConfig}, rules::Rule, InterceptConfig};
 //!
 //! # async fn example() -> tproxy_user::Result<()> {
-//! let rules = vec!["53".parse::<Rule>()?];
-//! let mut intercept = InterceptConfig::new(vec!["eth0".into()], rules);
-//! intercept.return_path = true; // steer the server's replies to spoofed sockets
-//! let config = AttachConfig {
-//!     tcp: TcpRelayConfig { spoof_source: true, ..TcpRelayConfig::default() },
-//!     udp: UdpRelayConfig { spoof_source: true, ..UdpRelayConfig::default() },
-//!     ..AttachConfig::new(intercept)
-//! };
-//! attach::run(config, async {
+//! let mut intercept = InterceptConfig::new(vec!["eth0".into()], vec!["53".parse::<Rule>()?]);
+//! intercept.spoof_source = true;
+//! attach::run(AttachConfig::new(intercept), async {
 //!     let _ = tokio::signal::ctrl_c().await;
 //! })
 //! .await
@@ -54,10 +43,12 @@
 pub mod attach;
 pub mod config;
 pub mod control;
+pub mod counters;
 pub mod datapath;
 pub mod doctor;
 pub mod error;
 pub mod intercept;
+pub mod kernel;
 pub mod local_table;
 pub mod metrics;
 pub mod relay;

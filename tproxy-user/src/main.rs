@@ -12,7 +12,7 @@ use tproxy_user::{
         self, DEFAULT_MARK, DEFAULT_RULE_PRIORITY, DEFAULT_TABLE, DEFAULT_UPSTREAM_MARK,
         InterceptConfig,
     },
-    relay::{TcpRelayConfig, UdpRelayConfig, tcp, udp},
+    relay::{RelaySettings, TcpRelayConfig, UdpRelayConfig, tcp, udp},
     rules::{Protocol, Rule, parse_ports},
 };
 use tracing_subscriber::EnvFilter;
@@ -37,6 +37,13 @@ enum Command {
     /// Run only the relays on a fixed port, for steering by your own rules
     /// (iptables `-j TPROXY --on-port`). Nothing is attached or routed.
     Relay(RelayArgs),
+    #[command(flatten)]
+    Other(OtherCommand),
+}
+
+/// The commands that run no datapath or relay of their own.
+#[derive(Subcommand)]
+enum OtherCommand {
     /// Add, delete or list the ports a running instance intercepts.
     Port {
         #[command(subcommand)]
@@ -291,14 +298,16 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
     let mut intercept = intercept_config(args.interfaces, rules, &args.routing);
     intercept.name = args.name;
     intercept.choose_free_routing &= args.relay.upstream_mark.is_none();
-    intercept.bypass_mark = args.relay.upstream_mark.unwrap_or(DEFAULT_UPSTREAM_MARK);
-    intercept.return_path = args.relay.spoof_source;
+    intercept.upstream_mark = args.relay.upstream_mark.unwrap_or(DEFAULT_UPSTREAM_MARK);
+    intercept.spoof_source = args.relay.spoof_source;
     intercept.intercept_local = args.intercept_local;
     intercept.drop_unparsed = args.unparsed == "drop";
     let (tcp, udp) = relay_configs(&args.relay)?;
     Ok(AttachConfig {
         control_socket: Some(control::socket_path(&intercept.name)),
         intercept,
+        listen_port: args.relay.listen_port,
+        ipv6: tproxy_user::system::ipv6_enabled(),
         tcp,
         udp,
         rules_file: args.config,
@@ -306,8 +315,19 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
     })
 }
 
+/// What the relays share, for `relay` (`attach` derives it from its
+/// interception).
+fn relay_settings(args: &RelayArgs) -> RelaySettings {
+    RelaySettings {
+        listen_port: args.listen_port,
+        ipv6: tproxy_user::system::ipv6_enabled(),
+        upstream_mark: args.upstream_mark.unwrap_or(DEFAULT_UPSTREAM_MARK),
+        spoof_source: args.spoof_source,
+        allow_local_destinations: false,
+    }
+}
+
 fn relay_configs(args: &RelayArgs) -> anyhow::Result<(TcpRelayConfig, UdpRelayConfig)> {
-    let ipv6 = tproxy_user::system::ipv6_enabled();
     let idle_timeout = match args.tcp_idle_timeout {
         0.0 => None,
         secs => Some(seconds("--tcp-idle-timeout", secs)?),
@@ -323,11 +343,6 @@ fn relay_configs(args: &RelayArgs) -> anyhow::Result<(TcpRelayConfig, UdpRelayCo
     }
     let (max_connections, max_sessions) = (budget.max_connections, budget.max_udp_sessions);
     let tcp = TcpRelayConfig {
-        listen_port: args.listen_port,
-        ipv6,
-        upstream_mark: args.upstream_mark.unwrap_or(DEFAULT_UPSTREAM_MARK),
-        spoof_source: args.spoof_source,
-        allow_local_destinations: false,
         connect_timeout: seconds("--connect-timeout", args.connect_timeout)?,
         idle_timeout,
         max_connections,
@@ -335,11 +350,6 @@ fn relay_configs(args: &RelayArgs) -> anyhow::Result<(TcpRelayConfig, UdpRelayCo
         listeners: args.tcp_listeners,
     };
     let udp = UdpRelayConfig {
-        listen_port: args.listen_port,
-        ipv6,
-        upstream_mark: args.upstream_mark.unwrap_or(DEFAULT_UPSTREAM_MARK),
-        spoof_source: args.spoof_source,
-        allow_local_destinations: false,
         idle_timeout: seconds("--udp-idle-timeout", args.udp_idle_timeout)?,
         max_sessions,
     };
@@ -368,8 +378,8 @@ async fn print_rules(name: &str) -> anyhow::Result<()> {
 /// before it, while the process has a single thread.
 enum Job {
     Attach(Box<attach::Prepared>),
-    Relay(TcpRelayConfig, UdpRelayConfig),
-    Other(Command),
+    Relay(RelaySettings, TcpRelayConfig, UdpRelayConfig),
+    Other(OtherCommand),
 }
 
 /// Checks the input, loads the programs, and drops every capability the
@@ -386,27 +396,27 @@ fn prepare(command: Command) -> anyhow::Result<Job> {
                 anyhow::bail!("give --listen-port: the port your TPROXY rules send traffic to");
             }
             let (tcp, udp) = relay_configs(&args)?;
-            Job::Relay(tcp, udp)
+            Job::Relay(relay_settings(&args), tcp, udp)
         }
-        other => return Ok(Job::Other(other)),
+        Command::Other(other) => return Ok(Job::Other(other)),
     };
     tproxy_user::system::drop_capabilities(&tproxy_user::system::runtime_capabilities())?;
     Ok(job)
 }
 
 async fn run(job: Job) -> anyhow::Result<()> {
-    let command = match job {
-        Job::Attach(prepared) => {
-            return prepared.run(shutdown_signal()?).await.context("attach");
+    match job {
+        Job::Attach(prepared) => prepared.run(shutdown_signal()?).await.context("attach"),
+        Job::Relay(settings, tcp, udp) => {
+            attach::relay_only(settings, tcp, udp, shutdown_signal()?).await.context("relay")
         }
-        Job::Relay(tcp, udp) => {
-            return attach::relay_only(tcp, udp, shutdown_signal()?).await.context("relay");
-        }
-        Job::Other(command) => command,
-    };
+        Job::Other(command) => run_other(command).await,
+    }
+}
+
+async fn run_other(command: OtherCommand) -> anyhow::Result<()> {
     match command {
-        Command::Attach(_) | Command::Relay(_) => unreachable!("prepared before the runtime"),
-        Command::Port { action } => match action {
+        OtherCommand::Port { action } => match action {
             PortAction::Add(a) => {
                 ask(&a.instance.name, Request::AddRule { rule: a.rule() }).await.map(drop)
             }
@@ -415,7 +425,7 @@ async fn run(job: Job) -> anyhow::Result<()> {
             }
             PortAction::List(i) => print_rules(&i.name).await,
         },
-        Command::Rule { action } => match action {
+        OtherCommand::Rule { action } => match action {
             RuleAction::Add(a) => {
                 ask(&a.instance.name, Request::AddRule { rule: a.rule.to_string() }).await.map(drop)
             }
@@ -426,8 +436,8 @@ async fn run(job: Job) -> anyhow::Result<()> {
             }
             RuleAction::List(i) => print_rules(&i.name).await,
         },
-        Command::Reload(i) => ask(&i.name, Request::Reload).await.map(drop),
-        Command::Stats { instance, json } => {
+        OtherCommand::Reload(i) => ask(&i.name, Request::Reload).await.map(drop),
+        OtherCommand::Stats { instance, json } => {
             if let Response::Stats { stats } = ask(&instance.name, Request::Stats).await? {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&stats)?);
@@ -437,7 +447,7 @@ async fn run(job: Job) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Doctor(args) => {
+        OtherCommand::Doctor(args) => {
             let config = intercept_config(args.interfaces, vec![], &args.routing);
             let findings = tproxy_user::doctor::check(&config).await;
             for finding in &findings {
@@ -448,7 +458,7 @@ async fn run(job: Job) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Cleanup(args) => {
+        OtherCommand::Cleanup(args) => {
             tproxy_user::system::check_privileges()?;
             for iface in &args.interfaces {
                 tproxy_user::system::ifindex(iface)?;
@@ -529,7 +539,7 @@ mod tests {
         let config = attach_config(*args).unwrap();
         assert!(config.intercept.choose_free_routing);
         assert_eq!(config.intercept.mark, DEFAULT_MARK);
-        assert_eq!(config.intercept.bypass_mark, DEFAULT_UPSTREAM_MARK);
+        assert_eq!(config.intercept.upstream_mark, DEFAULT_UPSTREAM_MARK);
         let cli = Cli::parse_from(["tproxy-user", "attach", "eth0", "-p", "80", "--mark", "0x10"]);
         let Command::Attach(args) = cli.command else { panic!("not attach") };
         let config = attach_config(*args).unwrap();

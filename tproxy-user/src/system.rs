@@ -3,13 +3,7 @@
 
 use std::ffi::CString;
 
-use aya::util::KernelVersion;
-
 use crate::error::{Error, Result};
-
-/// Oldest kernel that runs the programs: `bpf_sk_assign` at TC ingress,
-/// and UDP sockets in a sockmap. (The programs keep no log ring buffer, 5.8.)
-pub const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 7, 0);
 
 /// The interface index of `name`.
 pub fn ifindex(name: &str) -> Result<u32> {
@@ -50,48 +44,9 @@ fn check_capabilities(loads_programs: bool) -> Result<()> {
     if missing.is_empty() { Ok(()) } else { Err(Error::Privileges(missing.join(", "))) }
 }
 
-/// Fails on kernels older than [`MIN_KERNEL`].
-pub fn check_kernel() -> Result<KernelVersion> {
-    let current = KernelVersion::current().map_err(|e| {
-        Error::io("reading the kernel version", std::io::Error::other(e.to_string()))
-    })?;
-    if current < MIN_KERNEL {
-        return Err(Error::KernelTooOld {
-            found: format_version(current),
-            feature: "bpf_sk_assign at TC ingress",
-            needed: "5.7",
-        });
-    }
-    Ok(current)
-}
-
-/// Fails unless the kernel is at least `needed` ("6.5"), naming `feature`.
-pub fn require_kernel(needed: &'static str, feature: &'static str) -> Result<()> {
-    let current = KernelVersion::current().map_err(|e| {
-        Error::io("reading the kernel version", std::io::Error::other(e.to_string()))
-    })?;
-    let mut parts = needed.split('.').map(|p| p.parse::<u8>().unwrap_or(0));
-    let wanted = KernelVersion::new(parts.next().unwrap_or(0), parts.next().unwrap_or(0), 0);
-    if current < wanted {
-        return Err(Error::KernelTooOld { found: format_version(current), feature, needed });
-    }
-    Ok(())
-}
-
-/// TCX links (6.6+) detach by themselves when their owner dies; older kernels
-/// attach through netlink clsact filters, which outlive the process.
-pub fn has_tcx(kernel: KernelVersion) -> bool {
-    kernel >= KernelVersion::new(6, 6, 0)
-}
-
 /// Whether this host has IPv6 at all (it can be disabled on the kernel command line).
 pub fn ipv6_enabled() -> bool {
     std::path::Path::new("/proc/net/if_inet6").exists()
-}
-
-fn format_version(v: KernelVersion) -> String {
-    let code = v.code();
-    format!("{}.{}.{}", code >> 16, (code >> 8) & 0xff, code & 0xff)
 }
 
 /// Raises the soft open-file limit to the hard one (a relay holds two

@@ -8,37 +8,37 @@ pub mod tcp;
 pub mod udp;
 
 pub use budget::DescriptorBudget;
+
+/// What the TCP and UDP relays share: where they listen and how they reach
+/// the original destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelaySettings {
+    /// Port of the transparent sockets; 0 lets the kernel pick one.
+    pub listen_port: u16,
+    /// Also listen on IPv6.
+    pub ipv6: bool,
+    /// SO_MARK of upstream traffic, so that the program never steers it
+    /// back (the interceptor's `upstream_mark`).
+    pub upstream_mark: u32,
+    /// Reach upstream from the client's address and port instead of the
+    /// host's (the client's port if free, else another).
+    pub spoof_source: bool,
+    /// Relay flows whose original destination is this host (`attach
+    /// --intercept-local`); refused by default, so that the relay is no open
+    /// door to the host's own services.
+    pub allow_local_destinations: bool,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self {
+            listen_port: 0,
+            ipv6: true,
+            upstream_mark: crate::intercept::DEFAULT_UPSTREAM_MARK,
+            spoof_source: false,
+            allow_local_destinations: false,
+        }
+    }
+}
 pub use tcp::{TcpRelay, TcpRelayConfig, TcpRelayCounters, TcpRelayStats};
 pub use udp::{UdpRelay, UdpRelayConfig, UdpRelayCounters, UdpRelayStats};
-
-/// Defines a struct of atomic counters that the relay updates while it runs
-/// and a plain, serializable snapshot of it, from one list of fields.
-macro_rules! counters {
-    (
-        $(#[$meta:meta])* $live:ident => $(#[$smeta:meta])* $snapshot:ident {
-            $($(#[$fmeta:meta])* $field:ident,)*
-        }
-    ) => {
-        $(#[$meta])*
-        #[derive(Debug, Default)]
-        pub struct $live {
-            $($(#[$fmeta])* pub $field: std::sync::atomic::AtomicU64,)*
-        }
-
-        $(#[$smeta])*
-        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-        pub struct $snapshot {
-            $($(#[$fmeta])* pub $field: u64,)*
-        }
-
-        impl $live {
-            /// The counters' current values.
-            pub fn snapshot(&self) -> $snapshot {
-                $snapshot {
-                    $($field: self.$field.load(std::sync::atomic::Ordering::Relaxed),)*
-                }
-            }
-        }
-    };
-}
-pub(crate) use counters;

@@ -14,28 +14,16 @@ use tokio::{net::TcpStream, sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{local::LocalAddrs, splice};
+use super::{RelaySettings, local::LocalAddrs, splice};
 use crate::{
     error::{Error, Result},
     transparent::{self, Accepted, DialOptions, TransparentListener},
 };
 
-/// How the relay listens and dials.
+/// The TCP relay's own limits and timeouts (what it shares with the UDP
+/// relay is in [`RelaySettings`]).
 #[derive(Debug, Clone)]
 pub struct TcpRelayConfig {
-    /// Port of the transparent listeners; 0 lets the kernel pick one.
-    pub listen_port: u16,
-    /// Also listen on IPv6.
-    pub ipv6: bool,
-    /// SO_MARK for upstream connections.
-    pub upstream_mark: u32,
-    /// Connect upstream from the client's address and port instead of the
-    /// host's (the client's port if free, else another).
-    pub spoof_source: bool,
-    /// Relay connections whose original destination is this host (`attach
-    /// --intercept-local`); refused by default, so that the relay is no open
-    /// door to the host's own services.
-    pub allow_local_destinations: bool,
     /// Upper bound on connecting to the original destination.
     pub connect_timeout: Duration,
     /// A connection with no bytes either way for this long is closed (with a
@@ -50,21 +38,13 @@ pub struct TcpRelayConfig {
     pub max_connections_per_source: Option<usize>,
     /// Listeners per family. Above 1 they form an SO_REUSEPORT group that
     /// the kernel balances; `bpf_sk_assign` takes such sockets only since
-    /// Linux 6.5 (see [`REUSEPORT_KERNEL`]).
+    /// Linux 6.5 (see [`crate::kernel::REUSEPORT_ASSIGN`]).
     pub listeners: usize,
 }
-
-/// The first kernel whose `bpf_sk_assign` accepts SO_REUSEPORT sockets.
-pub const REUSEPORT_KERNEL: &str = "6.5";
 
 impl Default for TcpRelayConfig {
     fn default() -> Self {
         Self {
-            listen_port: 0,
-            ipv6: true,
-            upstream_mark: crate::intercept::DEFAULT_UPSTREAM_MARK,
-            spoof_source: false,
-            allow_local_destinations: false,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -85,40 +65,51 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 65_536;
 /// not hold a client for the kernel's two minutes.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-super::counters! {
+crate::counters::counters! {
     /// Counters of the TCP relay, updated while it runs.
     TcpRelayStats =>
     /// A snapshot of [`TcpRelayStats`].
     TcpRelayCounters {
         /// Connections accepted.
-        accepted,
+        accepted: Counter("tproxy_tcp_connections", "connections relayed",
+            "TCP connections accepted by the relay"),
         /// Connections being relayed now.
-        active,
+        active: Gauge("tproxy_tcp_connections_active", "active", "TCP connections being relayed"),
         /// Connections made straight to the relay's port, reset.
-        refused_loops,
+        refused_loops: Counter("tproxy_tcp_refused_loops", "refused loops",
+            "TCP connections to the relay itself, refused"),
         /// Connections whose original destination is this host, reset.
-        refused_local,
+        refused_local: Counter("tproxy_tcp_refused_local", "refused local",
+            "TCP connections to this host, refused"),
         /// Connections reset because their client already held
         /// `max_connections_per_source`.
-        refused_per_source,
+        refused_per_source: Counter("tproxy_tcp_refused_per_source", "refused per source",
+            "TCP connections reset because their client held its most connections"),
         /// Upstream connects that failed (refused, unreachable, timed out).
-        upstream_failures,
+        upstream_failures: Counter("tproxy_tcp_upstream_failures", "upstream failures",
+            "Upstream TCP connects that failed"),
         /// Of those, the ones that timed out.
-        connect_timeouts,
+        connect_timeouts: Counter("tproxy_tcp_connect_timeouts", "timeouts",
+            "Upstream TCP connects that timed out"),
         /// Connections closed for being idle too long.
-        idle_timeouts,
+        idle_timeouts: Counter("tproxy_tcp_idle_timeouts", "idle timeouts",
+            "TCP connections reset after the idle timeout"),
         /// Connections that ended with an error (a reset on either side),
         /// passed on to the other side as a reset.
-        aborted,
+        aborted: Counter("tproxy_tcp_aborted", "aborted",
+            "TCP connections ended by a reset or error, passed on"),
         /// Bytes from clients to upstream.
-        bytes_to_upstream,
+        bytes_to_upstream: Counter("tproxy_tcp_bytes" direction = "up", "bytes up",
+            "TCP bytes relayed"),
         /// Bytes from upstream to clients.
-        bytes_to_client,
+        bytes_to_client: Counter("tproxy_tcp_bytes" direction = "down", "bytes down",
+            "TCP bytes relayed"),
     }
 }
 
 /// Bound listeners, ready to be registered with the datapath and run.
 pub struct TcpRelay {
+    settings: RelaySettings,
     config: TcpRelayConfig,
     /// The first of each family goes into the datapath's sockmap; with
     /// SO_REUSEPORT the kernel picks among all of them.
@@ -138,7 +129,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 impl TcpRelay {
     /// Binds the transparent listeners on the wildcard addresses.
-    pub fn bind(config: TcpRelayConfig) -> Result<Self> {
+    pub fn bind(settings: RelaySettings, config: TcpRelayConfig) -> Result<Self> {
         let bind_err = |addr: SocketAddr| {
             move |e: io::Error| Error::io(format!("binding the relay listener on {addr}"), e)
         };
@@ -157,16 +148,16 @@ impl TcpRelay {
             }
             Ok(all)
         };
-        let v4 = group(SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.listen_port)))?;
+        let v4 = group(SocketAddr::from((Ipv4Addr::UNSPECIFIED, settings.listen_port)))?;
         // Both families share the port the kernel chose for IPv4.
         let port = v4[0].local_addr().map_err(|e| Error::io("reading the relay's port", e))?.port();
-        let v6 = if config.ipv6 {
+        let v6 = if settings.ipv6 {
             group(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))?
         } else {
             Vec::new()
         };
-        let config = TcpRelayConfig { listen_port: port, ..config };
-        Ok(Self { config, v4, v6, stats: Arc::default(), rules: None })
+        let settings = RelaySettings { listen_port: port, ..settings };
+        Ok(Self { settings, config, v4, v6, stats: Arc::default(), rules: None })
     }
 
     /// Follows the interceptor's rules: a connection that ends after no
@@ -179,7 +170,7 @@ impl TcpRelay {
 
     /// The port the listeners are bound to.
     pub fn port(&self) -> u16 {
-        self.config.listen_port
+        self.settings.listen_port
     }
 
     /// The IPv4 listener (the first of its group).
@@ -207,6 +198,7 @@ impl TcpRelay {
             held: std::sync::Mutex::new(std::collections::HashMap::new()),
         });
         let shared = Arc::new(Shared {
+            settings: self.settings,
             config: self.config,
             stats: self.stats,
             local,
@@ -225,6 +217,7 @@ impl TcpRelay {
 
 /// What every connection of a relay needs.
 struct Shared {
+    settings: RelaySettings,
     config: TcpRelayConfig,
     stats: Arc<TcpRelayStats>,
     local: LocalAddrs,
@@ -323,27 +316,27 @@ fn now_ms() -> u64 {
 
 /// Relays one connection, logging one line at debug level when it ends.
 async fn relay(accepted: Accepted, shared: &Shared) {
-    let (config, stats) = (&shared.config, &shared.stats);
+    let (settings, stats) = (&shared.settings, &shared.stats);
     let started = Instant::now();
     let Accepted { stream: client, client: peer, original_dst: dst } = accepted;
     // A connection made straight to our listening port, or to any address
     // of this host, would have us dial ourselves or our own services.
-    if dst.port() == config.listen_port {
+    if dst.port() == settings.listen_port {
         stats.refused_loops.fetch_add(1, Relaxed);
         debug!(%peer, %dst, "refused: destination is the relay itself");
         reset(&client);
         return;
     }
-    if !config.allow_local_destinations && shared.local.contains(dst.ip()) {
+    if !settings.allow_local_destinations && shared.local.contains(dst.ip()) {
         stats.refused_local.fetch_add(1, Relaxed);
         debug!(%peer, %dst, "refused: destination is this host");
         reset(&client);
         return;
     }
     let dial = DialOptions {
-        source: config.spoof_source.then_some(peer),
-        mark: config.upstream_mark,
-        timeout: config.connect_timeout,
+        source: settings.spoof_source.then_some(peer),
+        mark: settings.upstream_mark,
+        timeout: shared.config.connect_timeout,
     };
     let upstream = match transparent::tcp_dial(dst, &dial).await {
         Ok(upstream) => upstream,
@@ -369,7 +362,7 @@ async fn relay(accepted: Accepted, shared: &Shared) {
         )
     };
     let idle = async {
-        let Some(limit) = config.idle_timeout else { return std::future::pending().await };
+        let Some(limit) = shared.config.idle_timeout else { return std::future::pending().await };
         let limit_ms = limit.as_millis() as u64;
         loop {
             let quiet = now_ms().saturating_sub(activity.load(Relaxed));
@@ -437,22 +430,4 @@ impl Drop for ResetOnDrop<'_> {
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
-}
-
-impl TcpRelayCounters {
-    pub(crate) fn summary(&self) -> String {
-        format!(
-            "{} connections relayed ({} refused loops, {} refused local, {} refused per source, {} upstream failures, {} timeouts, {} idle timeouts, {} aborted), {} bytes up, {} bytes down",
-            self.accepted,
-            self.refused_loops,
-            self.refused_local,
-            self.refused_per_source,
-            self.upstream_failures,
-            self.connect_timeouts,
-            self.idle_timeouts,
-            self.aborted,
-            self.bytes_to_upstream,
-            self.bytes_to_client,
-        )
-    }
 }

@@ -25,27 +25,16 @@ use tokio::{net::UdpSocket, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::local::LocalAddrs;
+use super::{RelaySettings, local::LocalAddrs};
 use crate::{
     error::{Error, Result},
     transparent::{self, Datagram, DialOptions, RecvError, TransparentUdp},
 };
 
-/// How the UDP relay listens, dials and forgets.
+/// The UDP relay's own limits (what it shares with the TCP relay is in
+/// [`RelaySettings`]).
 #[derive(Debug, Clone)]
 pub struct UdpRelayConfig {
-    /// Port of the transparent sockets; 0 lets the kernel pick one.
-    pub listen_port: u16,
-    /// Also listen on IPv6.
-    pub ipv6: bool,
-    /// SO_MARK of upstream sockets.
-    pub upstream_mark: u32,
-    /// Send upstream from the client's address instead of the host's.
-    pub spoof_source: bool,
-    /// Relay flows whose original destination is this host (`attach
-    /// --intercept-local`); refused by default, so that the relay is no open
-    /// door to the host's own services.
-    pub allow_local_destinations: bool,
     /// A session without traffic either way for this long is closed.
     pub idle_timeout: Duration,
     /// Most sessions at once; past it the least recently used is evicted.
@@ -54,15 +43,7 @@ pub struct UdpRelayConfig {
 
 impl Default for UdpRelayConfig {
     fn default() -> Self {
-        Self {
-            listen_port: 0,
-            ipv6: true,
-            upstream_mark: crate::intercept::DEFAULT_UPSTREAM_MARK,
-            spoof_source: false,
-            allow_local_destinations: false,
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            max_sessions: DEFAULT_MAX_SESSIONS,
-        }
+        Self { idle_timeout: DEFAULT_IDLE_TIMEOUT, max_sessions: DEFAULT_MAX_SESSIONS }
     }
 }
 
@@ -75,58 +56,51 @@ pub const DEFAULT_MAX_SESSIONS: usize = 16_384;
 /// The largest datagram (65 535 minus the UDP header, IPv6 without jumbograms).
 const BUFFER_SIZE: usize = 65_536;
 
-super::counters! {
+crate::counters::counters! {
     /// Counters of the UDP relay, updated while it runs.
     UdpRelayStats =>
     /// A snapshot of [`UdpRelayStats`].
     UdpRelayCounters {
         /// Sessions opened.
-        sessions_total,
+        sessions_total: Counter("tproxy_udp_sessions", "UDP sessions", "UDP sessions opened"),
         /// Sessions open now.
-        sessions_active,
+        sessions_active: Gauge("tproxy_udp_sessions_active", "active", "UDP sessions open"),
         /// Sessions closed after the idle timeout.
-        sessions_expired,
+        sessions_expired: Counter("tproxy_udp_sessions_expired", "expired",
+            "UDP sessions closed after the idle timeout"),
         /// Sessions closed because the table was full.
-        sessions_evicted,
+        sessions_evicted: Counter("tproxy_udp_sessions_evicted", "evicted",
+            "UDP sessions evicted because the table was full"),
         /// Datagrams from clients relayed upstream.
-        datagrams_up,
+        datagrams_up: Counter("tproxy_udp_datagrams" direction = "up", "datagrams up",
+            "UDP datagrams relayed"),
         /// Payload bytes relayed upstream.
-        bytes_up,
+        bytes_up: Counter("tproxy_udp_bytes" direction = "up", "bytes up",
+            "UDP payload bytes relayed"),
         /// Datagrams from upstream relayed to clients.
-        datagrams_down,
+        datagrams_down: Counter("tproxy_udp_datagrams" direction = "down", "datagrams down",
+            "UDP datagrams relayed"),
         /// Payload bytes relayed to clients.
-        bytes_down,
+        bytes_down: Counter("tproxy_udp_bytes" direction = "down", "bytes down",
+            "UDP payload bytes relayed"),
         /// Datagrams dropped because they were larger than the buffer.
-        truncated,
+        truncated: Counter("tproxy_udp_truncated", "truncated",
+            "UDP datagrams dropped for being larger than the buffer"),
         /// Datagrams addressed to the relay itself (not steered), dropped.
-        refused_loops,
+        refused_loops: Counter("tproxy_udp_refused_loops", "refused loops",
+            "UDP datagrams to the relay itself, dropped"),
         /// Datagrams whose original destination is this host, dropped.
-        refused_local,
+        refused_local: Counter("tproxy_udp_refused_local", "refused local",
+            "UDP datagrams to this host, dropped"),
         /// Sessions that could not be opened, and sends that failed.
-        upstream_failures,
-    }
-}
-
-impl UdpRelayCounters {
-    pub(crate) fn summary(&self) -> String {
-        format!(
-            "{} UDP sessions ({} expired, {} evicted), {} datagrams up ({} bytes), {} down ({} bytes), {} truncated, {} refused loops, {} upstream failures",
-            self.sessions_total,
-            self.sessions_expired,
-            self.sessions_evicted,
-            self.datagrams_up,
-            self.bytes_up,
-            self.datagrams_down,
-            self.bytes_down,
-            self.truncated,
-            self.refused_loops,
-            self.upstream_failures,
-        )
+        upstream_failures: Counter("tproxy_udp_upstream_failures", "upstream failures",
+            "UDP sessions that could not open, and failed sends"),
     }
 }
 
 /// Bound transparent sockets, ready to be registered with the datapath and run.
 pub struct UdpRelay {
+    settings: RelaySettings,
     config: UdpRelayConfig,
     v4: TransparentUdp,
     v6: Option<TransparentUdp>,
@@ -136,7 +110,7 @@ pub struct UdpRelay {
 
 impl UdpRelay {
     /// Binds the transparent sockets on the wildcard addresses.
-    pub fn bind(config: UdpRelayConfig) -> Result<Self> {
+    pub fn bind(settings: RelaySettings, config: UdpRelayConfig) -> Result<Self> {
         if config.max_sessions == 0 {
             return Err(Error::Config("the UDP session bound must be at least 1".into()));
         }
@@ -146,22 +120,22 @@ impl UdpRelay {
         let bind_err = |addr: SocketAddr| {
             move |e: io::Error| Error::io(format!("binding the UDP relay socket on {addr}"), e)
         };
-        let v4_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.listen_port));
+        let v4_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, settings.listen_port));
         let v4 = TransparentUdp::bind(v4_addr).map_err(bind_err(v4_addr))?;
         let port = v4.local_addr().map_err(bind_err(v4_addr))?.port();
-        let v6 = if config.ipv6 {
+        let v6 = if settings.ipv6 {
             let v6_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
             Some(TransparentUdp::bind(v6_addr).map_err(bind_err(v6_addr))?)
         } else {
             None
         };
-        let config = UdpRelayConfig { listen_port: port, ..config };
-        Ok(Self { config, v4, v6, stats: Arc::default(), rules: None })
+        let settings = RelaySettings { listen_port: port, ..settings };
+        Ok(Self { settings, config, v4, v6, stats: Arc::default(), rules: None })
     }
 
     /// The port the sockets are bound to.
     pub fn port(&self) -> u16 {
-        self.config.listen_port
+        self.settings.listen_port
     }
 
     /// The IPv4 socket.
@@ -190,7 +164,8 @@ impl UdpRelay {
     /// Relays until `shutdown` is cancelled, then closes every session.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let local = LocalAddrs::watch(shutdown.clone());
-        let mut table = SessionTable::new(self.config.clone(), self.stats.clone(), local);
+        let mut table =
+            SessionTable::new(self.settings, self.config.clone(), self.stats.clone(), local);
         let mut buf4 = vec![0u8; BUFFER_SIZE];
         let mut buf6 = vec![0u8; BUFFER_SIZE];
         let mut sweep = tokio::time::interval(sweep_interval(self.config.idle_timeout));
@@ -257,6 +232,7 @@ struct Activity {
 }
 
 struct SessionTable {
+    settings: RelaySettings,
     config: UdpRelayConfig,
     stats: Arc<UdpRelayStats>,
     local: LocalAddrs,
@@ -265,8 +241,14 @@ struct SessionTable {
 }
 
 impl SessionTable {
-    fn new(config: UdpRelayConfig, stats: Arc<UdpRelayStats>, local: LocalAddrs) -> Self {
-        Self { config, stats, local, sessions: LruCache::unbounded(), epoch: Instant::now() }
+    fn new(
+        settings: RelaySettings,
+        config: UdpRelayConfig,
+        stats: Arc<UdpRelayStats>,
+        local: LocalAddrs,
+    ) -> Self {
+        let (sessions, epoch) = (LruCache::unbounded(), Instant::now());
+        Self { settings, config, stats, local, sessions, epoch }
     }
 
     fn now(&self) -> u64 {
@@ -278,12 +260,12 @@ impl SessionTable {
         let Datagram { client, original_dst: dst, .. } = datagram;
         // Sent straight to our port rather than steered: relaying it would
         // have us send to ourselves.
-        if dst.port() == self.config.listen_port {
+        if dst.port() == self.settings.listen_port {
             self.stats.refused_loops.fetch_add(1, Relaxed);
             debug!(%client, %dst, "UDP datagram to the relay itself dropped");
             return;
         }
-        if !self.config.allow_local_destinations && self.local.contains(dst.ip()) {
+        if !self.settings.allow_local_destinations && self.local.contains(dst.ip()) {
             self.stats.refused_local.fetch_add(1, Relaxed);
             debug!(%client, %dst, "UDP datagram to this host dropped");
             return;
@@ -313,8 +295,8 @@ impl SessionTable {
 
     fn open(&self, client: SocketAddr, dst: SocketAddr, now: u64) -> io::Result<Session> {
         let dial = DialOptions {
-            source: self.config.spoof_source.then_some(client),
-            mark: self.config.upstream_mark,
+            source: self.settings.spoof_source.then_some(client),
+            mark: self.settings.upstream_mark,
             ..DialOptions::default()
         };
         let upstream = Arc::new(transparent::udp_upstream(dst, &dial)?);

@@ -1,0 +1,83 @@
+//! What each kernel brings that tproxy uses: one table, read by `attach`
+//! (to refuse, or to choose a way around) and by `doctor` (to report).
+
+use aya::util::KernelVersion;
+
+use crate::error::{Error, Result};
+
+/// A kernel feature and the first release that has it.
+#[derive(Debug, Clone, Copy)]
+pub struct Feature {
+    /// What it is, as messages name it.
+    pub name: &'static str,
+    /// What tproxy does with it, or without it.
+    pub role: &'static str,
+    /// First release, major and minor.
+    pub since: (u8, u8),
+}
+
+/// `bpf_sk_assign` at TC ingress, and UDP sockets in a sockmap: the
+/// minimum. (The programs keep no log ring buffer, which needs 5.8.)
+pub const SK_ASSIGN: Feature =
+    Feature { name: "bpf_sk_assign at TC ingress", role: "steering; required", since: (5, 7) };
+/// `sk_lookup` programs: a SYN that meets the relay's TIME_WAIT socket is
+/// handed to the listener at once.
+pub const SK_LOOKUP: Feature = Feature {
+    name: "sk_lookup (TIME_WAIT handover)",
+    role: "without it a client reusing a port retries after a second",
+    since: (5, 9),
+};
+/// `bpf_sk_assign` of SO_REUSEPORT sockets: `--tcp-listeners` above 1.
+pub const REUSEPORT_ASSIGN: Feature = Feature {
+    name: "bpf_sk_assign of SO_REUSEPORT sockets",
+    role: "--tcp-listeners above 1",
+    since: (6, 5),
+};
+/// TCX links, which detach by themselves when their owner dies; before
+/// them, programs attach as netlink clsact filters that outlive a killed
+/// process.
+pub const TCX: Feature = Feature {
+    name: "TCX links",
+    role: "without them a killed attach leaves its filters until the next start or cleanup",
+    since: (6, 6),
+};
+
+/// Every feature, oldest first.
+pub const FEATURES: [Feature; 4] = [SK_ASSIGN, SK_LOOKUP, REUSEPORT_ASSIGN, TCX];
+
+impl Feature {
+    /// Whether `kernel` has it.
+    pub fn in_kernel(&self, kernel: KernelVersion) -> bool {
+        kernel >= KernelVersion::new(self.since.0, self.since.1, 0)
+    }
+
+    /// "5.9".
+    pub fn since_text(&self) -> String {
+        format!("{}.{}", self.since.0, self.since.1)
+    }
+
+    /// Fails unless the running kernel has it, naming it.
+    pub fn require(&self) -> Result<KernelVersion> {
+        let kernel = current()?;
+        if !self.in_kernel(kernel) {
+            return Err(Error::KernelTooOld {
+                found: text(kernel),
+                feature: self.name,
+                needed: self.since_text(),
+            });
+        }
+        Ok(kernel)
+    }
+}
+
+/// The running kernel's version.
+pub fn current() -> Result<KernelVersion> {
+    KernelVersion::current()
+        .map_err(|e| Error::io("reading the kernel version", std::io::Error::other(e.to_string())))
+}
+
+/// "6.1.0".
+pub fn text(v: KernelVersion) -> String {
+    let code = v.code();
+    format!("{}.{}.{}", code >> 16, (code >> 8) & 0xff, code & 0xff)
+}
