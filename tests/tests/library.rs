@@ -48,8 +48,8 @@ fn an_embedded_interceptor_cleans_up_on_drop() -> Result<()> {
     use std::os::fd::AsFd;
     use tproxy_user::{
         InterceptConfig, Interceptor, RelaySocket,
+        relay::transparent::TransparentListener,
         rules::{Protocol, Rule},
-        transparent::TransparentListener,
     };
 
     let topology = Topology::new("embed")?;

@@ -26,7 +26,7 @@ use tproxy_ebpf::{
 use tproxy_tests::*;
 use tproxy_user::{
     datapath::{Datapath, Settings},
-    system::LinkKind,
+    host::system::LinkKind,
 };
 
 const TCP: u8 = 6;

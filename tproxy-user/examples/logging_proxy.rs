@@ -19,8 +19,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tproxy_user::{
     InterceptConfig, Interceptor, RelaySocket,
     intercept::DEFAULT_UPSTREAM_MARK,
+    relay::transparent::{Accepted, DialOptions, TransparentListener, tcp_dial},
     rules::{Protocol, Rule},
-    transparent::{Accepted, DialOptions, TransparentListener, tcp_dial},
 };
 
 #[tokio::main]

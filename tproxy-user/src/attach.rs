@@ -8,13 +8,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    config,
-    control::{self, ControlSocket, Controller},
+    control::config,
+    control::metrics::MetricsServer,
+    control::{ControlSocket, Controller},
     counters::Snapshot as _,
     datapath::Datapath,
     error::{Error, Result},
     intercept::{Instance, InterceptConfig, Interceptor, RelaySocket},
-    metrics::MetricsServer,
     relay::{RelaySettings, TcpRelay, TcpRelayConfig, UdpRelay, UdpRelayConfig},
 };
 
@@ -35,10 +35,10 @@ pub struct AttachConfig {
     pub tcp: TcpRelayConfig,
     /// The UDP relay's limits.
     pub udp: UdpRelayConfig,
-    /// A rules file (see [`config`]), applied at start and again on SIGHUP
+    /// A rules file (see [`crate::control::config`]), applied at start and again on SIGHUP
     /// or `tproxy-user reload`.
     pub rules_file: Option<PathBuf>,
-    /// Serve live control on this Unix socket (see [`control`]).
+    /// Serve live control on this Unix socket (see [`crate::control`]).
     pub control_socket: Option<PathBuf>,
     /// Serve Prometheus metrics here.
     pub metrics: Option<SocketAddr>,
@@ -49,10 +49,10 @@ impl AttachConfig {
     /// instance name and without a rules file or metrics.
     pub fn new(intercept: InterceptConfig) -> Self {
         Self {
-            control_socket: Some(control::socket_path(&intercept.name)),
+            control_socket: Some(crate::instance::socket_path(&intercept.name)),
             intercept,
             listen_port: 0,
-            ipv6: crate::system::ipv6_enabled(),
+            ipv6: crate::host::system::ipv6_enabled(),
             tcp: TcpRelayConfig::default(),
             udp: UdpRelayConfig::default(),
             rules_file: None,
@@ -96,14 +96,14 @@ pub fn prepare(mut config: AttachConfig) -> Result<Prepared> {
         config.intercept.rules.extend(config::load_rules(path)?);
     }
     if config.tcp.listeners > 1 {
-        crate::kernel::REUSEPORT_ASSIGN.require()?;
+        crate::host::kernel::REUSEPORT_ASSIGN.require()?;
     }
     let port = config.listen_port;
     if port != 0 && config.intercept.rules.iter().any(|r| r.covers_port(port)) {
         return Err(Error::Config(format!("--listen-port {port} is also an intercepted port")));
     }
     crate::intercept::preflight(&config.intercept)?;
-    crate::system::raise_memlock_limit();
+    crate::host::system::raise_memlock_limit();
     // Choosing the routing values may change the upstream mark, which the
     // relays then take from it.
     let instance = crate::intercept::claim(&mut config.intercept)?;
@@ -236,7 +236,7 @@ pub async fn relay_only(
     udp: UdpRelayConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    crate::system::check_relay_privileges()?;
+    crate::host::system::check_relay_privileges()?;
     let tcp = TcpRelay::bind(settings.clone(), tcp)?;
     let udp = UdpRelay::bind(settings, udp)?;
     let (tcp_stats, udp_stats) = (tcp.stats(), udp.stats());
@@ -255,10 +255,10 @@ pub async fn relay_only(
     Ok(())
 }
 
-/// Destroys the relay's TIME_WAIT sockets (see [`crate::timewait`]).
+/// Destroys the relay's TIME_WAIT sockets (see [`crate::relay::timewait`]).
 fn remove_time_waits(ports: Option<&std::collections::HashSet<u16>>) {
-    let removed = crate::system::local_addresses()
-        .and_then(|local| crate::timewait::remove_relay_time_waits(ports, &local));
+    let removed = crate::host::system::local_addresses()
+        .and_then(|local| crate::relay::timewait::remove_relay_time_waits(ports, &local));
     match removed {
         Ok(0) => {}
         Ok(n) => info!("removed {n} TIME_WAIT sockets of relayed connections"),

@@ -1,5 +1,5 @@
 //! Counters described once. Each counter of the datapath and the relays is
-//! declared with [`counters!`]: its field (also its JSON name), its
+//! declared with the crate's `counters!` macro: its field (also its JSON name), its
 //! Prometheus family and label, its help, and its words in summaries. The
 //! `stats` table, the shutdown summary and the metrics endpoint all read
 //! these descriptions.
@@ -31,7 +31,7 @@ pub struct Counter {
     pub help: &'static str,
 }
 
-/// A snapshot of counters declared with [`counters!`].
+/// A snapshot of counters declared with the `counters!` macro.
 pub trait Snapshot {
     /// The descriptions, in declaration order.
     const COUNTERS: &'static [Counter];

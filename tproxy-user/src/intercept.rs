@@ -9,15 +9,15 @@ use tproxy_ebpf::RuleStats;
 use tracing::{info, warn};
 
 use crate::{
-    control::{DEFAULT_NAME, validate_name},
+    datapath::local_table::LocalTable,
+    datapath::routing::{self, PolicyRouting, RoutingConfig},
     datapath::{self, Datapath, DatapathStats},
     error::{Error, Result},
-    kernel,
-    local_table::LocalTable,
-    routing::{self, PolicyRouting, RoutingConfig},
+    host::kernel,
+    host::system,
+    instance::{self, AllocationLock, Claim},
+    instance::{DEFAULT_NAME, validate_name},
     rules::{Protocol, Rule, RuleSet},
-    state::{self, AllocationLock, Claim},
-    system,
 };
 
 /// Mark put on steered packets. Chosen clear of the bits that Kubernetes
@@ -148,7 +148,7 @@ pub fn claim(config: &mut InterceptConfig) -> Result<Instance> {
 /// Replaces the config's routing values by the first free set, or checks
 /// the given ones, and records the choice before anything is installed.
 async fn choose_routing(config: &mut InterceptConfig, claim: &mut Claim) -> Result<()> {
-    let live = state::live_instances(&config.name)?;
+    let live = instance::live_instances(&config.name)?;
     let candidates: Vec<(u32, u32, u32, u32)> = if config.choose_free_routing {
         (0..64)
             .map(|k| {
@@ -389,7 +389,7 @@ impl Interceptor {
     fn remove_unsteered_time_waits(&self) {
         let (rules, gated) = (&self.rules, &self.gated_tcp);
         let removed = system::local_addresses().and_then(|local| {
-            crate::timewait::remove_relay_time_waits_where(&local, |id| {
+            crate::relay::timewait::remove_relay_time_waits_where(&local, |id| {
                 let (l, r) = (id.source_address, id.destination_address);
                 let (lp, rp) = (id.source_port, id.destination_port);
                 // Client side: bound to the destination; spoofed upstream:
@@ -481,8 +481,8 @@ impl Drop for CreatedQdiscs {
 /// Removes what a dead instance recorded: its netlink filters and the
 /// qdiscs it created, its routing, and its relay's TIME_WAIT sockets, which
 /// would black-hole clients reusing their ports for a minute.
-async fn remove_recorded(name: &str, leftover: &state::InstanceState) {
-    if leftover.netns != 0 && state::netns_id().is_ok_and(|id| id != leftover.netns) {
+async fn remove_recorded(name: &str, leftover: &instance::InstanceState) {
+    if leftover.netns != 0 && instance::netns_id().is_ok_and(|id| id != leftover.netns) {
         warn!(
             "instance {name:?} last ran in another network namespace; what it left there can only be removed there"
         );
@@ -506,7 +506,7 @@ async fn remove_recorded(name: &str, leftover: &state::InstanceState) {
     }
     let ports: HashSet<u16> = leftover.tcp_ports.iter().copied().collect();
     match system::local_addresses()
-        .and_then(|local| crate::timewait::remove_relay_time_waits(Some(&ports), &local))
+        .and_then(|local| crate::relay::timewait::remove_relay_time_waits(Some(&ports), &local))
     {
         Ok(0) => {}
         Ok(n) => warn!("removed {n} TIME_WAIT sockets an earlier run left"),
@@ -553,14 +553,14 @@ fn checks(config: &InterceptConfig, loading: bool) -> Result<aya::util::KernelVe
 /// Refuses while `name` runs.
 pub async fn remove_leftovers(name: &str, interfaces: &[String]) -> Result<()> {
     validate_name(name)?;
-    let Some(leftover) = state::leftovers(name)? else {
+    let Some(leftover) = instance::leftovers(name)? else {
         return Err(Error::InstanceRunning(name.to_owned()));
     };
     remove_recorded(name, &leftover).await;
     // The dead instance's control socket.
-    let _ = std::fs::remove_file(crate::control::socket_path(name));
-    let live: Vec<state::NetlinkFilter> =
-        state::live_instances(name)?.into_iter().flat_map(|(_, s)| s.filters).collect();
+    let _ = std::fs::remove_file(crate::instance::socket_path(name));
+    let live: Vec<instance::NetlinkFilter> =
+        instance::live_instances(name)?.into_iter().flat_map(|(_, s)| s.filters).collect();
     for iface in interfaces {
         datapath::remove_unrecorded_filters(iface, &live).await?;
     }

@@ -13,8 +13,14 @@
 //!   (changeable while it runs) and the policy routing, as one value that
 //!   removes everything when dropped.
 //! - [`relay::TcpRelay`], [`relay::UdpRelay`]: the relays.
-//! - [`transparent`]: transparent listeners, UDP sockets that report the
+//! - [`relay::transparent`]: transparent listeners, UDP sockets that report the
 //!   original destination and reply from it, and dials from any source.
+//!
+//! The modules are the layers: [`datapath`] (the program, its maps, the
+//! policy routing), [`relay`] (the relays and their transparent sockets),
+//! [`control`] (the control socket, the rules file, counters and metrics),
+//! [`host`] (privileges, limits, kernel features, `doctor`), and
+//! [`instance`] (a named run's lock, state and paths).
 //!
 //! Everything returns the typed [`Error`]; nothing panics on bad input.
 //!
@@ -41,24 +47,15 @@
 #![deny(missing_docs)]
 
 pub mod attach;
-pub mod config;
 pub mod control;
 pub mod counters;
 pub mod datapath;
-pub mod doctor;
 pub mod error;
+pub mod host;
+pub mod instance;
 pub mod intercept;
-pub mod kernel;
-pub mod local_table;
-pub mod metrics;
 pub mod relay;
-pub mod routing;
 pub mod rules;
-pub mod state;
-pub mod stats;
-pub mod system;
-pub mod timewait;
-pub mod transparent;
 
 pub use error::{Error, Result};
 pub use intercept::{InterceptConfig, Interceptor, RelaySocket};

@@ -76,7 +76,7 @@ enum OtherCommand {
 #[derive(Args)]
 struct InstanceArgs {
     /// Which instance (as given to `attach --name`).
-    #[arg(long, default_value = control::DEFAULT_NAME)]
+    #[arg(long, default_value = tproxy_user::instance::DEFAULT_NAME)]
     name: String,
 }
 
@@ -170,7 +170,7 @@ struct AttachArgs {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Name of this instance, for `port`, `rule`, `reload` and `stats`.
-    #[arg(long, default_value = control::DEFAULT_NAME)]
+    #[arg(long, default_value = tproxy_user::instance::DEFAULT_NAME)]
     name: String,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
@@ -304,10 +304,10 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
     intercept.drop_unparsed = args.unparsed == "drop";
     let (tcp, udp) = relay_configs(&args.relay)?;
     Ok(AttachConfig {
-        control_socket: Some(control::socket_path(&intercept.name)),
+        control_socket: Some(tproxy_user::instance::socket_path(&intercept.name)),
         intercept,
         listen_port: args.relay.listen_port,
-        ipv6: tproxy_user::system::ipv6_enabled(),
+        ipv6: tproxy_user::host::system::ipv6_enabled(),
         tcp,
         udp,
         rules_file: args.config,
@@ -320,7 +320,7 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
 fn relay_settings(args: &RelayArgs) -> RelaySettings {
     RelaySettings {
         listen_port: args.listen_port,
-        ipv6: tproxy_user::system::ipv6_enabled(),
+        ipv6: tproxy_user::host::system::ipv6_enabled(),
         upstream_mark: args.upstream_mark.unwrap_or(DEFAULT_UPSTREAM_MARK),
         spoof_source: args.spoof_source,
         allow_local_destinations: false,
@@ -332,7 +332,7 @@ fn relay_configs(args: &RelayArgs) -> anyhow::Result<(TcpRelayConfig, UdpRelayCo
         0.0 => None,
         secs => Some(seconds("--tcp-idle-timeout", secs)?),
     };
-    let fd_limit = tproxy_user::system::raise_fd_limit();
+    let fd_limit = tproxy_user::host::system::raise_fd_limit();
     let budget = tproxy_user::relay::DescriptorBudget::new(
         fd_limit,
         args.max_connections,
@@ -358,7 +358,7 @@ fn relay_configs(args: &RelayArgs) -> anyhow::Result<(TcpRelayConfig, UdpRelayCo
 
 /// Sends `request` to instance `name`; a refusal becomes the error.
 async fn ask(name: &str, request: Request) -> anyhow::Result<Response> {
-    control::validate_name(name)?;
+    tproxy_user::instance::validate_name(name)?;
     match control::request(name, &request).await? {
         Response::Error { message } => Err(anyhow::anyhow!(message)),
         response => Ok(response),
@@ -400,7 +400,9 @@ fn prepare(command: Command) -> anyhow::Result<Job> {
         }
         Command::Other(other) => return Ok(Job::Other(other)),
     };
-    tproxy_user::system::drop_capabilities(&tproxy_user::system::runtime_capabilities())?;
+    tproxy_user::host::system::drop_capabilities(
+        &tproxy_user::host::system::runtime_capabilities(),
+    )?;
     Ok(job)
 }
 
@@ -449,19 +451,19 @@ async fn run_other(command: OtherCommand) -> anyhow::Result<()> {
         }
         OtherCommand::Doctor(args) => {
             let config = intercept_config(args.interfaces, vec![], &args.routing);
-            let findings = tproxy_user::doctor::check(&config).await;
+            let findings = tproxy_user::host::doctor::check(&config).await;
             for finding in &findings {
                 println!("{finding}");
             }
-            if tproxy_user::doctor::failed(&findings) {
+            if tproxy_user::host::doctor::failed(&findings) {
                 anyhow::bail!("doctor found problems (FAIL above)");
             }
             Ok(())
         }
         OtherCommand::Cleanup(args) => {
-            tproxy_user::system::check_privileges()?;
+            tproxy_user::host::system::check_privileges()?;
             for iface in &args.interfaces {
-                tproxy_user::system::ifindex(iface)?;
+                tproxy_user::host::system::ifindex(iface)?;
             }
             intercept::remove_leftovers(&args.instance.name, &args.interfaces)
                 .await

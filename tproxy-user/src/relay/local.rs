@@ -38,7 +38,7 @@ impl LocalAddrs {
     }
 
     fn refresh(&self) {
-        match crate::system::local_addresses() {
+        match crate::host::system::local_addresses() {
             Ok(set) => *self.0.write().unwrap_or_else(|e| e.into_inner()) = set,
             Err(e) => debug!("reading local addresses: {e}"),
         }

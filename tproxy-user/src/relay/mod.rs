@@ -5,6 +5,8 @@ mod budget;
 mod local;
 mod splice;
 pub mod tcp;
+pub mod timewait;
+pub mod transparent;
 pub mod udp;
 
 pub use budget::DescriptorBudget;

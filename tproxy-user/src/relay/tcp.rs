@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 use super::{RelaySettings, local::LocalAddrs, splice};
 use crate::{
     error::{Error, Result},
-    transparent::{self, Accepted, DialOptions, TransparentListener},
+    relay::transparent::{self, Accepted, DialOptions, TransparentListener},
 };
 
 /// The TCP relay's own limits and timeouts (what it shares with the UDP
@@ -38,7 +38,7 @@ pub struct TcpRelayConfig {
     pub max_connections_per_source: Option<usize>,
     /// Listeners per family. Above 1 they form an SO_REUSEPORT group that
     /// the kernel balances; `bpf_sk_assign` takes such sockets only since
-    /// Linux 6.5 (see [`crate::kernel::REUSEPORT_ASSIGN`]).
+    /// Linux 6.5 (see [`crate::host::kernel::REUSEPORT_ASSIGN`]).
     pub listeners: usize,
 }
 
@@ -404,7 +404,7 @@ async fn relay(accepted: Accepted, shared: &Shared) {
         drop((client, upstream));
         for (local, remote) in [(Some(dst), peer), (upstream_local, dst)] {
             if let Some(local) = local {
-                let removed = crate::timewait::remove_time_wait(local, remote);
+                let removed = crate::relay::timewait::remove_time_wait(local, remote);
                 debug!(%local, %remote, ?removed, "TIME_WAIT of a flow no rule intercepts now");
             }
         }

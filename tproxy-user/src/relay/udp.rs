@@ -28,7 +28,7 @@ use tracing::{debug, warn};
 use super::{RelaySettings, local::LocalAddrs};
 use crate::{
     error::{Error, Result},
-    transparent::{self, Datagram, DialOptions, RecvError, TransparentUdp},
+    relay::transparent::{self, Datagram, DialOptions, RecvError, TransparentUdp},
 };
 
 /// The UDP relay's own limits (what it shares with the TCP relay is in

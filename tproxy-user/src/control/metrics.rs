@@ -1,7 +1,7 @@
 //! `attach --metrics ADDR`: the counters over HTTP in Prometheus text format.
 //!
 //! The format comes from prometheus-client
-//! ([`StatsReport::to_prometheus`](crate::stats::StatsReport::to_prometheus));
+//! ([`StatsReport::to_prometheus`](crate::control::stats::StatsReport::to_prometheus));
 //! the HTTP side is the minimum a scraper needs: `GET /metrics`, one response,
 //! close.
 

@@ -5,6 +5,13 @@
 //! directory is root's with mode 0700 and the socket has mode 0600, and the
 //! server also checks that the peer is root. The protocol is one JSON
 //! [`Request`] per line, answered by one JSON [`Response`] line.
+//!
+//! Also here: the rules file ([`config`]), the counters' report
+//! ([`stats`]) and the Prometheus endpoint ([`metrics`]).
+
+pub mod config;
+pub mod metrics;
+pub mod stats;
 
 use std::{
     io,
@@ -22,17 +29,14 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use self::stats::{RuleReport, StatsReport};
 use crate::{
-    config,
     error::{Error, Result},
+    instance::socket_path,
     intercept::Interceptor,
     relay::{TcpRelayStats, UdpRelayStats},
     rules::Rule,
-    stats::{RuleReport, StatsReport},
 };
-
-/// The instance name when none is given.
-pub const DEFAULT_NAME: &str = "default";
 
 /// A request to a running instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,25 +207,6 @@ impl Controller {
     }
 }
 
-/// Checks an instance name: it becomes a file name.
-pub fn validate_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Config(format!(
-            "instance name {name:?}: use 1 to 64 letters, digits, '-' or '_'"
-        )))
-    }
-}
-
-/// The control socket of instance `name`.
-pub fn socket_path(name: &str) -> PathBuf {
-    Path::new(crate::state::RUN_DIR).join(format!("{name}.sock"))
-}
-
 /// A bound control socket, removed from the filesystem when dropped.
 pub struct ControlSocket {
     listener: UnixListener,
@@ -232,7 +217,7 @@ impl ControlSocket {
     /// Binds `path`, refusing if a live instance answers there; a socket
     /// file left by a killed instance is replaced.
     pub async fn bind(path: &Path) -> Result<Self> {
-        crate::state::create_private_dir(path.parent().unwrap_or(Path::new("/")))?;
+        crate::instance::create_private_dir(path.parent().unwrap_or(Path::new("/")))?;
         if UnixStream::connect(path).await.is_ok() {
             return Err(Error::Config(format!(
                 "an instance already runs with control socket {}; give this one another --name (and --mark and --table)",

@@ -1,4 +1,10 @@
-//! Loading the TC program, attaching it, and owning its maps.
+//! The kernel side: loading the TC program, attaching it and owning its
+//! maps ([`Datapath`]), the policy routing that delivers steered packets
+//! locally ([`routing`]), and the map of the host's own destinations
+//! ([`local_table`]).
+
+pub mod local_table;
+pub mod routing;
 
 use std::os::fd::AsRawFd;
 
@@ -16,9 +22,9 @@ use tracing::{debug, warn};
 
 use crate::{
     error::{Error, Result},
+    host::system::LinkKind,
+    instance::NetlinkFilter,
     rules::TrieEntry,
-    state::NetlinkFilter,
-    system::LinkKind,
 };
 
 /// The TC program, built by build.rs from the tproxy-ebpf crate.
@@ -153,11 +159,11 @@ impl Datapath {
     /// retry a second later gets through.
     pub fn attach_reopen(&mut self) -> Result<()> {
         if !self.reopen_loaded {
-            let found = crate::kernel::current().map(crate::kernel::text);
+            let found = crate::host::kernel::current().map(crate::host::kernel::text);
             return Err(Error::KernelTooOld {
                 found: found.unwrap_or_else(|_| "this kernel".into()),
-                feature: crate::kernel::SK_LOOKUP.name,
-                needed: crate::kernel::SK_LOOKUP.since_text(),
+                feature: crate::host::kernel::SK_LOOKUP.name,
+                needed: crate::host::kernel::SK_LOOKUP.since_text(),
             });
         }
         let netns = std::fs::File::open("/proc/self/ns/net")
@@ -347,7 +353,7 @@ impl Datapath {
     }
 
     /// Takes the map of the host's own destinations out, for
-    /// [`crate::local_table::LocalTable`] to keep current.
+    /// [`crate::datapath::local_table::LocalTable`] to keep current.
     pub fn take_local_dests(&mut self) -> Result<LpmTrie<MapData, AddrKey, u8>> {
         let map =
             self.ebpf.take_map(names::LOCAL_DESTS).ok_or_else(|| missing(names::LOCAL_DESTS))?;
@@ -389,7 +395,7 @@ pub fn remove_filter(filter: &NetlinkFilter) {
 pub async fn remove_unrecorded_filters(iface: &str, keep: &[NetlinkFilter]) -> Result<()> {
     use futures::TryStreamExt as _;
     use rtnetlink::packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
-    let index = crate::system::ifindex(iface)?;
+    let index = crate::host::system::ifindex(iface)?;
     let filters: Vec<_> = netlink(|handle| async move {
         handle.traffic_filter(index as i32).get().ingress().execute().try_collect::<Vec<_>>().await
     })
@@ -418,7 +424,7 @@ pub async fn remove_unrecorded_filters(iface: &str, keep: &[NetlinkFilter]) -> R
 pub async fn remove_clsact_if_unused(iface: &str) {
     use futures::TryStreamExt as _;
     use rtnetlink::packet_route::tc::TcHandle;
-    let Ok(index) = crate::system::ifindex(iface) else { return };
+    let Ok(index) = crate::host::system::ifindex(iface) else { return };
     let result = netlink(|handle| async move {
         let mut filters = handle.traffic_filter(index as i32);
         let ingress: Vec<_> = filters.get().ingress().execute().try_collect().await?;

@@ -20,7 +20,7 @@ use tracing::{info, trace, warn};
 
 use crate::{
     error::{Error, Result},
-    system,
+    host::system,
 };
 
 /// The kernel's main routing table.

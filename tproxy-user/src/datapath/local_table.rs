@@ -34,8 +34,9 @@ use tproxy_ebpf::{ADDR_KEY_FIXED_BITS, AddrKey, FAMILY_V4, FAMILY_V6, names};
 use tracing::{debug, warn};
 
 use crate::{
+    datapath::routing,
     error::{Error, Result},
-    routing, system,
+    host::system,
 };
 
 /// The kernel's `local` routing table.

@@ -1,6 +1,7 @@
-//! What a named instance keeps under `/run/tproxy` so that a killed run can
-//! be cleaned up without touching anyone else's:
+//! A named instance: its name, and what it keeps under `/run/tproxy` so
+//! that a killed run can be cleaned up without touching anyone else's:
 //!
+//! - `<name>.sock`, its control socket (see [`crate::control`]).
 //! - `<name>.lock`, locked (flock) for the instance's lifetime. The kernel
 //!   releases the lock when the process dies, so a held lock means a live
 //!   instance and a free one means whatever is recorded is a leftover.
@@ -23,9 +24,31 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    datapath::routing::RoutingConfig,
     error::{Error, Result},
-    routing::RoutingConfig,
 };
+
+/// The instance name when none is given.
+pub const DEFAULT_NAME: &str = "default";
+
+/// Checks an instance name: it becomes a file name.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "instance name {name:?}: use 1 to 64 letters, digits, '-' or '_'"
+        )))
+    }
+}
+
+/// The control socket of instance `name`.
+pub fn socket_path(name: &str) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("{name}.sock"))
+}
 
 /// Where instances keep their lock, state and control socket.
 pub const RUN_DIR: &str = "/run/tproxy";
@@ -62,7 +85,7 @@ pub struct InstanceState {
     /// Filters attached through netlink.
     pub filters: Vec<NetlinkFilter>,
     /// TCP ports intercepted during the run: a killed relay's TIME_WAIT
-    /// sockets on them are removed after it (see [`crate::timewait`]).
+    /// sockets on them are removed after it (see [`crate::relay::timewait`]).
     #[serde(default)]
     pub tcp_ports: Vec<u16>,
     /// The network namespace it ran in (see [`netns_id`]).
