@@ -12,9 +12,8 @@ use crate::{
     control::metrics::MetricsServer,
     control::{ControlSocket, Controller},
     counters::Snapshot as _,
-    datapath::Datapath,
     error::{Error, Result},
-    intercept::{Instance, InterceptConfig, Interceptor, RelaySocket},
+    intercept::{InterceptConfig, Interceptor, Loaded, RelaySocket},
     relay::{RelaySettings, TcpRelay, TcpRelayConfig, UdpRelay, UdpRelayConfig},
 };
 
@@ -85,8 +84,7 @@ pub async fn run(config: AttachConfig, shutdown: impl Future<Output = ()>) -> Re
 pub struct Prepared {
     config: AttachConfig,
     fixed_rules: Vec<crate::rules::Rule>,
-    instance: Instance,
-    datapath: Datapath,
+    intercept: Loaded,
 }
 
 /// Checks `config` and the host, claims the instance and loads the programs.
@@ -102,13 +100,12 @@ pub fn prepare(mut config: AttachConfig) -> Result<Prepared> {
     if port != 0 && config.intercept.rules.iter().any(|r| r.covers_port(port)) {
         return Err(Error::Config(format!("--listen-port {port} is also an intercepted port")));
     }
-    crate::intercept::preflight(&config.intercept)?;
-    crate::host::system::raise_memlock_limit();
-    // Choosing the routing values may change the upstream mark, which the
-    // relays then take from it.
-    let instance = crate::intercept::claim(&mut config.intercept)?;
-    let datapath = crate::intercept::load(&config.intercept)?;
-    Ok(Prepared { config, fixed_rules, instance, datapath })
+    crate::relay::fit_to_descriptors(&mut config.tcp, &mut config.udp);
+    let intercept = Interceptor::load(config.intercept.clone())?;
+    // Choosing the routing values may have changed the upstream mark, which
+    // the relays take from it.
+    config.intercept = intercept.config().clone();
+    Ok(Prepared { config, fixed_rules, intercept })
 }
 
 impl Prepared {
@@ -119,10 +116,10 @@ impl Prepared {
 
     /// Runs until `shutdown` completes, then removes everything it added.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let Prepared { config, fixed_rules, instance, datapath } = self;
+        let Prepared { config, fixed_rules, intercept } = self;
         let settings = config.relay_settings();
-        let AttachConfig { intercept, tcp, udp, rules_file, control_socket, metrics, .. } = config;
-        let name = intercept.name.clone();
+        let AttachConfig { tcp, udp, rules_file, control_socket, metrics, .. } = config;
+        let name = intercept.config().name.clone();
         let port = settings.listen_port;
         // Everything that can fail for a reason the user can fix is bound
         // before anything is attached; the control socket only now that the
@@ -159,8 +156,7 @@ impl Prepared {
         if let Some(v6) = udp.ipv6_socket() {
             sockets.push((RelaySocket::UdpV6, v6.as_fd()));
         }
-        let interceptor =
-            Interceptor::start_claimed(intercept, instance, &sockets, datapath).await?;
+        let interceptor = intercept.start(&sockets).await?;
         drop(sockets);
         let (mut tcp, mut udp) = (tcp, udp);
         tcp.follow_rules(interceptor.watch_rules());
@@ -237,6 +233,8 @@ pub async fn relay_only(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     crate::host::system::check_relay_privileges()?;
+    let (mut tcp, mut udp) = (tcp, udp);
+    crate::relay::fit_to_descriptors(&mut tcp, &mut udp);
     let tcp = TcpRelay::bind(settings.clone(), tcp)?;
     let udp = UdpRelay::bind(settings, udp)?;
     let (tcp_stats, udp_stats) = (tcp.stats(), udp.stats());

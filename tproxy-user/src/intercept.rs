@@ -122,18 +122,22 @@ impl InterceptConfig {
     }
 }
 
-/// A claimed instance: its name is held, what a dead run under the name
-/// recorded is removed, and its routing values are chosen and recorded.
-/// Made by [`claim`]; [`Interceptor::start_claimed`] installs the rest.
-pub struct Instance {
+/// Interception ready to start: checked, its name claimed (what a dead run
+/// under the name recorded is removed), its routing values chosen and
+/// recorded, and its programs loaded. Made by [`Interceptor::load`] without
+/// an async runtime or threads, so that a process can then drop the
+/// capabilities only loading needs; [`Loaded::start`] installs the rest.
+pub struct Loaded {
+    config: InterceptConfig,
     claim: Claim,
+    datapath: Datapath,
+    kernel: aya::util::KernelVersion,
 }
 
 /// Claims `config.name`, removes what a dead instance of that name left,
 /// and chooses the routing (see [`InterceptConfig::choose_free_routing`]),
-/// updating `config`. Needs no runtime, so it can run before the process
-/// drops capabilities; nothing else's state is touched.
-pub fn claim(config: &mut InterceptConfig) -> Result<Instance> {
+/// updating `config`; nothing else's state is touched.
+fn claim(config: &mut InterceptConfig) -> Result<Claim> {
     let (mut claim, leftover) = Claim::acquire(&config.name)?;
     system::block_on(async {
         remove_recorded(&config.name, &leftover).await;
@@ -142,7 +146,7 @@ pub fn claim(config: &mut InterceptConfig) -> Result<Instance> {
         let _allocation = AllocationLock::acquire()?;
         choose_routing(config, &mut claim).await
     })??;
-    Ok(Instance { claim })
+    Ok(claim)
 }
 
 /// Replaces the config's routing values by the first free set, or checks
@@ -245,31 +249,43 @@ pub struct Interceptor {
 }
 
 impl Interceptor {
-    /// Checks the host and the configuration, claims the name (removing what
-    /// an earlier killed run under it left), then loads the program,
-    /// registers the relay's sockets, installs the rules and the routing,
-    /// and attaches to every interface. On error nothing stays attached or
-    /// installed.
+    /// [`Interceptor::load`], then [`Loaded::start`]: on error nothing stays
+    /// attached or installed.
     pub async fn start(
-        mut config: InterceptConfig,
+        config: InterceptConfig,
         sockets: &[(RelaySocket, BorrowedFd<'_>)],
     ) -> Result<Self> {
-        preflight(&config)?;
-        let instance = claim(&mut config)?;
-        let datapath = load(&config)?;
-        Self::start_claimed(config, instance, sockets, datapath).await
+        Self::load(config)?.start(sockets).await
     }
 
-    /// [`Self::start`] with the name claimed by [`claim`] and the programs
-    /// loaded by [`load`] (with the config `claim` updated).
-    pub async fn start_claimed(
-        config: InterceptConfig,
-        instance: Instance,
-        sockets: &[(RelaySocket, BorrowedFd<'_>)],
-        mut datapath: Datapath,
-    ) -> Result<Self> {
-        // The programs are loaded: what is left needs CAP_NET_ADMIN.
-        let kernel = checks(&config, false)?;
+    /// Checks the configuration, the privileges, the kernel and the
+    /// interfaces, claims the name and loads the programs (see [`Loaded`]).
+    pub fn load(mut config: InterceptConfig) -> Result<Loaded> {
+        config.validate()?;
+        system::check_privileges()?;
+        let kernel = kernel::SK_ASSIGN.require()?;
+        for iface in &config.interfaces {
+            system::ifindex(iface)?;
+            system::link_kind(iface)?;
+        }
+        system::raise_memlock_limit();
+        let claim = claim(&mut config)?;
+        let datapath = load_programs(&config)?;
+        Ok(Loaded { config, claim, datapath, kernel })
+    }
+}
+
+impl Loaded {
+    /// The configuration, with the routing values chosen.
+    pub fn config(&self) -> &InterceptConfig {
+        &self.config
+    }
+
+    /// Registers the relay's sockets, installs the rules and the routing,
+    /// and attaches to every interface. What is left needs CAP_NET_ADMIN
+    /// only.
+    pub async fn start(self, sockets: &[(RelaySocket, BorrowedFd<'_>)]) -> Result<Interceptor> {
+        let Loaded { config, claim, mut datapath, kernel } = self;
         for &(socket, fd) in sockets {
             datapath.set_listener(socket.slot(), &fd)?;
         }
@@ -278,12 +294,12 @@ impl Interceptor {
         }
         // Before anything is attached: the host's own traffic is never steered.
         let local_table = LocalTable::start(datapath.take_local_dests()?).await?;
-        let mut interceptor = Self {
+        let mut interceptor = Interceptor {
             datapath,
             local_table: Some(local_table),
             routing: None,
             qdiscs: CreatedQdiscs(Vec::new()),
-            claim: instance.claim,
+            claim,
             config,
             rules: RuleSet::default(),
             gated_tcp: HashSet::new(),
@@ -311,7 +327,9 @@ impl Interceptor {
         );
         Ok(interceptor)
     }
+}
 
+impl Interceptor {
     /// The configuration this interceptor was started with.
     pub fn config(&self) -> &InterceptConfig {
         &self.config
@@ -515,7 +533,7 @@ async fn remove_recorded(name: &str, leftover: &instance::InstanceState) {
 }
 
 /// Loads the programs for `config` (see [`Datapath::load`]).
-pub fn load(config: &InterceptConfig) -> Result<Datapath> {
+pub fn load_programs(config: &InterceptConfig) -> Result<Datapath> {
     Datapath::load(&datapath::Settings {
         mark: config.mark,
         upstream_mark: config.upstream_mark,
@@ -524,27 +542,6 @@ pub fn load(config: &InterceptConfig) -> Result<Datapath> {
         drop_unparsed: config.drop_unparsed,
         trace: false,
     })
-}
-
-/// Everything that can be checked before changing anything: the
-/// configuration, privileges, the kernel, and that the interfaces exist.
-pub fn preflight(config: &InterceptConfig) -> Result<aya::util::KernelVersion> {
-    checks(config, true)
-}
-
-fn checks(config: &InterceptConfig, loading: bool) -> Result<aya::util::KernelVersion> {
-    config.validate()?;
-    if loading {
-        system::check_privileges()?;
-    } else {
-        system::check_relay_privileges()?;
-    }
-    let kernel = kernel::SK_ASSIGN.require()?;
-    for iface in &config.interfaces {
-        system::ifindex(iface)?;
-        system::link_kind(iface)?;
-    }
-    Ok(kernel)
 }
 
 /// `tproxy-user cleanup`: removes exactly what a dead instance named `name`

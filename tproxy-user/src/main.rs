@@ -332,26 +332,16 @@ fn relay_configs(args: &RelayArgs) -> anyhow::Result<(TcpRelayConfig, UdpRelayCo
         0.0 => None,
         secs => Some(seconds("--tcp-idle-timeout", secs)?),
     };
-    let fd_limit = tproxy_user::host::system::raise_fd_limit();
-    let budget = tproxy_user::relay::DescriptorBudget::new(
-        fd_limit,
-        args.max_connections,
-        args.max_udp_sessions,
-    );
-    if let Some(warning) = &budget.warning {
-        tracing::warn!("{warning}");
-    }
-    let (max_connections, max_sessions) = (budget.max_connections, budget.max_udp_sessions);
     let tcp = TcpRelayConfig {
         connect_timeout: seconds("--connect-timeout", args.connect_timeout)?,
         idle_timeout,
-        max_connections,
+        max_connections: args.max_connections,
         max_connections_per_source: args.max_connections_per_source,
         listeners: args.tcp_listeners,
     };
     let udp = UdpRelayConfig {
         idle_timeout: seconds("--udp-idle-timeout", args.udp_idle_timeout)?,
-        max_sessions,
+        max_sessions: args.max_udp_sessions,
     };
     Ok((tcp, udp))
 }

@@ -67,7 +67,7 @@ pub async fn check(config: &InterceptConfig) -> Vec<Finding> {
         ),
     });
     if privileged.is_ok() {
-        findings.push(match crate::intercept::load(config) {
+        findings.push(match crate::intercept::load_programs(config) {
             Ok(_) => {
                 ok("the TC and sk_lookup programs pass this kernel's verifier (helpers present)")
             }

@@ -1,6 +1,21 @@
 //! How many connections and UDP sessions the open-file limit allows.
 
-use super::{tcp, udp};
+use tracing::warn;
+
+use super::{TcpRelayConfig, UdpRelayConfig, tcp, udp};
+
+/// Sets the relays' bounds left open (`None`) to what the open-file limit
+/// allows, after raising the soft limit to the hard one; warns when bounds
+/// given can exceed it.
+pub fn fit_to_descriptors(tcp: &mut TcpRelayConfig, udp: &mut UdpRelayConfig) {
+    let fd_limit = crate::host::system::raise_fd_limit();
+    let budget = DescriptorBudget::new(fd_limit, tcp.max_connections, udp.max_sessions);
+    if let Some(warning) = &budget.warning {
+        warn!("{warning}");
+    }
+    tcp.max_connections = Some(budget.max_connections);
+    udp.max_sessions = Some(budget.max_udp_sessions);
+}
 
 /// Descriptors a relayed TCP connection can hold at once: its two sockets
 /// and, while bytes are in flight, a pipe each way (two descriptors each).

@@ -9,7 +9,7 @@ pub mod timewait;
 pub mod transparent;
 pub mod udp;
 
-pub use budget::DescriptorBudget;
+pub use budget::{DescriptorBudget, fit_to_descriptors};
 
 /// What the TCP and UDP relays share: where they listen and how they reach
 /// the original destination.

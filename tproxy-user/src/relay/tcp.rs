@@ -30,8 +30,9 @@ pub struct TcpRelayConfig {
     /// reset both ways); `None` keeps idle connections forever.
     pub idle_timeout: Option<Duration>,
     /// Most connections relayed at once. Past it the relay stops accepting;
-    /// new connections wait in the kernel's backlog.
-    pub max_connections: usize,
+    /// new connections wait in the kernel's backlog. `None`: the default,
+    /// or what the open-file limit allows (see [`super::fit_to_descriptors`]).
+    pub max_connections: Option<usize>,
     /// Most connections relayed at once for one client address; past it a
     /// new connection from that address is reset, so that one client
     /// cannot hold every slot. `None`: no limit.
@@ -47,7 +48,7 @@ impl Default for TcpRelayConfig {
         Self {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
-            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections: None,
             max_connections_per_source: None,
             listeners: 1,
         }
@@ -191,7 +192,8 @@ impl TcpRelay {
     /// Accepts and relays until `shutdown` is cancelled, then closes every
     /// relayed connection.
     pub async fn run(self, shutdown: CancellationToken) {
-        let slots = Arc::new(Semaphore::new(self.config.max_connections.max(1)));
+        let max = self.config.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        let slots = Arc::new(Semaphore::new(max.max(1)));
         let local = LocalAddrs::watch(shutdown.clone());
         let per_source = self.config.max_connections_per_source.map(|max| PerSource {
             max,

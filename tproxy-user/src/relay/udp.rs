@@ -38,12 +38,14 @@ pub struct UdpRelayConfig {
     /// A session without traffic either way for this long is closed.
     pub idle_timeout: Duration,
     /// Most sessions at once; past it the least recently used is evicted.
-    pub max_sessions: usize,
+    /// `None`: the default, or what the open-file limit allows (see
+    /// [`super::fit_to_descriptors`]).
+    pub max_sessions: Option<usize>,
 }
 
 impl Default for UdpRelayConfig {
     fn default() -> Self {
-        Self { idle_timeout: DEFAULT_IDLE_TIMEOUT, max_sessions: DEFAULT_MAX_SESSIONS }
+        Self { idle_timeout: DEFAULT_IDLE_TIMEOUT, max_sessions: None }
     }
 }
 
@@ -111,7 +113,7 @@ pub struct UdpRelay {
 impl UdpRelay {
     /// Binds the transparent sockets on the wildcard addresses.
     pub fn bind(settings: RelaySettings, config: UdpRelayConfig) -> Result<Self> {
-        if config.max_sessions == 0 {
+        if config.max_sessions == Some(0) {
             return Err(Error::Config("the UDP session bound must be at least 1".into()));
         }
         if config.idle_timeout.is_zero() {
@@ -322,7 +324,7 @@ impl SessionTable {
     /// whose server spoke since it was last promoted gets a second chance.
     fn make_room(&mut self) {
         let mut second_chances = self.sessions.len();
-        while self.sessions.len() >= self.config.max_sessions {
+        while self.sessions.len() >= self.config.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS) {
             let Some((key, mut session)) = self.sessions.pop_lru() else { return };
             let last = session.activity.last_active.load(Relaxed);
             if last > session.promoted_at && second_chances > 0 {
