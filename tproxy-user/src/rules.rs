@@ -343,11 +343,6 @@ impl RuleSet {
         self.rules.iter().map(|(id, rule)| (*id, rule))
     }
 
-    /// Number of rules.
-    pub fn len(&self) -> usize {
-        self.rules.len()
-    }
-
     /// Whether there are no rules.
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()

@@ -73,7 +73,7 @@ impl Feature {
 /// The running kernel's version.
 pub fn current() -> Result<KernelVersion> {
     KernelVersion::current()
-        .map_err(|e| Error::io("reading the kernel version", std::io::Error::other(e.to_string())))
+        .map_err(|e| Error::io("reading the kernel version", std::io::Error::other(e)))
 }
 
 /// "6.1.0".

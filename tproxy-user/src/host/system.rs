@@ -94,7 +94,7 @@ pub fn runtime_capabilities() -> Vec<caps::Capability> {
 pub fn drop_capabilities(keep: &[caps::Capability]) -> Result<()> {
     use caps::{CapSet, CapsHashSet};
     let err = |what: &str, e: caps::errors::CapsError| {
-        Error::io(format!("dropping capabilities ({what})"), std::io::Error::other(e.to_string()))
+        Error::io(format!("dropping capabilities ({what})"), std::io::Error::other(e))
     };
     let permitted = caps::read(None, CapSet::Permitted).map_err(|e| err("reading", e))?;
     let keep: CapsHashSet = keep.iter().copied().filter(|c| permitted.contains(c)).collect();

@@ -139,13 +139,16 @@ fn time_wait_sockets(family: u8) -> io::Result<Vec<SocketId>> {
         let mut offset = 0;
         while offset < size {
             let message = NetlinkMessage::<SockDiagMessage>::deserialize(&receive[offset..size])
-                .map_err(|e| io::Error::other(e.to_string()))?;
+                .map_err(io::Error::other)?;
             match message.payload {
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
                     found.push(response.header.socket_id.clone());
                 }
                 NetlinkPayload::Done(_) => return Ok(found),
-                NetlinkPayload::Error(e) => return Err(io::Error::other(e.to_string())),
+                NetlinkPayload::Error(e) => {
+                    let code = e.code.map_or(libc::EIO, |c| -c.get());
+                    return Err(io::Error::from_raw_os_error(code));
+                }
                 _ => {}
             }
             if message.header.length == 0 {
@@ -172,7 +175,7 @@ fn destroy(family: u8, id: SocketId) -> io::Result<()> {
     let mut receive = vec![0u8; 4096];
     let size = socket.recv(&mut &mut receive[..], 0)?;
     let message = NetlinkMessage::<SockDiagMessage>::deserialize(&receive[..size])
-        .map_err(|e| io::Error::other(e.to_string()))?;
+        .map_err(io::Error::other)?;
     match message.payload {
         NetlinkPayload::Error(e) => match e.code {
             None => Ok(()),

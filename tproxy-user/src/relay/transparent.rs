@@ -204,18 +204,6 @@ impl TransparentUdp {
             })
             .await?
     }
-
-    /// Sends `payload` to `to` from `from`, which need not be a local address:
-    /// to answer a client as its original destination. Opens a socket per
-    /// call; a long exchange should keep one from [`udp_reply_socket`].
-    pub async fn send_from(
-        &self,
-        payload: &[u8],
-        from: SocketAddr,
-        to: SocketAddr,
-    ) -> io::Result<usize> {
-        udp_reply_socket(from, to)?.send(payload).await
-    }
 }
 
 /// `recvmsg` with the original destination from the control messages.
