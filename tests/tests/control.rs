@@ -20,13 +20,7 @@ fn tproxy_ok(topology: &Topology, args: &[&str]) -> Result<String> {
 
 /// Runs `tproxy-user <args>`; fails unless it fails with `expected` on stderr.
 fn tproxy_refused(topology: &Topology, args: &[&str], expected: &str) -> Result<()> {
-    let out = run_tproxy(&topology.proxy, args)?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(!out.status.success(), "{args:?} succeeded");
-    ensure!(stderr.contains(expected), "{args:?}: expected {expected:?} in {stderr}");
-    let first = stderr.lines().find(|l| l.contains("error")).unwrap_or_default();
-    ensure!(first.contains(expected), "the error line does not say it: {stderr}");
-    Ok(())
+    expect_refused(&topology.proxy, &[], args, expected).map(drop)
 }
 
 fn rules(topology: &Topology) -> Result<Vec<String>> {
@@ -353,10 +347,13 @@ fn bad_rules_are_refused_and_reloads_apply() -> Result<()> {
     proxy.stop()?;
 
     // A bad file at start: one line, non-zero, nothing attached.
-    let out = run_tproxy(&topology.proxy, &["attach", PROXY_CLIENT_IFACE, "--config", file_arg])?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(!out.status.success() && stderr.contains("rules.toml"), "{stderr}");
-    let state = topology.proxy.interception_state(PROXY_CLIENT_IFACE, 485)?;
+    expect_refused(
+        &topology.proxy,
+        &[],
+        &["attach", PROXY_CLIENT_IFACE, "--config", file_arg],
+        "rules.toml",
+    )?;
+    let state = topology.proxy.interception_state(PROXY_CLIENT_IFACE, DEFAULT_TABLE)?;
     ensure!(state.is_empty(), "left behind: {state}");
     std::fs::remove_dir_all(&dir)?;
     Ok(())
@@ -382,7 +379,8 @@ fn named_instances_run_side_by_side() -> Result<()> {
     ensure!(b.log().contains("this instance uses fwmark 0x1e7, table 486"), "{}", b.log());
     let routing = topology.proxy.exec(&["ip", "rule", "show"])?;
     ensure!(
-        routing.contains("fwmark 0x1e5 lookup 485") && routing.contains("fwmark 0x1e7 lookup 486"),
+        routing.contains(&format!("fwmark {DEFAULT_MARK:#x} lookup {DEFAULT_TABLE}"))
+            && routing.contains("fwmark 0x1e7 lookup 486"),
         "{routing}"
     );
     for port in [80, 8080] {

@@ -35,7 +35,7 @@ fn the_logging_proxy_example_relays_and_logs() -> Result<()> {
     }
     let log = proxy.stop()?;
     ensure!(log.contains("stopped"), "{log}");
-    let state = topology.proxy.interception_state(PROXY_CLIENT_IFACE, 485)?;
+    let state = topology.proxy.interception_state(PROXY_CLIENT_IFACE, DEFAULT_TABLE)?;
     ensure!(state.is_empty(), "left behind: {state}");
     Ok(())
 }
@@ -93,15 +93,15 @@ fn an_embedded_interceptor_cleans_up_on_drop() -> Result<()> {
                 );
                 drop(accepted);
                 let _ = read_to_end(&mut stream);
-                let running = proxy.interception_state(PROXY_CLIENT_IFACE, 485)?;
+                let running = proxy.interception_state(PROXY_CLIENT_IFACE, DEFAULT_TABLE)?;
                 drop(interceptor);
-                let after = proxy.interception_state(PROXY_CLIENT_IFACE, 485)?;
+                let after = proxy.interception_state(PROXY_CLIENT_IFACE, DEFAULT_TABLE)?;
                 Ok((running, after))
             })
         }
     })??;
     let (running, after) = state_while_running;
-    ensure!(running.contains("fwmark 0x1e5"), "nothing installed: {running}");
+    ensure!(running.contains(&format!("fwmark {DEFAULT_MARK:#x}")), "nothing installed: {running}");
     ensure!(after.is_empty(), "left behind after drop: {after}");
     // With the interceptor gone, port 80 is forwarded to the server directly.
     for _ in 0..2 {
@@ -111,4 +111,14 @@ fn an_embedded_interceptor_cleans_up_on_drop() -> Result<()> {
     let peers = server.join().unwrap()?;
     ensure!(peers.iter().all(|p| p.ip() == client_ip(false)), "server saw {peers:?}");
     Ok(())
+}
+
+/// The sandbox's idea of the defaults is the library's.
+#[test]
+fn the_sandbox_defaults_are_the_librarys() {
+    use tproxy_user::intercept;
+    assert_eq!(DEFAULT_MARK, intercept::DEFAULT_MARK);
+    assert_eq!(DEFAULT_UPSTREAM_MARK, intercept::DEFAULT_UPSTREAM_MARK);
+    assert_eq!(DEFAULT_TABLE, intercept::DEFAULT_TABLE);
+    assert_eq!(DEFAULT_TABLE, intercept::DEFAULT_RULE_PRIORITY);
 }

@@ -238,10 +238,9 @@ fn a_tun_device_is_intercepted() -> Result<()> {
 #[test]
 fn an_unsupported_device_type_is_refused() -> Result<()> {
     let topology = Topology::new("devtype")?;
-    let out = run_tproxy(&topology.proxy, &["attach", "lo", "--port", "80"])?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(!out.status.success() && stderr.trim().lines().count() == 1, "{stderr}");
-    ensure!(stderr.contains("link type 772 (loopback)"), "{stderr}");
+    let args = ["attach", "lo", "--port", "80"];
+    let stderr = expect_refused(&topology.proxy, &[], &args, "link type 772 (loopback)")?;
+    ensure!(stderr.trim().lines().count() == 1, "{stderr}");
     Ok(())
 }
 

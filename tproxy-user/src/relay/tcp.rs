@@ -209,8 +209,11 @@ impl TcpRelay {
             rules: self.rules,
         });
         let mut tasks = JoinSet::new();
-        for listener in self.v4.into_iter().chain(self.v6) {
-            tasks.spawn(accept_loop(listener, shared.clone(), shutdown.clone()));
+        // Indexed within their family's SO_REUSEPORT group.
+        for (index, listener) in
+            self.v4.into_iter().enumerate().chain(self.v6.into_iter().enumerate())
+        {
+            tasks.spawn(accept_loop(listener, index, shared.clone(), shutdown.clone()));
         }
         shutdown.cancelled().await;
         tasks.shutdown().await;
@@ -260,6 +263,7 @@ impl PerSource {
 
 async fn accept_loop(
     listener: TransparentListener,
+    index: usize,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
@@ -282,6 +286,7 @@ async fn accept_loop(
         match accepted {
             Ok(accepted) => {
                 shared.stats.accepted.fetch_add(1, Relaxed);
+                debug!(listener = index, peer = %accepted.client, "accepted");
                 let source = accepted.client.ip();
                 if shared.per_source.as_ref().is_some_and(|p| !p.take(source)) {
                     shared.stats.refused_per_source.fetch_add(1, Relaxed);

@@ -1,0 +1,284 @@
+//! `tproxy-user` under test: [`Proxy`], one-shot runs, and what they are
+//! expected to say.
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    path::PathBuf,
+    process::{Child, ExitStatus, Output, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::*;
+use anyhow::{Context as _, Result, bail, ensure};
+
+/// tproxy's default routing values, which a lone instance in a sandbox gets
+/// (`library::the_sandbox_defaults_are_the_librarys` holds them to the
+/// library's own; this crate cannot depend on it).
+pub const DEFAULT_MARK: u32 = 0x1e5;
+/// The relay's default upstream mark.
+pub const DEFAULT_UPSTREAM_MARK: u32 = 0x1e6;
+/// The default routing table (and rule priority).
+pub const DEFAULT_TABLE: u32 = 485;
+
+/// Path of the `tproxy-user` binary under test: `$TPROXY_USER_BIN`, or the
+/// workspace's debug build.
+pub fn tproxy_bin() -> PathBuf {
+    match std::env::var_os("TPROXY_USER_BIN") {
+        Some(path) => path.into(),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tproxy-user"),
+    }
+}
+
+/// A running `tproxy-user attach`, with its log collected.
+pub struct Proxy {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    /// The threads copying stdout and stderr into `log`; they end at EOF.
+    readers: Vec<thread::JoinHandle<()>>,
+    /// The instance name it was given (`--name`), for `stats`.
+    name: String,
+}
+
+impl Proxy {
+    /// Starts `tproxy-user <args>` in `ns` and waits until it is ready.
+    pub fn start(ns: &Netns, args: &[&str]) -> Result<Self> {
+        Self::start_logging(ns, args, "info,aya::bpf=error,tproxy_user=debug")
+    }
+
+    /// Like [`Proxy::start`], with `log_filter` as `RUST_LOG`.
+    pub fn start_logging(ns: &Netns, args: &[&str], log_filter: &str) -> Result<Self> {
+        let proxy = Self::spawn(ns, args, log_filter)?;
+        // Loading through the verifier takes seconds under emulation.
+        proxy.wait_for_log("ready:", Duration::from_secs(60))?;
+        Ok(proxy)
+    }
+
+    /// Starts `tproxy-user <args>` in `ns` without waiting.
+    pub fn spawn(ns: &Netns, args: &[&str], log_filter: &str) -> Result<Self> {
+        let args = ns.instance_args(args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::spawn_program(ns, &tproxy_bin(), &args, log_filter)
+    }
+
+    /// Starts `program <args>` in `ns` without waiting; its stdout and
+    /// stderr both go to the log.
+    pub fn spawn_program(
+        ns: &Netns,
+        program: &std::path::Path,
+        args: &[&str],
+        log_filter: &str,
+    ) -> Result<Self> {
+        let mut child = ns
+            .command(program)
+            .args(args)
+            .env("RUST_LOG", log_filter)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        let log = Arc::new(Mutex::new(String::new()));
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let readers = vec![collect_lines(stdout, log.clone()), collect_lines(stderr, log.clone())];
+        let name = args.iter().skip_while(|a| **a != "--name").nth(1).unwrap_or(&"default");
+        Ok(Self { child, log, readers, name: name.to_string() })
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        bail!("no {needle:?} in the proxy log within {timeout:?}:\n{}", self.log())
+    }
+
+    /// The port the TCP relay listens on, from the ready line.
+    pub fn listen_port(&self) -> Result<u16> {
+        let log = self.log();
+        let line =
+            log.lines().find(|l| l.contains("relay listening on port")).context("no ready line")?;
+        let (_, rest) = line.split_once("relay listening on port ").context("no port")?;
+        Ok(rest.split_whitespace().next().unwrap_or_default().parse()?)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` without waiting.
+    pub fn signal(&self, signal: i32) {
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Sends `signal` and waits for the exit (10 s at most).
+    pub fn stop_with(mut self, signal: i32) -> Result<(ExitStatus, String)> {
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                // The readers end at EOF, after the last lines.
+                for reader in self.readers.drain(..) {
+                    let _ = reader.join();
+                }
+                return Ok((status, self.log()));
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("tproxy-user did not exit within 10 s:\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, and the exit must be clean.
+    pub fn stop(self) -> Result<String> {
+        let (status, log) = self.stop_with(libc::SIGTERM)?;
+        ensure!(status.success(), "tproxy-user exited with {status}:\n{log}");
+        Ok(log)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub(crate) fn collect_lines(
+    stream: impl Read + Send + 'static,
+    log: Arc<Mutex<String>>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            let mut log = log.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    })
+}
+
+/// Path of one of tproxy-user's examples: under `$TPROXY_EXAMPLES_DIR`, or
+/// the workspace's debug build.
+pub fn example_bin(name: &str) -> PathBuf {
+    match std::env::var_os("TPROXY_EXAMPLES_DIR") {
+        Some(dir) => PathBuf::from(dir).join(name),
+        None => {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/examples").join(name)
+        }
+    }
+}
+
+/// Runs `tproxy-user <args>` in `ns` to completion.
+pub fn run_tproxy(ns: &Netns, args: &[&str]) -> Result<Output> {
+    Ok(ns.command(tproxy_bin()).args(ns.instance_args(args)).env("NO_COLOR", "1").output()?)
+}
+
+/// Runs `tproxy-user <args>` in `ns` (under `wrapper`, such as
+/// [`UNPRIVILEGED`], if given) and checks that it was refused as bad input
+/// must be: a non-zero exit and an error line that says `expected`.
+/// Returns stderr.
+pub fn expect_refused(
+    ns: &Netns,
+    wrapper: &[&str],
+    args: &[&str],
+    expected: &str,
+) -> Result<String> {
+    let bin = tproxy_bin();
+    let args = ns.instance_args(args);
+    let mut command = ns.command(wrapper.first().map_or(bin.as_os_str(), |w| w.as_ref()));
+    if !wrapper.is_empty() {
+        command.args(&wrapper[1..]).arg(&bin);
+    }
+    let out = command.args(&args).env("NO_COLOR", "1").output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(!out.status.success(), "{args:?} succeeded");
+    let first = stderr.lines().find(|l| l.contains("error")).unwrap_or_default();
+    ensure!(
+        first.contains(expected),
+        "{args:?}: expected {expected:?} in the error line:\n{stderr}"
+    );
+    Ok(stderr)
+}
+
+impl Netns {
+    /// `args` for tproxy-user with `--name <this namespace>` added where the
+    /// command takes one, so that instances of parallel tests (whose control
+    /// sockets share /run/tproxy) never meet.
+    pub fn instance_args(&self, args: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let named = matches!(
+            args.first().map(String::as_str),
+            Some("attach" | "reload" | "stats" | "cleanup")
+        ) || matches!(args.get(1).map(String::as_str), Some("add" | "del" | "list"));
+        if named && !args.iter().any(|a| a == "--name") {
+            args.extend(["--name".to_owned(), self.name.clone()]);
+        }
+        args
+    }
+}
+
+impl Proxy {
+    /// The instance's counters, from `tproxy-user stats --json`.
+    pub fn stats(&self, ns: &Netns) -> Result<serde_json::Value> {
+        let out = run_tproxy(ns, &["stats", "--json", "--name", &self.name])?;
+        ensure!(out.status.success(), "stats: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Waits until the counter `group.name` (as in `stats --json`) reaches
+    /// `value`: counters of a connection's end move just after the client
+    /// sees it.
+    pub fn wait_for_counter(&self, ns: &Netns, group: &str, name: &str, value: u64) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stats = self.stats(ns)?;
+            if stats[group][name] == value {
+                return Ok(());
+            }
+            ensure!(Instant::now() < deadline, "{group}.{name} never reached {value}: {stats}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The counters as the instance stops: read, then a clean stop.
+    pub fn stop_with_stats(self, ns: &Netns) -> Result<serde_json::Value> {
+        let stats = self.stats(ns)?;
+        self.stop()?;
+        Ok(stats)
+    }
+}
+
+/// The wrapper that runs a command as nobody with no capabilities at all.
+pub const UNPRIVILEGED: &[&str] = &[
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--inh-caps=-all",
+    "--bounding-set=-all",
+];
+
+/// Whether this kernel destroys TIME_WAIT sockets through sock_diag
+/// (`ss -K`). 6.1 and later do; Debian 11's 5.10 answers EOPNOTSUPP (its
+/// `tcp_abort` takes only full sockets), and tproxy then says so.
+pub fn kernel_destroys_time_waits() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut numbers =
+        release.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u32>().ok());
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (6, 1)
+}
+
+/// What tproxy says where the kernel cannot destroy TIME_WAIT sockets.
+pub const CANNOT_DESTROY_TIME_WAITS: &str = "this kernel cannot destroy TIME_WAIT sockets";
