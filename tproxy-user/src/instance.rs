@@ -17,10 +17,14 @@
 use std::{
     fs::{self, File, OpenOptions},
     io,
-    os::{fd::AsRawFd, unix::fs::DirBuilderExt},
+    os::unix::fs::DirBuilderExt,
     path::{Path, PathBuf},
 };
 
+use nix::{
+    errno::Errno,
+    fcntl::{Flock, FlockArg},
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -106,7 +110,7 @@ pub struct InstanceState {
 /// also removes the state file.
 pub struct Claim {
     /// Locked while the claim lives; closing it releases the name.
-    _lock: File,
+    _lock: Flock<File>,
     lock_path: PathBuf,
     state_path: PathBuf,
     state: InstanceState,
@@ -182,7 +186,7 @@ impl Drop for Claim {
 /// Opens and locks `path`. A lock file that its holder unlinked on exit
 /// while we waited for it is no lock at all, so the locked file must still
 /// be the one at `path`.
-fn lock(path: &Path, name: &str) -> Result<File> {
+fn lock(path: &Path, name: &str) -> Result<Flock<File>> {
     use std::os::unix::fs::MetadataExt;
     loop {
         let file = OpenOptions::new()
@@ -191,14 +195,11 @@ fn lock(path: &Path, name: &str) -> Result<File> {
             .write(true)
             .open(path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        // SAFETY: flock on a file descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock {
-                return Err(Error::InstanceRunning(name.to_owned()));
-            }
-            return Err(Error::io(format!("locking {}", path.display()), e));
-        }
+        let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(file) => file,
+            Err((_, Errno::EWOULDBLOCK)) => return Err(Error::InstanceRunning(name.to_owned())),
+            Err((_, e)) => return Err(Error::io(format!("locking {}", path.display()), e.into())),
+        };
         let locked = file.metadata().map(|m| m.ino()).ok();
         let current = fs::metadata(path).map(|m| m.ino()).ok();
         if locked.is_some() && locked == current {
@@ -244,13 +245,13 @@ pub fn live_instances(except: &str) -> Result<Vec<(String, InstanceState)>> {
 /// Whether a live process holds the lock at `path`.
 fn is_locked(path: &Path) -> bool {
     let Ok(file) = File::open(path) else { return false };
-    // SAFETY: flock on a file descriptor we own; closing it drops our lock.
-    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }
+    // Taken, our lock goes when the file closes.
+    Flock::lock(file, FlockArg::LockSharedNonblock).is_err()
 }
 
 /// Held while an instance chooses and installs its routing, so that two
 /// instances starting at once never choose the same mark or table.
-pub struct AllocationLock(#[allow(dead_code)] File);
+pub struct AllocationLock(#[allow(dead_code)] Flock<File>);
 
 impl AllocationLock {
     /// Waits for the lock.
@@ -263,14 +264,9 @@ impl AllocationLock {
             .write(true)
             .open(&path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        // SAFETY: flock on a file descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(Error::io(
-                format!("locking {}", path.display()),
-                io::Error::last_os_error(),
-            ));
-        }
-        Ok(Self(file))
+        Flock::lock(file, FlockArg::LockExclusive)
+            .map(Self)
+            .map_err(|(_, e)| Error::io(format!("locking {}", path.display()), e.into()))
     }
 }
 

@@ -52,20 +52,12 @@ pub fn ipv6_enabled() -> bool {
 /// Raises the soft open-file limit to the hard one (a relay holds two
 /// descriptors per connection) and returns the limit now in force.
 pub fn raise_fd_limit() -> u64 {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit with a valid pointer.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return 1024;
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit = raised;
-            }
-        }
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return 1024 };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
     }
-    limit.rlim_cur
+    soft
 }
 
 /// The capabilities an instance needs, from start to exit: CAP_NET_ADMIN
@@ -117,9 +109,9 @@ pub fn drop_capabilities(keep: &[caps::Capability]) -> Result<()> {
 /// Lifts the locked-memory limit, which BPF maps count against on kernels
 /// before 5.11 (later ones charge the memory cgroup instead).
 pub fn raise_memlock_limit() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
-    // SAFETY: setrlimit with a valid pointer; failure leaves the limit as it was.
-    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+    use nix::sys::resource::{RLIM_INFINITY, Resource, setrlimit};
+    // Failure leaves the limit as it was; loading then says what is wrong.
+    let _ = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY);
 }
 
 /// This host's addresses (in the current network namespace).
