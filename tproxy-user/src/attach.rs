@@ -14,7 +14,10 @@ use crate::{
     counters::Snapshot as _,
     error::{Error, Result},
     intercept::{InterceptConfig, Interceptor, Loaded, RelaySocket},
-    relay::{RelaySettings, TcpRelay, TcpRelayConfig, UdpRelay, UdpRelayConfig},
+    relay::{
+        RelaySettings, TcpRelay, TcpRelayConfig, TcpRelayStats, UdpRelay, UdpRelayConfig,
+        UdpRelayStats,
+    },
 };
 
 /// Everything `attach` needs.
@@ -120,7 +123,6 @@ impl Prepared {
         let settings = config.relay_settings();
         let AttachConfig { tcp, udp, rules_file, control_socket, metrics, .. } = config;
         let name = intercept.config().name.clone();
-        let port = settings.listen_port;
         // Everything that can fail for a reason the user can fix is bound
         // before anything is attached; the control socket only now that the
         // name is ours.
@@ -139,13 +141,7 @@ impl Prepared {
             ),
             None => None,
         };
-        let tcp = TcpRelay::bind(settings.clone(), tcp)?;
-        // Both relays on one port when it is free for UDP too.
-        let on = |listen_port| RelaySettings { listen_port, ..settings.clone() };
-        let udp = match UdpRelay::bind(on(tcp.port()), udp.clone()) {
-            Err(_) if port == 0 => UdpRelay::bind(on(0), udp)?,
-            other => other?,
-        };
+        let (tcp, udp) = bind_relays(settings, tcp, udp)?;
         let mut sockets = vec![
             (RelaySocket::TcpV4, tcp.ipv4_listener().as_fd()),
             (RelaySocket::UdpV4, udp.ipv4_socket().as_fd()),
@@ -182,7 +178,7 @@ impl Prepared {
             }
             tasks.spawn(metrics.serve(controller.clone(), stop.clone()));
         }
-        info!("ready: relay listening on port {} (tcp) and {} (udp)", tcp.port(), udp.port());
+        ready(&tcp, &udp);
         let relays = CancellationToken::new();
         tasks.spawn(tcp.run(relays.clone()));
         tasks.spawn(udp.run(relays.clone()));
@@ -217,8 +213,7 @@ impl Prepared {
         if let Ok(s) = datapath_stats {
             info!("datapath: {}", s.summary());
         }
-        info!("relay: {}", tcp_stats.snapshot().summary());
-        info!("relay: {}", udp_stats.snapshot().summary());
+        summarize(&tcp_stats, &udp_stats);
         stopped
     }
 }
@@ -235,10 +230,9 @@ pub async fn relay_only(
     crate::host::system::check_relay_privileges()?;
     let (mut tcp, mut udp) = (tcp, udp);
     crate::relay::fit_to_descriptors(&mut tcp, &mut udp);
-    let tcp = TcpRelay::bind(settings.clone(), tcp)?;
-    let udp = UdpRelay::bind(settings, udp)?;
+    let (tcp, udp) = bind_relays(settings, tcp, udp)?;
     let (tcp_stats, udp_stats) = (tcp.stats(), udp.stats());
-    info!("ready: relay listening on port {} (tcp) and {} (udp)", tcp.port(), udp.port());
+    ready(&tcp, &udp);
     let stop = CancellationToken::new();
     let tasks = (tokio::spawn(tcp.run(stop.clone())), tokio::spawn(udp.run(stop.clone())));
     shutdown.await;
@@ -248,9 +242,36 @@ pub async fn relay_only(
     // Which ports were steered here is the rules' business; every
     // transparent TIME_WAIT socket in this namespace is a relay's.
     remove_time_waits(None);
-    info!("relay: {}", tcp_stats.snapshot().summary());
-    info!("relay: {}", udp_stats.snapshot().summary());
+    summarize(&tcp_stats, &udp_stats);
     Ok(())
+}
+
+/// Binds both relays on one port. With the port left to the kernel, UDP
+/// takes another if TCP's is not free for it.
+fn bind_relays(
+    settings: RelaySettings,
+    tcp: TcpRelayConfig,
+    udp: UdpRelayConfig,
+) -> Result<(TcpRelay, UdpRelay)> {
+    let chosen = settings.listen_port == 0;
+    let tcp = TcpRelay::bind(settings.clone(), tcp)?;
+    let on = |listen_port| RelaySettings { listen_port, ..settings.clone() };
+    let udp = match UdpRelay::bind(on(tcp.port()), udp.clone()) {
+        Err(_) if chosen => UdpRelay::bind(on(0), udp)?,
+        other => other?,
+    };
+    Ok((tcp, udp))
+}
+
+/// The line tests and operators wait for.
+fn ready(tcp: &TcpRelay, udp: &UdpRelay) {
+    info!("ready: relay listening on port {} (tcp) and {} (udp)", tcp.port(), udp.port());
+}
+
+/// The relays' counters, as the run ends.
+fn summarize(tcp: &TcpRelayStats, udp: &UdpRelayStats) {
+    info!("relay: {}", tcp.snapshot().summary());
+    info!("relay: {}", udp.snapshot().summary());
 }
 
 /// Destroys the relay's TIME_WAIT sockets (see [`crate::relay::timewait`]).
