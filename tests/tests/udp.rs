@@ -208,7 +208,8 @@ fn idle_sessions_expire() -> Result<()> {
     ensure!(peers[0] == peers[1], "the session did not survive activity: {peers:?}");
     ensure!(peers[1].port() != peers[2].port(), "no new upstream socket after expiry: {peers:?}");
     let udp = &proxy.stats(&topology.proxy)?["udp"];
-    ensure!(udp["sessions_total"] == 2 && udp["sessions_expired"] == 1, "{udp}");
+    // The second session may expire too before the counters are read.
+    ensure!(udp["sessions_total"] == 2 && udp["sessions_expired"].as_u64() >= Some(1), "{udp}");
     proxy.stop()?;
     Ok(())
 }
