@@ -114,13 +114,30 @@ pub fn tproxy_ingress_l3(ctx: TcContext) -> i32 {
 /// Ethernet and IPv6 header with a few options.
 const MAX_OUTER: u32 = 128;
 
-/// Where the IP header of an L3 device's packet starts. Usually at 0, but
-/// 5.10's ipip shows the outer Ethernet and IP headers before it (the skb's
-/// MAC header still points at the outer frame). The IP header's own length,
-/// counted back from the end, says where it is; the version nibble there
-/// must agree, so that a padded packet is still read from 0.
+/// Where the IP header of an L3 device's packet starts. Almost always at
+/// 0, which the header there says itself (its version, and a length that
+/// ends the packet), without a helper call. 5.10's ipip, though, shows the
+/// outer Ethernet and IP headers first (the skb's MAC header still points
+/// at the outer frame): then the IP header at the network header, whose
+/// length counted back from the end says how far in it is.
 #[inline(always)]
 fn l3_start(ctx: &TcContext, ether_type: u16) -> usize {
+    let version = if ether_type == ETH_P_IP { 4 } else { 6 };
+    let ip_len = |head: &[u8; 6]| {
+        if version == 4 {
+            u16::from_be_bytes([head[2], head[3]]) as u32
+        } else {
+            u16::from_be_bytes([head[4], head[5]]) as u32 + 40
+        }
+    };
+    // A whole minimal header: a one-byte check compiles to `p >= end`,
+    // which older verifiers do not credit as a bound.
+    if let Some(ip) = ptr_at::<[u8; 20]>(ctx, 0) {
+        let head = unsafe { &*(ip as *const [u8; 6]) };
+        if head[0] >> 4 == version && ip_len(head) == ctx.len() {
+            return 0;
+        }
+    }
     let mut head = [0u8; 6];
     let read = unsafe {
         bpf_skb_load_bytes_relative(
@@ -131,21 +148,14 @@ fn l3_start(ctx: &TcContext, ether_type: u16) -> usize {
             BPF_HDR_START_NET,
         )
     };
-    if read != 0 {
+    if read != 0 || head[0] >> 4 != version {
         return 0;
     }
-    let (version, ip_len) = if ether_type == ETH_P_IP {
-        (4, u16::from_be_bytes([head[2], head[3]]) as u32)
-    } else {
-        (6, u16::from_be_bytes([head[4], head[5]]) as u32 + 40)
-    };
-    let Some(outer) = ctx.len().checked_sub(ip_len) else { return 0 };
-    if outer == 0 || outer > MAX_OUTER || head[0] >> 4 != version {
+    let Some(outer) = ctx.len().checked_sub(ip_len(&head)) else { return 0 };
+    if outer == 0 || outer > MAX_OUTER {
         return 0;
     }
     let outer = bounded(outer as usize, 0xff);
-    // A whole minimal header: a one-byte check compiles to `p >= end`,
-    // which older verifiers do not credit as a bound.
     match ptr_at::<[u8; 20]>(ctx, outer) {
         Some(ip) if unsafe { (*ip)[0] } == head[0] => outer,
         _ => 0,
@@ -375,11 +385,11 @@ fn steer_tcp(ctx: &TcContext, flow: &mut Flow, to_port: bool) -> Outcome {
             // holds. Handed to the TIME_WAIT socket, the kernel retires
             // it and looks up a listener, which `tproxy_reopen` answers.
             let _ = TW_REOPEN.insert(&reopen_key(flow), &0, 0);
-            return assign(ctx, sk, Some(&rule), stat::TW_SYN, true);
+            return assign(ctx, sk, Some(&rule), stat::TW_SYN);
         }
         if state != BPF_TCP_LISTEN {
             let counter = if to_port { stat::TO_SOCKET } else { stat::RETURN_PATH };
-            return assign(ctx, sk, None, counter, false);
+            return assign(ctx, sk, None, counter);
         }
         // A LISTEN socket found by tuple is some local server's wildcard
         // listener, not ours.
@@ -423,7 +433,7 @@ fn syncookie_to_listener(ctx: &TcContext, flow: &Flow, index: u32, rule: &RuleCh
         unsafe { bpf_sk_release(sk.cast()) };
         return None;
     }
-    assign(ctx, sk, Some(rule), stat::TO_LISTENER, true)
+    assign(ctx, sk, Some(rule), stat::TO_LISTENER)
 }
 
 /// A datagram that belongs to a connected socket goes to that socket: a
@@ -440,7 +450,7 @@ fn steer_udp(ctx: &TcContext, flow: &mut Flow, to_port: bool) -> Outcome {
     if !sk.is_null() {
         if owns_tuple(sk, flow) {
             let counter = if to_port { stat::TO_SOCKET } else { stat::RETURN_PATH };
-            return assign(ctx, sk, None, counter, false);
+            return assign(ctx, sk, None, counter);
         }
         unsafe { bpf_sk_release(sk.cast()) };
     }
@@ -616,20 +626,14 @@ fn to_listener(ctx: &TcContext, index: u32, rule: &RuleChoice) -> Outcome {
         }
         return Some(stat::NO_LISTENER);
     };
-    assign(ctx, sk, Some(rule), stat::TO_LISTENER, true)
+    assign(ctx, sk, Some(rule), stat::TO_LISTENER)
 }
 
 /// Assigns `sk` to the packet, marks it for local delivery, and releases
-/// `sk`. The outcome is `counter`, or `ASSIGN_FAILED`; the deciding rule, if
-/// the packet needed one, counts it too.
+/// `sk`. The outcome is `counter`, or `ASSIGN_FAILED`. A packet that needed
+/// a rule opens a new flow, which the rule counts.
 #[inline(always)]
-fn assign(
-    ctx: &TcContext,
-    sk: *mut bpf_sock,
-    rule: Option<&RuleChoice>,
-    counter: u32,
-    new_flow: bool,
-) -> Outcome {
+fn assign(ctx: &TcContext, sk: *mut bpf_sock, rule: Option<&RuleChoice>, counter: u32) -> Outcome {
     let ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk.cast(), 0) };
     unsafe { bpf_sk_release(sk.cast()) };
     let stats = rule.and_then(rule_stats);
@@ -643,7 +647,7 @@ fn assign(
     if let Some(s) = stats {
         s.packets += 1;
         s.bytes += ctx.len() as u64;
-        s.new_flows += new_flow as u64;
+        s.new_flows += 1;
     }
     Some(counter)
 }
