@@ -159,12 +159,7 @@ impl Datapath {
     /// retry a second later gets through.
     pub fn attach_reopen(&mut self) -> Result<()> {
         if !self.reopen_loaded {
-            let found = crate::host::kernel::current().map(crate::host::kernel::text);
-            return Err(Error::KernelTooOld {
-                found: found.unwrap_or_else(|_| "this kernel".into()),
-                feature: crate::host::kernel::SK_LOOKUP.name,
-                needed: crate::host::kernel::SK_LOOKUP.since_text(),
-            });
+            return Err(crate::host::kernel::SK_LOOKUP.missing());
         }
         let netns = std::fs::File::open("/proc/self/ns/net")
             .map_err(|e| Error::io("opening /proc/self/ns/net", e))?;

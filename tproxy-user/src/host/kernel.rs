@@ -60,13 +60,18 @@ impl Feature {
     pub fn require(&self) -> Result<KernelVersion> {
         let kernel = current()?;
         if !self.in_kernel(kernel) {
-            return Err(Error::KernelTooOld {
-                found: text(kernel),
-                feature: self.name,
-                needed: self.since_text(),
-            });
+            return Err(self.missing());
         }
         Ok(kernel)
+    }
+
+    /// The error for a kernel that lacks it.
+    pub fn missing(&self) -> Error {
+        Error::KernelTooOld {
+            found: current().map(text).unwrap_or_else(|_| "this kernel".into()),
+            feature: self.name,
+            needed: self.since_text(),
+        }
     }
 }
 
