@@ -129,6 +129,8 @@ impl InterceptConfig {
 /// capabilities only loading needs; [`Loaded::start`] installs the rest.
 pub struct Loaded {
     config: InterceptConfig,
+    /// Each interface's link kind, in `config.interfaces` order.
+    kinds: Vec<system::LinkKind>,
     claim: Claim,
     datapath: Datapath,
     kernel: aya::util::KernelVersion,
@@ -264,14 +266,15 @@ impl Interceptor {
         config.validate()?;
         system::check_privileges()?;
         let kernel = kernel::SK_ASSIGN.require()?;
-        for iface in &config.interfaces {
-            system::ifindex(iface)?;
-            system::link_kind(iface)?;
-        }
+        let kinds = config
+            .interfaces
+            .iter()
+            .map(|iface| system::ifindex(iface).and_then(|_| system::link_kind(iface)))
+            .collect::<Result<_>>()?;
         system::raise_memlock_limit();
         let claim = claim(&mut config)?;
         let datapath = load_programs(&config)?;
-        Ok(Loaded { config, claim, datapath, kernel })
+        Ok(Loaded { config, kinds, claim, datapath, kernel })
     }
 }
 
@@ -285,7 +288,7 @@ impl Loaded {
     /// and attaches to every interface. What is left needs CAP_NET_ADMIN
     /// only.
     pub async fn start(self, sockets: &[(RelaySocket, BorrowedFd<'_>)]) -> Result<Interceptor> {
-        let Loaded { config, claim, mut datapath, kernel } = self;
+        let Loaded { config, kinds, claim, mut datapath, kernel } = self;
         for &(socket, fd) in sockets {
             datapath.set_listener(socket.slot(), &fd)?;
         }
@@ -308,8 +311,7 @@ impl Loaded {
         interceptor.set_rules(interceptor.config.rules.clone())?;
         interceptor.routing = Some(PolicyRouting::install(interceptor.config.routing()).await?);
         let tcx = kernel::TCX.in_kernel(kernel);
-        for iface in &interceptor.config.interfaces {
-            let kind = system::link_kind(iface)?;
+        for (iface, kind) in interceptor.config.interfaces.iter().zip(kinds) {
             let attached = interceptor.datapath.attach(iface, kind, tcx)?;
             if attached.created_qdisc {
                 interceptor.qdiscs.0.push(iface.clone());
