@@ -181,14 +181,7 @@ impl Controller {
             self.with(|i| Ok((i.config().interfaces.clone(), i.stats()?, i.rule_stats()?))).await?;
         let rules = rules
             .into_iter()
-            .map(|(rule, s)| RuleReport {
-                rule: rule.to_string(),
-                packets: s.packets,
-                bytes: s.bytes,
-                new_flows: s.new_flows,
-                no_listener: s.no_listener,
-                assign_failed: s.assign_failed,
-            })
+            .map(|(rule, s)| RuleReport { rule: rule.to_string(), counters: s.into() })
             .collect();
         Ok(StatsReport {
             name: self.name.clone(),

@@ -12,28 +12,50 @@ use prometheus_client::{
 };
 use serde::{Deserialize, Serialize};
 
+use tproxy_ebpf::RuleStats;
+
 use crate::{
     counters::{Counter, Kind, Snapshot as _},
     datapath::DatapathStats,
     relay::{TcpRelayCounters, UdpRelayCounters},
 };
 
-/// The counters of one rule.
+crate::counters::counters! {
+    /// The counters of one rule, summed over all CPUs.
+    RuleCounters {
+        /// Packets this rule steered: the first of each flow (and SYN-cookie
+        /// ACKs). Later packets go to their flow's socket without a rule lookup.
+        packets: Counter("tproxy_rule_packets", "packets",
+            "Packets a rule steered (the first of each flow), per rule"),
+        /// Bytes of those packets, as seen at TC ingress.
+        bytes: Counter("tproxy_rule_bytes", "bytes", "Bytes of steered packets, per rule"),
+        /// New flows handed to the relay (TCP connections, UDP datagrams to the relay's socket).
+        new_flows: Counter("tproxy_rule_new_flows", "new flows",
+            "New flows steered to the relay, per rule"),
+        /// Matched packets passed untouched because the relay's socket was gone.
+        no_listener: Counter("tproxy_rule_no_listener", "no listener",
+            "Matched packets passed because the relay's socket was gone (fail-open), per rule"),
+        /// Matched packets whose `bpf_sk_assign` failed; they passed untouched.
+        assign_failed: Counter("tproxy_rule_assign_failed", "assign failed",
+            "Matched packets whose bpf_sk_assign failed, per rule"),
+    }
+}
+
+impl From<RuleStats> for RuleCounters {
+    fn from(s: RuleStats) -> Self {
+        let RuleStats { packets, bytes, new_flows, no_listener, assign_failed } = s;
+        Self { packets, bytes, new_flows, no_listener, assign_failed }
+    }
+}
+
+/// One rule and its counters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleReport {
     /// The rule in its text form.
     pub rule: String,
-    /// Packets this rule steered: the first of each flow (and SYN-cookie
-    /// ACKs). Later packets go to their flow's socket without a rule lookup.
-    pub packets: u64,
-    /// Bytes of those packets, as seen at TC ingress.
-    pub bytes: u64,
-    /// New flows handed to the relay (TCP connections, UDP datagrams to the relay's socket).
-    pub new_flows: u64,
-    /// Matched packets passed untouched because the relay's socket was gone.
-    pub no_listener: u64,
-    /// Matched packets whose `bpf_sk_assign` failed; they passed untouched.
-    pub assign_failed: u64,
+    /// Its counters (beside `rule` in JSON).
+    #[serde(flatten)]
+    pub counters: RuleCounters,
 }
 
 /// Every counter of a running instance.
@@ -59,18 +81,19 @@ impl StatsReport {
         let mut out = String::new();
         let _ = writeln!(out, "instance {} on {}", self.name, self.interfaces.join(", "));
         let width = self.rules.iter().map(|r| r.rule.len()).max().unwrap_or(4).max(4);
-        let _ = writeln!(
-            out,
-            "\n{:width$}  {:>12}  {:>14}  {:>10}  {:>11}  {:>13}",
-            "RULE", "PACKETS", "BYTES", "NEW FLOWS", "NO LISTENER", "ASSIGN FAILED"
-        );
-        for r in &self.rules {
-            let _ = writeln!(
-                out,
-                "{:width$}  {:>12}  {:>14}  {:>10}  {:>11}  {:>13}",
-                r.rule, r.packets, r.bytes, r.new_flows, r.no_listener, r.assign_failed
-            );
+        let columns: Vec<usize> =
+            RuleCounters::COUNTERS.iter().map(|c| c.words.len().max(12)).collect();
+        let _ = write!(out, "\n{:width$}", "RULE");
+        for (counter, w) in RuleCounters::COUNTERS.iter().zip(&columns) {
+            let _ = write!(out, "  {:>w$}", counter.words.to_uppercase());
         }
+        for r in &self.rules {
+            let _ = write!(out, "\n{:width$}", r.rule);
+            for (value, w) in r.counters.values().iter().zip(&columns) {
+                let _ = write!(out, "  {value:>w$}");
+            }
+        }
+        out.push('\n');
         let _ = writeln!(out, "\ndatapath   {}", self.datapath.summary());
         let _ = writeln!(out, "tcp relay  {}", self.tcp.summary());
         let _ = writeln!(out, "udp relay  {}", self.udp.summary());
@@ -126,40 +149,18 @@ impl Snapshot {
 impl Collector for Snapshot {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = &self.0;
-        let per_rule = |f: fn(&RuleReport) -> u64| -> Vec<(Labels, u64)> {
-            s.rules.iter().map(|r| (vec![("rule", r.rule.clone())], f(r))).collect()
-        };
         let c = Self::counter;
-        c(
-            &mut e,
-            "tproxy_rule_packets",
-            "Packets a rule steered (the first of each flow), per rule",
-            &per_rule(|r| r.packets),
-        )?;
-        c(
-            &mut e,
-            "tproxy_rule_bytes",
-            "Bytes of steered packets, per rule",
-            &per_rule(|r| r.bytes),
-        )?;
-        c(
-            &mut e,
-            "tproxy_rule_new_flows",
-            "New flows steered to the relay, per rule",
-            &per_rule(|r| r.new_flows),
-        )?;
-        c(
-            &mut e,
-            "tproxy_rule_no_listener",
-            "Matched packets passed because the relay's socket was gone (fail-open), per rule",
-            &per_rule(|r| r.no_listener),
-        )?;
-        c(
-            &mut e,
-            "tproxy_rule_assign_failed",
-            "Matched packets whose bpf_sk_assign failed, per rule",
-            &per_rule(|r| r.assign_failed),
-        )?;
+        // Per rule: one family per counter, a series per rule.
+        let values: Vec<Vec<u64>> = s.rules.iter().map(|r| r.counters.values()).collect();
+        for (i, counter) in RuleCounters::COUNTERS.iter().enumerate() {
+            let series: Vec<(Labels, u64)> = s
+                .rules
+                .iter()
+                .zip(&values)
+                .map(|(r, v)| (vec![("rule", r.rule.clone())], v[i]))
+                .collect();
+            c(&mut e, counter.metric, counter.help, &series)?;
+        }
         // Families in the order first met; a family's series may be
         // declared apart (the datapath's `path` series are).
         let mut families: Vec<(&'static Counter, Vec<(Labels, u64)>)> = Vec::new();
