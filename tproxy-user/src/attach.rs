@@ -8,9 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    control::config,
-    control::metrics::MetricsServer,
-    control::{ControlSocket, Controller},
+    control::{ControlSocket, Controller, config, metrics::MetricsServer},
     counters::Snapshot as _,
     error::{Error, Result},
     intercept::{InterceptConfig, Interceptor, Loaded, RelaySocket},

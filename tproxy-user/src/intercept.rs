@@ -9,14 +9,14 @@ use tproxy_ebpf::RuleStats;
 use tracing::{info, warn};
 
 use crate::{
-    datapath::local_table::LocalTable,
-    datapath::routing::{self, PolicyRouting, RoutingConfig},
-    datapath::{self, Datapath, DatapathStats},
+    datapath::{
+        self, Datapath, DatapathStats,
+        local_table::LocalTable,
+        routing::{self, PolicyRouting, RoutingConfig},
+    },
     error::{Error, Result},
-    host::kernel,
-    host::system,
-    instance::{self, AllocationLock, Claim},
-    instance::{DEFAULT_NAME, validate_name},
+    host::{kernel, system},
+    instance::{self, AllocationLock, Claim, DEFAULT_NAME, validate_name},
     rules::{Protocol, Rule, RuleSet},
 };
 

@@ -348,7 +348,7 @@ impl Datapath {
     }
 
     /// Takes the map of the host's own destinations out, for
-    /// [`crate::datapath::local_table::LocalTable`] to keep current.
+    /// [`local_table::LocalTable`] to keep current.
     pub fn take_local_dests(&mut self) -> Result<LpmTrie<MapData, AddrKey, u8>> {
         let map =
             self.ebpf.take_map(names::LOCAL_DESTS).ok_or_else(|| missing(names::LOCAL_DESTS))?;

@@ -3,7 +3,11 @@
 
 use std::{fmt, fs};
 
-use crate::{datapath::routing, host::kernel::Feature, host::system, intercept::InterceptConfig};
+use super::{
+    kernel::{self, Feature},
+    system,
+};
+use crate::{datapath::routing, intercept::InterceptConfig};
 
 /// How bad a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,13 +92,13 @@ pub async fn check(config: &InterceptConfig) -> Vec<Finding> {
 }
 
 fn kernel() -> Finding {
-    let Ok(current) = crate::host::kernel::current() else {
+    let Ok(current) = kernel::current() else {
         return fail("cannot read the kernel version", "check /proc/sys/kernel/osrelease");
     };
-    let version = crate::host::kernel::text(current);
+    let version = kernel::text(current);
     let (has, lacks): (Vec<&Feature>, Vec<&Feature>) =
-        crate::host::kernel::FEATURES.iter().partition(|f| f.in_kernel(current));
-    let min = crate::host::kernel::SK_ASSIGN;
+        kernel::FEATURES.iter().partition(|f| f.in_kernel(current));
+    let min = kernel::SK_ASSIGN;
     if !min.in_kernel(current) {
         return fail(
             format!("kernel {version}: the programs need {} ({})", min.since_text(), min.name),

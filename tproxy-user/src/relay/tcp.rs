@@ -14,11 +14,13 @@ use tokio::{net::TcpStream, sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{RelaySettings, local::LocalAddrs, splice};
-use crate::{
-    error::{Error, Result},
-    relay::transparent::{self, Accepted, DialOptions, TransparentListener},
+use super::{
+    RelaySettings,
+    local::LocalAddrs,
+    splice, timewait,
+    transparent::{self, Accepted, DialOptions, TransparentListener},
 };
+use crate::error::{Error, Result};
 
 /// The TCP relay's own limits and timeouts (what it shares with the UDP
 /// relay is in [`RelaySettings`]).
@@ -411,7 +413,7 @@ async fn relay(accepted: Accepted, shared: &Shared) {
         drop((client, upstream));
         for (local, remote) in [(Some(dst), peer), (upstream_local, dst)] {
             if let Some(local) = local {
-                let removed = crate::relay::timewait::remove_time_wait(local, remote);
+                let removed = timewait::remove_time_wait(local, remote);
                 debug!(%local, %remote, ?removed, "TIME_WAIT of a flow no rule intercepts now");
             }
         }

@@ -25,11 +25,12 @@ use tokio::{net::UdpSocket, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{RelaySettings, local::LocalAddrs};
-use crate::{
-    error::{Error, Result},
-    relay::transparent::{self, Datagram, DialOptions, RecvError, TransparentUdp},
+use super::{
+    RelaySettings,
+    local::LocalAddrs,
+    transparent::{self, Datagram, DialOptions, RecvError, TransparentUdp},
 };
+use crate::error::{Error, Result};
 
 /// The UDP relay's own limits (what it shares with the TCP relay is in
 /// [`RelaySettings`]).
