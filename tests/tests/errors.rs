@@ -74,49 +74,18 @@ fn no_privileges() -> Result<()> {
 #[test]
 fn a_mark_already_routed_elsewhere() -> Result<()> {
     let topology = Topology::new("markused")?;
-    topology.proxy.exec(&[
-        "ip",
-        "rule",
-        "add",
-        "fwmark",
-        &format!("{DEFAULT_MARK:#x}"),
-        "lookup",
-        &format!("{DEFAULT_TABLE}"),
-        "priority",
-        "100",
-    ])?;
-    topology.proxy.exec(&[
-        "ip",
-        "route",
-        "add",
-        "local",
-        "default",
-        "dev",
-        "lo",
-        "table",
-        &format!("{DEFAULT_TABLE}"),
-    ])?;
+    let (mark, table) = (format!("{DEFAULT_MARK:#x}"), DEFAULT_TABLE.to_string());
+    let ip = |args: &[&str]| topology.proxy.exec(&[&["ip"], args].concat());
+    ip(&["rule", "add", "fwmark", &mark, "lookup", &table, "priority", "100"])?;
+    ip(&["route", "add", "local", "default", "dev", "lo", "table", &table])?;
     let foreign = topology.proxy.interception_state(PROXY_CLIENT_IFACE, DEFAULT_TABLE)?;
-    let out = run_tproxy(
-        &topology.proxy,
-        &[
-            "attach",
-            PROXY_CLIENT_IFACE,
-            "--port",
-            "80",
-            "--mark",
-            &format!("{DEFAULT_MARK:#x}"),
-            "--table",
-            &format!("{DEFAULT_TABLE}"),
-        ],
-    )?;
+    let given = ["attach", PROXY_CLIENT_IFACE, "--port", "80", "--mark", &mark, "--table", &table];
+    let out = run_tproxy(&topology.proxy, &given)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(!out.status.success());
     ensure!(stderr.trim().lines().count() == 1, "{stderr}");
     ensure!(
-        stderr.contains(&format!(
-            "fwmark {DEFAULT_MARK:#x} or table {DEFAULT_TABLE} is in use by another rule"
-        )),
+        stderr.contains(&format!("fwmark {mark} or table {table} is in use by another rule")),
         "{stderr}"
     );
     ensure!(topology.proxy.interception_state(PROXY_CLIENT_IFACE, DEFAULT_TABLE)? == foreign);

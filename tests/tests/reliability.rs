@@ -555,15 +555,8 @@ fn doctor_finds_what_is_wrong() -> Result<()> {
         ensure!(report.contains(expected), "no {expected:?} in:\n{report}");
     }
 
-    topology.proxy.exec(&[
-        "ip",
-        "rule",
-        "add",
-        "fwmark",
-        &format!("{DEFAULT_MARK:#x}"),
-        "lookup",
-        "100",
-    ])?;
+    let mark = format!("{DEFAULT_MARK:#x}");
+    topology.proxy.exec(&["ip", "rule", "add", "fwmark", &mark, "lookup", "100"])?;
     topology.proxy.exec(&["sysctl", "-qw", "net.ipv4.conf.p0.rp_filter=1"])?;
     // With the defaults, attach steps around the mark in use: a warning.
     let (healthy, report) = run(&[])?;
