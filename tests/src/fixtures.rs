@@ -273,3 +273,66 @@ pub fn udp_round_trips(client: &UdpSocket, addr: SocketAddr, rounds: u8) -> Resu
     }
     Ok(())
 }
+
+/// A kernel TCP counter (`nstat` name) of a namespace.
+pub fn tcp_counter(ns: &Netns, name: &str) -> Result<u64> {
+    let out = ns.exec(&["nstat", "-asz", name])?;
+    let value = out
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(|v| v.split_whitespace().next().unwrap_or(""));
+    Ok(value.ok_or_else(|| anyhow::anyhow!("no {name} in nstat: {out}"))?.parse()?)
+}
+
+/// Connects from `from` to `to` and reads to the end.
+pub fn connect_from(
+    topology: &Topology,
+    from: std::net::SocketAddr,
+    to: std::net::SocketAddr,
+    timeout: Duration,
+) -> Result<Vec<u8>> {
+    use socket2::{Domain, Socket, Type};
+    let socket = topology.client.run(move || -> std::io::Result<Socket> {
+        let socket = Socket::new(Domain::for_address(from), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&from.into())?;
+        Ok(socket)
+    })??;
+    socket.connect_timeout(&to.into(), timeout)?;
+    let mut stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    read_to_end(&mut stream)
+}
+
+/// Waits until the client holds no socket on `port` (its side closed).
+pub fn wait_until_port_free(topology: &Topology, port: u16) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !topology
+        .client
+        .exec(&["ss", "-Htan", "sport", "=", &format!(":{port}")])?
+        .trim()
+        .is_empty()
+    {
+        ensure!(std::time::Instant::now() < deadline, "the client's socket on {port} lingers");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// A server that answers `bye` and closes first, `count` times.
+pub fn closing_server(
+    topology: &Topology,
+    addr: std::net::SocketAddr,
+    count: usize,
+) -> Result<std::thread::JoinHandle<Result<Vec<std::net::SocketAddr>>>> {
+    let listener = topology.server.tcp_listen(addr)?;
+    Ok(std::thread::spawn(move || -> Result<Vec<std::net::SocketAddr>> {
+        let mut peers = Vec::new();
+        for _ in 0..count {
+            let (mut stream, peer) = listener.accept()?;
+            stream.write_all(b"bye")?;
+            peers.push(peer);
+        }
+        Ok(peers)
+    }))
+}

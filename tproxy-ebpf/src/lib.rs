@@ -262,6 +262,13 @@ pub mod names {
     /// Non-zero: drop what may be for an intercepted port but cannot be
     /// parsed whole, instead of passing it.
     pub const DROP_UNPARSED: &str = "DROP_UNPARSED";
+    /// Non-zero: new flows go to whatever transparent listener has this
+    /// port (`--to-port`), not to the relay's sockets in `LISTENERS`.
+    pub const TARGET_PORT: &str = "TARGET_PORT";
+    /// The address that listener is bound to, when not the wildcard
+    /// (network order; 0 and `::` mean the packet's own destination).
+    pub const TARGET_ADDR4: &str = "TARGET_ADDR4";
+    pub const TARGET_ADDR6: &str = "TARGET_ADDR6";
     /// Non-zero: record each parse in `PARSE_TRACE` (tests only).
     pub const TRACE_PARSE: &str = "TRACE_PARSE";
     pub const PARSE_TRACE: &str = "PARSE_TRACE";

@@ -7,13 +7,14 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT,
+        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT,
         bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock,
     },
     cty::c_void,
     helpers::{
-        bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release,
-        bpf_skb_load_bytes_relative, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie,
+        bpf_map_lookup_elem, bpf_map_update_elem, bpf_sk_assign, bpf_sk_lookup_tcp,
+        bpf_sk_lookup_udp, bpf_sk_release, bpf_skb_load_bytes_relative, bpf_skc_lookup_tcp,
+        bpf_tcp_check_syncookie,
     },
     macros::{classifier, map, sk_lookup},
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, SockMap, lpm_trie::Key},
@@ -49,6 +50,12 @@ static INTERCEPT_LOCAL: u32 = 0;
 static DROP_UNPARSED: u32 = 0;
 #[unsafe(no_mangle)]
 static TRACE_PARSE: u32 = 0;
+#[unsafe(no_mangle)]
+static TARGET_PORT: u32 = 0;
+#[unsafe(no_mangle)]
+static TARGET_ADDR4: u32 = 0;
+#[unsafe(no_mangle)]
+static TARGET_ADDR6: [u32; 4] = [0; 4];
 
 #[inline(always)]
 fn global(value: &'static u32) -> u32 {
@@ -380,6 +387,10 @@ fn steer_tcp(ctx: &TcContext, flow: &mut Flow, to_port: bool) -> Outcome {
                 unsafe { bpf_sk_release(sk.cast()) };
                 return None;
             };
+            if !reopen_target_ready(ctx, flow) {
+                unsafe { bpf_sk_release(sk.cast()) };
+                return no_target(&rule);
+            }
             // Handing it to the listener directly fails: the kernel
             // refuses a request socket whose tuple a TIME_WAIT socket
             // holds. Handed to the TIME_WAIT socket, the kernel retires
@@ -398,7 +409,7 @@ fn steer_tcp(ctx: &TcContext, flow: &mut Flow, to_port: bool) -> Outcome {
     let rule = intercepting_rule(flow, to_port)?;
     let index = if flow.ipv6 { slot::TCP_V6 } else { slot::TCP_V4 };
     if flow.syn {
-        to_listener(ctx, index, &rule)
+        to_target(ctx, flow, index, &rule)
     } else {
         syncookie_to_listener(ctx, flow, index, &rule)
     }
@@ -416,7 +427,7 @@ fn intercepting_rule(flow: &Flow, to_port: bool) -> Option<RuleChoice> {
 /// before `attach`, say) and passes untouched, so attaching breaks nothing.
 #[inline(always)]
 fn syncookie_to_listener(ctx: &TcContext, flow: &Flow, index: u32, rule: &RuleChoice) -> Outcome {
-    let sk = listener(index)?;
+    let sk = target(ctx, flow, index)?;
     let th: Option<*const [u8; 20]> = ptr_at(ctx, flow.l4);
     let valid = match th {
         Some(th) if flow.ipv6 => ptr_at::<[u8; 40]>(ctx, flow.l3).is_some_and(|iph| unsafe {
@@ -456,7 +467,7 @@ fn steer_udp(ctx: &TcContext, flow: &mut Flow, to_port: bool) -> Outcome {
     }
     let rule = intercepting_rule(flow, to_port)?;
     let index = if flow.ipv6 { slot::UDP_V6 } else { slot::UDP_V4 };
-    to_listener(ctx, index, &rule)
+    to_target(ctx, flow, index, &rule)
 }
 
 /// Whether a UDP socket the lookup found is connected to the flow's source.
@@ -618,15 +629,94 @@ fn listener(index: u32) -> Option<*mut bpf_sock> {
     if sk.is_null() { None } else { Some(sk.cast()) }
 }
 
+/// Where new flows go, with a reference the caller must release (or hand
+/// to `assign`): the relay's socket in `index` of the sockmap, or with
+/// `--to-port` the transparent listener on that port.
 #[inline(always)]
-fn to_listener(ctx: &TcContext, index: u32, rule: &RuleChoice) -> Outcome {
-    let Some(sk) = listener(index) else {
-        if let Some(s) = rule_stats(rule) {
-            s.no_listener += 1;
+fn target(ctx: &TcContext, flow: &Flow, index: u32) -> Option<*mut bpf_sock> {
+    match global(&TARGET_PORT) {
+        0 => listener(index),
+        port => port_listener(ctx, flow, port as u16),
+    }
+}
+
+/// The socket the kernel itself would deliver the flow to if it were
+/// addressed to `port` (of `--to-addr`, if given): a listener bound to the
+/// wildcard or to that address, as nf_tproxy and Cilium's `proxy.h` find
+/// it. For TCP only a listener counts.
+#[inline(always)]
+fn port_listener(ctx: &TcContext, flow: &Flow, port: u16) -> Option<*mut bpf_sock> {
+    let mut tuple = flow.tuple;
+    unsafe {
+        if flow.ipv6 {
+            let t = &mut tuple.__bindgen_anon_1.ipv6;
+            t.dport = port.to_be();
+            let addr = sock_words(&TARGET_ADDR6);
+            if addr != [0; 4] {
+                t.daddr = addr;
+            }
+        } else {
+            let t = &mut tuple.__bindgen_anon_1.ipv4;
+            t.dport = port.to_be();
+            let addr = global(&TARGET_ADDR4);
+            if addr != 0 {
+                t.daddr = addr;
+            }
         }
-        return Some(stat::NO_LISTENER);
+    }
+    let len = flow.tuple_len();
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    let sk = unsafe {
+        if flow.proto == PROTO_TCP {
+            bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, len, netns, 0)
+        } else {
+            bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, len, netns, 0)
+        }
     };
-    assign(ctx, sk, Some(rule), stat::TO_LISTENER)
+    if sk.is_null() {
+        return None;
+    }
+    if flow.proto == PROTO_TCP && unsafe { (*sk).state } != BPF_TCP_LISTEN {
+        unsafe { bpf_sk_release(sk.cast()) };
+        return None;
+    }
+    Some(sk)
+}
+
+/// `tproxy_reopen` hands a reopened tuple to the socket in `LISTENERS`,
+/// the only kind of socket an `sk_lookup` program can hand over. With
+/// `--to-port` that is put there first: the listener on the port, now.
+#[inline(always)]
+fn reopen_target_ready(ctx: &TcContext, flow: &Flow) -> bool {
+    let port = global(&TARGET_PORT);
+    if port == 0 {
+        return true;
+    }
+    let Some(sk) = port_listener(ctx, flow, port as u16) else { return false };
+    let index = if flow.ipv6 { slot::TCP_V6 } else { slot::TCP_V4 };
+    let map = core::ptr::from_ref(&LISTENERS).cast_mut().cast::<c_void>();
+    let updated = unsafe {
+        bpf_map_update_elem(map, core::ptr::from_ref(&index).cast(), sk.cast(), BPF_ANY as u64)
+    };
+    unsafe { bpf_sk_release(sk.cast()) };
+    updated == 0
+}
+
+#[inline(always)]
+fn to_target(ctx: &TcContext, flow: &Flow, index: u32, rule: &RuleChoice) -> Outcome {
+    match target(ctx, flow, index) {
+        Some(sk) => assign(ctx, sk, Some(rule), stat::TO_LISTENER),
+        None => no_target(rule),
+    }
+}
+
+/// Fail-open: the packet passes untouched, counted.
+#[inline(always)]
+fn no_target(rule: &RuleChoice) -> Outcome {
+    if let Some(s) = rule_stats(rule) {
+        s.no_listener += 1;
+    }
+    Some(stat::NO_LISTENER)
 }
 
 /// Assigns `sk` to the packet, marks it for local delivery, and releases

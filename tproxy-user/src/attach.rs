@@ -11,7 +11,7 @@ use crate::{
     control::{ControlSocket, Controller, config, metrics::MetricsServer},
     counters::Snapshot as _,
     error::{Error, Result},
-    intercept::{InterceptConfig, Interceptor, Loaded, RelaySocket},
+    intercept::{InterceptConfig, Interceptor, Loaded, RelaySocket, Target},
     relay::{
         RelaySettings, TcpRelay, TcpRelayConfig, TcpRelayStats, UdpRelay, UdpRelayConfig,
         UdpRelayStats,
@@ -24,7 +24,9 @@ pub struct AttachConfig {
     /// What to intercept, where, and the routing marks. Its rules are kept
     /// across reloads of `rules_file`. Its `upstream_mark`, `spoof_source`
     /// and `intercept_local` are the relays' too (see
-    /// [`AttachConfig::relay_settings`]).
+    /// [`AttachConfig::relay_settings`]). With a [`Target::Port`] target no
+    /// relay runs: flows go to another program's listener, and the relay
+    /// settings below are unused.
     pub intercept: InterceptConfig,
     /// Port of the relays' transparent sockets, TCP and UDP; 0 lets the
     /// kernel pick one.
@@ -98,7 +100,8 @@ pub fn prepare(mut config: AttachConfig) -> Result<Prepared> {
         crate::host::kernel::REUSEPORT_ASSIGN.require()?;
     }
     let port = config.listen_port;
-    if port != 0 && config.intercept.rules.iter().any(|r| r.covers_port(port)) {
+    let relays = config.intercept.target == Target::Relay;
+    if relays && port != 0 && config.intercept.rules.iter().any(|r| r.covers_port(port)) {
         return Err(Error::Config(format!("--listen-port {port} is also an intercepted port")));
     }
     crate::relay::fit_to_descriptors(&mut config.tcp, &mut config.udp);
@@ -139,28 +142,34 @@ impl Prepared {
             ),
             None => None,
         };
-        let (tcp, udp) = bind_relays(settings, tcp, udp)?;
-        let mut sockets = vec![
-            (RelaySocket::TcpV4, tcp.ipv4_listener().as_fd()),
-            (RelaySocket::UdpV4, udp.ipv4_socket().as_fd()),
-        ];
-        if let Some(v6) = tcp.ipv6_listener() {
-            sockets.push((RelaySocket::TcpV6, v6.as_fd()));
-        }
-        if let Some(v6) = udp.ipv6_socket() {
-            sockets.push((RelaySocket::UdpV6, v6.as_fd()));
+        let target = intercept.config().target;
+        let relays = match target {
+            Target::Relay => Some(bind_relays(settings, tcp, udp)?),
+            Target::Port(_) => None,
+        };
+        let mut sockets = Vec::new();
+        if let Some((tcp, udp)) = &relays {
+            sockets.push((RelaySocket::TcpV4, tcp.ipv4_listener().as_fd()));
+            sockets.push((RelaySocket::UdpV4, udp.ipv4_socket().as_fd()));
+            if let Some(v6) = tcp.ipv6_listener() {
+                sockets.push((RelaySocket::TcpV6, v6.as_fd()));
+            }
+            if let Some(v6) = udp.ipv6_socket() {
+                sockets.push((RelaySocket::UdpV6, v6.as_fd()));
+            }
         }
         let interceptor = intercept.start(&sockets).await?;
         drop(sockets);
-        let (mut tcp, mut udp) = (tcp, udp);
-        tcp.follow_rules(interceptor.watch_rules());
-        udp.follow_rules(interceptor.watch_rules());
-        let (tcp_stats, udp_stats) = (tcp.stats(), udp.stats());
+        let relays = relays.map(|(mut tcp, mut udp)| {
+            tcp.follow_rules(interceptor.watch_rules());
+            udp.follow_rules(interceptor.watch_rules());
+            (tcp, udp)
+        });
+        let relay_stats = relays.as_ref().map(|(tcp, udp)| (tcp.stats(), udp.stats()));
         let controller = Arc::new(Controller::new(
             name,
             interceptor,
-            tcp.stats(),
-            udp.stats(),
+            relay_stats.clone(),
             fixed_rules,
             rules_file,
         ));
@@ -176,10 +185,15 @@ impl Prepared {
             }
             tasks.spawn(metrics.serve(controller.clone(), stop.clone()));
         }
-        ready(&tcp, &udp);
-        let relays = CancellationToken::new();
-        tasks.spawn(tcp.run(relays.clone()));
-        tasks.spawn(udp.run(relays.clone()));
+        let relays_stop = CancellationToken::new();
+        match relays {
+            Some((tcp, udp)) => {
+                ready(&tcp, &udp);
+                tasks.spawn(tcp.run(relays_stop.clone()));
+                tasks.spawn(udp.run(relays_stop.clone()));
+            }
+            None => info!("ready: steering to {target} (no relay of ours)"),
+        }
 
         tokio::pin!(shutdown);
         loop {
@@ -203,7 +217,7 @@ impl Prepared {
         // close; the name is given up after everything else.
         let stopped = interceptor
             .stop_then(async {
-                relays.cancel();
+                relays_stop.cancel();
                 while tasks.join_next().await.is_some() {}
                 remove_time_waits(Some(&ports));
             })
@@ -211,7 +225,9 @@ impl Prepared {
         if let Ok(s) = datapath_stats {
             info!("datapath: {}", s.summary());
         }
-        summarize(&tcp_stats, &udp_stats);
+        if let Some((tcp, udp)) = &relay_stats {
+            summarize(tcp, udp);
+        }
         stopped
     }
 }

@@ -1,7 +1,12 @@
 //! The interception controller: the TC program on a set of interfaces, the
 //! ports it intercepts, and the policy routing it needs, as one value.
 
-use std::{collections::HashSet, os::fd::BorrowedFd, sync::Arc};
+use std::{
+    collections::HashSet,
+    net::{Ipv4Addr, Ipv6Addr},
+    os::fd::BorrowedFd,
+    sync::Arc,
+};
 
 use tokio::sync::watch;
 
@@ -31,6 +36,60 @@ pub const DEFAULT_RULE_PRIORITY: u32 = 485;
 /// SO_MARK of the relay's upstream connections; never steered.
 pub const DEFAULT_UPSTREAM_MARK: u32 = 0x1e6;
 
+/// Where intercepted flows go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Target {
+    /// The relay sockets given to [`Loaded::start`].
+    #[default]
+    Relay,
+    /// Whatever transparent listener has this port: another program's
+    /// (HAProxy, Envoy, Squid, a go-tproxy program), looked up for each new
+    /// flow as the kernel looks up a local destination, so that it may
+    /// start, restart or stop at any time. Nothing there: traffic passes
+    /// untouched (fail-open), counted as `no_listener`.
+    Port(PortTarget),
+}
+
+/// [`Target::Port`]: the port, and the addresses its listeners are bound to
+/// when not the wildcard (iptables' `TPROXY --on-ip`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortTarget {
+    /// The listeners' port.
+    pub port: u16,
+    /// The IPv4 listener's address, if it is not bound to the wildcard.
+    pub ipv4: Option<Ipv4Addr>,
+    /// The IPv6 listener's address, if it is not bound to the wildcard.
+    pub ipv6: Option<Ipv6Addr>,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Relay => f.write_str("the relay"),
+            Self::Port(t) => {
+                write!(f, "port {}", t.port)?;
+                let addrs: Vec<String> =
+                    [t.ipv4.map(|a| a.to_string()), t.ipv6.map(|a| a.to_string())]
+                        .into_iter()
+                        .flatten()
+                        .collect();
+                if !addrs.is_empty() {
+                    write!(f, " of {}", addrs.join(" and "))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl PortTarget {
+    /// Listeners on `port` bound to the wildcard (or to the original
+    /// destination).
+    pub fn new(port: u16) -> Self {
+        Self { port, ipv4: None, ipv6: None }
+    }
+}
+
 /// What to intercept and how to route it.
 #[derive(Debug, Clone)]
 pub struct InterceptConfig {
@@ -56,8 +115,12 @@ pub struct InterceptConfig {
     /// uses; the start logs which. When false they are used as given, and a
     /// conflict is refused.
     pub choose_free_routing: bool,
-    /// The relay reaches upstream from the client's address: the program
-    /// then also steers the replies to those spoofed sockets.
+    /// Where intercepted flows go: the relay (the default), or another
+    /// program's transparent listener.
+    pub target: Target,
+    /// The relay (or the target's program) reaches upstream from the
+    /// client's address: the program then also steers the replies to those
+    /// spoofed sockets.
     pub spoof_source: bool,
     /// Also intercept traffic to this host's own addresses. By default it is
     /// left to the host's own services.
@@ -82,6 +145,7 @@ impl InterceptConfig {
             rule_priority: DEFAULT_RULE_PRIORITY,
             upstream_mark: DEFAULT_UPSTREAM_MARK,
             choose_free_routing: true,
+            target: Target::Relay,
             spoof_source: false,
             intercept_local: false,
             drop_unparsed: false,
@@ -109,6 +173,17 @@ impl InterceptConfig {
             return bad(format!("table {} is reserved by the kernel", self.table));
         }
         RuleSet::new(self.rules.clone())?;
+        if let Target::Port(target) = &self.target {
+            if target.port == 0 {
+                return bad("the target port must not be 0".into());
+            }
+            let unusable = |a: std::net::IpAddr| a.is_unspecified() || a.is_multicast();
+            if target.ipv4.is_some_and(|a| unusable(a.into()))
+                || target.ipv6.is_some_and(|a| unusable(a.into()) || a.to_ipv4_mapped().is_some())
+            {
+                return bad("a target address must be one a listener can bind to".into());
+            }
+        }
         Ok(())
     }
 
@@ -266,6 +341,9 @@ impl Interceptor {
         config.validate()?;
         system::check_privileges()?;
         let kernel = kernel::SK_ASSIGN.require()?;
+        if let Target::Port(_) = config.target {
+            kernel::SOCKMAP_UPDATE.require()?;
+        }
         let kinds = config
             .interfaces
             .iter()
@@ -289,6 +367,12 @@ impl Loaded {
     /// only.
     pub async fn start(self, sockets: &[(RelaySocket, BorrowedFd<'_>)]) -> Result<Interceptor> {
         let Loaded { config, kinds, claim, mut datapath, kernel } = self;
+        if let (Target::Port(target), false) = (config.target, sockets.is_empty()) {
+            return Err(Error::Config(format!(
+                "relay sockets given to interception that steers to port {}",
+                target.port
+            )));
+        }
         for &(socket, fd) in sockets {
             datapath.set_listener(socket.slot(), &fd)?;
         }
@@ -327,6 +411,13 @@ impl Loaded {
             if tcx { "tcx" } else { "netlink clsact" },
             interceptor.rules.iter().map(|(_, r)| r.to_string()).collect::<Vec<_>>().join(", ")
         );
+        if let Target::Port(target) = interceptor.config.target {
+            let protocols: HashSet<Protocol> =
+                interceptor.rules.gated_ports().map(|(p, _)| p).collect();
+            for finding in check_port_target(&target, &protocols) {
+                warn!("{finding}");
+            }
+        }
         Ok(interceptor)
     }
 }
@@ -472,6 +563,60 @@ impl Interceptor {
     }
 }
 
+/// What stands in the way of steering to `target` now, for the start's
+/// warnings: no listener on the port (steering waits for one, and traffic
+/// passes until then), or only listeners bound to addresses the lookup will
+/// not ask for.
+pub fn check_port_target(target: &PortTarget, protocols: &HashSet<Protocol>) -> Vec<String> {
+    use std::net::IpAddr;
+
+    use crate::host::sock_diag::{self, AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, StateFlags};
+    let port = target.port;
+    let mut findings = Vec::new();
+    for proto in [Protocol::Tcp, Protocol::Udp] {
+        if !protocols.contains(&proto) {
+            continue;
+        }
+        let (number, states) = match proto {
+            Protocol::Tcp => (IPPROTO_TCP, StateFlags::LISTEN),
+            // Bound, not connected.
+            Protocol::Udp => (IPPROTO_UDP, StateFlags::CLOSE),
+        };
+        let mut bound: Vec<IpAddr> = Vec::new();
+        for family in [AF_INET, AF_INET6] {
+            match sock_diag::sockets(family, number, states.clone()) {
+                Ok(ids) => bound.extend(
+                    ids.iter().filter(|id| id.source_port == port).map(|id| id.source_address),
+                ),
+                Err(e) => {
+                    findings
+                        .push(format!("could not list {proto} sockets to check port {port}: {e}"));
+                    continue;
+                }
+            }
+        }
+        if bound.is_empty() {
+            findings.push(format!(
+                "nothing listens on {proto} port {port} yet: {proto} flows pass untouched until a transparent listener binds it"
+            ));
+            continue;
+        }
+        let wildcard = bound.iter().any(|a| a.is_unspecified());
+        let asked = |a: &IpAddr| match a {
+            IpAddr::V4(a) => target.ipv4 == Some(*a),
+            IpAddr::V6(a) => target.ipv6 == Some(*a),
+        };
+        if !wildcard && !bound.iter().any(asked) {
+            let list: Vec<String> = bound.iter().map(|a| a.to_string()).collect();
+            findings.push(format!(
+                "{proto} port {port} is bound only to {}: give --to-addr with that address, or a flow is steered there only when it is its destination",
+                list.join(", ")
+            ));
+        }
+    }
+    findings
+}
+
 /// clsact qdiscs this instance created; removed at the end unless some
 /// other filter now uses them.
 struct CreatedQdiscs(Vec<String>);
@@ -536,6 +681,10 @@ async fn remove_recorded(name: &str, leftover: &instance::InstanceState) {
 
 /// Loads the programs for `config` (see [`Datapath::load`]).
 pub fn load_programs(config: &InterceptConfig) -> Result<Datapath> {
+    let target = match config.target {
+        Target::Relay => None,
+        Target::Port(t) => Some(t),
+    };
     Datapath::load(&datapath::Settings {
         mark: config.mark,
         upstream_mark: config.upstream_mark,
@@ -543,6 +692,9 @@ pub fn load_programs(config: &InterceptConfig) -> Result<Datapath> {
         intercept_local: config.intercept_local,
         drop_unparsed: config.drop_unparsed,
         trace: false,
+        target_port: target.map_or(0, |t| t.port),
+        target_ipv4: target.and_then(|t| t.ipv4),
+        target_ipv6: target.and_then(|t| t.ipv6),
     })
 }
 

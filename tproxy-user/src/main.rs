@@ -1,6 +1,12 @@
 //! The `tproxy-user` command line: a thin layer over the library.
 
-use std::{net::SocketAddr, ops::RangeInclusive, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    ops::RangeInclusive,
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -10,7 +16,7 @@ use tproxy_user::{
     control::{self, Request, Response},
     intercept::{
         self, DEFAULT_MARK, DEFAULT_RULE_PRIORITY, DEFAULT_TABLE, DEFAULT_UPSTREAM_MARK,
-        InterceptConfig,
+        InterceptConfig, PortTarget, Target,
     },
     relay::{RelaySettings, TcpRelayConfig, UdpRelayConfig, tcp, udp},
     rules::{Protocol, Rule, parse_ports},
@@ -185,6 +191,22 @@ struct AttachArgs {
     /// interception impossible to bypass with them.
     #[arg(long, value_name = "pass|drop", default_value = "pass", value_parser = ["pass", "drop"])]
     unparsed: String,
+    /// Steer to whatever transparent listener has this port (HAProxy,
+    /// Envoy, Squid, a go-tproxy program) instead of running our relay:
+    /// iptables' `TPROXY --on-port`. Flows pass untouched while nothing
+    /// listens there.
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..), conflicts_with_all = RELAY_ONLY)]
+    to_port: Option<u16>,
+    /// The address the --to-port listener is bound to, when it is not bound
+    /// to the wildcard: one IPv4 and one IPv6 at most (`TPROXY --on-ip`).
+    #[arg(long, value_name = "ADDR", requires = "to_port")]
+    to_addr: Vec<std::net::IpAddr>,
+    /// With --to-port: do not steer the replies to the other program's
+    /// upstream sockets bound to clients' addresses (HAProxy `usesrc
+    /// clientip`, go-tproxy `DialOriginalDestination(false)`), which is on by
+    /// default, as the iptables recipe's `-m socket` rule is.
+    #[arg(long, requires = "to_port")]
+    no_return_path: bool,
     #[command(flatten)]
     routing: RoutingArgs,
     #[command(flatten)]
@@ -254,6 +276,20 @@ struct CleanupArgs {
 
 const DEFAULT_LOG_FILTER: &str = "info";
 
+/// `attach` options that only our relay uses, which `--to-port` refuses.
+const RELAY_ONLY: [&str; 10] = [
+    "listen_port",
+    "upstream_mark",
+    "spoof_source",
+    "connect_timeout",
+    "tcp_idle_timeout",
+    "tcp_listeners",
+    "max_connections",
+    "max_connections_per_source",
+    "udp_idle_timeout",
+    "max_udp_sessions",
+];
+
 fn parse_u32(s: &str) -> Result<u32, String> {
     let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
@@ -300,6 +336,10 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
     intercept.choose_free_routing &= args.relay.upstream_mark.is_none();
     intercept.upstream_mark = args.relay.upstream_mark.unwrap_or(DEFAULT_UPSTREAM_MARK);
     intercept.spoof_source = args.relay.spoof_source;
+    if let Some(port) = args.to_port {
+        intercept.target = Target::Port(port_target(port, &args.to_addr)?);
+        intercept.spoof_source = !args.no_return_path;
+    }
     intercept.intercept_local = args.intercept_local;
     intercept.drop_unparsed = args.unparsed == "drop";
     let (tcp, udp) = relay_configs(&args.relay)?;
@@ -313,6 +353,21 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
         rules_file: args.config,
         metrics: args.metrics,
     })
+}
+
+/// `--to-port` with its `--to-addr`s.
+fn port_target(port: u16, addrs: &[IpAddr]) -> anyhow::Result<PortTarget> {
+    let mut target = PortTarget::new(port);
+    for addr in addrs {
+        let taken = match addr.to_canonical() {
+            IpAddr::V4(a) => target.ipv4.replace(a).is_some(),
+            IpAddr::V6(a) => target.ipv6.replace(a).is_some(),
+        };
+        if taken {
+            anyhow::bail!("--to-addr: give at most one IPv4 and one IPv6 address");
+        }
+    }
+    Ok(target)
 }
 
 /// What the relays share, for `relay` (`attach` derives it from its

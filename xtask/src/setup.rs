@@ -23,6 +23,11 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("prlimit", "util-linux"),
     ("python3", "python3"),
     ("socat", "socat"),
+    // A transparent proxy of someone else's, steered by `--to-port`; and
+    // the tools that show no iptables or nft rule does it.
+    ("haproxy", "haproxy"),
+    ("iptables-save", "iptables"),
+    ("nft", "nftables"),
 ];
 
 /// What the kernel-VM tests (virtme-ng) need.

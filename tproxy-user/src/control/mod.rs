@@ -89,8 +89,8 @@ pub struct Controller {
     name: String,
     /// `None` once the instance is stopping.
     interceptor: Mutex<Option<Interceptor>>,
-    tcp: Arc<TcpRelayStats>,
-    udp: Arc<UdpRelayStats>,
+    /// The relays' counters; `None` when steering to another program.
+    relays: Option<(Arc<TcpRelayStats>, Arc<UdpRelayStats>)>,
     /// Rules from the command line; a reload keeps them.
     fixed_rules: Vec<Rule>,
     rules_file: Option<PathBuf>,
@@ -101,12 +101,11 @@ impl Controller {
     pub fn new(
         name: String,
         interceptor: Interceptor,
-        tcp: Arc<TcpRelayStats>,
-        udp: Arc<UdpRelayStats>,
+        relays: Option<(Arc<TcpRelayStats>, Arc<UdpRelayStats>)>,
         fixed_rules: Vec<Rule>,
         rules_file: Option<PathBuf>,
     ) -> Self {
-        Self { name, interceptor: Mutex::new(Some(interceptor)), tcp, udp, fixed_rules, rules_file }
+        Self { name, interceptor: Mutex::new(Some(interceptor)), relays, fixed_rules, rules_file }
     }
 
     /// Carries out one request.
@@ -177,8 +176,11 @@ impl Controller {
 
     /// Every counter, now.
     pub async fn stats(&self) -> Result<StatsReport> {
-        let (interfaces, datapath, rules) =
-            self.with(|i| Ok((i.config().interfaces.clone(), i.stats()?, i.rule_stats()?))).await?;
+        let (interfaces, target, datapath, rules) = self
+            .with(|i| {
+                Ok((i.config().interfaces.clone(), i.config().target, i.stats()?, i.rule_stats()?))
+            })
+            .await?;
         let rules = rules
             .into_iter()
             .map(|(rule, s)| RuleReport { rule: rule.to_string(), counters: s.into() })
@@ -187,9 +189,10 @@ impl Controller {
             name: self.name.clone(),
             interfaces,
             datapath,
+            target: target.to_string(),
             rules,
-            tcp: self.tcp.snapshot(),
-            udp: self.udp.snapshot(),
+            tcp: self.relays.as_ref().map(|(tcp, _)| tcp.snapshot()),
+            udp: self.relays.as_ref().map(|(_, udp)| udp.snapshot()),
         })
     }
 

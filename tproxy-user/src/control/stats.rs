@@ -67,19 +67,30 @@ pub struct StatsReport {
     pub interfaces: Vec<String>,
     /// The datapath, all rules together.
     pub datapath: DatapathStats,
+    /// Where steered flows go: "the relay", or "port 8080" for another
+    /// program's listener.
+    pub target: String,
     /// Each rule.
     pub rules: Vec<RuleReport>,
-    /// The TCP relay.
-    pub tcp: TcpRelayCounters,
-    /// The UDP relay.
-    pub udp: UdpRelayCounters,
+    /// The TCP relay; absent when steering to another program.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpRelayCounters>,
+    /// The UDP relay; absent when steering to another program.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp: Option<UdpRelayCounters>,
 }
 
 impl StatsReport {
     /// A table for people.
     pub fn to_table(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "instance {} on {}", self.name, self.interfaces.join(", "));
+        let _ = writeln!(
+            out,
+            "instance {} on {}, steering to {}",
+            self.name,
+            self.interfaces.join(", "),
+            self.target
+        );
         let width = self.rules.iter().map(|r| r.rule.len()).max().unwrap_or(4).max(4);
         let columns: Vec<usize> =
             RuleCounters::COUNTERS.iter().map(|c| c.words.len().max(12)).collect();
@@ -95,8 +106,12 @@ impl StatsReport {
         }
         out.push('\n');
         let _ = writeln!(out, "\ndatapath   {}", self.datapath.summary());
-        let _ = writeln!(out, "tcp relay  {}", self.tcp.summary());
-        let _ = writeln!(out, "udp relay  {}", self.udp.summary());
+        if let Some(tcp) = &self.tcp {
+            let _ = writeln!(out, "tcp relay  {}", tcp.summary());
+        }
+        if let Some(udp) = &self.udp {
+            let _ = writeln!(out, "udp relay  {}", udp.summary());
+        }
         out
     }
 
@@ -164,8 +179,12 @@ impl Collector for Snapshot {
         // Families in the order first met; a family's series may be
         // declared apart (the datapath's `path` series are).
         let mut families: Vec<(&'static Counter, Vec<(Labels, u64)>)> = Vec::new();
-        let described =
-            [s.datapath.described(), s.tcp.described(), s.udp.described()].into_iter().flatten();
+        let relays = s
+            .tcp
+            .iter()
+            .flat_map(|t| t.described())
+            .chain(s.udp.iter().flat_map(|u| u.described()));
+        let described = s.datapath.described().into_iter().chain(relays);
         for (counter, value) in described {
             let labels: Labels = counter.label.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
             match families.iter_mut().find(|(c, _)| c.metric == counter.metric) {

@@ -93,6 +93,13 @@ pub struct Settings {
     /// Record each parse for [`Datapath::trace_parse`] (tests and
     /// diagnostics; off, it costs nothing).
     pub trace: bool,
+    /// Non-zero: new flows go to whatever transparent listener has this
+    /// port, not to the sockets given to [`Datapath::set_listener`].
+    pub target_port: u16,
+    /// The IPv4 address that listener is bound to, if not the wildcard.
+    pub target_ipv4: Option<std::net::Ipv4Addr>,
+    /// The IPv6 address that listener is bound to, if not the wildcard.
+    pub target_ipv6: Option<std::net::Ipv6Addr>,
 }
 
 /// What [`Datapath::attach`] added.
@@ -131,6 +138,15 @@ impl Datapath {
             flag(settings.drop_unparsed),
             flag(settings.trace),
         );
+        let target_port = u32::from(settings.target_port);
+        // Network order, as the program compares them with packets.
+        let target_ipv4 = settings.target_ipv4.map_or(0, |a| u32::from_ne_bytes(a.octets()));
+        let target_ipv6: [u32; 4] = settings.target_ipv6.map_or([0; 4], |a| {
+            let o = a.octets();
+            std::array::from_fn(|i| {
+                u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+            })
+        });
         let mut ebpf = EbpfLoader::new()
             .override_global(names::MARK, &settings.mark, true)
             .override_global(names::BYPASS_MARK, &settings.upstream_mark, true)
@@ -138,6 +154,9 @@ impl Datapath {
             .override_global(names::INTERCEPT_LOCAL, &intercept_local, true)
             .override_global(names::DROP_UNPARSED, &drop_unparsed, true)
             .override_global(names::TRACE_PARSE, &trace, true)
+            .override_global(names::TARGET_PORT, &target_port, true)
+            .override_global(names::TARGET_ADDR4, &target_ipv4, true)
+            .override_global(names::TARGET_ADDR6, &target_ipv6, true)
             .load(PROGRAM_OBJECT)
             .map_err(Error::Load)?;
         for name in [names::PROGRAM, names::PROGRAM_L3] {

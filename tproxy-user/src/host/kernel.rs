@@ -27,6 +27,10 @@ pub const SK_LOOKUP: Feature = Feature {
     role: "without it a client reusing a port retries after a second",
     since: (5, 9),
 };
+/// Sockmap updates from a TC program: with `--to-port` the program puts
+/// the other program's listener where the `sk_lookup` handover finds it.
+pub const SOCKMAP_UPDATE: Feature =
+    Feature { name: "sockmap updates from TC programs", role: "--to-port", since: (5, 10) };
 /// `bpf_sk_assign` of SO_REUSEPORT sockets: `--tcp-listeners` above 1.
 pub const REUSEPORT_ASSIGN: Feature = Feature {
     name: "bpf_sk_assign of SO_REUSEPORT sockets",
@@ -43,7 +47,7 @@ pub const TCX: Feature = Feature {
 };
 
 /// Every feature, oldest first.
-pub const FEATURES: [Feature; 4] = [SK_ASSIGN, SK_LOOKUP, REUSEPORT_ASSIGN, TCX];
+pub const FEATURES: [Feature; 5] = [SK_ASSIGN, SK_LOOKUP, SOCKMAP_UPDATE, REUSEPORT_ASSIGN, TCX];
 
 impl Feature {
     /// Whether `kernel` has it.

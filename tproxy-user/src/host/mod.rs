@@ -1,6 +1,8 @@
 //! The host around us: privileges and limits ([`system`]), what its kernel
-//! can do ([`kernel`]), and the `doctor` that reports on both.
+//! can do ([`kernel`]), its socket table ([`sock_diag`]), and the `doctor`
+//! that reports on them.
 
 pub mod doctor;
 pub mod kernel;
+pub mod sock_diag;
 pub mod system;

@@ -12,15 +12,7 @@
 
 use std::{collections::HashSet, io, net::IpAddr};
 
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-};
-use netlink_packet_sock_diag::{
-    SockDiagDestroy, SockDiagMessage,
-    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
-    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
-};
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+use crate::host::sock_diag::{self, AF_INET, AF_INET6, IPPROTO_TCP, SocketId, StateFlags};
 use tracing::debug;
 
 /// Destroys TCP TIME_WAIT sockets whose local address is not one of this
@@ -97,90 +89,11 @@ fn is_local(local: &HashSet<IpAddr>, addr: IpAddr) -> bool {
     addr.is_loopback() || addr.is_unspecified() || local.contains(&addr)
 }
 
-fn socket() -> io::Result<Socket> {
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
-    Ok(socket)
-}
-
-fn request(family: u8, socket_id: SocketId) -> InetRequest {
-    InetRequest {
-        family,
-        protocol: IPPROTO_TCP,
-        extensions: ExtensionFlags::empty(),
-        states: StateFlags::TIME_WAIT,
-        socket_id,
-    }
-}
-
-fn empty_id(family: u8) -> SocketId {
-    if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() }
-}
-
 /// Every TIME_WAIT TCP socket of `family` in this network namespace.
 fn time_wait_sockets(family: u8) -> io::Result<Vec<SocketId>> {
-    let socket = socket()?;
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let mut packet = NetlinkMessage::new(
-        header,
-        SockDiagMessage::InetRequest(request(family, empty_id(family))).into(),
-    );
-    packet.finalize();
-    let mut buf = vec![0; packet.buffer_len()];
-    packet.serialize(&mut buf);
-    socket.send(&buf, 0)?;
-
-    let mut found = Vec::new();
-    let mut receive = vec![0u8; 64 * 1024];
-    loop {
-        let size = socket.recv(&mut &mut receive[..], 0)?;
-        let mut offset = 0;
-        while offset < size {
-            let message = NetlinkMessage::<SockDiagMessage>::deserialize(&receive[offset..size])
-                .map_err(io::Error::other)?;
-            match message.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                    found.push(response.header.socket_id.clone());
-                }
-                NetlinkPayload::Done(_) => return Ok(found),
-                NetlinkPayload::Error(e) => {
-                    let code = e.code.map_or(libc::EIO, |c| -c.get());
-                    return Err(io::Error::from_raw_os_error(code));
-                }
-                _ => {}
-            }
-            if message.header.length == 0 {
-                break;
-            }
-            offset += message.header.length as usize;
-        }
-    }
+    sock_diag::sockets(family, IPPROTO_TCP, StateFlags::TIME_WAIT)
 }
 
-/// Destroys one socket and reads the kernel's answer.
 fn destroy(family: u8, id: SocketId) -> io::Result<()> {
-    let socket = socket()?;
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_ACK;
-    let mut packet = NetlinkMessage::new(
-        header,
-        SockDiagDestroy::new(SockDiagMessage::InetRequest(request(family, id))).into(),
-    );
-    packet.finalize();
-    let mut buf = vec![0; packet.buffer_len()];
-    packet.serialize(&mut buf);
-    socket.send(&buf, 0)?;
-    let mut receive = vec![0u8; 4096];
-    let size = socket.recv(&mut &mut receive[..], 0)?;
-    let message = NetlinkMessage::<SockDiagMessage>::deserialize(&receive[..size])
-        .map_err(io::Error::other)?;
-    match message.payload {
-        NetlinkPayload::Error(e) => match e.code {
-            None => Ok(()),
-            Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
-        },
-        _ => Ok(()),
-    }
+    sock_diag::destroy_tcp(family, StateFlags::TIME_WAIT, id)
 }
