@@ -98,3 +98,44 @@ fn a_mark_already_routed_elsewhere() -> Result<()> {
     ensure!(topology.proxy.interception_state(PROXY_CLIENT_IFACE, DEFAULT_TABLE)? == foreign);
     Ok(())
 }
+
+#[test]
+fn to_port_refuses_the_relays_options() -> Result<()> {
+    rejected(
+        "toport-relay",
+        &[],
+        &["attach", PROXY_CLIENT_IFACE, "--port", "80", "--to-port", "8080", "--listen-port", "81"],
+        "'--to-port <PORT>' cannot be used with '--listen-port",
+    )
+}
+
+#[test]
+fn to_addr_twice_for_one_family() -> Result<()> {
+    rejected(
+        "toaddr2",
+        &[],
+        &[
+            "attach",
+            PROXY_CLIENT_IFACE,
+            "--port",
+            "80",
+            "--to-port",
+            "8080",
+            "--to-addr",
+            "192.0.2.1",
+            "--to-addr",
+            "192.0.2.2",
+        ],
+        "--to-addr: give at most one IPv4 and one IPv6 address",
+    )
+}
+
+#[test]
+fn to_addr_that_no_listener_can_bind() -> Result<()> {
+    rejected(
+        "toaddr0",
+        &[],
+        &["attach", PROXY_CLIENT_IFACE, "--port", "80", "--to-port", "8080", "--to-addr", "::"],
+        "a target address must be one a listener can bind to",
+    )
+}

@@ -65,7 +65,8 @@ backend origin6
             .context("starting haproxy")?;
         let mut haproxy = Self { child, config };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while ns.exec(&["ss", "-Hltn", "sport", "=", &format!(":{PROXY_PORT}")])?.trim().is_empty() {
+        while ns.exec(&["ss", "-Hltn", "sport", "=", &format!(":{PROXY_PORT}")])?.trim().is_empty()
+        {
             if haproxy.child.try_wait()?.is_some() {
                 let mut why = String::new();
                 haproxy.child.stderr.take().map(|mut e| e.read_to_string(&mut why));

@@ -122,3 +122,57 @@ fn the_sandbox_defaults_are_the_librarys() {
     assert_eq!(DEFAULT_TABLE, intercept::DEFAULT_TABLE);
     assert_eq!(DEFAULT_TABLE, intercept::DEFAULT_RULE_PRIORITY);
 }
+
+/// An `Interceptor` that steers to a listener it did not create: a plain
+/// IP_TRANSPARENT socket bound to one address (not the wildcard), named as
+/// the target's address. Its accepted connection shows the original
+/// destination.
+#[test]
+fn an_interceptor_steers_to_a_listener_it_did_not_create() -> Result<()> {
+    use socket2::{Domain, Socket, Type};
+    use tproxy_user::{
+        InterceptConfig, Interceptor,
+        intercept::{PortTarget, Target},
+        rules::{Protocol, Rule},
+    };
+
+    let topology = Topology::new("embed-port")?;
+    let addr = Topology::server_addr(false, 80);
+    let (client, proxy) = (&topology.client, &topology.proxy);
+    let (client_ns, proxy_ns) = (client.name.clone(), proxy.name.clone());
+    topology.proxy.run(move || -> Result<()> {
+        let bound = std::net::SocketAddr::from((PROXY_CLIENT_SIDE_V4, 7000));
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        socket.set_ip_transparent_v4(true)?;
+        socket.bind(&bound.into())?;
+        socket.listen(16)?;
+        let listener: std::net::TcpListener = socket.into();
+        let runtime = tokio::runtime::Runtime::new()?;
+        runtime.block_on(async {
+            let mut config = InterceptConfig::new(
+                vec![PROXY_CLIENT_IFACE.into()],
+                vec![Rule::port(&[Protocol::Tcp], 80)],
+            );
+            config.name = proxy_ns;
+            config.target = Target::Port(PortTarget {
+                ipv4: Some(PROXY_CLIENT_SIDE_V4),
+                ..PortTarget::new(7000)
+            });
+            let interceptor = Interceptor::start(config, &[]).await?;
+            let client = Netns { name: client_ns };
+            let _stream = client.tcp_connect(addr)?;
+            let (accepted, peer) = listener.accept()?;
+            ensure!(
+                accepted.local_addr()? == addr,
+                "original destination {}",
+                accepted.local_addr()?
+            );
+            ensure!(peer.ip() == client_ip(false), "peer {peer}");
+            let stats = interceptor.stats()?;
+            ensure!(stats.to_listener == 1, "{stats:?}");
+            interceptor.stop().await?;
+            Ok(())
+        })
+    })??;
+    Ok(())
+}

@@ -174,11 +174,12 @@ pub mod slot {
 /// one outcome of a packet, counted once. Userland describes them in the
 /// same order (`DatapathStats`).
 pub mod stat {
-    /// Packets assigned to the relay's listener (new TCP flows, UDP datagrams).
+    /// Packets assigned to the listener, the relay's or `--to-port`'s (new
+    /// TCP flows, UDP datagrams).
     pub const TO_LISTENER: u32 = 0;
     /// Packets assigned to a socket that already owns their tuple.
     pub const TO_SOCKET: u32 = 1;
-    /// Matched packets passed untouched because no relay socket was there (fail-open).
+    /// Matched packets passed untouched because no listener was there (fail-open).
     pub const NO_LISTENER: u32 = 2;
     /// `bpf_sk_assign` refused the socket; the packet passed untouched.
     pub const ASSIGN_FAILED: u32 = 3;

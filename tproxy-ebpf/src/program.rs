@@ -83,8 +83,13 @@ static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAX_RU
 #[map]
 static LISTENERS: SockMap = SockMap::with_max_entries(slot::COUNT, 0);
 
+/// Tuples whose next listener lookup `tproxy_reopen` answers, with why.
 #[map]
 static TW_REOPEN: LruHashMap<ReopenKey, u8> = LruHashMap::with_max_entries(MAX_REOPENS, 0);
+/// A SYN handed to a TIME_WAIT socket holding its tuple.
+const REOPEN_TIME_WAIT: u8 = 0;
+/// A new flow whose listener could not be assigned (SO_REUSEPORT, before 6.5).
+const REOPEN_NEW_FLOW: u8 = 1;
 
 /// The host's own destinations (its `local` routing table), kept current by
 /// userland: traffic to them is the host's, not the relay's.
@@ -395,7 +400,7 @@ fn steer_tcp(ctx: &TcContext, flow: &mut Flow, to_port: bool) -> Outcome {
             // refuses a request socket whose tuple a TIME_WAIT socket
             // holds. Handed to the TIME_WAIT socket, the kernel retires
             // it and looks up a listener, which `tproxy_reopen` answers.
-            let _ = TW_REOPEN.insert(&reopen_key(flow), &0, 0);
+            let _ = TW_REOPEN.insert(&reopen_key(flow), &REOPEN_TIME_WAIT, 0);
             return assign(ctx, sk, Some(&rule), stat::TW_SYN);
         }
         if state != BPF_TCP_LISTEN {
@@ -444,7 +449,7 @@ fn syncookie_to_listener(ctx: &TcContext, flow: &Flow, index: u32, rule: &RuleCh
         unsafe { bpf_sk_release(sk.cast()) };
         return None;
     }
-    assign(ctx, sk, Some(rule), stat::TO_LISTENER)
+    assign_listener(ctx, flow, sk, index, rule)
 }
 
 /// A datagram that belongs to a connected socket goes to that socket: a
@@ -594,11 +599,11 @@ pub fn tproxy_reopen(ctx: SkLookupContext) -> u32 {
         key.saddr[0] = l.remote_ip4;
         key.daddr[0] = l.local_ip4;
     }
-    if unsafe { TW_REOPEN.get(&key) }.is_some() {
+    if let Some(why) = unsafe { TW_REOPEN.get(&key) }.copied() {
         let _ = TW_REOPEN.remove(&key);
         let index = if ipv6 { slot::TCP_V6 } else { slot::TCP_V4 };
         // On failure the lookup goes on as usual: the client retries.
-        if LISTENERS.redirect_sk_lookup(&ctx, index, 0).is_ok() {
+        if LISTENERS.redirect_sk_lookup(&ctx, index, 0).is_ok() && why == REOPEN_TIME_WAIT {
             count(stat::TW_HANDOVER);
         }
     }
@@ -705,7 +710,7 @@ fn reopen_target_ready(ctx: &TcContext, flow: &Flow) -> bool {
 #[inline(always)]
 fn to_target(ctx: &TcContext, flow: &Flow, index: u32, rule: &RuleChoice) -> Outcome {
     match target(ctx, flow, index) {
-        Some(sk) => assign(ctx, sk, Some(rule), stat::TO_LISTENER),
+        Some(sk) => assign_listener(ctx, flow, sk, index, rule),
         None => no_target(rule),
     }
 }
@@ -719,15 +724,71 @@ fn no_target(rule: &RuleChoice) -> Outcome {
     Some(stat::NO_LISTENER)
 }
 
+/// `bpf_sk_assign`'s answer for an SO_REUSEPORT socket before 6.5.
+const ESOCKTNOSUPPORT: i64 = 94;
+
 /// Assigns `sk` to the packet, marks it for local delivery, and releases
 /// `sk`. The outcome is `counter`, or `ASSIGN_FAILED`. A packet that needed
 /// a rule opens a new flow, which the rule counts.
 #[inline(always)]
 fn assign(ctx: &TcContext, sk: *mut bpf_sock, rule: Option<&RuleChoice>, counter: u32) -> Outcome {
-    let ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk.cast(), 0) };
+    let mut ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk.cast(), 0) };
+    // Before 6.5 the kernel refuses SO_REUSEPORT sockets, and the
+    // connections of a reuseport listener (HAProxy's, Envoy's) inherit the
+    // flag. Marked, such a packet still finds its socket by its tuple once
+    // it is delivered locally, as the iptables recipe's packets do.
+    if ret == -ESOCKTNOSUPPORT && rule.is_none() {
+        ret = 0;
+    }
     unsafe { bpf_sk_release(sk.cast()) };
+    settle(ctx, ret == 0, rule, counter)
+}
+
+/// Assigns a new flow to `sk`, the listener for slot `index`, and releases
+/// it. Before 6.5 the kernel refuses to assign an SO_REUSEPORT listener
+/// (HAProxy and Envoy make them): then the flow is noted, marked, and
+/// handed to the listener by `tproxy_reopen` during the kernel's own
+/// listener lookup, where the reuseport group chooses its member.
+#[inline(always)]
+fn assign_listener(
+    ctx: &TcContext,
+    flow: &Flow,
+    sk: *mut bpf_sock,
+    index: u32,
+    rule: &RuleChoice,
+) -> Outcome {
+    let mut ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk.cast(), 0) };
+    if ret == -ESOCKTNOSUPPORT && flow.proto == PROTO_TCP {
+        ret = hand_over_in_lookup(flow, sk, index);
+    }
+    unsafe { bpf_sk_release(sk.cast()) };
+    settle(ctx, ret == 0, Some(rule), stat::TO_LISTENER)
+}
+
+/// Notes the flow for `tproxy_reopen`, with `sk` (a `--to-port` listener;
+/// the relay's own is there already) in the sockmap slot it answers from.
+#[inline(always)]
+fn hand_over_in_lookup(flow: &Flow, sk: *mut bpf_sock, index: u32) -> i64 {
+    if global(&TARGET_PORT) != 0 {
+        let map = core::ptr::from_ref(&LISTENERS).cast_mut().cast::<c_void>();
+        let key = core::ptr::from_ref(&index).cast();
+        let updated = unsafe { bpf_map_update_elem(map, key, sk.cast(), BPF_ANY as u64) };
+        if updated != 0 {
+            return updated;
+        }
+    }
+    match TW_REOPEN.insert(&reopen_key(flow), &REOPEN_NEW_FLOW, 0) {
+        Ok(()) => 0,
+        Err(e) => e.into(),
+    }
+}
+
+/// What a packet's assignment came to: marked for local delivery and
+/// counted as `counter`, or counted as a failure and passed untouched.
+#[inline(always)]
+fn settle(ctx: &TcContext, assigned: bool, rule: Option<&RuleChoice>, counter: u32) -> Outcome {
     let stats = rule.and_then(rule_stats);
-    if ret != 0 {
+    if !assigned {
         if let Some(s) = stats {
             s.assign_failed += 1;
         }

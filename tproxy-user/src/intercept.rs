@@ -376,8 +376,12 @@ impl Loaded {
         for &(socket, fd) in sockets {
             datapath.set_listener(socket.slot(), &fd)?;
         }
-        if let Err(e) = datapath.attach_reopen() {
-            warn!("{e}: a SYN that meets a TIME_WAIT socket will wait for its retry");
+        match datapath.attach_reopen() {
+            // Before 6.5 it also hands new flows to another program's
+            // SO_REUSEPORT listener (see `Target::Port`).
+            Err(e) if matches!(config.target, Target::Port(_)) => return Err(e),
+            Err(e) => warn!("{e}: a SYN that meets a TIME_WAIT socket will wait for its retry"),
+            Ok(()) => {}
         }
         // Before anything is attached: the host's own traffic is never steered.
         let local_table = LocalTable::start(datapath.take_local_dests()?).await?;

@@ -29,12 +29,12 @@ crate::counters::counters! {
             "Packets a rule steered (the first of each flow), per rule"),
         /// Bytes of those packets, as seen at TC ingress.
         bytes: Counter("tproxy_rule_bytes", "bytes", "Bytes of steered packets, per rule"),
-        /// New flows handed to the relay (TCP connections, UDP datagrams to the relay's socket).
+        /// New flows handed to the listener (TCP connections, UDP datagrams).
         new_flows: Counter("tproxy_rule_new_flows", "new flows",
-            "New flows steered to the relay, per rule"),
-        /// Matched packets passed untouched because the relay's socket was gone.
+            "New flows steered to the listener, per rule"),
+        /// Matched packets passed untouched because no listener was there.
         no_listener: Counter("tproxy_rule_no_listener", "no listener",
-            "Matched packets passed because the relay's socket was gone (fail-open), per rule"),
+            "Matched packets passed because no listener was there (fail-open), per rule"),
         /// Matched packets whose `bpf_sk_assign` failed; they passed untouched.
         assign_failed: Counter("tproxy_rule_assign_failed", "assign failed",
             "Matched packets whose bpf_sk_assign failed, per rule"),

@@ -34,24 +34,25 @@ crate::counters::counters! {
     /// Counters kept by the TC program, summed over all CPUs. The fields
     /// follow the program's `stat` indices, in order.
     DatapathStats {
-        /// Packets handed to the relay's listener: the first packets of new flows.
+        /// Packets handed to the listener (the relay's, or `--to-port`'s): the
+        /// first packets of new flows.
         to_listener: Counter("tproxy_datapath_packets" path = "listener", "packets to the listener",
             "Packets steered by the TC program, by where they went"),
         /// Packets handed to a socket that already owned their tuple.
         to_socket: Counter("tproxy_datapath_packets" path = "socket", "to existing sockets",
             "Packets steered by the TC program, by where they went"),
-        /// Matched packets passed untouched because no relay socket was there.
+        /// Matched packets passed untouched because no listener was there.
         no_listener: Counter("tproxy_datapath_no_listener", "passed without a listener",
-            "Matched packets passed without a relay socket"),
+            "Matched packets passed without a listener (fail-open)"),
         /// Packets whose `bpf_sk_assign` failed; they passed untouched.
         assign_failed: Counter("tproxy_datapath_assign_failed", "assign failures",
             "bpf_sk_assign failures"),
         /// SYNs that met a TIME_WAIT socket holding their tuple.
         tw_syn: Counter("tproxy_datapath_time_wait_syns", "SYNs met TIME_WAIT",
             "SYNs that met a TIME_WAIT socket"),
-        /// Of those, the ones handed straight to the relay's listener.
+        /// Of those, the ones handed straight to the listener.
         tw_handover: Counter("tproxy_datapath_time_wait_handovers", "handed over",
-            "Of those, handed to the relay's listener"),
+            "Of those, handed to the listener"),
         /// Replies steered back to the relay's spoofed upstream sockets.
         return_path: Counter("tproxy_datapath_packets" path = "spoofed_socket", "replies to spoofed sockets",
             "Packets steered by the TC program, by where they went"),
