@@ -270,12 +270,14 @@ impl AllocationLock {
     }
 }
 
-/// Identifies the current network namespace: the inode of /proc/self/ns/net.
+/// Identifies the calling thread's network namespace (a library caller may
+/// have entered another than the process's): the inode of
+/// /proc/thread-self/ns/net.
 pub fn netns_id() -> Result<u64> {
     use std::os::unix::fs::MetadataExt;
-    fs::metadata("/proc/self/ns/net")
+    fs::metadata("/proc/thread-self/ns/net")
         .map(|m| m.ino())
-        .map_err(|e| Error::io("reading /proc/self/ns/net", e))
+        .map_err(|e| Error::io("reading /proc/thread-self/ns/net", e))
 }
 
 fn read(path: &Path) -> InstanceState {

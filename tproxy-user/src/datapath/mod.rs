@@ -181,8 +181,8 @@ impl Datapath {
         if !self.reopen_loaded {
             return Err(crate::host::kernel::SK_LOOKUP.missing());
         }
-        let netns = std::fs::File::open("/proc/self/ns/net")
-            .map_err(|e| Error::io("opening /proc/self/ns/net", e))?;
+        let netns = std::fs::File::open("/proc/thread-self/ns/net")
+            .map_err(|e| Error::io("opening /proc/thread-self/ns/net", e))?;
         reopen_program(&mut self.ebpf)?.attach(netns).map_err(|source| Error::Attach {
             iface: "the network namespace (sk_lookup)".into(),
             source,
