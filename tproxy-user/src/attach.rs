@@ -8,7 +8,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    control::{ControlSocket, Controller, config, metrics::MetricsServer},
+    control::{
+        ControlSocket, Controller, config,
+        metrics::{MetricsServer, Served},
+        systemd,
+    },
     counters::Snapshot as _,
     error::{Error, Result},
     intercept::{InterceptConfig, Interceptor, Loaded, RelaySocket, Target},
@@ -40,6 +44,10 @@ pub struct AttachConfig {
     /// A rules file (see [`crate::control::config`]), applied at start and again on SIGHUP
     /// or `tproxy-user reload`.
     pub rules_file: Option<PathBuf>,
+    /// Also reload the rules file whenever its content changes (checked
+    /// every two seconds, through symlinks: a Kubernetes ConfigMap volume
+    /// replaces its files by swapping a symlink).
+    pub watch_rules_file: bool,
     /// Serve live control on this Unix socket (see [`crate::control`]).
     pub control_socket: Option<PathBuf>,
     /// Serve Prometheus metrics here.
@@ -58,6 +66,7 @@ impl AttachConfig {
             tcp: TcpRelayConfig::default(),
             udp: UdpRelayConfig::default(),
             rules_file: None,
+            watch_rules_file: false,
             metrics: None,
         }
     }
@@ -122,7 +131,9 @@ impl Prepared {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let Prepared { config, fixed_rules, intercept } = self;
         let settings = config.relay_settings();
-        let AttachConfig { tcp, udp, rules_file, control_socket, metrics, .. } = config;
+        let AttachConfig {
+            tcp, udp, rules_file, watch_rules_file, control_socket, metrics, ..
+        } = config;
         let name = intercept.config().name.clone();
         // Everything that can fail for a reason the user can fix is bound
         // before anything is attached; the control socket only now that the
@@ -131,17 +142,22 @@ impl Prepared {
             Some(path) => Some(ControlSocket::bind(path).await?),
             None => None,
         };
-        let metrics = match metrics {
-            Some(addr) => Some(MetricsServer::bind(addr).await?),
-            None => None,
-        };
-        let mut hangup = match &rules_file {
-            Some(_) => Some(
-                signal(SignalKind::hangup())
-                    .map_err(|e| Error::io("installing a SIGHUP handler", e))?,
-            ),
-            None => None,
-        };
+        // Served from now on, so that probes get an answer (503) while the
+        // rest starts.
+        let stop = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let served = Served::new();
+        if let Some(addr) = metrics {
+            let metrics = MetricsServer::bind(addr).await?;
+            if let Some(addr) = metrics.local_addr() {
+                info!("metrics on http://{addr}/metrics, probes on /healthz and /readyz");
+            }
+            tasks.spawn(metrics.serve(served.clone(), stop.clone()));
+        }
+        // Always: a SIGHUP without a rules file is refused, not fatal (a
+        // unit's ExecReload sends one).
+        let mut hangup = signal(SignalKind::hangup())
+            .map_err(|e| Error::io("installing a SIGHUP handler", e))?;
         let target = intercept.config().target;
         let relays = match target {
             Target::Relay => Some(bind_relays(settings, tcp, udp)?),
@@ -166,6 +182,7 @@ impl Prepared {
             (tcp, udp)
         });
         let relay_stats = relays.as_ref().map(|(tcp, udp)| (tcp.stats(), udp.stats()));
+        let watched = rules_file.clone().filter(|_| watch_rules_file);
         let controller = Arc::new(Controller::new(
             name,
             interceptor,
@@ -173,33 +190,36 @@ impl Prepared {
             fixed_rules,
             rules_file,
         ));
+        if let Some(path) = watched {
+            tasks.spawn(watch_rules(path, controller.clone(), stop.clone()));
+        }
 
-        let stop = CancellationToken::new();
-        let mut tasks = tokio::task::JoinSet::new();
         if let Some(socket) = control_socket {
             tasks.spawn(socket.serve(controller.clone(), stop.clone()));
         }
-        if let Some(metrics) = metrics {
-            if let Some(addr) = metrics.local_addr() {
-                info!("metrics on http://{addr}/metrics");
-            }
-            tasks.spawn(metrics.serve(controller.clone(), stop.clone()));
-        }
+        tasks.spawn(systemd::watchdog(controller.clone(), stop.clone()));
         let relays_stop = CancellationToken::new();
-        match relays {
+        let status = match relays {
             Some((tcp, udp)) => {
-                ready(&tcp, &udp);
+                let status = ready(&tcp, &udp);
                 tasks.spawn(tcp.run(relays_stop.clone()));
                 tasks.spawn(udp.run(relays_stop.clone()));
+                status
             }
-            None => info!("ready: steering to {target} (no relay of ours)"),
-        }
+            None => {
+                let status = format!("steering to {target} (no relay of ours)");
+                info!("ready: {status}");
+                status
+            }
+        };
+        served.running(controller.clone());
+        systemd::ready(&status);
 
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
-                Some(_) = async { hangup.as_mut()?.recv().await } => {
+                _ = hangup.recv() => {
                     if let Err(e) = controller.reload().await {
                         warn!("reload refused, the rules stay as they were: {e}");
                     }
@@ -207,6 +227,8 @@ impl Prepared {
             }
         }
         info!("shutting down");
+        systemd::stopping();
+        served.stopping();
         stop.cancel();
         let Some(interceptor) = controller.take_interceptor().await else {
             return Ok(());
@@ -232,6 +254,31 @@ impl Prepared {
     }
 }
 
+/// Reloads when the content of the rules file at `path` changes.
+async fn watch_rules(path: PathBuf, controller: Arc<Controller>, shutdown: CancellationToken) {
+    const PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
+    // What was applied at start; a file that cannot be read is left to the
+    // next look (a ConfigMap update swaps it, and an edit may be half done).
+    let mut applied = tokio::fs::read(&path).await.ok();
+    let mut ticks = tokio::time::interval(PERIOD);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let Ok(now) = tokio::fs::read(&path).await else { continue };
+        if applied.as_ref() == Some(&now) {
+            continue;
+        }
+        info!("{} changed", path.display());
+        if let Err(e) = controller.reload().await {
+            warn!("reload refused, the rules stay as they were: {e}");
+        }
+        // Refused or not, this content was seen: the next change retries.
+        applied = Some(now);
+    }
+}
+
 /// Runs only the relays, on `settings.listen_port`, until `shutdown`
 /// completes: for traffic steered by other means (iptables `-j TPROXY
 /// --on-port`).
@@ -246,11 +293,12 @@ pub async fn relay_only(
     crate::relay::fit_to_descriptors(&mut tcp, &mut udp);
     let (tcp, udp) = bind_relays(settings, tcp, udp)?;
     let (tcp_stats, udp_stats) = (tcp.stats(), udp.stats());
-    ready(&tcp, &udp);
+    systemd::ready(&ready(&tcp, &udp));
     let stop = CancellationToken::new();
     let tasks = (tokio::spawn(tcp.run(stop.clone())), tokio::spawn(udp.run(stop.clone())));
     shutdown.await;
     info!("shutting down");
+    systemd::stopping();
     stop.cancel();
     let _ = tokio::join!(tasks.0, tasks.1);
     // Which ports were steered here is the rules' business; every
@@ -277,9 +325,11 @@ fn bind_relays(
     Ok((tcp, udp))
 }
 
-/// The line tests and operators wait for.
-fn ready(tcp: &TcpRelay, udp: &UdpRelay) {
-    info!("ready: relay listening on port {} (tcp) and {} (udp)", tcp.port(), udp.port());
+/// The line tests and operators wait for; returns what it says.
+fn ready(tcp: &TcpRelay, udp: &UdpRelay) -> String {
+    let status = format!("relay listening on port {} (tcp) and {} (udp)", tcp.port(), udp.port());
+    info!("ready: {status}");
+    status
 }
 
 /// The relays' counters, as the run ends.

@@ -1,5 +1,7 @@
-//! A named instance: its name, and what it keeps under `/run/tproxy` so
-//! that a killed run can be cleaned up without touching anyone else's:
+//! A named instance: its name, and what it keeps in the runtime directory
+//! (`/run/tproxy`, or `$RUNTIME_DIRECTORY` as systemd's `RuntimeDirectory=`
+//! sets it) so that a killed run can be cleaned up without touching anyone
+//! else's:
 //!
 //! - `<name>.sock`, its control socket (see [`crate::control`]).
 //! - `<name>.lock`, locked (flock) for the instance's lifetime. The kernel
@@ -51,15 +53,31 @@ pub fn validate_name(name: &str) -> Result<()> {
 
 /// The control socket of instance `name`.
 pub fn socket_path(name: &str) -> PathBuf {
-    Path::new(RUN_DIR).join(format!("{name}.sock"))
+    run_dir_path().join(format!("{name}.sock"))
 }
 
-/// Where instances keep their lock, state and control socket.
-pub const RUN_DIR: &str = "/run/tproxy";
+/// Where instances keep their lock, state and control socket unless
+/// `$RUNTIME_DIRECTORY` says otherwise.
+pub const DEFAULT_RUN_DIR: &str = "/run/tproxy";
 
-/// [`RUN_DIR`], created root-only if missing.
-pub fn run_dir() -> Result<&'static Path> {
-    create_private_dir(Path::new(RUN_DIR))
+/// The runtime directory: the first of `$RUNTIME_DIRECTORY` (systemd sets
+/// it for a unit with `RuntimeDirectory=`, owned by the unit's user, so a
+/// daemon that is not root can keep its files there), or
+/// [`DEFAULT_RUN_DIR`]. Clients (`tproxy-user port …`) look there too.
+pub fn run_dir_path() -> PathBuf {
+    std::env::var_os("RUNTIME_DIRECTORY")
+        .and_then(|dirs| {
+            let first = dirs.to_string_lossy().split(':').next().map(PathBuf::from);
+            first.filter(|d| d.is_absolute())
+        })
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR))
+}
+
+/// [`run_dir_path`], created private (0700) if missing.
+pub fn run_dir() -> Result<PathBuf> {
+    let dir = run_dir_path();
+    create_private_dir(&dir)?;
+    Ok(dir)
 }
 
 /// Creates `dir` (and its parents) with mode 0700 if missing.
@@ -224,7 +242,7 @@ pub fn leftovers(name: &str) -> Result<Option<InstanceState>> {
 /// The records of every other live instance in this network namespace.
 pub fn live_instances(except: &str) -> Result<Vec<(String, InstanceState)>> {
     let netns = netns_id()?;
-    let Ok(entries) = fs::read_dir(RUN_DIR) else { return Ok(Vec::new()) };
+    let Ok(entries) = fs::read_dir(run_dir_path()) else { return Ok(Vec::new()) };
     let mut live = Vec::new();
     for entry in entries.flatten() {
         let path = entry.path();

@@ -567,11 +567,60 @@ impl Interceptor {
     }
 }
 
-/// What stands in the way of steering to `target` now, for the start's
-/// warnings: no listener on the port (steering waits for one, and traffic
-/// passes until then), or only listeners bound to addresses the lookup will
-/// not ask for.
-pub fn check_port_target(target: &PortTarget, protocols: &HashSet<Protocol>) -> Vec<String> {
+/// Something in the way of steering to a [`PortTarget`] now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortFinding {
+    /// Nothing listens there: flows of `proto` pass untouched until a
+    /// transparent listener binds the port.
+    NoListener {
+        /// TCP or UDP.
+        proto: Protocol,
+        /// The port.
+        port: u16,
+    },
+    /// Only listeners bound to addresses the lookup will not ask for.
+    BoundElsewhere {
+        /// TCP or UDP.
+        proto: Protocol,
+        /// The port.
+        port: u16,
+        /// Where they are bound.
+        addrs: Vec<std::net::IpAddr>,
+    },
+    /// The socket table could not be read.
+    Unknown {
+        /// TCP or UDP.
+        proto: Protocol,
+        /// Why.
+        error: String,
+    },
+}
+
+impl std::fmt::Display for PortFinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoListener { proto, port } => write!(
+                f,
+                "nothing listens on {proto} port {port} yet: {proto} flows pass untouched until a transparent listener binds it"
+            ),
+            Self::BoundElsewhere { proto, port, addrs } => {
+                let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+                write!(
+                    f,
+                    "{proto} port {port} is bound only to {}: give --to-addr with that address, or a flow is steered there only when it is its destination",
+                    list.join(", ")
+                )
+            }
+            Self::Unknown { proto, error } => {
+                write!(f, "could not list {proto} sockets to check the target port: {error}")
+            }
+        }
+    }
+}
+
+/// What stands in the way of steering to `target` for `protocols` now, for
+/// the start's warnings and the readiness probe.
+pub fn check_port_target(target: &PortTarget, protocols: &HashSet<Protocol>) -> Vec<PortFinding> {
     use std::net::IpAddr;
 
     use crate::host::sock_diag::{self, AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, StateFlags};
@@ -592,17 +641,11 @@ pub fn check_port_target(target: &PortTarget, protocols: &HashSet<Protocol>) -> 
                 Ok(ids) => bound.extend(
                     ids.iter().filter(|id| id.source_port == port).map(|id| id.source_address),
                 ),
-                Err(e) => {
-                    findings
-                        .push(format!("could not list {proto} sockets to check port {port}: {e}"));
-                    continue;
-                }
+                Err(e) => findings.push(PortFinding::Unknown { proto, error: e.to_string() }),
             }
         }
         if bound.is_empty() {
-            findings.push(format!(
-                "nothing listens on {proto} port {port} yet: {proto} flows pass untouched until a transparent listener binds it"
-            ));
+            findings.push(PortFinding::NoListener { proto, port });
             continue;
         }
         let wildcard = bound.iter().any(|a| a.is_unspecified());
@@ -611,11 +654,7 @@ pub fn check_port_target(target: &PortTarget, protocols: &HashSet<Protocol>) -> 
             IpAddr::V6(a) => target.ipv6 == Some(*a),
         };
         if !wildcard && !bound.iter().any(asked) {
-            let list: Vec<String> = bound.iter().map(|a| a.to_string()).collect();
-            findings.push(format!(
-                "{proto} port {port} is bound only to {}: give --to-addr with that address, or a flow is steered there only when it is its destination",
-                list.join(", ")
-            ));
+            findings.push(PortFinding::BoundElsewhere { proto, port, addrs: bound });
         }
     }
     findings

@@ -27,7 +27,13 @@ use tracing_subscriber::EnvFilter;
 #[command(
     name = "tproxy-user",
     version,
-    about = "Transparent proxying with eBPF instead of iptables"
+    about = "Transparent proxying with eBPF instead of iptables",
+    long_about = "Transparent proxying with eBPF instead of iptables: a TC program steers TCP and \
+UDP flows arriving on interfaces, by rule, to a transparent relay that connects to each flow's \
+original destination, or to another program's transparent listener (--to-port). IPv4 and IPv6. \
+`attach` runs until SIGINT or SIGTERM and removes everything it added; SIGHUP re-reads its \
+--config. Instances keep their lock, state and control socket in $RUNTIME_DIRECTORY, or \
+/run/tproxy."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -77,6 +83,20 @@ enum OtherCommand {
     /// Remove what a killed `attach` left behind: the TC filters it recorded
     /// and the policy routing for the mark and table.
     Cleanup(CleanupArgs),
+    /// Print a shell completion script, e.g. `tproxy-user completions bash >
+    /// /usr/share/bash-completion/completions/tproxy-user`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `tproxy-user man | man -l -`, or
+    /// write it and one page per subcommand into a directory.
+    Man {
+        /// Write tproxy-user.8 and tproxy-user-<command>.8 here.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -175,6 +195,10 @@ struct AttachArgs {
     /// by `tproxy-user reload`.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Also reload --config whenever its content changes (for a
+    /// Kubernetes ConfigMap, which nothing sends SIGHUP for).
+    #[arg(long, requires = "config")]
+    watch_config: bool,
     /// Name of this instance, for `port`, `rule`, `reload` and `stats`.
     #[arg(long, default_value = tproxy_user::instance::DEFAULT_NAME)]
     name: String,
@@ -351,6 +375,7 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
         tcp,
         udp,
         rules_file: args.config,
+        watch_rules_file: args.watch_config,
         metrics: args.metrics,
     })
 }
@@ -504,6 +529,27 @@ async fn run_other(command: OtherCommand) -> anyhow::Result<()> {
                 anyhow::bail!("doctor found problems (FAIL above)");
             }
             Ok(())
+        }
+        OtherCommand::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "tproxy-user",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        OtherCommand::Man { dir } => {
+            use clap::CommandFactory as _;
+            let command = Cli::command();
+            match dir {
+                Some(dir) => clap_mangen::generate_to(command, &dir)
+                    .with_context(|| format!("writing man pages into {}", dir.display())),
+                None => clap_mangen::Man::new(command)
+                    .render(&mut std::io::stdout())
+                    .context("writing the man page"),
+            }
         }
         OtherCommand::Cleanup(args) => {
             tproxy_user::host::system::check_privileges()?;

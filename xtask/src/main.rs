@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod dist;
 mod setup;
 mod vm;
 
@@ -54,6 +55,13 @@ enum Task {
         #[arg(long, default_value_t = 4)]
         seconds: u64,
     },
+    /// Build the Debian package into target/dist (and with --check, install,
+    /// verify and remove it on this machine).
+    Dist {
+        /// Also check the package on this machine (skipped where tproxy is installed).
+        #[arg(long)]
+        check: bool,
+    },
     /// Run the integration tests inside Debian kernels under qemu (virtme-ng).
     VmTest {
         /// Which kernel: 5.10, 6.1, 6.12 or all.
@@ -100,6 +108,15 @@ fn main() -> Result<()> {
             setup::bench_tools()?;
             let bin = build(true)?;
             bench::run(&bin, &bench::Options { rounds, seconds })
+        }
+        Task::Dist { check } => {
+            setup::demo()?;
+            let deb = dist::build(&build(true)?)?;
+            if check {
+                require_root("the check installs the package")?;
+                dist::check(&deb)?;
+            }
+            Ok(())
         }
         Task::VmTest { kernel } => {
             require_root("the tests create network namespaces and load BPF programs")?;

@@ -1,27 +1,89 @@
-//! `attach --metrics ADDR`: the counters over HTTP in Prometheus text format.
+//! `attach --metrics ADDR`: an HTTP endpoint (hyper) for scrapers and
+//! probes, bound before anything is attached:
 //!
-//! The format comes from prometheus-client
-//! ([`StatsReport::to_prometheus`](crate::control::stats::StatsReport::to_prometheus));
-//! the HTTP side is the minimum a scraper needs: `GET /metrics`, one response,
-//! close.
+//! - `GET /metrics`: every counter in Prometheus text format
+//!   ([`StatsReport::to_prometheus`](crate::control::stats::StatsReport::to_prometheus));
+//!   503 until the instance runs.
+//! - `GET /healthz`: 200 while the process serves (a liveness probe).
+//! - `GET /readyz`: 200 once the filters are attached and a listener is in
+//!   place for the flows: the relay's, or with `--to-port` the other
+//!   program's; 503 with the reason before, while it is missing, and once
+//!   the instance stops (a readiness probe).
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
-
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
 };
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::{
     control::Controller,
     error::{Error, Result},
+    intercept::{self, PortFinding, Target},
 };
 
-/// A bound metrics listener.
+/// A bound endpoint.
 pub struct MetricsServer {
     listener: TcpListener,
+}
+
+/// What the endpoint reports on: the instance once it runs, and whether it
+/// is stopping.
+#[derive(Default)]
+pub struct Served {
+    controller: OnceLock<Arc<Controller>>,
+    stopping: AtomicBool,
+}
+
+impl Served {
+    /// Nothing attached yet: probes get 503.
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// The instance runs: its filters are attached.
+    pub fn running(&self, controller: Arc<Controller>) {
+        let _ = self.controller.set(controller);
+    }
+
+    /// The instance stops: not ready any more.
+    pub fn stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    async fn readiness(&self) -> std::result::Result<(), String> {
+        if self.stopping.load(Ordering::Relaxed) {
+            return Err("stopping".into());
+        }
+        let Some(controller) = self.controller.get() else {
+            return Err("starting: the filters are not attached yet".into());
+        };
+        let (target, protocols) =
+            controller.target_and_protocols().await.map_err(|e| e.to_string())?;
+        let Target::Port(target) = target else { return Ok(()) };
+        // Ready while the other program listens for one of the protocols at
+        // least (HAProxy takes TCP only, say).
+        let findings = intercept::check_port_target(&target, &protocols);
+        let missing =
+            findings.iter().filter(|f| matches!(f, PortFinding::NoListener { .. })).count();
+        if protocols.is_empty() || missing < protocols.len() {
+            Ok(())
+        } else {
+            Err(format!("nothing listens on port {} yet", target.port))
+        }
+    }
 }
 
 impl MetricsServer {
@@ -38,8 +100,8 @@ impl MetricsServer {
         self.listener.local_addr().ok()
     }
 
-    /// Serves scrapes until `shutdown` is cancelled.
-    pub async fn serve(self, controller: Arc<Controller>, shutdown: CancellationToken) {
+    /// Serves until `shutdown` is cancelled.
+    pub async fn serve(self, served: Arc<Served>, shutdown: CancellationToken) {
         loop {
             let stream = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -51,46 +113,58 @@ impl MetricsServer {
                     }
                 },
             };
-            let controller = controller.clone();
+            let served = served.clone();
             tokio::spawn(async move {
-                let served =
-                    tokio::time::timeout(Duration::from_secs(10), scrape(stream, &controller));
-                if let Ok(Err(e)) = served.await {
-                    debug!("metrics request: {e}");
+                let service = service_fn(move |request| {
+                    let served = served.clone();
+                    async move { Ok::<_, Infallible>(respond(&served, request).await) }
+                });
+                let connection = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(stream), service);
+                // A client that keeps the connection idle is let go.
+                match tokio::time::timeout(Duration::from_secs(60), connection).await {
+                    Ok(Err(e)) => debug!("metrics connection: {e}"),
+                    Err(_) => debug!("metrics connection: idle for 60 s, closed"),
+                    Ok(Ok(())) => {}
                 }
             });
         }
     }
 }
 
-async fn scrape(mut stream: TcpStream, controller: &Controller) -> std::io::Result<()> {
-    // The request head, up to a limit; the body (there is none) is ignored.
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 || head.len() > 8192 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
+async fn respond<B>(served: &Served, request: Request<B>) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: String| reply(status, "text/plain; charset=utf-8", body);
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
     }
-    let request_line = String::from_utf8_lossy(&head);
-    let mut words = request_line.split_whitespace();
-    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let (status, content_type, body) = match (method, path.split('?').next().unwrap_or("")) {
-        ("GET", "/metrics") => match controller.stats().await {
-            Ok(report) => {
-                ("200 OK", "text/plain; version=0.0.4; charset=utf-8", report.to_prometheus())
-            }
-            Err(e) => ("500 Internal Server Error", "text/plain", format!("{e}\n")),
+    match request.uri().path() {
+        "/metrics" => match served.controller.get() {
+            Some(controller) => match controller.stats().await {
+                Ok(report) => reply(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    report.to_prometheus(),
+                ),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            },
+            None => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n".into()),
         },
-        ("GET", _) => ("404 Not Found", "text/plain", "try /metrics\n".to_owned()),
-        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_owned()),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => match served.readiness().await {
+            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+        },
+        _ => text(StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n".into()),
+    }
+}
+
+fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = content_type.parse() {
+        response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
 }

@@ -1,17 +1,20 @@
 //! Live control of a running instance: its rules, a reload of its rules file,
 //! and its counters.
 //!
-//! Each `attach` serves a Unix socket at `/run/tproxy/<name>.sock`. The
-//! directory is root's with mode 0700 and the socket has mode 0600, and the
-//! server also checks that the peer is root. The protocol is one JSON
+//! Each `attach` serves a Unix socket at `/run/tproxy/<name>.sock` (in
+//! the runtime directory, see [`crate::instance`]). The directory has mode
+//! 0700 and the socket 0600, and the server also checks that the peer is
+//! root or the daemon's own user. The protocol is one JSON
 //! [`Request`] per line, answered by one JSON [`Response`] line.
 //!
 //! Also here: the rules file ([`config`]), the counters' report
-//! ([`stats`]) and the Prometheus endpoint ([`metrics`]).
+//! ([`stats`]), the HTTP endpoint for metrics and health probes
+//! ([`metrics`]), and the service manager's notifications ([`systemd`]).
 
 pub mod config;
 pub mod metrics;
 pub mod stats;
+pub mod systemd;
 
 use std::{
     io,
@@ -167,11 +170,28 @@ impl Controller {
                 "nothing to reload: attach was started without --config".into(),
             ));
         };
-        let mut rules = self.fixed_rules.clone();
-        rules.extend(config::load_rules(path)?);
-        self.with(|i| i.set_rules(rules)).await?;
-        info!("reloaded {}: rules: {}", path.display(), self.rule_texts().await?.join(", "));
-        Ok(())
+        systemd::reloading();
+        let reloaded = async {
+            let mut rules = self.fixed_rules.clone();
+            rules.extend(config::load_rules(path)?);
+            self.with(|i| i.set_rules(rules)).await?;
+            info!("reloaded {}: rules: {}", path.display(), self.rule_texts().await?.join(", "));
+            Ok(())
+        }
+        .await;
+        // Refused or not, the instance runs on.
+        systemd::ready("reloaded");
+        reloaded
+    }
+
+    /// Where flows go, and the protocols the rules intercept.
+    pub async fn target_and_protocols(
+        &self,
+    ) -> Result<(crate::intercept::Target, std::collections::HashSet<crate::rules::Protocol>)> {
+        self.with(|i| {
+            Ok((i.config().target, i.rules().gated_ports().map(|(proto, _)| proto).collect()))
+        })
+        .await
     }
 
     /// Every counter, now.
@@ -266,7 +286,8 @@ async fn serve_one(stream: UnixStream, controller: &Controller) -> io::Result<()
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(64 * 1024)).lines();
     while let Some(line) = lines.next_line().await? {
-        let response = if peer_uid != 0 {
+        // Root, or the user the daemon runs as (a systemd unit's).
+        let response = if peer_uid != 0 && peer_uid != nix::unistd::geteuid().as_raw() {
             Response::Error { message: "only root may control tproxy".into() }
         } else {
             match serde_json::from_str::<Request>(&line) {

@@ -1,0 +1,53 @@
+//! The service manager's notification protocol (`Type=notify` units):
+//! READY=1 once steering and listeners are in place, RELOADING=1 while the
+//! rules are re-read, STOPPING=1 at shutdown, and WATCHDOG=1 pings. Without
+//! `$NOTIFY_SOCKET` (not started by systemd) each is a no-op.
+
+use std::{sync::Arc, time::Duration};
+
+use sd_notify::NotifyState;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::Controller;
+
+fn send(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!("notifying the service manager: {e}");
+    }
+}
+
+/// Ready, with a status line for `systemctl status`.
+pub fn ready(status: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+/// Reloading the rules; [`ready`] follows when done.
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now]),
+        Err(e) => warn!("reading the monotonic clock for RELOADING=1: {e}"),
+    }
+}
+
+/// Shutting down.
+pub fn stopping() {
+    send(&[NotifyState::Stopping]);
+}
+
+/// Pings the watchdog at half its period (`WatchdogSec=`) while the
+/// instance answers: a ping needs the counters read through the same lock
+/// every control request takes, so a wedged instance is restarted.
+pub async fn watchdog(controller: Arc<Controller>, shutdown: CancellationToken) {
+    let Some(period) = sd_notify::watchdog_enabled() else { return };
+    let mut ticks = tokio::time::interval((period / 2).max(Duration::from_millis(100)));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => match controller.stats().await {
+                Ok(_) => send(&[NotifyState::Watchdog]),
+                Err(e) => debug!("no watchdog ping: {e}"),
+            },
+        }
+    }
+}
