@@ -192,3 +192,21 @@ fn tempdir() -> Result<PathBuf> {
     fs::create_dir_all(&dir)?;
     Ok(dir)
 }
+
+/// Validates `deploy/kubernetes` against the Kubernetes schemas, offline and
+/// strictly (unknown fields fail). The PodMonitor is a Prometheus Operator
+/// CRD with no schema there: its kind is only warned about.
+pub fn validate_manifests() -> Result<()> {
+    let dir = super::workspace().join("deploy/kubernetes");
+    let mut manifests: Vec<PathBuf> = fs::read_dir(&dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    manifests.sort();
+    super::run(
+        Command::new(super::setup::kubernetes_validate_bin())
+            .args(["--strict", "--quiet"])
+            .args(&manifests),
+    )?;
+    eprintln!("manifests: {} valid", manifests.len());
+    Ok(())
+}

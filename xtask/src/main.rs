@@ -36,7 +36,8 @@ enum Task {
     /// A self-contained demo in a sandbox of network namespaces.
     Demo,
     /// Run every test (needs root: the tests create network namespaces):
-    /// on the host kernel, then inside a Debian 6.1 kernel.
+    /// on the host kernel, the Debian package and the Kubernetes manifests,
+    /// then inside a Debian 6.1 kernel.
     Test {
         /// Only the host kernel.
         #[arg(long)]
@@ -94,6 +95,9 @@ fn main() -> Result<()> {
             require_root("the tests create network namespaces and load BPF programs")?;
             setup::run()?;
             test(&args)?;
+            // The package and the manifests, on this machine.
+            dist::check(&dist::build(&build(true)?)?)?;
+            dist::validate_manifests()?;
             if host_only {
                 return Ok(());
             }

@@ -56,7 +56,27 @@ pub fn run() -> Result<()> {
     demo()?;
     install_missing(TEST_TOOLS)?;
     install_missing(VM_TOOLS)?;
-    virtme_ng()
+    virtme_ng()?;
+    kubernetes_validate()
+}
+
+/// kubernetes-validate, which checks the manifests against the Kubernetes
+/// schemas offline, in the same venv; the version these machines were
+/// checked with.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+/// The venv's `kubernetes-validate`.
+pub fn kubernetes_validate_bin() -> std::path::PathBuf {
+    super::workspace().join("target/vm/venv/bin/kubernetes-validate")
+}
+
+fn kubernetes_validate() -> Result<()> {
+    if kubernetes_validate_bin().exists() {
+        return Ok(());
+    }
+    eprintln!("setup: installing {KUBERNETES_VALIDATE}");
+    let pip = super::workspace().join("target/vm/venv/bin/pip");
+    super::run(Command::new(pip).args(["install", "-q", KUBERNETES_VALIDATE]))
 }
 
 /// A virtualenv under target/vm with virtme-ng, so nothing is installed into
