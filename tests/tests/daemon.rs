@@ -47,7 +47,10 @@ impl Drop for TempDir {
 /// `curl` in `ns`: the status code and the body.
 fn http(ns: &Netns, path: &str) -> Result<(u16, String)> {
     let url = format!("http://{METRICS}{path}");
-    let out = ns.command("curl").args(["-sS", "--max-time", "5", "-w", "\n%{http_code}", &url]).output()?;
+    let out = ns
+        .command("curl")
+        .args(["-sS", "--max-time", "5", "-w", "\n%{http_code}", &url])
+        .output()?;
     ensure!(out.status.success(), "curl {url}: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').context("no status code")?;
@@ -109,7 +112,17 @@ fn an_unprivileged_daemon_relays_is_controlled_and_answers_probes() -> Result<()
     let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid()))?;
     let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or_default();
     ensure!(uid.split_whitespace().skip(1).all(|id| id == "65534"), "{uid}");
-    ensure!(runtime.path(&format!("{name}.sock")).exists(), "no control socket in the runtime directory");
+    // After loading it keeps CAP_NET_ADMIN (12), CAP_NET_BIND_SERVICE (10)
+    // and CAP_BPF (39); CAP_PERFMON (38) and the ambient set are gone.
+    let caps =
+        |set: &str| status.lines().find(|l| l.starts_with(set)).unwrap_or_default().to_owned();
+    ensure!(caps("CapEff:").ends_with("0000008000001400"), "{}", caps("CapEff:"));
+    ensure!(caps("CapPrm:").ends_with("0000008000001400"), "{}", caps("CapPrm:"));
+    ensure!(caps("CapAmb:").ends_with("0000000000000000"), "{}", caps("CapAmb:"));
+    ensure!(
+        runtime.path(&format!("{name}.sock")).exists(),
+        "no control socket in the runtime directory"
+    );
 
     // Relayed: the server sees the proxy.
     let addr = Topology::server_addr(false, 80);
@@ -158,12 +171,8 @@ fn readiness_follows_the_listener() -> Result<()> {
     ensure!(http(&topology.proxy, "/healthz")?.0 == 200);
     let (code, why) = http(&topology.proxy, "/readyz")?;
     ensure!(code == 503 && why.contains("nothing listens on port 8080"), "{code}: {why}");
-    let server = Proxy::spawn_program(
-        &topology.proxy,
-        &example_bin("original_destination"),
-        &["8080"],
-        "",
-    )?;
+    let server =
+        Proxy::spawn_program(&topology.proxy, &example_bin("original_destination"), &["8080"], "")?;
     server.wait_for_log("ready:", Duration::from_secs(30))?;
     wait_for_status(&topology.proxy, "/readyz", 200)?;
     server.stop()?;

@@ -198,9 +198,8 @@ fn tempdir() -> Result<PathBuf> {
 /// CRD with no schema there: its kind is only warned about.
 pub fn validate_manifests() -> Result<()> {
     let dir = super::workspace().join("deploy/kubernetes");
-    let mut manifests: Vec<PathBuf> = fs::read_dir(&dir)?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<Result<_, _>>()?;
+    let mut manifests: Vec<PathBuf> =
+        fs::read_dir(&dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
     manifests.sort();
     super::run(
         Command::new(super::setup::kubernetes_validate_bin())
