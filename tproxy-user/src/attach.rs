@@ -41,6 +41,9 @@ pub struct AttachConfig {
     pub tcp: TcpRelayConfig,
     /// The UDP relay's limits.
     pub udp: UdpRelayConfig,
+    /// Reach original destinations through this proxy (TCP; UDP too for
+    /// SOCKS5) instead of directly.
+    pub upstream: Option<crate::relay::upstream::Upstream>,
     /// A rules file (see [`crate::control::config`]), applied at start and again on SIGHUP
     /// or `tproxy-user reload`.
     pub rules_file: Option<PathBuf>,
@@ -65,6 +68,7 @@ impl AttachConfig {
             ipv6: crate::host::system::ipv6_enabled(),
             tcp: TcpRelayConfig::default(),
             udp: UdpRelayConfig::default(),
+            upstream: None,
             rules_file: None,
             watch_rules_file: false,
             metrics: None,
@@ -79,6 +83,7 @@ impl AttachConfig {
             upstream_mark: self.intercept.upstream_mark,
             spoof_source: self.intercept.spoof_source,
             allow_local_destinations: self.intercept.intercept_local,
+            upstream: self.upstream.clone(),
         }
     }
 }
@@ -114,6 +119,14 @@ pub fn prepare(mut config: AttachConfig) -> Result<Prepared> {
         return Err(Error::Config(format!("--listen-port {port} is also an intercepted port")));
     }
     crate::relay::fit_to_descriptors(&mut config.tcp, &mut config.udp);
+    if let Some(upstream) = &config.upstream
+        && !upstream.carries_udp()
+        && config.intercept.rules.iter().any(|r| r.protocols.contains(&crate::rules::Protocol::Udp))
+    {
+        warn!(
+            "{upstream} carries TCP only: intercepted UDP flows are relayed directly (give --proto tcp to leave UDP alone)"
+        );
+    }
     let intercept = Interceptor::load(config.intercept.clone())?;
     // Choosing the routing values may have changed the upstream mark, which
     // the relays take from it.

@@ -18,7 +18,7 @@ use tproxy_user::{
         self, DEFAULT_MARK, DEFAULT_RULE_PRIORITY, DEFAULT_TABLE, DEFAULT_UPSTREAM_MARK,
         InterceptConfig, PortTarget, Target,
     },
-    relay::{RelaySettings, TcpRelayConfig, UdpRelayConfig, tcp, udp},
+    relay::{RelaySettings, TcpRelayConfig, UdpRelayConfig, tcp, udp, upstream::Upstream},
     rules::{Protocol, Rule, parse_ports},
 };
 use tracing_subscriber::EnvFilter;
@@ -249,8 +249,15 @@ struct RelayArgs {
     /// Connect upstream from the client's own address (both TCP and UDP), so
     /// the server sees the client; replies are steered back on every given
     /// interface.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "upstream")]
     spoof_source: bool,
+    /// Reach the original destinations through a proxy:
+    /// socks5://[user:pass@]HOST:PORT (TCP and UDP),
+    /// http://[user:pass@]HOST:PORT (HTTP CONNECT, TCP), or
+    /// proxy-v2://HOST:PORT (a PROXY protocol v2 header, TCP). UDP flows
+    /// pass through no proxy but SOCKS5's and are relayed directly.
+    #[arg(long, value_name = "URL")]
+    upstream: Option<Upstream>,
     /// Seconds to wait for the original destination to accept.
     #[arg(long, default_value_t = tcp::DEFAULT_CONNECT_TIMEOUT.as_secs_f64(), value_name = "SECS")]
     connect_timeout: f64,
@@ -301,7 +308,7 @@ struct CleanupArgs {
 const DEFAULT_LOG_FILTER: &str = "info";
 
 /// `attach` options that only our relay uses, which `--to-port` refuses.
-const RELAY_ONLY: [&str; 10] = [
+const RELAY_ONLY: [&str; 11] = [
     "listen_port",
     "upstream_mark",
     "spoof_source",
@@ -312,6 +319,7 @@ const RELAY_ONLY: [&str; 10] = [
     "max_connections_per_source",
     "udp_idle_timeout",
     "max_udp_sessions",
+    "upstream",
 ];
 
 fn parse_u32(s: &str) -> Result<u32, String> {
@@ -374,6 +382,7 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
         ipv6: tproxy_user::host::system::ipv6_enabled(),
         tcp,
         udp,
+        upstream: args.relay.upstream.clone(),
         rules_file: args.config,
         watch_rules_file: args.watch_config,
         metrics: args.metrics,
@@ -404,6 +413,7 @@ fn relay_settings(args: &RelayArgs) -> RelaySettings {
         upstream_mark: args.upstream_mark.unwrap_or(DEFAULT_UPSTREAM_MARK),
         spoof_source: args.spoof_source,
         allow_local_destinations: false,
+        upstream: args.upstream.clone(),
     }
 }
 

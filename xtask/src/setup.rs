@@ -28,6 +28,9 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("haproxy", "haproxy"),
     ("iptables-save", "iptables"),
     ("nft", "nftables"),
+    // Upstream proxies for `--upstream`.
+    ("danted", "dante-server"),
+    ("tinyproxy", "tinyproxy"),
 ];
 
 /// What the kernel-VM tests (virtme-ng) need.

@@ -1,5 +1,5 @@
 //! The relay: accepts what the TC program steers and forwards it to the
-//! original destination.
+//! original destination, directly or through an upstream proxy.
 
 mod budget;
 mod local;
@@ -8,6 +8,7 @@ pub mod tcp;
 pub mod timewait;
 pub mod transparent;
 pub mod udp;
+pub mod upstream;
 
 pub use budget::{DescriptorBudget, fit_to_descriptors};
 
@@ -29,6 +30,9 @@ pub struct RelaySettings {
     /// --intercept-local`); refused by default, so that the relay is no open
     /// door to the host's own services.
     pub allow_local_destinations: bool,
+    /// Reach the original destinations through this proxy instead of
+    /// directly (see [`upstream`]).
+    pub upstream: Option<upstream::Upstream>,
 }
 
 impl Default for RelaySettings {
@@ -39,6 +43,7 @@ impl Default for RelaySettings {
             upstream_mark: crate::intercept::DEFAULT_UPSTREAM_MARK,
             spoof_source: false,
             allow_local_destinations: false,
+            upstream: None,
         }
     }
 }

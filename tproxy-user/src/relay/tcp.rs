@@ -347,7 +347,11 @@ async fn relay(accepted: Accepted, shared: &Shared) {
         mark: settings.upstream_mark,
         timeout: shared.config.connect_timeout,
     };
-    let upstream = match transparent::tcp_dial(dst, &dial).await {
+    let dialled = match &settings.upstream {
+        None => transparent::tcp_dial(dst, &dial).await,
+        Some(proxy) => proxy.connect(dst, peer, &dial).await,
+    };
+    let upstream = match dialled {
         Ok(upstream) => upstream,
         Err(e) => {
             stats.upstream_failures.fetch_add(1, Relaxed);

@@ -7,9 +7,15 @@
 //! (IP_TRANSPARENT) and connected to the client, so that replies come from
 //! the address the client talked to. Sessions end after an idle timeout, or
 //! when the table is full and they are the least recently used.
+//!
+//! With a SOCKS5 upstream, a session's upstream socket is connected to the
+//! proxy's UDP relay instead, through an association of its own (opened
+//! asynchronously: the session's first datagrams wait for it), and its
+//! datagrams carry the SOCKS5 UDP header.
 
 use std::{
     cell::RefCell,
+    collections::HashMap,
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
@@ -21,7 +27,11 @@ use std::{
 
 use lru::LruCache;
 use socket2::SockRef;
-use tokio::{net::UdpSocket, task::JoinHandle};
+use tokio::{
+    net::{TcpStream, UdpSocket},
+    sync::mpsc,
+    task::JoinHandle,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -174,9 +184,15 @@ impl UdpRelay {
         let mut sweep = tokio::time::interval(sweep_interval(self.config.idle_timeout));
         let v6 = self.v6.as_ref();
         let mut rules = self.rules.take();
+        let (associated_tx, mut associated) = mpsc::unbounded_channel();
+        table.associated = Some(associated_tx);
         loop {
             let (received, buf) = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                Some((key, association)) = associated.recv() => {
+                    table.finish_open(key, association);
+                    continue;
+                }
                 Some(Ok(())) = async { Some(rules.as_mut()?.changed().await) } => {
                     let rules = rules.as_mut().expect("followed").borrow_and_update().clone();
                     table.close_unsteered(&rules);
@@ -215,6 +231,12 @@ type SessionKey = (SocketAddr, SocketAddr);
 
 struct Session {
     upstream: Arc<UdpSocket>,
+    /// Through a SOCKS5 proxy: the association's control connection (it
+    /// ends when this closes).
+    _control: Option<TcpStream>,
+    /// Through a SOCKS5 proxy: the UDP header for the destination, put
+    /// before each datagram up.
+    header: Option<Arc<[u8]>>,
     activity: Arc<Activity>,
     /// `activity.last_active` when the session was last moved to the front
     /// of the LRU.
@@ -240,8 +262,19 @@ struct SessionTable {
     stats: Arc<UdpRelayStats>,
     local: LocalAddrs,
     sessions: LruCache<SessionKey, Session>,
+    /// Sessions whose SOCKS5 association is being opened, with the
+    /// datagrams that wait for it.
+    opening: HashMap<SessionKey, Vec<Vec<u8>>>,
+    /// Where opened associations are reported, to [`Self::finish_open`].
+    associated: Option<mpsc::UnboundedSender<(SessionKey, io::Result<Association>)>>,
     epoch: Instant,
 }
+
+/// An opened SOCKS5 association with the session's reply socket.
+type Association = (super::upstream::UdpAssociation, UdpSocket);
+
+/// Datagrams a session keeps while its association opens; more are dropped.
+const MAX_WAITING: usize = 64;
 
 impl SessionTable {
     fn new(
@@ -251,7 +284,8 @@ impl SessionTable {
         local: LocalAddrs,
     ) -> Self {
         let (sessions, epoch) = (LruCache::unbounded(), Instant::now());
-        Self { settings, config, stats, local, sessions, epoch }
+        let (opening, associated) = (HashMap::new(), None);
+        Self { settings, config, stats, local, sessions, opening, associated, epoch }
     }
 
     fn now(&self) -> u64 {
@@ -275,6 +309,10 @@ impl SessionTable {
         }
         let now = self.now();
         let key = (client, dst);
+        if !self.sessions.contains(&key) && self.through_socks5() {
+            self.open_through_socks5(key, payload);
+            return;
+        }
         if !self.sessions.contains(&key) {
             match self.open(client, dst, now) {
                 Ok(session) => {
@@ -293,7 +331,70 @@ impl SessionTable {
         session.promoted_at = now;
         // ECONNREFUSED reports an earlier ICMP unreachable; the session
         // stays, as the server may come up.
-        forward(&session.upstream, payload, Direction::Up, &session.activity, &self.stats);
+        let (upstream, header) = (&session.upstream, session.header.as_deref());
+        forward(upstream, header, payload, Direction::Up, &session.activity, &self.stats);
+    }
+
+    fn through_socks5(&self) -> bool {
+        self.settings.upstream.as_ref().is_some_and(|u| u.carries_udp())
+    }
+
+    /// Starts opening a SOCKS5 association for `key`, or queues `payload`
+    /// behind the one being opened.
+    fn open_through_socks5(&mut self, key: SessionKey, payload: &[u8]) {
+        if let Some(waiting) = self.opening.get_mut(&key) {
+            if waiting.len() < MAX_WAITING {
+                waiting.push(payload.to_vec());
+            }
+            return;
+        }
+        let (Some(upstream), Some(report)) =
+            (self.settings.upstream.clone(), self.associated.clone())
+        else {
+            return;
+        };
+        self.opening.insert(key, vec![payload.to_vec()]);
+        let dial = DialOptions { mark: self.settings.upstream_mark, ..DialOptions::default() };
+        let (client, dst) = key;
+        tokio::spawn(async move {
+            let association = async {
+                let association = upstream.associate_udp(&dial).await?;
+                Ok((association, transparent::udp_reply_socket(dst, client)?))
+            }
+            .await;
+            let _ = report.send((key, association));
+        });
+    }
+
+    /// A SOCKS5 association for `key` opened, or failed: the session
+    /// starts with what waited for it, or what waited is dropped.
+    fn finish_open(&mut self, key: SessionKey, association: io::Result<Association>) {
+        let Some(waiting) = self.opening.remove(&key) else { return };
+        let (client, dst) = key;
+        let (association, reply) = match association {
+            Ok(opened) => opened,
+            Err(e) => {
+                self.stats.upstream_failures.fetch_add(1, Relaxed);
+                debug!(%client, %dst, error = %e, "UDP ASSOCIATE failed");
+                return;
+            }
+        };
+        let now = self.now();
+        let header = super::upstream::socks5_udp_header(dst);
+        let session = self.start(
+            key,
+            Arc::new(association.socket),
+            reply,
+            Some(association.control),
+            Some(header.into()),
+            now,
+        );
+        self.make_room();
+        for payload in &waiting {
+            let (upstream, header) = (&session.upstream, session.header.as_deref());
+            forward(upstream, header, payload, Direction::Up, &session.activity, &self.stats);
+        }
+        self.sessions.put(key, session);
     }
 
     fn open(&self, client: SocketAddr, dst: SocketAddr, now: u64) -> io::Result<Session> {
@@ -304,12 +405,24 @@ impl SessionTable {
         };
         let upstream = Arc::new(transparent::udp_upstream(dst, &dial)?);
         let reply = transparent::udp_reply_socket(dst, client)?;
+        Ok(self.start((client, dst), upstream, reply, None, None, now))
+    }
+
+    /// A session on its sockets, its task relaying replies.
+    fn start(
+        &self,
+        (client, dst): SessionKey,
+        upstream: Arc<UdpSocket>,
+        reply: UdpSocket,
+        control: Option<TcpStream>,
+        header: Option<Arc<[u8]>>,
+        now: u64,
+    ) -> Session {
         let activity = Arc::new(Activity::default());
         activity.last_active.store(now, Relaxed);
         let stop = CancellationToken::new();
         let task = tokio::spawn(relay_replies(
-            upstream.clone(),
-            reply,
+            Sockets { upstream: upstream.clone(), reply, header: header.clone(), dst },
             activity.clone(),
             self.epoch,
             self.stats.clone(),
@@ -318,7 +431,16 @@ impl SessionTable {
         self.stats.sessions_total.fetch_add(1, Relaxed);
         self.stats.sessions_active.fetch_add(1, Relaxed);
         debug!(%client, %dst, upstream = ?upstream.local_addr().ok(), "UDP session opened");
-        Ok(Session { upstream, activity, promoted_at: now, opened: Instant::now(), stop, task })
+        Session {
+            upstream,
+            _control: control,
+            header,
+            activity,
+            promoted_at: now,
+            opened: Instant::now(),
+            stop,
+            task,
+        }
     }
 
     /// Evicts least recently used sessions until one more fits. A session
@@ -411,16 +533,27 @@ enum Direction {
     Up,
 }
 
-/// Moves datagrams between a session's two sockets until it is closed.
-async fn relay_replies(
+/// A session's sockets, and how datagrams up are framed.
+struct Sockets {
     upstream: Arc<UdpSocket>,
     reply: UdpSocket,
+    /// The SOCKS5 UDP header up, if through a proxy.
+    header: Option<Arc<[u8]>>,
+    /// The original destination: through a proxy, only datagrams it says
+    /// came from there are replies.
+    dst: SocketAddr,
+}
+
+/// Moves datagrams between a session's two sockets until it is closed.
+async fn relay_replies(
+    sockets: Sockets,
     activity: Arc<Activity>,
     epoch: Instant,
     stats: Arc<UdpRelayStats>,
     stop: CancellationToken,
 ) {
     let mut last_round = false;
+    let (upstream, reply) = (&sockets.upstream, &sockets.reply);
     loop {
         let ready = tokio::select! {
             r = upstream.readable() => r.map(|()| Some(Direction::Down)),
@@ -441,7 +574,7 @@ async fn relay_replies(
             }
         };
         for &direction in directions {
-            relay_queued(&upstream, &reply, direction, &activity, epoch, &stats, last_round);
+            relay_queued(&sockets, direction, &activity, epoch, &stats, last_round);
         }
         if last_round {
             return;
@@ -453,8 +586,7 @@ async fn relay_replies(
 /// `last`: the session is closing, so ask the socket itself rather than
 /// tokio, which tries only sockets it has seen readable.
 fn relay_queued(
-    upstream: &UdpSocket,
-    reply: &UdpSocket,
+    sockets: &Sockets,
     direction: Direction,
     activity: &Activity,
     epoch: Instant,
@@ -462,9 +594,10 @@ fn relay_queued(
     last: bool,
 ) {
     let (from, to) = match direction {
-        Direction::Down => (upstream, reply),
-        Direction::Up => (reply, upstream),
+        Direction::Down => (&*sockets.upstream, &sockets.reply),
+        Direction::Up => (&sockets.reply, &*sockets.upstream),
     };
+    let header = sockets.header.as_deref();
     let receive = |buf: &mut [u8]| -> io::Result<usize> {
         if !last {
             return from.try_recv(buf);
@@ -487,8 +620,19 @@ fn relay_queued(
                         stats.truncated.fetch_add(1, Relaxed);
                     }
                     Ok(n) => {
+                        let payload = match (direction, header) {
+                            // From the proxy: its header says who sent it.
+                            (Direction::Down, Some(_)) => {
+                                match super::upstream::socks5_udp_payload(&buf[..n]) {
+                                    Some((source, payload)) if source == sockets.dst => payload,
+                                    _ => continue,
+                                }
+                            }
+                            _ => &buf[..n],
+                        };
                         activity.last_active.store(epoch.elapsed().as_millis() as u64, Relaxed);
-                        forward(to, &buf[..n], direction, activity, stats);
+                        let header = if matches!(direction, Direction::Up) { header } else { None };
+                        forward(to, header, payload, direction, activity, stats);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     // An ICMP error from the peer surfaces here; keep listening.
@@ -499,8 +643,11 @@ fn relay_queued(
     }
 }
 
+/// Sends `payload` on `to`, after `header` if given (the SOCKS5 UDP
+/// header: one datagram, two pieces).
 fn forward(
     to: &UdpSocket,
+    header: Option<&[u8]>,
     payload: &[u8],
     direction: Direction,
     activity: &Activity,
@@ -508,7 +655,13 @@ fn forward(
 ) {
     // A plain non-blocking send: tokio's `try_send` reports WouldBlock
     // until it has seen the socket writable once.
-    match (SockRef::from(to).send(payload), direction) {
+    let sent = match header {
+        None => SockRef::from(to).send(payload),
+        Some(header) => SockRef::from(to)
+            .send_vectored(&[io::IoSlice::new(header), io::IoSlice::new(payload)])
+            .map(|n| n.saturating_sub(header.len())),
+    };
+    match (sent, direction) {
         (Ok(sent), Direction::Down) => {
             activity.bytes_down.fetch_add(sent as u64, Relaxed);
             stats.datagrams_down.fetch_add(1, Relaxed);

@@ -1,0 +1,372 @@
+//! Chaining to upstream proxies (`--upstream`): dante as SOCKS5 (TCP and
+//! UDP ASSOCIATE, with and without auth), tinyproxy as HTTP CONNECT, and
+//! HAProxy taking a PROXY v2 header. The proxies run on an address of their
+//! own on the server side, so the origin can tell who connected.
+
+use std::{
+    io::Write,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    process::{Child, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use tproxy_tests::*;
+
+const UPSTREAM_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
+const UPSTREAM_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x20);
+
+fn upstream_ip(v6: bool) -> IpAddr {
+    if v6 { UPSTREAM_V6.into() } else { UPSTREAM_V4.into() }
+}
+
+/// The topology, with the upstream proxies' own addresses on the server.
+fn topology(tag: &str) -> Result<Topology> {
+    let topology = Topology::new(tag)?;
+    let s = &topology.server;
+    s.exec(&["ip", "addr", "add", &format!("{UPSTREAM_V4}/24"), "dev", "s0"])?;
+    s.exec(&["ip", "addr", "add", &format!("{UPSTREAM_V6}/64"), "dev", "s0", "nodad"])?;
+    // As the topology does for the server: no neighbour discovery wait.
+    let mac = s.exec(&["cat", "/sys/class/net/s0/address"])?;
+    topology.proxy.exec(&[
+        "ip",
+        "neigh",
+        "replace",
+        &UPSTREAM_V6.to_string(),
+        "lladdr",
+        mac.trim(),
+        "dev",
+        "p1",
+        "nud",
+        "permanent",
+    ])?;
+    Ok(topology)
+}
+
+/// A program with a config file in the server namespace, its output
+/// collected; killed when dropped.
+struct Daemon {
+    child: Child,
+    config: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    fn start(ns: &Netns, name: &str, config: &str, args: &[&str], port: u16) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!("tproxy-test-{}-{name}.conf", ns.name));
+        std::fs::write(&path, config)?;
+        let args: Vec<String> =
+            args.iter().map(|a| a.replace("CONFIG", path.to_str().unwrap_or_default())).collect();
+        let mut child = ns
+            .command(name)
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let log = Arc::new(Mutex::new(String::new()));
+        collect(child.stdout.take().expect("stdout"), log.clone());
+        collect(child.stderr.take().expect("stderr"), log.clone());
+        let daemon = Self { child, config: path, log };
+        ns.wait_until_bound("-t", port).with_context(|| format!("{name}: {}", daemon.log()))?;
+        Ok(daemon)
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+fn collect(stream: impl std::io::Read + Send + 'static, log: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
+            let mut log = log.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// dante on 1080 of the upstream addresses, going out from them too;
+/// `method` is `none` or `username` (checked against the system's users).
+fn dante(topology: &Topology, method: &str) -> Result<Daemon> {
+    let config = format!(
+        "logoutput: stderr
+internal: {UPSTREAM_V4} port = 1080
+internal: {UPSTREAM_V6} port = 1080
+external: {UPSTREAM_V4}
+external: {UPSTREAM_V6}
+clientmethod: none
+socksmethod: {method}
+user.privileged: root
+user.unprivileged: nobody
+client pass {{ from: 0/0 to: 0/0 }}
+socks pass {{ from: 0/0 to: 0/0 }}
+"
+    );
+    let pid = format!(
+        "-p{}",
+        std::env::temp_dir().join(format!("{}-danted.pid", topology.server.name)).display()
+    );
+    Daemon::start(&topology.server, "danted", &config, &["-f", "CONFIG", "-N", "1", &pid], 1080)
+}
+
+/// 1 MiB each way through the chain, byte-exact; the origin sees the
+/// upstream proxy. The origin answers once it has the whole request, and
+/// the client does not half-close: tinyproxy closes a tunnel at the first
+/// FIN either way.
+fn bulk_through(topology: &Topology, v6: bool, seed: u64) -> Result<()> {
+    use std::io::Read as _;
+    const LEN: usize = 1 << 20;
+    let addr = Topology::server_addr(v6, 80);
+    let request = pattern(seed, LEN);
+    let reply = pattern(seed + 1, LEN);
+    let listener = topology.server.tcp_listen(addr)?;
+    let answer = reply.clone();
+    let server = std::thread::spawn(move || -> Result<(Vec<u8>, std::net::SocketAddr)> {
+        let (mut stream, peer) = listener.accept()?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut received = vec![0u8; LEN];
+        stream.read_exact(&mut received)?;
+        stream.write_all(&answer)?;
+        Ok((received, peer))
+    });
+    let mut client = topology.client.tcp_connect(addr)?;
+    client.write_all(&request)?;
+    let mut received = vec![0u8; LEN];
+    client.read_exact(&mut received)?;
+    ensure!(received == reply, "reply corrupted (v6: {v6})");
+    let (served, peer) = server.join().unwrap()?;
+    ensure!(served == request, "request corrupted (v6: {v6})");
+    ensure!(peer.ip() == upstream_ip(v6), "the origin saw {peer}, not the upstream");
+    Ok(())
+}
+
+/// curl from the client: the answer arrives and the origin saw the upstream.
+fn curl_through(topology: &Topology, v6: bool) -> Result<()> {
+    let addr = Topology::server_addr(v6, 80);
+    let peers = http_responder(&topology.server, addr, "chained")?;
+    let url =
+        if v6 { format!("http://[{}]/", addr.ip()) } else { format!("http://{}/", addr.ip()) };
+    ensure!(topology.client.curl(&url)? == "chained");
+    let peer = peers.recv_timeout(Duration::from_secs(5))?;
+    ensure!(peer.ip() == upstream_ip(v6), "the origin saw {peer}");
+    Ok(())
+}
+
+fn attach_through(topology: &Topology, ports: &[&str], upstream: &str) -> Result<Proxy> {
+    let mut args = vec!["attach", PROXY_CLIENT_IFACE];
+    for port in ports {
+        args.extend(["--port", port]);
+    }
+    args.extend(["--upstream", upstream]);
+    Proxy::start(&topology.proxy, &args)
+}
+
+#[test]
+fn socks5_carries_tcp_both_families() -> Result<()> {
+    let topology = topology("up-socks")?;
+    let _dante = dante(&topology, "none")?;
+    let proxy = attach_through(&topology, &["80"], &format!("socks5://{UPSTREAM_V4}:1080"))?;
+    for v6 in [false, true] {
+        bulk_through(&topology, v6, 41)?;
+        curl_through(&topology, v6)?;
+    }
+    let stats = proxy.stop_with_stats(&topology.proxy)?;
+    ensure!(stats["tcp"]["accepted"] == 4 && stats["tcp"]["upstream_failures"] == 0, "{stats}");
+    Ok(())
+}
+
+/// dig through UDP ASSOCIATE: the DNS server sees dante; the answer comes
+/// back from the address the client asked.
+#[test]
+fn socks5_carries_udp_through_udp_associate() -> Result<()> {
+    let topology = topology("up-sudp")?;
+    let _dante = dante(&topology, "none")?;
+    let dns = Dnsmasq::start(&topology, &[("chained.example", "203.0.113.7")])?;
+    topology.server.wait_until_bound("-u", 53)?;
+    let proxy = attach_through(&topology, &["53"], &format!("socks5://{UPSTREAM_V4}:1080"))?;
+    for v6 in [false, true] {
+        let server: IpAddr = Topology::server_addr(v6, 53).ip();
+        ensure!(topology.client.dig(server, "chained.example")? == "203.0.113.7", "v6: {v6}");
+    }
+    ensure!(dns.saw_query_from(&UPSTREAM_V4.to_string()), "{}", dns.log());
+    ensure!(dns.saw_query_from(&UPSTREAM_V6.to_string()), "{}", dns.log());
+    ensure!(!dns.saw_query_from(&CLIENT_V4.to_string()), "{}", dns.log());
+    let stats = proxy.stop_with_stats(&topology.proxy)?;
+    ensure!(stats["udp"]["sessions_total"].as_u64() >= Some(2), "{stats}");
+    Ok(())
+}
+
+/// A system user for dante's username method (RFC 1929), removed when
+/// dropped.
+struct SystemUser(String);
+
+impl SystemUser {
+    fn create(password: &str) -> Result<Self> {
+        let name = format!("tpx{}", std::process::id());
+        let out = std::process::Command::new("useradd")
+            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", &name])
+            .output()?;
+        ensure!(out.status.success(), "useradd: {}", String::from_utf8_lossy(&out.stderr));
+        let user = Self(name);
+        let mut chpasswd = std::process::Command::new("chpasswd").stdin(Stdio::piped()).spawn()?;
+        writeln!(chpasswd.stdin.take().expect("stdin"), "{}:{password}", user.0)?;
+        ensure!(chpasswd.wait()?.success(), "chpasswd failed");
+        Ok(user)
+    }
+}
+
+impl Drop for SystemUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("userdel").arg(&self.0).output();
+    }
+}
+
+/// The right credentials get through; wrong ones are refused, and the
+/// client is reset as by a refusing origin.
+#[test]
+fn socks5_authenticates_and_refuses_wrong_credentials() -> Result<()> {
+    // dante checks the system's users. Inside the kernel VMs the host's
+    // filesystem is read-only: this test runs on the host only.
+    let etc = std::ffi::CString::new("/etc/passwd")?;
+    if unsafe { libc::access(etc.as_ptr(), libc::W_OK) } != 0 {
+        eprintln!("skipped: /etc/passwd is read-only here (a kernel VM)");
+        return Ok(());
+    }
+    let user = SystemUser::create("s3cret")?;
+    let topology = topology("up-sauth")?;
+    let _dante = dante(&topology, "username")?;
+    let proxy = attach_through(
+        &topology,
+        &["80"],
+        &format!("socks5://{}:s3cret@{UPSTREAM_V4}:1080", user.0),
+    )?;
+    bulk_through(&topology, false, 43)?;
+    proxy.stop()?;
+    let proxy = attach_through(
+        &topology,
+        &["80"],
+        &format!("socks5://{}:wrong@{UPSTREAM_V4}:1080", user.0),
+    )?;
+    let addr = Topology::server_addr(false, 80);
+    ensure!(topology.client.connection_is_reset(addr)?, "not reset");
+    let stats = proxy.stop_with_stats(&topology.proxy)?;
+    ensure!(stats["tcp"]["upstream_failures"] == 1, "{stats}");
+    Ok(())
+}
+
+fn tinyproxy(topology: &Topology, auth: &str) -> Result<Daemon> {
+    let config = format!(
+        "Port 3128
+Bind {UPSTREAM_V4}
+Timeout 30
+MaxClients 64
+Allow 0.0.0.0/0
+Allow ::/0
+ConnectPort 80
+LogLevel Info
+{auth}
+"
+    );
+    Daemon::start(&topology.server, "tinyproxy", &config, &["-d", "-c", "CONFIG"], 3128)
+}
+
+/// HTTP CONNECT with Basic auth through tinyproxy: bulk and curl, the
+/// origin sees tinyproxy; wrong credentials are refused.
+#[test]
+fn http_connect_through_tinyproxy() -> Result<()> {
+    let topology = topology("up-http")?;
+    let _tinyproxy = tinyproxy(&topology, "BasicAuth alice s3cret")?;
+    let proxy =
+        attach_through(&topology, &["80"], &format!("http://alice:s3cret@{UPSTREAM_V4}:3128"))?;
+    bulk_through(&topology, false, 45)?;
+    curl_through(&topology, false)?;
+    proxy.stop()?;
+    let proxy =
+        attach_through(&topology, &["80"], &format!("http://alice:nope@{UPSTREAM_V4}:3128"))?;
+    let addr = Topology::server_addr(false, 80);
+    ensure!(topology.client.connection_is_reset(addr)?, "not reset");
+    let stats = proxy.stop_with_stats(&topology.proxy)?;
+    ensure!(stats["tcp"]["upstream_failures"] == 1, "{stats}");
+    Ok(())
+}
+
+/// HAProxy `accept-proxy` dials the destination our PROXY v2 header
+/// carries, on both families; the origin sees HAProxy, and HAProxy logs the
+/// real client.
+#[test]
+fn proxy_v2_through_haproxy() -> Result<()> {
+    let topology = topology("up-ppv2")?;
+    let config = format!(
+        "global
+    log stdout format raw local0
+defaults
+    mode tcp
+    log global
+    option tcplog
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend chained
+    bind {UPSTREAM_V4}:8443 accept-proxy
+    bind [{UPSTREAM_V6}]:8443 accept-proxy
+    use_backend origin6 if {{ dst -m ip ::/0 }} !{{ dst -m ip 0.0.0.0/0 }}
+    default_backend origin4
+backend origin4
+    source {UPSTREAM_V4}
+    server origin 0.0.0.0:0
+backend origin6
+    source [{UPSTREAM_V6}]:0
+    server origin [::]:0
+"
+    );
+    let haproxy =
+        Daemon::start(&topology.server, "haproxy", &config, &["-db", "-f", "CONFIG"], 8443)?;
+    let proxy = attach_through(&topology, &["80"], &format!("proxy-v2://{UPSTREAM_V4}:8443"))?;
+    for v6 in [false, true] {
+        bulk_through(&topology, v6, 47)?;
+    }
+    // HAProxy logs each connection as it ends, a moment after the client's.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for client in [CLIENT_V4.to_string(), CLIENT_V6.to_string()] {
+        while !haproxy.log().contains(&client) {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "HAProxy did not log the client {client}:\n{}",
+                haproxy.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let stats = proxy.stop_with_stats(&topology.proxy)?;
+    ensure!(stats["tcp"]["accepted"] == 2, "{stats}");
+    Ok(())
+}
+
+/// The upstream options refuse what cannot work, with one line each.
+#[test]
+fn bad_upstreams_are_refused() -> Result<()> {
+    let topology = Topology::new("up-bad")?;
+    for (upstream, extra, expected) in [
+        ("ftp://192.0.2.9:21", None, "the scheme must be socks5, http or proxy-v2"),
+        ("socks5://192.0.2.9", None, "no port"),
+        ("socks5://192.0.2.9:1080", Some("--spoof-source"), "cannot be used with"),
+    ] {
+        let mut args = vec!["attach", PROXY_CLIENT_IFACE, "--port", "80", "--upstream", upstream];
+        args.extend(extra);
+        expect_refused(&topology.proxy, &[], &args, expected)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,441 @@
+//! Chaining to an upstream proxy (`--upstream URL`): instead of dialling a
+//! flow's original destination, the relay asks a proxy to.
+//!
+//! - `socks5://[user:pass@]HOST:PORT`: TCP through CONNECT, UDP through UDP
+//!   ASSOCIATE (one association per session), username/password auth
+//!   (RFC 1929), IPv6 destinations. The protocol is fast-socks5's.
+//! - `http://[user:pass@]HOST:PORT`: TCP through HTTP CONNECT with Basic
+//!   auth. Written here: a request line and a status line, read byte by
+//!   byte so that nothing the origin sends after the proxy's answer is taken
+//!   from the socket, which the relay then splices raw.
+//! - `proxy-v2://HOST:PORT`: TCP to a fixed upstream that learns the client
+//!   and the original destination from a PROXY protocol v2 header (ppp's
+//!   builder), with a unique-id TLV per connection.
+//!
+//! Every handshake runs on a plain, marked `TcpStream`, handed back as it
+//! is: the splice path applies after it.
+
+use std::{
+    fmt, io,
+    net::{SocketAddr, ToSocketAddrs},
+    str::FromStr,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use base64::Engine as _;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpStream, UdpSocket},
+};
+
+use super::transparent::{self, DialOptions};
+
+/// A username and password for the upstream proxy.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The user.
+    pub username: String,
+    /// The password.
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:***", self.username)
+    }
+}
+
+/// How an upstream proxy is spoken to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// SOCKS5 (RFC 1928), TCP and UDP.
+    Socks5,
+    /// HTTP CONNECT, TCP only.
+    HttpConnect,
+    /// PROXY protocol v2 before the data, TCP only.
+    ProxyV2,
+}
+
+/// An upstream proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// The protocol.
+    pub kind: Kind,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its credentials, if it wants them (SOCKS5 and HTTP).
+    pub credentials: Option<Credentials>,
+}
+
+/// Why an upstream URL was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream {url:?}: {why}")]
+pub struct BadUpstream {
+    url: String,
+    why: String,
+}
+
+impl FromStr for Upstream {
+    type Err = BadUpstream;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| BadUpstream { url: redact(text), why: why.to_owned() };
+        let url = url::Url::parse(text).map_err(|e| bad(&e.to_string()))?;
+        let kind = match url.scheme() {
+            "socks5" => Kind::Socks5,
+            "http" => Kind::HttpConnect,
+            "proxy-v2" => Kind::ProxyV2,
+            _ => return Err(bad("the scheme must be socks5, http or proxy-v2")),
+        };
+        if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+            return Err(bad("give only [user:pass@]HOST:PORT after the scheme"));
+        }
+        let host = url.host_str().ok_or_else(|| bad("no host"))?;
+        let port = url.port().ok_or_else(|| bad("no port"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let addr = (host, port)
+            .to_socket_addrs()
+            .map_err(|e| bad(&format!("resolving {host}: {e}")))?
+            .next()
+            .ok_or_else(|| bad("the host has no address"))?;
+        let decode = |s: &str| {
+            percent_decode(s)
+                .ok_or_else(|| bad("the user or password is not valid percent-encoded UTF-8"))
+        };
+        let credentials = match (url.username(), url.password()) {
+            ("", None) => None,
+            (user, password) => Some(Credentials {
+                username: decode(user)?,
+                password: decode(password.unwrap_or(""))?,
+            }),
+        };
+        if credentials.is_some() && kind == Kind::ProxyV2 {
+            return Err(bad("proxy-v2 takes no credentials"));
+        }
+        if let Some(c) = &credentials
+            && kind == Kind::Socks5
+            && (c.username.len() > 255 || c.password.len() > 255)
+        {
+            return Err(bad("SOCKS5 credentials are at most 255 bytes each"));
+        }
+        Ok(Self { kind, addr, credentials })
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(s).decode_utf8().ok().map(|s| s.into_owned())
+}
+
+/// The URL without its password, for messages.
+fn redact(text: &str) -> String {
+    match url::Url::parse(text) {
+        Ok(mut url) if url.password().is_some() => {
+            let _ = url.set_password(Some("***"));
+            url.to_string()
+        }
+        _ => text.to_owned(),
+    }
+}
+
+impl fmt::Display for Upstream {
+    /// The URL, with the password left out.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = match self.kind {
+            Kind::Socks5 => "socks5",
+            Kind::HttpConnect => "http",
+            Kind::ProxyV2 => "proxy-v2",
+        };
+        write!(f, "{scheme}://")?;
+        if let Some(c) = &self.credentials {
+            write!(f, "{}:***@", c.username)?;
+        }
+        write!(f, "{}", self.addr)
+    }
+}
+
+/// Numbers connections for the PROXY v2 unique-id TLV.
+static CONNECTION_IDS: AtomicU64 = AtomicU64::new(1);
+
+impl Upstream {
+    /// Whether it carries UDP (SOCKS5's UDP ASSOCIATE).
+    pub fn carries_udp(&self) -> bool {
+        self.kind == Kind::Socks5
+    }
+
+    /// A TCP connection to `dst` for `client` through the proxy, handshake
+    /// done, within `options.timeout` in all. `options.mark` applies; the
+    /// proxy is dialled from the host's own address.
+    pub async fn connect(
+        &self,
+        dst: SocketAddr,
+        client: SocketAddr,
+        options: &DialOptions,
+    ) -> io::Result<TcpStream> {
+        let dial = DialOptions { source: None, ..*options };
+        let handshake = async {
+            let mut stream = transparent::tcp_dial(self.addr, &dial).await?;
+            match self.kind {
+                Kind::Socks5 => socks5_connect(stream, dst, self.credentials.as_ref()).await,
+                Kind::HttpConnect => {
+                    http_connect(&mut stream, dst, self.credentials.as_ref()).await?;
+                    Ok(stream)
+                }
+                Kind::ProxyV2 => {
+                    stream.write_all(&proxy_v2_header(client, dst)?).await?;
+                    Ok(stream)
+                }
+            }
+        };
+        match tokio::time::timeout(options.timeout, handshake).await {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "upstream handshake timed out")),
+        }
+    }
+
+    /// A SOCKS5 UDP association: the control connection, and a UDP socket
+    /// connected to the proxy's relay address, with `mark`. The association
+    /// lasts as long as the control connection.
+    pub async fn associate_udp(&self, options: &DialOptions) -> io::Result<UdpAssociation> {
+        if !self.carries_udp() {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "this upstream carries no UDP"));
+        }
+        let dial = DialOptions { source: None, ..*options };
+        let associate = async {
+            let control = transparent::tcp_dial(self.addr, &dial).await?;
+            let auth =
+                self.credentials.as_ref().map(|c| fast_socks5::AuthenticationMethod::Password {
+                    username: c.username.clone(),
+                    password: c.password.clone(),
+                });
+            let mut stream = fast_socks5::client::Socks5Stream::use_stream(
+                control,
+                auth,
+                fast_socks5::client::Config::default(),
+            )
+            .await
+            .map_err(socks_error)?;
+            // Zeros: where we will send from is not known yet (RFC 1928).
+            let unknown = SocketAddr::new(
+                if self.addr.is_ipv6() {
+                    std::net::Ipv6Addr::UNSPECIFIED.into()
+                } else {
+                    std::net::Ipv4Addr::UNSPECIFIED.into()
+                },
+                0,
+            );
+            let relay = stream
+                .request(
+                    fast_socks5::Socks5Command::UDPAssociate,
+                    fast_socks5::util::target_addr::TargetAddr::Ip(unknown),
+                )
+                .await
+                .map_err(socks_error)?;
+            let relay = match relay {
+                fast_socks5::util::target_addr::TargetAddr::Ip(addr) => addr,
+                other => {
+                    return Err(io::Error::other(format!("UDP relay at {other}, not an address")));
+                }
+            };
+            // A relay address of 0.0.0.0 means the proxy's own address.
+            let relay = if relay.ip().is_unspecified() {
+                SocketAddr::new(self.addr.ip(), relay.port())
+            } else {
+                relay
+            };
+            let socket = transparent::udp_upstream(relay, &dial)?;
+            Ok(UdpAssociation { control: stream.get_socket(), socket })
+        };
+        match tokio::time::timeout(options.timeout, associate).await {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "UDP ASSOCIATE timed out")),
+        }
+    }
+}
+
+fn socks_error(e: fast_socks5::SocksError) -> io::Error {
+    match e {
+        fast_socks5::SocksError::Io(e) => e,
+        other => io::Error::new(io::ErrorKind::ConnectionRefused, other.to_string()),
+    }
+}
+
+async fn socks5_connect(
+    stream: TcpStream,
+    dst: SocketAddr,
+    credentials: Option<&Credentials>,
+) -> io::Result<TcpStream> {
+    let auth = credentials.map(|c| fast_socks5::AuthenticationMethod::Password {
+        username: c.username.clone(),
+        password: c.password.clone(),
+    });
+    let mut socks = fast_socks5::client::Socks5Stream::use_stream(
+        stream,
+        auth,
+        fast_socks5::client::Config::default(),
+    )
+    .await
+    .map_err(socks_error)?;
+    socks
+        .request(
+            fast_socks5::Socks5Command::TCPConnect,
+            fast_socks5::util::target_addr::TargetAddr::Ip(dst),
+        )
+        .await
+        .map_err(socks_error)?;
+    Ok(socks.get_socket())
+}
+
+/// `CONNECT dst` and its answer; anything but 2xx is a refusal.
+async fn http_connect(
+    stream: &mut TcpStream,
+    dst: SocketAddr,
+    credentials: Option<&Credentials>,
+) -> io::Result<()> {
+    let mut request = format!("CONNECT {dst} HTTP/1.1\r\nHost: {dst}\r\n");
+    if let Some(c) = credentials {
+        let token = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", c.username, c.password));
+        request += &format!("Proxy-Authorization: Basic {token}\r\n");
+    }
+    request += "\r\n";
+    stream.write_all(request.as_bytes()).await?;
+    // The head, byte by byte up to its blank line: what follows is the
+    // origin's, and stays in the socket.
+    const MAX_HEAD: usize = 16 * 1024;
+    let mut head = Vec::with_capacity(256);
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= MAX_HEAD {
+            return Err(io::Error::other("the proxy's answer has no end"));
+        }
+        let byte = stream.read_u8().await?;
+        head.push(byte);
+    }
+    let head = String::from_utf8_lossy(&head);
+    let status_line = head.lines().next().unwrap_or_default();
+    let code = status_line.split_whitespace().nth(1).unwrap_or_default();
+    if code.starts_with('2') && code.len() == 3 {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!("the proxy answered CONNECT with {status_line:?}"),
+        ))
+    }
+}
+
+/// A PROXY v2 header: the client and the original destination, TCP, with
+/// a unique id for the connection (PP2_TYPE_UNIQUE_ID) so that both sides'
+/// logs can be matched.
+fn proxy_v2_header(client: SocketAddr, dst: SocketAddr) -> io::Result<Vec<u8>> {
+    use ppp::v2::{Builder, Command, Protocol, Type, Version};
+    // Both ends in one family: a v4 client of a v6 destination cannot be.
+    let client = match (client, dst) {
+        (SocketAddr::V6(c), SocketAddr::V4(_)) => match c.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), c.port()),
+            None => return Err(io::Error::other("an IPv6 client of an IPv4 destination")),
+        },
+        _ => client,
+    };
+    let id = CONNECTION_IDS.fetch_add(1, Ordering::Relaxed).to_be_bytes();
+    Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, (client, dst))
+        .write_tlv(Type::UniqueId, &id)?
+        .build()
+}
+
+/// A SOCKS5 UDP association (see [`Upstream::associate_udp`]).
+pub struct UdpAssociation {
+    /// The control connection: the association ends when it closes.
+    pub control: TcpStream,
+    /// Connected to the proxy's UDP relay.
+    pub socket: UdpSocket,
+}
+
+/// Bytes before the payload in a SOCKS5 UDP datagram to `dst`.
+pub fn socks5_udp_header(dst: SocketAddr) -> Vec<u8> {
+    // RSV RSV FRAG ATYP DST.ADDR DST.PORT
+    let mut header = vec![0, 0, 0];
+    match dst {
+        SocketAddr::V4(a) => {
+            header.push(1);
+            header.extend_from_slice(&a.ip().octets());
+        }
+        SocketAddr::V6(a) => {
+            header.push(4);
+            header.extend_from_slice(&a.ip().octets());
+        }
+    }
+    header.extend_from_slice(&dst.port().to_be_bytes());
+    header
+}
+
+/// The payload of a SOCKS5 UDP datagram and who sent it; `None` for a
+/// fragment (FRAG != 0, which nobody uses) or a malformed datagram.
+pub fn socks5_udp_payload(datagram: &[u8]) -> Option<(SocketAddr, &[u8])> {
+    let (head, rest) = datagram.split_at_checked(4)?;
+    if head[2] != 0 {
+        return None;
+    }
+    let (from, rest): (std::net::IpAddr, &[u8]) = match head[3] {
+        1 => {
+            let (a, rest) = rest.split_at_checked(4)?;
+            (<[u8; 4]>::try_from(a).ok()?.into(), rest)
+        }
+        4 => {
+            let (a, rest) = rest.split_at_checked(16)?;
+            (<[u8; 16]>::try_from(a).ok()?.into(), rest)
+        }
+        _ => return None,
+    };
+    let (port, payload) = rest.split_at_checked(2)?;
+    Some((SocketAddr::new(from, u16::from_be_bytes([port[0], port[1]])), payload))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let u: Upstream = "socks5://alice:p%40ss@192.0.2.1:1080".parse().unwrap();
+        assert_eq!(u.kind, Kind::Socks5);
+        assert_eq!(u.addr, "192.0.2.1:1080".parse().unwrap());
+        assert_eq!(u.credentials.as_ref().unwrap().password, "p@ss");
+        assert_eq!(u.to_string(), "socks5://alice:***@192.0.2.1:1080");
+        let u: Upstream = "http://[2001:db8::1]:3128".parse().unwrap();
+        assert_eq!(u.kind, Kind::HttpConnect);
+        assert_eq!(u.addr, "[2001:db8::1]:3128".parse().unwrap());
+        let u: Upstream = "proxy-v2://198.51.100.5:8443".parse().unwrap();
+        assert_eq!(u.kind, Kind::ProxyV2);
+        for bad in [
+            "ftp://192.0.2.1:21",
+            "socks5://192.0.2.1",
+            "proxy-v2://u:p@192.0.2.1:1",
+            "socks5://192.0.2.1:1080/path",
+        ] {
+            assert!(bad.parse::<Upstream>().is_err(), "{bad}");
+        }
+        let e = "ftp://u:secret@192.0.2.1:21".parse::<Upstream>().unwrap_err().to_string();
+        assert!(!e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn udp_header_round_trip() {
+        for dst in ["198.51.100.10:53", "[2001:db8::10]:53"] {
+            let dst: SocketAddr = dst.parse().unwrap();
+            let mut datagram = socks5_udp_header(dst);
+            datagram.extend_from_slice(b"hello");
+            assert_eq!(socks5_udp_payload(&datagram), Some((dst, &b"hello"[..])));
+        }
+        assert_eq!(socks5_udp_payload(&[0, 0, 1, 1, 0, 0, 0, 0, 0, 0]), None);
+        assert_eq!(socks5_udp_payload(&[0, 0, 0, 1, 0]), None);
+    }
+
+    #[test]
+    fn proxy_v2_header_parses_back() {
+        let client: SocketAddr = "192.0.2.2:40000".parse().unwrap();
+        let dst: SocketAddr = "198.51.100.10:80".parse().unwrap();
+        let bytes = proxy_v2_header(client, dst).unwrap();
+        let header = ppp::v2::Header::try_from(&bytes[..]).unwrap();
+        assert_eq!(header.addresses, ppp::v2::Addresses::from((client, dst)),);
+    }
+}
