@@ -168,3 +168,41 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
     }
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let code = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = response.split_once("\r\n\r\n").unwrap().1.to_owned();
+        (code, body)
+    }
+
+    /// Before anything is attached the endpoint already answers: alive, not
+    /// ready, no metrics yet; once stopping, not ready.
+    #[tokio::test]
+    async fn probes_answer_before_the_instance_runs_and_as_it_stops() {
+        let server = MetricsServer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let served = Served::new();
+        let stop = CancellationToken::new();
+        tokio::spawn(server.serve(served.clone(), stop.clone()));
+        assert_eq!(get(addr, "/healthz").await, (200, "ok\n".into()));
+        let (code, why) = get(addr, "/readyz").await;
+        assert_eq!(code, 503);
+        assert!(why.contains("not attached yet"), "{why}");
+        assert_eq!(get(addr, "/metrics").await.0, 503);
+        assert_eq!(get(addr, "/nothing").await.0, 404);
+        served.stopping();
+        assert_eq!(get(addr, "/readyz").await, (503, "stopping\n".into()));
+        stop.cancel();
+    }
+}
