@@ -370,3 +370,62 @@ fn bad_upstreams_are_refused() -> Result<()> {
     }
     Ok(())
 }
+
+/// The server side of one connection to `port`: who connected.
+fn origin_sees(topology: &Topology, port: u16) -> Result<IpAddr> {
+    let addr = Topology::server_addr(false, port);
+    let server = closing_server(topology, addr, 1)?;
+    let mut client = topology.client.tcp_connect(addr)?;
+    ensure!(read_to_end(&mut client)? == b"bye", "port {port}");
+    Ok(server.join().unwrap()?[0].ip())
+}
+
+/// Rules pick their upstream: `via NAME`, the default, or `via direct`; a
+/// name no --upstream gives is refused at start and at `rule add`.
+#[test]
+fn rules_pick_their_upstream() -> Result<()> {
+    let topology = topology("up-via")?;
+    let _dante = dante(&topology, "none")?;
+    let tinyproxy = tinyproxy(&topology, "")?;
+    expect_refused(
+        &topology.proxy,
+        &[],
+        &["attach", PROXY_CLIENT_IFACE, "--rule", "tcp/80 via nosuch"],
+        "no upstream named \"nosuch\"",
+    )?;
+    let proxy = Proxy::start(
+        &topology.proxy,
+        &[
+            "attach",
+            PROXY_CLIENT_IFACE,
+            "--upstream",
+            &format!("socks5://{UPSTREAM_V4}:1080"),
+            "--upstream",
+            &format!("web=http://{UPSTREAM_V4}:3128"),
+            "--rule",
+            "tcp/80 via web",
+            "--rule",
+            "tcp/8080",
+            "--rule",
+            "tcp/8081 via direct",
+        ],
+    )?;
+    ensure!(origin_sees(&topology, 80)? == upstream_ip(false));
+    // Logged before it connected; our reader of its log may lag.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !tinyproxy.log().contains("CONNECT 198.51.100.10:80 ") {
+        ensure!(std::time::Instant::now() < deadline, "{}", tinyproxy.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The default (dante): tinyproxy never saw it.
+    ensure!(origin_sees(&topology, 8080)? == upstream_ip(false));
+    ensure!(!tinyproxy.log().contains("198.51.100.10:8080"), "{}", tinyproxy.log());
+    // Direct: the relay's own address.
+    ensure!(origin_sees(&topology, 8081)? == proxy_ip(false));
+    let refused = run_tproxy(&topology.proxy, &["rule", "add", "tcp/443 via nosuch"])?;
+    let said = String::from_utf8_lossy(&refused.stderr);
+    ensure!(!refused.status.success() && said.contains("no upstream named"), "{said}");
+    let stats = proxy.stop_with_stats(&topology.proxy)?;
+    ensure!(stats["tcp"]["accepted"] == 3, "{stats}");
+    Ok(())
+}

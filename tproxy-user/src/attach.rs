@@ -41,9 +41,9 @@ pub struct AttachConfig {
     pub tcp: TcpRelayConfig,
     /// The UDP relay's limits.
     pub udp: UdpRelayConfig,
-    /// Reach original destinations through this proxy (TCP; UDP too for
-    /// SOCKS5) instead of directly.
-    pub upstream: Option<crate::relay::upstream::Upstream>,
+    /// Reach original destinations through these proxies (TCP; UDP too for
+    /// SOCKS5) instead of directly: the default, or the one a rule names.
+    pub upstreams: crate::relay::upstream::Upstreams,
     /// A rules file (see [`crate::control::config`]), applied at start and again on SIGHUP
     /// or `tproxy-user reload`.
     pub rules_file: Option<PathBuf>,
@@ -68,7 +68,7 @@ impl AttachConfig {
             ipv6: crate::host::system::ipv6_enabled(),
             tcp: TcpRelayConfig::default(),
             udp: UdpRelayConfig::default(),
-            upstream: None,
+            upstreams: Default::default(),
             rules_file: None,
             watch_rules_file: false,
             metrics: None,
@@ -83,7 +83,7 @@ impl AttachConfig {
             upstream_mark: self.intercept.upstream_mark,
             spoof_source: self.intercept.spoof_source,
             allow_local_destinations: self.intercept.intercept_local,
-            upstream: self.upstream.clone(),
+            upstreams: self.upstreams.clone(),
         }
     }
 }
@@ -119,13 +119,13 @@ pub fn prepare(mut config: AttachConfig) -> Result<Prepared> {
         return Err(Error::Config(format!("--listen-port {port} is also an intercepted port")));
     }
     crate::relay::fit_to_descriptors(&mut config.tcp, &mut config.udp);
-    if let Some(upstream) = &config.upstream
-        && !upstream.carries_udp()
-        && config.intercept.rules.iter().any(|r| r.protocols.contains(&crate::rules::Protocol::Udp))
-    {
-        warn!(
-            "{upstream} carries TCP only: intercepted UDP flows are relayed directly (give --proto tcp to leave UDP alone)"
-        );
+    crate::control::check_upstream_names(&config.upstreams, &config.intercept.rules)?;
+    let udp_rules =
+        config.intercept.rules.iter().any(|r| r.protocols.contains(&crate::rules::Protocol::Udp));
+    for upstream in config.upstreams.all().filter(|u| !u.carries_udp()) {
+        if udp_rules {
+            warn!("{upstream} carries TCP only: UDP flows it would take are relayed directly");
+        }
     }
     let intercept = Interceptor::load(config.intercept.clone())?;
     // Choosing the routing values may have changed the upstream mark, which
@@ -145,7 +145,14 @@ impl Prepared {
         let Prepared { config, fixed_rules, intercept } = self;
         let settings = config.relay_settings();
         let AttachConfig {
-            tcp, udp, rules_file, watch_rules_file, control_socket, metrics, ..
+            tcp,
+            udp,
+            upstreams,
+            rules_file,
+            watch_rules_file,
+            control_socket,
+            metrics,
+            ..
         } = config;
         let name = intercept.config().name.clone();
         // Everything that can fail for a reason the user can fix is bound
@@ -200,6 +207,7 @@ impl Prepared {
             name,
             interceptor,
             relay_stats.clone(),
+            upstreams,
             fixed_rules,
             rules_file,
         ));

@@ -18,7 +18,7 @@ use tproxy_user::{
         self, DEFAULT_MARK, DEFAULT_RULE_PRIORITY, DEFAULT_TABLE, DEFAULT_UPSTREAM_MARK,
         InterceptConfig, PortTarget, Target,
     },
-    relay::{RelaySettings, TcpRelayConfig, UdpRelayConfig, tcp, udp, upstream::Upstream},
+    relay::{RelaySettings, TcpRelayConfig, UdpRelayConfig, tcp, udp, upstream::Upstreams},
     rules::{Protocol, Rule, parse_ports},
 };
 use tracing_subscriber::EnvFilter;
@@ -139,7 +139,7 @@ impl PortArgs {
 
 #[derive(Subcommand)]
 enum RuleAction {
-    /// Add a rule: '[tcp|udp/]PORT[-PORT] [to CIDR] [from CIDR] [exclude]'.
+    /// Add a rule: '[tcp|udp/]PORT[-PORT] [to CIDR] [from CIDR] [via NAME|direct] [exclude]'.
     Add(RuleArgs),
     /// Delete a rule, written as `rule list` shows it.
     Del(RuleArgs),
@@ -188,7 +188,7 @@ struct AttachArgs {
     /// Limit --port to a protocol (repeatable); both TCP and UDP by default.
     #[arg(long = "proto", value_name = "tcp|udp")]
     protocols: Vec<Protocol>,
-    /// A rule: '[tcp|udp/]PORT[-PORT] [to CIDR] [from CIDR] [exclude]' (repeatable).
+    /// A rule: '[tcp|udp/]PORT[-PORT] [to CIDR] [from CIDR] [via NAME|direct] [exclude]' (repeatable).
     #[arg(long = "rule", value_name = "RULE")]
     rules: Vec<Rule>,
     /// A TOML rules file, added to --port and --rule; re-read on SIGHUP and
@@ -256,8 +256,10 @@ struct RelayArgs {
     /// http://[user:pass@]HOST:PORT (HTTP CONNECT, TCP), or
     /// proxy-v2://HOST:PORT (a PROXY protocol v2 header, TCP). UDP flows
     /// pass through no proxy but SOCKS5's and are relayed directly.
-    #[arg(long, value_name = "URL")]
-    upstream: Option<Upstream>,
+    /// Repeatable as NAME=URL: a rule with `via NAME` picks that one (`via
+    /// direct`: none); the one without a name is the default.
+    #[arg(long, value_name = "[NAME=]URL")]
+    upstream: Vec<String>,
     /// Seconds to wait for the original destination to accept.
     #[arg(long, default_value_t = tcp::DEFAULT_CONNECT_TIMEOUT.as_secs_f64(), value_name = "SECS")]
     connect_timeout: f64,
@@ -382,7 +384,7 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
         ipv6: tproxy_user::host::system::ipv6_enabled(),
         tcp,
         udp,
-        upstream: args.relay.upstream.clone(),
+        upstreams: upstreams(&args.relay.upstream)?,
         rules_file: args.config,
         watch_rules_file: args.watch_config,
         metrics: args.metrics,
@@ -404,17 +406,26 @@ fn port_target(port: u16, addrs: &[IpAddr]) -> anyhow::Result<PortTarget> {
     Ok(target)
 }
 
+/// `--upstream [NAME=]URL`, each.
+fn upstreams(given: &[String]) -> anyhow::Result<Upstreams> {
+    let mut upstreams = Upstreams::default();
+    for text in given {
+        upstreams.add(text).map_err(|e| anyhow::anyhow!("--upstream: {e}"))?;
+    }
+    Ok(upstreams)
+}
+
 /// What the relays share, for `relay` (`attach` derives it from its
 /// interception).
-fn relay_settings(args: &RelayArgs) -> RelaySettings {
-    RelaySettings {
+fn relay_settings(args: &RelayArgs) -> anyhow::Result<RelaySettings> {
+    Ok(RelaySettings {
         listen_port: args.listen_port,
         ipv6: tproxy_user::host::system::ipv6_enabled(),
         upstream_mark: args.upstream_mark.unwrap_or(DEFAULT_UPSTREAM_MARK),
         spoof_source: args.spoof_source,
         allow_local_destinations: false,
-        upstream: args.upstream.clone(),
-    }
+        upstreams: upstreams(&args.upstream)?,
+    })
 }
 
 fn relay_configs(args: &RelayArgs) -> anyhow::Result<(TcpRelayConfig, UdpRelayConfig)> {
@@ -476,7 +487,7 @@ fn prepare(command: Command) -> anyhow::Result<Job> {
                 anyhow::bail!("give --listen-port: the port your TPROXY rules send traffic to");
             }
             let (tcp, udp) = relay_configs(&args)?;
-            Job::Relay(relay_settings(&args), tcp, udp)
+            Job::Relay(relay_settings(&args)?, tcp, udp)
         }
         Command::Other(other) => return Ok(Job::Other(other)),
     };

@@ -22,13 +22,16 @@
 //! config files, is
 //!
 //! ```text
-//! [tcp|udp|tcp,udp/]PORT[-PORT] [to CIDR] [from CIDR] [exclude]
+//! [tcp|udp|tcp,udp/]PORT[-PORT] [to CIDR] [from CIDR] [via NAME|direct] [exclude]
 //! ```
 //!
 //! for example `80`, `udp/53`, `tcp/8000-8099 to 203.0.113.0/24`,
-//! `tcp/443 from 10.0.0.0/8`, `80 to 198.51.100.5 exclude`. Without a
-//! protocol a rule covers TCP and UDP; without `to` it covers every IPv4 and
-//! IPv6 destination.
+//! `tcp/443 from 10.0.0.0/8`, `80 to 198.51.100.5 exclude`,
+//! `tcp/443 to 10.0.0.0/8 via corp`. Without a protocol a rule covers TCP
+//! and UDP; without `to` it covers every IPv4 and IPv6 destination. `via`
+//! names the upstream proxy (`--upstream NAME=URL`) that the flows a rule
+//! decides go through, and `via direct` none; without it they take the
+//! default upstream, if there is one.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -114,7 +117,13 @@ pub struct Rule {
     pub from: Option<IpNet>,
     /// Intercept or exclude.
     pub action: Action,
+    /// The named upstream proxy its flows go through ([`DIRECT`]: none);
+    /// `None`: the default.
+    pub via: Option<String>,
 }
+
+/// `via direct`: no upstream proxy, whatever the default.
+pub const DIRECT: &str = "direct";
 
 impl Rule {
     /// A rule that intercepts `protocols` to one destination port everywhere.
@@ -127,7 +136,7 @@ impl Rule {
         let mut protocols = protocols.to_vec();
         protocols.sort();
         protocols.dedup();
-        Self { protocols, ports, to: None, from: None, action: Action::Intercept }
+        Self { protocols, ports, to: None, from: None, action: Action::Intercept, via: None }
     }
 
     /// Checks the rule on its own: ports, protocols, address families.
@@ -146,6 +155,16 @@ impl Rule {
             && to.addr().is_ipv4() != from.addr().is_ipv4()
         {
             return bad("`to` and `from` are of different address families".into());
+        }
+        if let Some(via) = &self.via {
+            if self.action == Action::Exclude {
+                return bad("an excluded flow goes through no proxy: drop `via`".into());
+            }
+            if via.is_empty()
+                || !via.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return bad(format!("upstream name {via:?}: use letters, digits, '-' or '_'"));
+            }
         }
         Ok(())
     }
@@ -186,6 +205,9 @@ impl fmt::Display for Rule {
         if let Some(from) = self.from {
             write!(f, " from {from}")?;
         }
+        if let Some(via) = &self.via {
+            write!(f, " via {via}")?;
+        }
         if self.action == Action::Exclude {
             f.write_str(" exclude")?;
         }
@@ -223,11 +245,17 @@ impl FromStr for Rule {
                         return Err(bad(format!("`{word}` given twice")));
                     }
                 }
+                "via" => {
+                    let name = words.next().ok_or_else(|| bad("`via` needs a name".into()))?;
+                    if rule.via.replace(name.to_owned()).is_some() {
+                        return Err(bad("`via` given twice".into()));
+                    }
+                }
                 "exclude" => rule.action = Action::Exclude,
                 "intercept" => rule.action = Action::Intercept,
                 other => {
                     return Err(bad(format!(
-                        "unexpected {other:?} (expected `to CIDR`, `from CIDR` or `exclude`)"
+                        "unexpected {other:?} (expected `to CIDR`, `from CIDR`, `via NAME` or `exclude`)"
                     )));
                 }
             }
@@ -389,7 +417,13 @@ impl RuleSet {
     /// Whether a packet of `proto` from `src` to `dst`:`port` is
     /// intercepted (see the [module docs](self) for which rule decides).
     pub fn intercepts(&self, proto: Protocol, src: IpAddr, dst: IpAddr, port: u16) -> bool {
-        let mut best: Option<((u8, u8), Action)> = None;
+        self.deciding(proto, src, dst, port).is_some_and(|r| r.action == Action::Intercept)
+    }
+
+    /// The rule that decides for a packet of `proto` from `src` to
+    /// `dst`:`port`, if any does.
+    pub fn deciding(&self, proto: Protocol, src: IpAddr, dst: IpAddr, port: u16) -> Option<&Rule> {
+        let mut best: Option<((u8, u8), &Rule)> = None;
         for rule in self.rules.values() {
             if !rule.protocols.contains(&proto) || !rule.covers_port(port) {
                 continue;
@@ -402,10 +436,15 @@ impl RuleSet {
             }
             let rank = (dest.prefix_len(), rule.from.map_or(0, |f| f.prefix_len()));
             if best.is_none_or(|(r, _)| rank > r) {
-                best = Some((rank, rule.action));
+                best = Some((rank, rule));
             }
         }
-        best.is_some_and(|(_, action)| action == Action::Intercept)
+        best.map(|(_, rule)| rule)
+    }
+
+    /// The upstream names the rules use (`via`), `direct` left out.
+    pub fn upstream_names(&self) -> impl Iterator<Item = &str> {
+        self.rules.values().filter_map(|r| r.via.as_deref()).filter(|v| *v != DIRECT)
     }
 
     /// The trie entries: for each (family, protocol, port) and each
@@ -501,6 +540,20 @@ fn addr_words(addr: IpAddr) -> [u32; 4] {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn via_names_an_upstream() {
+        let rule: Rule = "tcp/443 to 10.0.0.0/8 via corp".parse().unwrap();
+        assert_eq!(rule.via.as_deref(), Some("corp"));
+        assert_eq!(rule.to_string(), "tcp/443 to 10.0.0.0/8 via corp");
+        assert!("80 via corp exclude".parse::<Rule>().is_err());
+        assert!("80 via".parse::<Rule>().is_err());
+        assert!("80 via a via b".parse::<Rule>().is_err());
+        assert!("80 via c/d".parse::<Rule>().is_err());
+        // The same match with another upstream overlaps.
+        let set = RuleSet::new(vec!["80 via a".parse().unwrap(), "80".parse().unwrap()]);
+        assert!(set.is_err());
+    }
+
     use super::*;
 
     fn rule(text: &str) -> Rule {

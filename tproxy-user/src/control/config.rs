@@ -11,6 +11,7 @@
 //! protocols = ["tcp"]          # default: tcp and udp
 //! to = "203.0.113.0/24"        # default: every destination
 //! from = "10.0.0.0/8"          # default: every source
+//! via = "corp"                 # default: the default upstream, if any
 //! action = "intercept"         # or "exclude"
 //! ```
 
@@ -39,6 +40,7 @@ struct RuleTable {
     protocols: Option<Vec<Protocol>>,
     to: Option<String>,
     from: Option<String>,
+    via: Option<String>,
     action: Option<Action>,
 }
 
@@ -66,6 +68,9 @@ impl RuleTable {
         }
         if let Some(from) = &self.from {
             text += &format!(" from {from}");
+        }
+        if let Some(via) = &self.via {
+            text += &format!(" via {via}");
         }
         if self.action == Some(Action::Exclude) {
             text += " exclude";

@@ -37,7 +37,7 @@ use crate::{
     error::{Error, Result},
     instance::socket_path,
     intercept::Interceptor,
-    relay::{TcpRelayStats, UdpRelayStats},
+    relay::{TcpRelayStats, UdpRelayStats, upstream::Upstreams},
     rules::Rule,
 };
 
@@ -86,6 +86,21 @@ pub enum Response {
     },
 }
 
+/// Refuses rules whose `via` names no upstream in `upstreams`.
+pub fn check_upstream_names(upstreams: &Upstreams, rules: &[Rule]) -> Result<()> {
+    for rule in rules {
+        if let Some(name) = rule.via.as_deref()
+            && name != crate::rules::DIRECT
+            && upstreams.unknown(std::iter::once(name)).is_some()
+        {
+            return Err(Error::Rule(format!(
+                "rule {rule}: no upstream named {name:?} (give --upstream {name}=URL)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A running instance's state, shared by the control socket, SIGHUP and the
 /// metrics endpoint.
 pub struct Controller {
@@ -94,6 +109,8 @@ pub struct Controller {
     interceptor: Mutex<Option<Interceptor>>,
     /// The relays' counters; `None` when steering to another program.
     relays: Option<(Arc<TcpRelayStats>, Arc<UdpRelayStats>)>,
+    /// The relay's upstream proxies, which rules may name.
+    upstreams: Upstreams,
     /// Rules from the command line; a reload keeps them.
     fixed_rules: Vec<Rule>,
     rules_file: Option<PathBuf>,
@@ -105,10 +122,12 @@ impl Controller {
         name: String,
         interceptor: Interceptor,
         relays: Option<(Arc<TcpRelayStats>, Arc<UdpRelayStats>)>,
+        upstreams: Upstreams,
         fixed_rules: Vec<Rule>,
         rules_file: Option<PathBuf>,
     ) -> Self {
-        Self { name, interceptor: Mutex::new(Some(interceptor)), relays, fixed_rules, rules_file }
+        let interceptor = Mutex::new(Some(interceptor));
+        Self { name, interceptor, relays, upstreams, fixed_rules, rules_file }
     }
 
     /// Carries out one request.
@@ -150,6 +169,7 @@ impl Controller {
 
     async fn add_rule(&self, text: &str) -> Result<()> {
         let rule: Rule = text.parse()?;
+        check_upstream_names(&self.upstreams, std::slice::from_ref(&rule))?;
         self.with(|i| i.add_rule(rule.clone())).await?;
         info!("rule added: {rule}");
         Ok(())
@@ -174,6 +194,7 @@ impl Controller {
         let reloaded = async {
             let mut rules = self.fixed_rules.clone();
             rules.extend(config::load_rules(path)?);
+            check_upstream_names(&self.upstreams, &rules)?;
             self.with(|i| i.set_rules(rules)).await?;
             info!("reloaded {}: rules: {}", path.display(), self.rule_texts().await?.join(", "));
             Ok(())

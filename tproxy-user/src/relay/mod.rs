@@ -30,9 +30,9 @@ pub struct RelaySettings {
     /// --intercept-local`); refused by default, so that the relay is no open
     /// door to the host's own services.
     pub allow_local_destinations: bool,
-    /// Reach the original destinations through this proxy instead of
-    /// directly (see [`upstream`]).
-    pub upstream: Option<upstream::Upstream>,
+    /// Reach the original destinations through these proxies instead of
+    /// directly, as the rules choose (see [`upstream`]).
+    pub upstreams: upstream::Upstreams,
 }
 
 impl Default for RelaySettings {
@@ -43,7 +43,7 @@ impl Default for RelaySettings {
             upstream_mark: crate::intercept::DEFAULT_UPSTREAM_MARK,
             spoof_source: false,
             allow_local_destinations: false,
-            upstream: None,
+            upstreams: upstream::Upstreams::default(),
         }
     }
 }

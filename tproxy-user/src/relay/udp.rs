@@ -186,6 +186,7 @@ impl UdpRelay {
         let mut rules = self.rules.take();
         let (associated_tx, mut associated) = mpsc::unbounded_channel();
         table.associated = Some(associated_tx);
+        table.rules = rules.as_mut().map(|r| r.borrow_and_update().clone());
         loop {
             let (received, buf) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -196,6 +197,7 @@ impl UdpRelay {
                 Some(Ok(())) = async { Some(rules.as_mut()?.changed().await) } => {
                     let rules = rules.as_mut().expect("followed").borrow_and_update().clone();
                     table.close_unsteered(&rules);
+                    table.rules = Some(rules);
                     continue;
                 }
                 _ = sweep.tick() => {
@@ -265,6 +267,8 @@ struct SessionTable {
     /// Sessions whose SOCKS5 association is being opened, with the
     /// datagrams that wait for it.
     opening: HashMap<SessionKey, Vec<Vec<u8>>>,
+    /// The rules in force, for the sessions' upstream (`via`).
+    rules: Option<Arc<crate::rules::RuleSet>>,
     /// Where opened associations are reported, to [`Self::finish_open`].
     associated: Option<mpsc::UnboundedSender<(SessionKey, io::Result<Association>)>>,
     epoch: Instant,
@@ -285,7 +289,7 @@ impl SessionTable {
     ) -> Self {
         let (sessions, epoch) = (LruCache::unbounded(), Instant::now());
         let (opening, associated) = (HashMap::new(), None);
-        Self { settings, config, stats, local, sessions, opening, associated, epoch }
+        Self { settings, config, stats, local, sessions, opening, rules: None, associated, epoch }
     }
 
     fn now(&self) -> u64 {
@@ -309,8 +313,10 @@ impl SessionTable {
         }
         let now = self.now();
         let key = (client, dst);
-        if !self.sessions.contains(&key) && self.through_socks5() {
-            self.open_through_socks5(key, payload);
+        if !self.sessions.contains(&key)
+            && let Some(upstream) = self.socks5_for(client, dst)
+        {
+            self.open_through_socks5(key, upstream, payload);
             return;
         }
         if !self.sessions.contains(&key) {
@@ -335,24 +341,35 @@ impl SessionTable {
         forward(upstream, header, payload, Direction::Up, &session.activity, &self.stats);
     }
 
-    fn through_socks5(&self) -> bool {
-        self.settings.upstream.as_ref().is_some_and(|u| u.carries_udp())
+    /// The SOCKS5 proxy a new session goes through, if the deciding rule's
+    /// upstream is one (UDP through any other goes directly).
+    fn socks5_for(&self, client: SocketAddr, dst: SocketAddr) -> Option<super::upstream::Upstream> {
+        if self.settings.upstreams.is_empty() {
+            return None;
+        }
+        let via = self.rules.as_ref().and_then(|rules| {
+            rules
+                .deciding(crate::rules::Protocol::Udp, client.ip(), dst.ip(), dst.port())
+                .and_then(|rule| rule.via.clone())
+        });
+        self.settings.upstreams.for_flow(via.as_deref()).filter(|u| u.carries_udp()).cloned()
     }
 
     /// Starts opening a SOCKS5 association for `key`, or queues `payload`
     /// behind the one being opened.
-    fn open_through_socks5(&mut self, key: SessionKey, payload: &[u8]) {
+    fn open_through_socks5(
+        &mut self,
+        key: SessionKey,
+        upstream: super::upstream::Upstream,
+        payload: &[u8],
+    ) {
         if let Some(waiting) = self.opening.get_mut(&key) {
             if waiting.len() < MAX_WAITING {
                 waiting.push(payload.to_vec());
             }
             return;
         }
-        let (Some(upstream), Some(report)) =
-            (self.settings.upstream.clone(), self.associated.clone())
-        else {
-            return;
-        };
+        let Some(report) = self.associated.clone() else { return };
         self.opening.insert(key, vec![payload.to_vec()]);
         let dial = DialOptions { mark: self.settings.upstream_mark, ..DialOptions::default() };
         let (client, dst) = key;

@@ -153,6 +153,72 @@ impl fmt::Display for Upstream {
     }
 }
 
+/// A relay's upstream proxies: a default for every flow, and named ones
+/// that rules choose with `via NAME` (`via direct`: none).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Upstreams {
+    /// For flows whose rule names none.
+    pub default: Option<Upstream>,
+    /// By name.
+    pub named: std::collections::BTreeMap<String, Upstream>,
+}
+
+impl Upstreams {
+    /// The proxy for a flow whose deciding rule says `via` (`None`: the
+    /// default).
+    pub fn for_flow(&self, via: Option<&str>) -> Option<&Upstream> {
+        match via {
+            None => self.default.as_ref(),
+            Some(crate::rules::DIRECT) => None,
+            Some(name) => self.named.get(name),
+        }
+    }
+
+    /// Whether there is none at all.
+    pub fn is_empty(&self) -> bool {
+        self.default.is_none() && self.named.is_empty()
+    }
+
+    /// Every proxy.
+    pub fn all(&self) -> impl Iterator<Item = &Upstream> {
+        self.default.iter().chain(self.named.values())
+    }
+
+    /// The first of `names` (rules' `via`) that names no proxy here.
+    pub fn unknown<'a>(&self, mut names: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+        names.find(|name| !self.named.contains_key(*name))
+    }
+
+    /// Adds `--upstream [NAME=]URL`: one default, each name once.
+    pub fn add(&mut self, text: &str) -> Result<(), String> {
+        let (name, url) = match text.split_once('=') {
+            Some((name, url)) if !name.contains(':') => (Some(name), url),
+            _ => (None, text),
+        };
+        let upstream: Upstream = url.parse().map_err(|e: BadUpstream| e.to_string())?;
+        match name {
+            None if self.default.is_some() => {
+                Err("more than one --upstream without a name: name them (NAME=URL) and pick with `via NAME`".into())
+            }
+            None => {
+                self.default = Some(upstream);
+                Ok(())
+            }
+            Some(name)
+                if name.is_empty()
+                    || name == crate::rules::DIRECT
+                    || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
+            {
+                Err(format!("upstream name {name:?}: use letters, digits, '-' or '_' (and not \"direct\")"))
+            }
+            Some(name) => match self.named.insert(name.to_owned(), upstream) {
+                Some(_) => Err(format!("upstream {name:?} given twice")),
+                None => Ok(()),
+            },
+        }
+    }
+}
+
 /// Numbers connections for the PROXY v2 unique-id TLV.
 static CONNECTION_IDS: AtomicU64 = AtomicU64::new(1);
 
