@@ -268,18 +268,7 @@ impl Upstream {
         let dial = DialOptions { source: None, ..*options };
         let associate = async {
             let control = transparent::tcp_dial(self.addr, &dial).await?;
-            let auth =
-                self.credentials.as_ref().map(|c| fast_socks5::AuthenticationMethod::Password {
-                    username: c.username.clone(),
-                    password: c.password.clone(),
-                });
-            let mut stream = fast_socks5::client::Socks5Stream::use_stream(
-                control,
-                auth,
-                fast_socks5::client::Config::default(),
-            )
-            .await
-            .map_err(socks_error)?;
+            let mut stream = socks5_greet(control, self.credentials.as_ref()).await?;
             // Zeros: where we will send from is not known yet (RFC 1928).
             let unknown = SocketAddr::new(
                 if self.addr.is_ipv6() {
@@ -325,22 +314,25 @@ fn socks_error(e: fast_socks5::SocksError) -> io::Error {
     }
 }
 
+/// The SOCKS5 greeting, with username/password auth if given (RFC 1929).
+async fn socks5_greet(
+    stream: TcpStream,
+    credentials: Option<&Credentials>,
+) -> io::Result<fast_socks5::client::Socks5Stream<TcpStream>> {
+    let auth = credentials.map(|c| fast_socks5::AuthenticationMethod::Password {
+        username: c.username.clone(),
+        password: c.password.clone(),
+    });
+    let config = fast_socks5::client::Config::default();
+    fast_socks5::client::Socks5Stream::use_stream(stream, auth, config).await.map_err(socks_error)
+}
+
 async fn socks5_connect(
     stream: TcpStream,
     dst: SocketAddr,
     credentials: Option<&Credentials>,
 ) -> io::Result<TcpStream> {
-    let auth = credentials.map(|c| fast_socks5::AuthenticationMethod::Password {
-        username: c.username.clone(),
-        password: c.password.clone(),
-    });
-    let mut socks = fast_socks5::client::Socks5Stream::use_stream(
-        stream,
-        auth,
-        fast_socks5::client::Config::default(),
-    )
-    .await
-    .map_err(socks_error)?;
+    let mut socks = socks5_greet(stream, credentials).await?;
     socks
         .request(
             fast_socks5::Socks5Command::TCPConnect,
