@@ -185,6 +185,8 @@ fn socks5_carries_tcp_both_families() -> Result<()> {
     }
     let stats = proxy.stop_with_stats(&topology.proxy)?;
     ensure!(stats["tcp"]["accepted"] == 4 && stats["tcp"]["upstream_failures"] == 0, "{stats}");
+    let upstream = &stats["upstreams"][0];
+    ensure!(upstream["name"] == "default" && upstream["opened"] == 4, "{stats}");
     Ok(())
 }
 
@@ -206,6 +208,8 @@ fn socks5_carries_udp_through_udp_associate() -> Result<()> {
     ensure!(!dns.saw_query_from(&CLIENT_V4.to_string()), "{}", dns.log());
     let stats = proxy.stop_with_stats(&topology.proxy)?;
     ensure!(stats["udp"]["sessions_total"].as_u64() >= Some(2), "{stats}");
+    // One association per session.
+    ensure!(stats["upstreams"][0]["opened"] == stats["udp"]["sessions_total"], "{stats}");
     Ok(())
 }
 
@@ -264,6 +268,7 @@ fn socks5_authenticates_and_refuses_wrong_credentials() -> Result<()> {
     ensure!(topology.client.connection_is_reset(addr)?, "not reset");
     let stats = proxy.stop_with_stats(&topology.proxy)?;
     ensure!(stats["tcp"]["upstream_failures"] == 1, "{stats}");
+    ensure!(stats["upstreams"][0]["failed"] == 1, "{stats}");
     Ok(())
 }
 
@@ -300,6 +305,7 @@ fn http_connect_through_tinyproxy() -> Result<()> {
     ensure!(topology.client.connection_is_reset(addr)?, "not reset");
     let stats = proxy.stop_with_stats(&topology.proxy)?;
     ensure!(stats["tcp"]["upstream_failures"] == 1, "{stats}");
+    ensure!(stats["upstreams"][0]["failed"] == 1, "{stats}");
     Ok(())
 }
 
@@ -427,5 +433,13 @@ fn rules_pick_their_upstream() -> Result<()> {
     ensure!(!refused.status.success() && said.contains("no upstream named"), "{said}");
     let stats = proxy.stop_with_stats(&topology.proxy)?;
     ensure!(stats["tcp"]["accepted"] == 3, "{stats}");
+    // Each upstream counted what went through it.
+    let opened = |name: &str| {
+        stats["upstreams"]
+            .as_array()
+            .and_then(|a| a.iter().find(|u| u["name"] == name))
+            .map(|u| u["opened"].clone())
+    };
+    ensure!(opened("default") == Some(1.into()) && opened("web") == Some(1.into()), "{stats}");
     Ok(())
 }

@@ -234,6 +234,7 @@ impl Controller {
             rules,
             tcp: self.relays.as_ref().map(|(tcp, _)| tcp.snapshot()),
             udp: self.relays.as_ref().map(|(_, udp)| udp.snapshot()),
+            upstreams: self.upstreams.report(),
         })
     }
 

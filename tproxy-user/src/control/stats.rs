@@ -17,7 +17,7 @@ use tproxy_ebpf::RuleStats;
 use crate::{
     counters::{Counter, Kind, Snapshot as _},
     datapath::DatapathStats,
-    relay::{TcpRelayCounters, UdpRelayCounters},
+    relay::{TcpRelayCounters, UdpRelayCounters, upstream::UpstreamReport},
 };
 
 crate::counters::counters! {
@@ -78,6 +78,9 @@ pub struct StatsReport {
     /// The UDP relay; absent when steering to another program.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub udp: Option<UdpRelayCounters>,
+    /// Each upstream proxy (`--upstream`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstreams: Vec<UpstreamReport>,
 }
 
 impl StatsReport {
@@ -111,6 +114,13 @@ impl StatsReport {
         }
         if let Some(udp) = &self.udp {
             let _ = writeln!(out, "udp relay  {}", udp.summary());
+        }
+        for u in &self.upstreams {
+            let _ = writeln!(
+                out,
+                "upstream   {} ({}): {} opened, {} failed",
+                u.name, u.url, u.opened, u.failed
+            );
         }
         out
     }
@@ -197,6 +207,23 @@ impl Collector for Snapshot {
                 Kind::Counter => c(&mut e, counter.metric, counter.help, series)?,
                 Kind::Gauge => Self::gauge(&mut e, counter.metric, counter.help, series[0].1)?,
             }
+        }
+        if !s.upstreams.is_empty() {
+            let series = |value: fn(&UpstreamReport) -> u64| -> Vec<(Labels, u64)> {
+                s.upstreams.iter().map(|u| (vec![("upstream", u.name.clone())], value(u))).collect()
+            };
+            c(
+                &mut e,
+                "tproxy_upstream_opened",
+                "TCP connections and UDP associations opened through an upstream proxy",
+                &series(|u| u.opened),
+            )?;
+            c(
+                &mut e,
+                "tproxy_upstream_failed",
+                "Handshakes with an upstream proxy that failed (the client was reset)",
+                &series(|u| u.failed),
+            )?;
         }
         Ok(())
     }

@@ -19,7 +19,10 @@ use std::{
     fmt, io,
     net::{SocketAddr, ToSocketAddrs},
     str::FromStr,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use base64::Engine as _;
@@ -56,8 +59,8 @@ pub enum Kind {
     ProxyV2,
 }
 
-/// An upstream proxy.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An upstream proxy. Clones share its counters.
+#[derive(Debug, Clone)]
 pub struct Upstream {
     /// The protocol.
     pub kind: Kind,
@@ -65,6 +68,34 @@ pub struct Upstream {
     pub addr: SocketAddr,
     /// Its credentials, if it wants them (SOCKS5 and HTTP).
     pub credentials: Option<Credentials>,
+    /// What became of the connections and associations opened through it.
+    pub counters: Arc<UpstreamCounters>,
+}
+
+impl PartialEq for Upstream {
+    fn eq(&self, other: &Self) -> bool {
+        (self.kind, self.addr, &self.credentials) == (other.kind, other.addr, &other.credentials)
+    }
+}
+
+impl Eq for Upstream {}
+
+/// Per upstream proxy: handshakes that succeeded, and those that failed
+/// (the proxy refused, timed out or could not be reached).
+#[derive(Debug, Default)]
+pub struct UpstreamCounters {
+    /// TCP connections and UDP associations opened through it.
+    pub opened: AtomicU64,
+    /// Those that failed; the client was reset (TCP) or its datagrams
+    /// dropped (UDP).
+    pub failed: AtomicU64,
+}
+
+impl UpstreamCounters {
+    fn count<T>(&self, result: &io::Result<T>) {
+        let counter = if result.is_ok() { &self.opened } else { &self.failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Why an upstream URL was refused.
@@ -118,7 +149,7 @@ impl FromStr for Upstream {
         {
             return Err(bad("SOCKS5 credentials are at most 255 bytes each"));
         }
-        Ok(Self { kind, addr, credentials })
+        Ok(Self { kind, addr, credentials, counters: Arc::default() })
     }
 }
 
@@ -184,6 +215,23 @@ impl Upstreams {
         self.default.iter().chain(self.named.values())
     }
 
+    /// Every proxy with its name (`default` for the unnamed one) and its
+    /// counters now.
+    pub fn report(&self) -> Vec<UpstreamReport> {
+        let named = self.named.iter().map(|(name, u)| (name.as_str(), u));
+        self.default
+            .iter()
+            .map(|u| ("default", u))
+            .chain(named)
+            .map(|(name, u)| UpstreamReport {
+                name: name.to_owned(),
+                url: u.to_string(),
+                opened: u.counters.opened.load(Ordering::Relaxed),
+                failed: u.counters.failed.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
     /// The first of `names` (rules' `via`) that names no proxy here.
     pub fn unknown<'a>(&self, mut names: impl Iterator<Item = &'a str>) -> Option<&'a str> {
         names.find(|name| !self.named.contains_key(*name))
@@ -219,6 +267,19 @@ impl Upstreams {
     }
 }
 
+/// One upstream proxy's counters, for `stats` and the metrics.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UpstreamReport {
+    /// Its name (`default` for the unnamed one).
+    pub name: String,
+    /// Its URL, without the password.
+    pub url: String,
+    /// TCP connections and UDP associations opened through it.
+    pub opened: u64,
+    /// Handshakes that failed.
+    pub failed: u64,
+}
+
 /// Numbers connections for the PROXY v2 unique-id TLV.
 static CONNECTION_IDS: AtomicU64 = AtomicU64::new(1);
 
@@ -252,10 +313,12 @@ impl Upstream {
                 }
             }
         };
-        match tokio::time::timeout(options.timeout, handshake).await {
+        let result = match tokio::time::timeout(options.timeout, handshake).await {
             Ok(result) => result,
             Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "upstream handshake timed out")),
-        }
+        };
+        self.counters.count(&result);
+        result
     }
 
     /// A SOCKS5 UDP association: the control connection, and a UDP socket
@@ -300,10 +363,12 @@ impl Upstream {
             let socket = transparent::udp_upstream(relay, &dial)?;
             Ok(UdpAssociation { control: stream.get_socket(), socket })
         };
-        match tokio::time::timeout(options.timeout, associate).await {
+        let result = match tokio::time::timeout(options.timeout, associate).await {
             Ok(result) => result,
             Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "UDP ASSOCIATE timed out")),
-        }
+        };
+        self.counters.count(&result);
+        result
     }
 }
 
