@@ -370,6 +370,12 @@ impl SessionTable {
             return;
         }
         let Some(report) = self.associated.clone() else { return };
+        // Associations being opened count against the session bound too.
+        if self.opening.len() >= self.config.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS) {
+            self.stats.upstream_failures.fetch_add(1, Relaxed);
+            debug!(client = %key.0, dst = %key.1, "too many UDP associations opening; datagram dropped");
+            return;
+        }
         self.opening.insert(key, vec![payload.to_vec()]);
         let dial = DialOptions { mark: self.settings.upstream_mark, ..DialOptions::default() };
         let (client, dst) = key;
