@@ -274,10 +274,15 @@ pub const UNPRIVILEGED: &[&str] = &[
 /// (`ss -K`). 6.1 and later do; Debian 11's 5.10 answers EOPNOTSUPP (its
 /// `tcp_abort` takes only full sockets), and tproxy then says so.
 pub fn kernel_destroys_time_waits() -> bool {
+    kernel_at_least(6, 1)
+}
+
+/// Whether the running kernel is `major.minor` or newer.
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut numbers =
         release.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u32>().ok());
-    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (6, 1)
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (major, minor)
 }
 
 /// What tproxy says where the kernel cannot destroy TIME_WAIT sockets.

@@ -83,25 +83,38 @@ fn an_unprivileged_daemon_relays_is_controlled_and_answers_probes() -> Result<()
     let env = format!("RUNTIME_DIRECTORY={}", runtime.text());
     let bin = tproxy_bin();
     let name = topology.proxy.name.clone();
+    // The unit's LimitMEMLOCK=infinity: before 5.11 BPF maps count against
+    // it, and a process without CAP_SYS_RESOURCE cannot raise it.
+    let memlock: &[&str] =
+        if kernel_at_least(5, 11) { &[] } else { &["prlimit", "--memlock=unlimited:unlimited"] };
+    let (inh, ambient, bounding) = (
+        format!("--inh-caps=-all,{UNIT_CAPS}"),
+        format!("--ambient-caps={UNIT_CAPS}"),
+        format!("--bounding-set=-all,{UNIT_CAPS}"),
+    );
     let args = [
-        env.as_str(),
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        &format!("--inh-caps=-all,{UNIT_CAPS}"),
-        &format!("--ambient-caps={UNIT_CAPS}"),
-        &format!("--bounding-set=-all,{UNIT_CAPS}"),
-        bin.to_str().context("a UTF-8 path")?,
-        "attach",
-        PROXY_CLIENT_IFACE,
-        "--port",
-        "80",
-        "--name",
-        &name,
-        "--metrics",
-        METRICS,
-    ];
+        &[env.as_str()],
+        memlock,
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            &inh,
+            &ambient,
+            &bounding,
+            bin.to_str().context("a UTF-8 path")?,
+            "attach",
+            PROXY_CLIENT_IFACE,
+            "--port",
+            "80",
+            "--name",
+            &name,
+            "--metrics",
+            METRICS,
+        ],
+    ]
+    .concat();
     let proxy = Proxy::spawn_program(
         &topology.proxy,
         std::path::Path::new("env"),

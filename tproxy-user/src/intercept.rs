@@ -351,7 +351,15 @@ impl Interceptor {
             .collect::<Result<_>>()?;
         system::raise_memlock_limit();
         let claim = claim(&mut config)?;
-        let datapath = load_programs(&config)?;
+        let datapath = load_programs(&config).inspect_err(|_| {
+            // Before 5.11 maps count against RLIMIT_MEMLOCK, which only
+            // CAP_SYS_RESOURCE can raise.
+            if !kernel::MEMCG_ACCOUNTING.in_kernel(kernel) && !nix::unistd::geteuid().is_root() {
+                warn!(
+                    "on this kernel BPF maps count against RLIMIT_MEMLOCK: raise it for this user (systemd: LimitMEMLOCK=infinity; prlimit --memlock=unlimited)"
+                );
+            }
+        })?;
         Ok(Loaded { config, kinds, claim, datapath, kernel })
     }
 }

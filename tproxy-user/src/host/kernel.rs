@@ -27,6 +27,13 @@ pub const SK_LOOKUP: Feature = Feature {
     role: "without it a client reusing a port retries after a second",
     since: (5, 9),
 };
+/// BPF memory charged to the memory cgroup instead of RLIMIT_MEMLOCK: a
+/// daemon that is not root needs no raised limit.
+pub const MEMCG_ACCOUNTING: Feature = Feature {
+    name: "BPF memory accounted to the memory cgroup",
+    role: "without it a daemon that is not root needs RLIMIT_MEMLOCK raised",
+    since: (5, 11),
+};
 /// Sockmap updates from a TC program: with `--to-port` the program puts
 /// the other program's listener where the `sk_lookup` handover finds it.
 pub const SOCKMAP_UPDATE: Feature =
@@ -47,7 +54,8 @@ pub const TCX: Feature = Feature {
 };
 
 /// Every feature, oldest first.
-pub const FEATURES: [Feature; 5] = [SK_ASSIGN, SK_LOOKUP, SOCKMAP_UPDATE, REUSEPORT_ASSIGN, TCX];
+pub const FEATURES: [Feature; 6] =
+    [SK_ASSIGN, SK_LOOKUP, SOCKMAP_UPDATE, MEMCG_ACCOUNTING, REUSEPORT_ASSIGN, TCX];
 
 impl Feature {
     /// Whether `kernel` has it.
