@@ -101,14 +101,19 @@ pub async fn run(config: AttachConfig, shutdown: impl Future<Output = ()>) -> Re
 pub struct Prepared {
     config: AttachConfig,
     fixed_rules: Vec<crate::rules::Rule>,
+    /// The rules file as it was applied at start.
+    rules_file_contents: Option<Vec<u8>>,
     intercept: Loaded,
 }
 
 /// Checks `config` and the host, claims the instance and loads the programs.
 pub fn prepare(mut config: AttachConfig) -> Result<Prepared> {
     let fixed_rules = config.intercept.rules.clone();
+    let mut rules_file_contents = None;
     if let Some(path) = &config.rules_file {
-        config.intercept.rules.extend(config::load_rules(path)?);
+        let (rules, contents) = config::load_rules_and_contents(path)?;
+        config.intercept.rules.extend(rules);
+        rules_file_contents = Some(contents);
     }
     if config.tcp.listeners > 1 {
         crate::host::kernel::REUSEPORT_ASSIGN.require()?;
@@ -131,7 +136,7 @@ pub fn prepare(mut config: AttachConfig) -> Result<Prepared> {
     // Choosing the routing values may have changed the upstream mark, which
     // the relays take from it.
     config.intercept = intercept.config().clone();
-    Ok(Prepared { config, fixed_rules, intercept })
+    Ok(Prepared { config, fixed_rules, rules_file_contents, intercept })
 }
 
 impl Prepared {
@@ -142,7 +147,7 @@ impl Prepared {
 
     /// Runs until `shutdown` completes, then removes everything it added.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let Prepared { config, fixed_rules, intercept } = self;
+        let Prepared { config, fixed_rules, rules_file_contents, intercept } = self;
         let settings = config.relay_settings();
         let AttachConfig {
             tcp,
@@ -212,7 +217,7 @@ impl Prepared {
             rules_file,
         ));
         if let Some(path) = watched {
-            tasks.spawn(watch_rules(path, controller.clone(), stop.clone()));
+            tasks.spawn(watch_rules(path, rules_file_contents, controller.clone(), stop.clone()));
         }
 
         if let Some(socket) = control_socket {
@@ -275,12 +280,17 @@ impl Prepared {
     }
 }
 
-/// Reloads when the content of the rules file at `path` changes.
-async fn watch_rules(path: PathBuf, controller: Arc<Controller>, shutdown: CancellationToken) {
+/// Reloads when the content of the rules file at `path` changes from
+/// `applied` (what the start read).
+async fn watch_rules(
+    path: PathBuf,
+    mut applied: Option<Vec<u8>>,
+    controller: Arc<Controller>,
+    shutdown: CancellationToken,
+) {
     const PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
-    // What was applied at start; a file that cannot be read is left to the
-    // next look (a ConfigMap update swaps it, and an edit may be half done).
-    let mut applied = tokio::fs::read(&path).await.ok();
+    // A file that cannot be read is left to the next look (a ConfigMap
+    // update swaps it, and an edit may be half done).
     let mut ticks = tokio::time::interval(PERIOD);
     loop {
         tokio::select! {

@@ -91,9 +91,16 @@ pub fn parse_rules(origin: &str, contents: &str) -> Result<Vec<Rule>> {
 
 /// Reads and parses the rules file at `path`.
 pub fn load_rules(path: &Path) -> Result<Vec<Rule>> {
+    load_rules_and_contents(path).map(|(rules, _)| rules)
+}
+
+/// [`load_rules`], with the contents they came from (for a watch that must
+/// know what was applied).
+pub fn load_rules_and_contents(path: &Path) -> Result<(Vec<Rule>, Vec<u8>)> {
     let contents = std::fs::read_to_string(path)
         .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-    parse_rules(&path.display().to_string(), &contents)
+    let rules = parse_rules(&path.display().to_string(), &contents)?;
+    Ok((rules, contents.into_bytes()))
 }
 
 /// toml's messages span several lines (with a caret under the error); ours
