@@ -169,6 +169,19 @@ fn curl_through(topology: &Topology, v6: bool) -> Result<()> {
     Ok(())
 }
 
+/// Through an upstream that refuses us: the client is reset, as by a
+/// refusing origin, and the failure is counted, for the relay and for the
+/// upstream.
+fn refused_through(topology: &Topology, upstream: &str) -> Result<()> {
+    let proxy = attach_through(topology, &["80"], upstream)?;
+    let addr = Topology::server_addr(false, 80);
+    ensure!(topology.client.connection_is_reset(addr)?, "not reset");
+    let stats = proxy.stop_with_stats(&topology.proxy)?;
+    ensure!(stats["tcp"]["upstream_failures"] == 1, "{stats}");
+    ensure!(stats["upstreams"][0]["failed"] == 1, "{stats}");
+    Ok(())
+}
+
 fn attach_through(topology: &Topology, ports: &[&str], upstream: &str) -> Result<Proxy> {
     let mut args = vec!["attach", PROXY_CLIENT_IFACE];
     for port in ports {
@@ -263,17 +276,7 @@ fn socks5_authenticates_and_refuses_wrong_credentials() -> Result<()> {
     )?;
     bulk_through(&topology, false, 43)?;
     proxy.stop()?;
-    let proxy = attach_through(
-        &topology,
-        &["80"],
-        &format!("socks5://{}:wrong@{UPSTREAM_V4}:1080", user.0),
-    )?;
-    let addr = Topology::server_addr(false, 80);
-    ensure!(topology.client.connection_is_reset(addr)?, "not reset");
-    let stats = proxy.stop_with_stats(&topology.proxy)?;
-    ensure!(stats["tcp"]["upstream_failures"] == 1, "{stats}");
-    ensure!(stats["upstreams"][0]["failed"] == 1, "{stats}");
-    Ok(())
+    refused_through(&topology, &format!("socks5://{}:wrong@{UPSTREAM_V4}:1080", user.0))
 }
 
 fn tinyproxy(topology: &Topology, auth: &str) -> Result<Daemon> {
@@ -307,14 +310,7 @@ fn http_connect_through_tinyproxy() -> Result<()> {
     bulk_through(&topology, false, 45)?;
     curl_through(&topology, false)?;
     proxy.stop()?;
-    let proxy =
-        attach_through(&topology, &["80"], &format!("http://alice:nope@{UPSTREAM_V4}:3128"))?;
-    let addr = Topology::server_addr(false, 80);
-    ensure!(topology.client.connection_is_reset(addr)?, "not reset");
-    let stats = proxy.stop_with_stats(&topology.proxy)?;
-    ensure!(stats["tcp"]["upstream_failures"] == 1, "{stats}");
-    ensure!(stats["upstreams"][0]["failed"] == 1, "{stats}");
-    Ok(())
+    refused_through(&topology, &format!("http://alice:nope@{UPSTREAM_V4}:3128"))
 }
 
 /// HAProxy `accept-proxy` dials the destination our PROXY v2 header
