@@ -699,12 +699,18 @@ fn reopen_target_ready(ctx: &TcContext, flow: &Flow) -> bool {
     }
     let Some(sk) = port_listener(ctx, flow, port as u16) else { return false };
     let index = if flow.ipv6 { slot::TCP_V6 } else { slot::TCP_V4 };
-    let map = core::ptr::from_ref(&LISTENERS).cast_mut().cast::<c_void>();
-    let updated = unsafe {
-        bpf_map_update_elem(map, core::ptr::from_ref(&index).cast(), sk.cast(), BPF_ANY as u64)
-    };
+    let put = put_listener(sk, index);
     unsafe { bpf_sk_release(sk.cast()) };
-    updated == 0
+    put == 0
+}
+
+/// Puts `sk` into slot `index` of `LISTENERS`, where `tproxy_reopen`
+/// answers from (a sockmap update from TC: 5.10).
+#[inline(always)]
+fn put_listener(sk: *mut bpf_sock, index: u32) -> i64 {
+    let map = core::ptr::from_ref(&LISTENERS).cast_mut().cast::<c_void>();
+    let key = core::ptr::from_ref(&index).cast();
+    unsafe { bpf_map_update_elem(map, key, sk.cast(), BPF_ANY as u64) }
 }
 
 #[inline(always)]
@@ -770,11 +776,9 @@ fn assign_listener(
 #[inline(always)]
 fn hand_over_in_lookup(flow: &Flow, sk: *mut bpf_sock, index: u32) -> i64 {
     if global(&TARGET_PORT) != 0 {
-        let map = core::ptr::from_ref(&LISTENERS).cast_mut().cast::<c_void>();
-        let key = core::ptr::from_ref(&index).cast();
-        let updated = unsafe { bpf_map_update_elem(map, key, sk.cast(), BPF_ANY as u64) };
-        if updated != 0 {
-            return updated;
+        let put = put_listener(sk, index);
+        if put != 0 {
+            return put;
         }
     }
     match TW_REOPEN.insert(&reopen_key(flow), &REOPEN_NEW_FLOW, 0) {
