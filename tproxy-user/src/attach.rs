@@ -124,11 +124,9 @@ pub fn prepare(mut config: AttachConfig) -> Result<Prepared> {
         return Err(Error::Config(format!("--listen-port {port} is also an intercepted port")));
     }
     crate::relay::fit_to_descriptors(&mut config.tcp, &mut config.udp);
-    crate::control::check_upstream_names(&config.upstreams, &config.intercept.rules)?;
-    let udp_rules =
-        config.intercept.rules.iter().any(|r| r.protocols.contains(&crate::rules::Protocol::Udp));
-    for upstream in config.upstreams.all().filter(|u| !u.carries_udp()) {
-        if udp_rules {
+    config.upstreams.check(&config.intercept.rules)?;
+    if config.intercept.rules.iter().any(|r| r.protocols.contains(&crate::rules::Protocol::Udp)) {
+        for upstream in config.upstreams.all().filter(|u| !u.carries_udp()) {
             warn!("{upstream} carries TCP only: UDP flows it would take are relayed directly");
         }
     }

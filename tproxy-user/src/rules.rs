@@ -125,6 +125,11 @@ pub struct Rule {
 /// `via direct`: no upstream proxy, whatever the default.
 pub const DIRECT: &str = "direct";
 
+/// Whether `name` can name an upstream proxy: letters, digits, '-' and '_'.
+pub fn is_upstream_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 impl Rule {
     /// A rule that intercepts `protocols` to one destination port everywhere.
     pub fn port(protocols: &[Protocol], port: u16) -> Self {
@@ -160,9 +165,7 @@ impl Rule {
             if self.action == Action::Exclude {
                 return bad("an excluded flow goes through no proxy: drop `via`".into());
             }
-            if via.is_empty()
-                || !via.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
+            if !is_upstream_name(via) {
                 return bad(format!("upstream name {via:?}: use letters, digits, '-' or '_'"));
             }
         }
@@ -440,11 +443,6 @@ impl RuleSet {
             }
         }
         best.map(|(_, rule)| rule)
-    }
-
-    /// The upstream names the rules use (`via`), `direct` left out.
-    pub fn upstream_names(&self) -> impl Iterator<Item = &str> {
-        self.rules.values().filter_map(|r| r.via.as_deref()).filter(|v| *v != DIRECT)
     }
 
     /// The trie entries: for each (family, protocol, port) and each

@@ -86,21 +86,6 @@ pub enum Response {
     },
 }
 
-/// Refuses rules whose `via` names no upstream in `upstreams`.
-pub fn check_upstream_names(upstreams: &Upstreams, rules: &[Rule]) -> Result<()> {
-    for rule in rules {
-        if let Some(name) = rule.via.as_deref()
-            && name != crate::rules::DIRECT
-            && upstreams.unknown(std::iter::once(name)).is_some()
-        {
-            return Err(Error::Rule(format!(
-                "rule {rule}: no upstream named {name:?} (give --upstream {name}=URL)"
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// A running instance's state, shared by the control socket, SIGHUP and the
 /// metrics endpoint.
 pub struct Controller {
@@ -169,7 +154,7 @@ impl Controller {
 
     async fn add_rule(&self, text: &str) -> Result<()> {
         let rule: Rule = text.parse()?;
-        check_upstream_names(&self.upstreams, std::slice::from_ref(&rule))?;
+        self.upstreams.check(std::slice::from_ref(&rule))?;
         self.with(|i| i.add_rule(rule.clone())).await?;
         info!("rule added: {rule}");
         Ok(())
@@ -194,7 +179,7 @@ impl Controller {
         let reloaded = async {
             let mut rules = self.fixed_rules.clone();
             rules.extend(config::load_rules(path)?);
-            check_upstream_names(&self.upstreams, &rules)?;
+            self.upstreams.check(&rules)?;
             self.with(|i| i.set_rules(rules)).await?;
             info!("reloaded {}: rules: {}", path.display(), self.rule_texts().await?.join(", "));
             Ok(())

@@ -347,14 +347,10 @@ async fn relay(accepted: Accepted, shared: &Shared) {
         mark: settings.upstream_mark,
         timeout: shared.config.connect_timeout,
     };
-    // The deciding rule says which upstream proxy, if any.
-    let via = shared.rules.as_ref().and_then(|rules| {
-        let rules = rules.borrow();
-        rules
-            .deciding(crate::rules::Protocol::Tcp, peer.ip(), dst.ip(), dst.port())
-            .and_then(|rule| rule.via.clone())
-    });
-    let dialled = match settings.upstreams.for_flow(via.as_deref()) {
+    let rules = shared.rules.as_ref().map(|rules| rules.borrow().clone());
+    let proxy =
+        settings.upstreams.for_flow(rules.as_deref(), crate::rules::Protocol::Tcp, peer, dst);
+    let dialled = match proxy {
         None => transparent::tcp_dial(dst, &dial).await,
         Some(proxy) => proxy.connect(dst, peer, &dial).await,
     };

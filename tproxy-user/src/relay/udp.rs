@@ -344,15 +344,10 @@ impl SessionTable {
     /// The SOCKS5 proxy a new session goes through, if the deciding rule's
     /// upstream is one (UDP through any other goes directly).
     fn socks5_for(&self, client: SocketAddr, dst: SocketAddr) -> Option<super::upstream::Upstream> {
-        if self.settings.upstreams.is_empty() {
-            return None;
-        }
-        let via = self.rules.as_ref().and_then(|rules| {
-            rules
-                .deciding(crate::rules::Protocol::Udp, client.ip(), dst.ip(), dst.port())
-                .and_then(|rule| rule.via.clone())
-        });
-        self.settings.upstreams.for_flow(via.as_deref()).filter(|u| u.carries_udp()).cloned()
+        let rules = self.rules.as_deref();
+        let proxy =
+            self.settings.upstreams.for_flow(rules, crate::rules::Protocol::Udp, client, dst);
+        proxy.filter(|u| u.carries_udp()).cloned()
     }
 
     /// Starts opening a SOCKS5 association for `key`, or queues `payload`

@@ -197,7 +197,7 @@ pub struct Upstreams {
 impl Upstreams {
     /// The proxy for a flow whose deciding rule says `via` (`None`: the
     /// default).
-    pub fn for_flow(&self, via: Option<&str>) -> Option<&Upstream> {
+    pub fn for_via(&self, via: Option<&str>) -> Option<&Upstream> {
         match via {
             None => self.default.as_ref(),
             Some(crate::rules::DIRECT) => None,
@@ -205,9 +205,35 @@ impl Upstreams {
         }
     }
 
-    /// Whether there is none at all.
-    pub fn is_empty(&self) -> bool {
-        self.default.is_none() && self.named.is_empty()
+    /// The proxy for a flow of `proto` from `src` to `dst`, as the rule
+    /// that decides for it says; without proxies, no rule is looked at.
+    pub fn for_flow(
+        &self,
+        rules: Option<&crate::rules::RuleSet>,
+        proto: crate::rules::Protocol,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> Option<&Upstream> {
+        if self.default.is_none() && self.named.is_empty() {
+            return None;
+        }
+        let rule = rules.and_then(|r| r.deciding(proto, src.ip(), dst.ip(), dst.port()));
+        self.for_via(rule.and_then(|r| r.via.as_deref()))
+    }
+
+    /// Refuses rules whose `via` names no proxy here.
+    pub fn check(&self, rules: &[crate::rules::Rule]) -> crate::error::Result<()> {
+        for rule in rules {
+            if let Some(name) = rule.via.as_deref()
+                && name != crate::rules::DIRECT
+                && !self.named.contains_key(name)
+            {
+                return Err(crate::error::Error::Rule(format!(
+                    "rule {rule}: no upstream named {name:?} (give --upstream {name}=URL)"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Every proxy.
@@ -232,11 +258,6 @@ impl Upstreams {
             .collect()
     }
 
-    /// The first of `names` (rules' `via`) that names no proxy here.
-    pub fn unknown<'a>(&self, mut names: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-        names.find(|name| !self.named.contains_key(*name))
-    }
-
     /// Adds `--upstream [NAME=]URL`: one default, each name once.
     pub fn add(&mut self, text: &str) -> Result<(), String> {
         let (name, url) = match text.split_once('=') {
@@ -252,11 +273,7 @@ impl Upstreams {
                 self.default = Some(upstream);
                 Ok(())
             }
-            Some(name)
-                if name.is_empty()
-                    || name == crate::rules::DIRECT
-                    || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
-            {
+            Some(name) if name == crate::rules::DIRECT || !crate::rules::is_upstream_name(name) => {
                 Err(format!("upstream name {name:?}: use letters, digits, '-' or '_' (and not \"direct\")"))
             }
             Some(name) => match self.named.insert(name.to_owned(), upstream) {
