@@ -336,3 +336,62 @@ pub fn closing_server(
         Ok(peers)
     }))
 }
+
+/// A program started in a namespace with a config file of its own (the
+/// word `CONFIG` in `args` becomes its path), its output collected; it is
+/// up once something of it listens on TCP `port`. Killed when dropped.
+pub struct Daemon {
+    child: Child,
+    config: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    /// Starts `program` and waits until it listens, or fails with what it
+    /// said if it exits first.
+    pub fn start(
+        ns: &Netns,
+        program: &str,
+        config: &str,
+        args: &[&str],
+        port: u16,
+    ) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!("tproxy-test-{}-{program}.conf", ns.name));
+        std::fs::write(&path, config)?;
+        let path_text = path.to_str().context("a UTF-8 path")?.to_owned();
+        let args: Vec<String> = args.iter().map(|a| a.replace("CONFIG", &path_text)).collect();
+        let mut child = ns
+            .command(program)
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {program}"))?;
+        let log = Arc::new(Mutex::new(String::new()));
+        let _ = crate::proxy::collect_lines(child.stdout.take().expect("stdout"), log.clone());
+        let _ = crate::proxy::collect_lines(child.stderr.take().expect("stderr"), log.clone());
+        let mut daemon = Self { child, config: path, log };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ns.exec(&["ss", "-Hltn", "sport", "=", &format!(":{port}")])?.trim().is_empty() {
+            if daemon.child.try_wait()?.is_some() {
+                anyhow::bail!("{program} exited: {}", daemon.log());
+            }
+            ensure!(Instant::now() < deadline, "{program} never listened: {}", daemon.log());
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(daemon)
+    }
+
+    /// Everything it printed so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}

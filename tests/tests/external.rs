@@ -6,14 +6,12 @@
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr},
-    path::PathBuf,
-    process::{Child, Stdio},
     sync::mpsc,
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use tproxy_tests::*;
 
 const PROXY_PORT: u16 = 8080;
@@ -22,18 +20,9 @@ const PROXY_PORT: u16 = 8080;
 /// way people run it with the iptables recipe: `bind … transparent`, and
 /// upstream from the client's own address (`usesrc clientip`) to the
 /// original destination (`server … 0.0.0.0`). Killed when dropped.
-struct Haproxy {
-    child: Child,
-    config: PathBuf,
-}
-
-impl Haproxy {
-    fn start(ns: &Netns) -> Result<Self> {
-        let config = std::env::temp_dir().join(format!("tproxy-test-{}.haproxy.cfg", ns.name));
-        std::fs::write(
-            &config,
-            format!(
-                "global
+fn haproxy(ns: &Netns) -> Result<Daemon> {
+    let config = format!(
+        "global
     maxconn 4096
 defaults
     mode tcp
@@ -53,38 +42,8 @@ backend origin6
     source [::]:0 usesrc clientip
     server origin [::]
 "
-            ),
-        )?;
-        let child = ns
-            .command("haproxy")
-            .args(["-db", "-f"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting haproxy")?;
-        let mut haproxy = Self { child, config };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while ns.exec(&["ss", "-Hltn", "sport", "=", &format!(":{PROXY_PORT}")])?.trim().is_empty()
-        {
-            if haproxy.child.try_wait()?.is_some() {
-                let mut why = String::new();
-                haproxy.child.stderr.take().map(|mut e| e.read_to_string(&mut why));
-                bail!("haproxy exited: {why}");
-            }
-            ensure!(Instant::now() < deadline, "haproxy never listened");
-            thread::sleep(Duration::from_millis(20));
-        }
-        Ok(haproxy)
-    }
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.config);
-    }
+    );
+    Daemon::start(ns, "haproxy", &config, &["-db", "-f", "CONFIG"], PROXY_PORT)
 }
 
 fn attach_to_port(topology: &Topology, extra: &[&str]) -> Result<Proxy> {
@@ -111,7 +70,7 @@ fn no_packet_filter_rules(ns: &Netns) -> Result<()> {
 /// steers.
 fn haproxy_relays(v6: bool) -> Result<()> {
     let topology = Topology::new(if v6 { "ext-hap6" } else { "ext-hap4" })?;
-    let _haproxy = Haproxy::start(&topology.proxy)?;
+    let _haproxy = haproxy(&topology.proxy)?;
     let proxy = attach_to_port(&topology, &[])?;
     let addr = Topology::server_addr(v6, 80);
     let request = pattern(31, 1 << 20);
@@ -197,7 +156,7 @@ fn the_proxy_may_start_late_and_stop_and_traffic_fails_open() -> Result<()> {
     // Nothing listens: forwarded as if we were not there.
     connect()?;
     proxy.wait_for_counter(&topology.proxy, "datapath", "no_listener", 1)?;
-    let haproxy = Haproxy::start(&topology.proxy)?;
+    let haproxy = haproxy(&topology.proxy)?;
     connect()?;
     proxy.wait_for_counter(&topology.proxy, "datapath", "to_listener", 1)?;
     drop(haproxy);

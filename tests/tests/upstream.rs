@@ -6,13 +6,11 @@
 use std::{
     io::Write,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
-    process::{Child, Stdio},
-    sync::{Arc, Mutex},
+    process::Stdio,
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Result, ensure};
 use tproxy_tests::*;
 
 /// Where `curl_through` asks.
@@ -46,59 +44,6 @@ fn topology(tag: &str) -> Result<Topology> {
         "permanent",
     ])?;
     Ok(topology)
-}
-
-/// A program with a config file in the server namespace, its output
-/// collected; killed when dropped.
-struct Daemon {
-    child: Child,
-    config: PathBuf,
-    log: Arc<Mutex<String>>,
-}
-
-impl Daemon {
-    fn start(ns: &Netns, name: &str, config: &str, args: &[&str], port: u16) -> Result<Self> {
-        let path = std::env::temp_dir().join(format!("tproxy-test-{}-{name}.conf", ns.name));
-        std::fs::write(&path, config)?;
-        let args: Vec<String> =
-            args.iter().map(|a| a.replace("CONFIG", path.to_str().unwrap_or_default())).collect();
-        let mut child = ns
-            .command(name)
-            .args(&args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        let log = Arc::new(Mutex::new(String::new()));
-        collect(child.stdout.take().expect("stdout"), log.clone());
-        collect(child.stderr.take().expect("stderr"), log.clone());
-        let daemon = Self { child, config: path, log };
-        ns.wait_until_bound("-t", port).with_context(|| format!("{name}: {}", daemon.log()))?;
-        Ok(daemon)
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-fn collect(stream: impl std::io::Read + Send + 'static, log: Arc<Mutex<String>>) {
-    std::thread::spawn(move || {
-        use std::io::BufRead as _;
-        for line in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
-            let mut log = log.lock().unwrap();
-            log.push_str(&line);
-            log.push('\n');
-        }
-    });
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.config);
-    }
 }
 
 /// dante on 1080 of the upstream addresses, going out from them too;
