@@ -93,7 +93,7 @@ enum OtherCommand {
     /// Print the man page (roff), e.g. `tproxy-user man | man -l -`, or
     /// write it and one page per subcommand into a directory.
     Man {
-        /// Write tproxy-user.8 and tproxy-user-<command>.8 here.
+        /// Write tproxy-user.1 and tproxy-user-<command>.1 here.
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
@@ -224,7 +224,7 @@ struct AttachArgs {
     /// The address the --to-port listener is bound to, when it is not bound
     /// to the wildcard: one IPv4 and one IPv6 at most (`TPROXY --on-ip`).
     #[arg(long, value_name = "ADDR", requires = "to_port")]
-    to_addr: Vec<std::net::IpAddr>,
+    to_addr: Vec<IpAddr>,
     /// With --to-port: do not steer the replies to the other program's
     /// upstream sockets bound to clients' addresses (HAProxy `usesrc
     /// clientip`, go-tproxy `DialOriginalDestination(false)`), which is on by

@@ -31,6 +31,20 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     // Upstream proxies for `--upstream`.
     ("danted", "dante-server"),
     ("tinyproxy", "tinyproxy"),
+    // The package check: the unit verified, the man pages read.
+    ("systemd-analyze", "systemd"),
+    ("man", "man-db"),
+];
+
+/// Services that packages above start when installed on a host run by
+/// systemd; the tests start their own in namespaces, so the ones setup
+/// installed are stopped and disabled again (one already there is left
+/// alone).
+const SERVICES: &[(&str, &str)] = &[
+    ("haproxy", "haproxy"),
+    ("dante-server", "danted"),
+    ("tinyproxy", "tinyproxy"),
+    ("nginx-light", "nginx"),
 ];
 
 /// What the kernel-VM tests (virtme-ng) need.
@@ -131,7 +145,13 @@ fn install_missing(tools: &[(&str, &str)]) -> Result<()> {
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    )?;
+    if std::path::Path::new("/run/systemd/system").exists() {
+        for (_, unit) in SERVICES.iter().filter(|(package, _)| missing.contains(package)) {
+            let _ = Command::new("systemctl").args(["disable", "--now", unit]).status();
+        }
+    }
+    Ok(())
 }
 
 /// `-Z build-std=core` for the BPF target needs the nightly standard library source.
