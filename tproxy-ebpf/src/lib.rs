@@ -200,8 +200,33 @@ pub mod stat {
     pub const UNPARSED_PASSED: u32 = 9;
     /// The same, dropped (`--unparsed drop`).
     pub const UNPARSED_DROPPED: u32 = 10;
-    pub const COUNT: u32 = 11;
+    /// Connections and unconnected datagrams of the host's own processes
+    /// (`--cgroup`) sent to the relay instead of their destination.
+    pub const CGROUP_TO_TARGET: u32 = 11;
+    /// The same that a rule intercepts, let through to their destination
+    /// because no target was there (fail-open).
+    pub const CGROUP_NO_TARGET: u32 = 12;
+    pub const COUNT: u32 = 13;
 }
+
+/// A socket address as the cgroup hooks see it (`struct bpf_sock_addr`):
+/// where a socket of the host's own asked to go, or where it is sent
+/// instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockDst {
+    /// Network order; IPv4 in `[0]`. An IPv6 socket's IPv4-mapped address
+    /// stays mapped.
+    pub addr: [u32; 4],
+    /// The port in network order, in the low 16 bits (as `user_port`).
+    pub port: u32,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`]: the socket's family.
+    pub family: u32,
+}
+
+/// Size of the `ORIGINAL_DST` LRU map: sockets of the host's own whose
+/// destination was rewritten, by socket cookie.
+pub const MAX_ORIGINAL_DSTS: u32 = 65536;
 
 /// What the parser made of the last packet, when the loader enables
 /// tracing (tests: `BPF_PROG_TEST_RUN` against a userland oracle). With
@@ -270,6 +295,25 @@ pub mod names {
     /// (network order; 0 and `::` mean the packet's own destination).
     pub const TARGET_ADDR4: &str = "TARGET_ADDR4";
     pub const TARGET_ADDR6: &str = "TARGET_ADDR6";
+    /// The cgroup hooks (`--cgroup`), attached to each given cgroup.
+    pub const CGROUP_PROGRAMS: [&str; 8] = [
+        "tproxy_connect4",
+        "tproxy_connect6",
+        "tproxy_sendmsg4",
+        "tproxy_sendmsg6",
+        "tproxy_recvmsg4",
+        "tproxy_recvmsg6",
+        "tproxy_getpeername4",
+        "tproxy_getpeername6",
+    ];
+    /// Where the cgroup hooks send what a rule intercepts, by `slot`: the
+    /// relay's loopback sockets, or `--to-port`'s.
+    pub const CGROUP_TARGETS: &str = "CGROUP_TARGETS";
+    /// The destination each rewritten socket asked for, by socket cookie.
+    pub const ORIGINAL_DST: &str = "ORIGINAL_DST";
+    /// The network namespace (its cookie) whose sockets the cgroup hooks
+    /// rewrite; 0: any (kernels before 5.14 cannot tell userland theirs).
+    pub const NETNS_COOKIE: &str = "NETNS_COOKIE";
     /// Non-zero: record each parse in `PARSE_TRACE` (tests only).
     pub const TRACE_PARSE: &str = "TRACE_PARSE";
     pub const PARSE_TRACE: &str = "PARSE_TRACE";
@@ -284,4 +328,5 @@ mod pod {
     unsafe impl aya::Pod for super::ParseTrace {}
     unsafe impl aya::Pod for super::RuleStats {}
     unsafe impl aya::Pod for super::ReopenKey {}
+    unsafe impl aya::Pod for super::SockDst {}
 }

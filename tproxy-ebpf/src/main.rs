@@ -1,14 +1,24 @@
-//! TC ingress classifier: steers packets for intercepted ports to the relay.
+//! The programs: a TC ingress classifier that steers packets for
+//! intercepted ports to the relay (`program`), and cgroup hooks that send
+//! the host's own connections there (`cgroup`), over shared rules and
+//! counters.
 //!
-//! It never drops and never rewrites a packet. A steered packet gets a socket
-//! (`bpf_sk_assign`) and a mark; everything else passes as it came.
+//! The classifier never drops and never rewrites a packet. A steered packet
+//! gets a socket (`bpf_sk_assign`) and a mark; everything else passes as it
+//! came.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod cgroup;
+#[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
 mod program;
+#[cfg(target_arch = "bpf")]
+mod rules;
+#[cfg(target_arch = "bpf")]
+mod stats;
 
 // The bin is only meaningful for the BPF target; on the host it is an empty
 // stub so that `cargo check --workspace` and clippy work.

@@ -17,17 +17,19 @@ use aya_ebpf::{
         bpf_tcp_check_syncookie,
     },
     macros::{classifier, map, sk_lookup},
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, SockMap, lpm_trie::Key},
+    maps::{Array, LruHashMap, SockMap},
     programs::{SkLookupContext, TcContext},
 };
 use tproxy_ebpf::{
-    ACTION_INTERCEPT, ADDR_KEY_FIXED_BITS, AddrKey, FAMILY_V4, FAMILY_V6, GATE_ENTRIES,
-    MAX_LOCAL_DESTS, MAX_REOPENS, MAX_RULE_ENTRIES, MAX_RULES, PARSED_ERROR, PARSED_FLOW,
-    PARSED_FRAGMENT, PARSED_TOO_DEEP, PROTO_TCP, ParseTrace, RULE_CHOICES, RULE_MATCH_FIXED_BITS,
-    ReopenKey, RuleAction, RuleChoice, RuleMatch, RuleStats, gate_index, slot, stat,
+    MAX_REOPENS, PARSED_ERROR, PARSED_FLOW, PARSED_FRAGMENT, PARSED_TOO_DEEP, PROTO_TCP,
+    ParseTrace, ReopenKey, RuleChoice, slot, stat,
 };
 
 use crate::parse::{ETH_L3, ETH_P_IP, ETH_P_IPV6, Flow, Packet, bounded, parse, ptr_at};
+use crate::{
+    rules::{Query, gated, is_local, match_rule},
+    stats::{count, rule_stats},
+};
 
 /// `TC_ACT_UNSPEC`: "no verdict", so the next program or filter still runs and
 /// the packet otherwise continues as if we were not there.
@@ -41,11 +43,11 @@ const TC_DROP: i32 = 2;
 #[unsafe(no_mangle)]
 static MARK: u32 = 0;
 #[unsafe(no_mangle)]
-static BYPASS_MARK: u32 = 0;
+pub(crate) static BYPASS_MARK: u32 = 0;
 #[unsafe(no_mangle)]
 static RETURN_PATH: u32 = 0;
 #[unsafe(no_mangle)]
-static INTERCEPT_LOCAL: u32 = 0;
+pub(crate) static INTERCEPT_LOCAL: u32 = 0;
 #[unsafe(no_mangle)]
 static DROP_UNPARSED: u32 = 0;
 #[unsafe(no_mangle)]
@@ -58,27 +60,9 @@ static TARGET_ADDR4: u32 = 0;
 static TARGET_ADDR6: [u32; 4] = [0; 4];
 
 #[inline(always)]
-fn global(value: &'static u32) -> u32 {
+pub(crate) fn global(value: &'static u32) -> u32 {
     unsafe { core::ptr::read_volatile(value) }
 }
-
-/// One byte per (protocol, port): non-zero when some rule uses the port now
-/// or did earlier in this run (so connections it steered keep being steered
-/// after the rule is deleted).
-#[map]
-static PORT_GATE: Array<u8> = Array::with_max_entries(GATE_ENTRIES, 0);
-
-/// The rules, twice: userland fills the inactive copy and then flips
-/// `ACTIVE_RULES`, so that every packet sees either the old or the new set.
-#[map]
-static RULES_0: LpmTrie<RuleMatch, RuleAction> = LpmTrie::with_max_entries(MAX_RULE_ENTRIES, 0);
-#[map]
-static RULES_1: LpmTrie<RuleMatch, RuleAction> = LpmTrie::with_max_entries(MAX_RULE_ENTRIES, 0);
-#[map]
-static ACTIVE_RULES: Array<u32> = Array::with_max_entries(1, 0);
-
-#[map]
-static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAX_RULES, 0);
 
 #[map]
 static LISTENERS: SockMap = SockMap::with_max_entries(slot::COUNT, 0);
@@ -91,16 +75,8 @@ const REOPEN_TIME_WAIT: u8 = 0;
 /// A new flow whose listener could not be assigned (SO_REUSEPORT, before 6.5).
 const REOPEN_NEW_FLOW: u8 = 1;
 
-/// The host's own destinations (its `local` routing table), kept current by
-/// userland: traffic to them is the host's, not the relay's.
-#[map]
-static LOCAL_DESTS: LpmTrie<AddrKey, u8> = LpmTrie::with_max_entries(MAX_LOCAL_DESTS, 0);
-
 #[map]
 static PARSE_TRACE: Array<ParseTrace> = Array::with_max_entries(1, 0);
-
-#[map]
-static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
 /// For devices with an Ethernet header.
 #[classifier]
@@ -308,14 +284,6 @@ fn steer_error(ctx: &TcContext, mut flow: Flow) -> Outcome {
 }
 
 #[inline(always)]
-fn gated(proto: u8, port: u16) -> bool {
-    match gate_index(proto, port) {
-        Some(index) => PORT_GATE.get(index).is_some_and(|g| *g != 0),
-        None => false,
-    }
-}
-
-#[inline(always)]
 fn steer(ctx: &TcContext, mut flow: Flow) -> Outcome {
     // To an intercepted port: new flows to the relay, packets of its flows to
     // their sockets. From one (spoof mode): replies to the relay's upstream
@@ -339,7 +307,7 @@ fn steer(ctx: &TcContext, mut flow: Flow) -> Outcome {
     }
     // The host's own services and clients keep their traffic; they would
     // otherwise lose it to the relay wherever a rule covers their port.
-    if global(&INTERCEPT_LOCAL) == 0 && to_this_host(&flow) {
+    if global(&INTERCEPT_LOCAL) == 0 && is_local(flow.ipv6, &daddr(&flow)) {
         return Some(stat::TO_HOST);
     }
     if flow.proto == PROTO_TCP {
@@ -353,24 +321,6 @@ fn steer(ctx: &TcContext, mut flow: Flow) -> Outcome {
 #[inline(always)]
 fn is_v4_mapped(addr: &[u32; 4]) -> bool {
     addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_be(0xffff)
-}
-
-/// Whether the destination is one this host receives itself.
-#[inline(always)]
-fn to_this_host(flow: &Flow) -> bool {
-    let mut data = AddrKey { family: FAMILY_V4, _pad: [0; 3], addr: [0; 16] };
-    let bits = unsafe {
-        if flow.ipv6 {
-            data.family = FAMILY_V6;
-            data.addr =
-                core::mem::transmute::<[u32; 4], [u8; 16]>(flow.tuple.__bindgen_anon_1.ipv6.daddr);
-            128
-        } else {
-            data.addr[..4].copy_from_slice(&flow.tuple.__bindgen_anon_1.ipv4.daddr.to_ne_bytes());
-            32
-        }
-    };
-    LOCAL_DESTS.get(&Key::new(ADDR_KEY_FIXED_BITS + bits, data)).is_some()
 }
 
 /// A packet that belongs to a socket goes to that socket; a new connection
@@ -423,7 +373,31 @@ fn steer_tcp(ctx: &TcContext, flow: &mut Flow, to_port: bool) -> Outcome {
 /// The rule that intercepts a flow to a gated port, if one does.
 #[inline(always)]
 fn intercepting_rule(flow: &Flow, to_port: bool) -> Option<RuleChoice> {
-    if to_port { match_rule(flow) } else { None }
+    if !to_port {
+        return None;
+    }
+    let (saddr, daddr) = unsafe {
+        if flow.ipv6 {
+            let t = &flow.tuple.__bindgen_anon_1.ipv6;
+            (t.saddr, t.daddr)
+        } else {
+            let t = &flow.tuple.__bindgen_anon_1.ipv4;
+            ([t.saddr, 0, 0, 0], [t.daddr, 0, 0, 0])
+        }
+    };
+    match_rule(&Query { ipv6: flow.ipv6, proto: flow.proto, dport: flow.dport, daddr, saddr })
+}
+
+/// The flow's destination address, IPv4 in `[0]`.
+#[inline(always)]
+fn daddr(flow: &Flow) -> [u32; 4] {
+    unsafe {
+        if flow.ipv6 {
+            flow.tuple.__bindgen_anon_1.ipv6.daddr
+        } else {
+            [flow.tuple.__bindgen_anon_1.ipv4.daddr, 0, 0, 0]
+        }
+    }
 }
 
 /// A segment without a socket is the listener's only if it completes a
@@ -488,63 +462,6 @@ fn owns_tuple(sk: *mut bpf_sock, flow: &Flow) -> bool {
             core::ptr::read_volatile(&(*sk).dst_ip4) == flow.tuple.__bindgen_anon_1.ipv4.saddr
         }
     }
-}
-
-/// The intercepting rule for the packet's destination, if any: the longest
-/// matching prefix, provided it intercepts and its source filter matches.
-#[inline(always)]
-fn match_rule(flow: &Flow) -> Option<RuleChoice> {
-    let mut data = RuleMatch {
-        family: FAMILY_V4,
-        proto: flow.proto,
-        port: flow.dport.to_be_bytes(),
-        addr: [0; 16],
-    };
-    let (src, addr_bits) = unsafe {
-        if flow.ipv6 {
-            let t = &flow.tuple.__bindgen_anon_1.ipv6;
-            data.family = FAMILY_V6;
-            data.addr = core::mem::transmute::<[u32; 4], [u8; 16]>(t.daddr);
-            (t.saddr, 128)
-        } else {
-            let t = &flow.tuple.__bindgen_anon_1.ipv4;
-            let d = t.daddr.to_ne_bytes();
-            data.addr[..4].copy_from_slice(&d);
-            ([t.saddr, 0, 0, 0], 32)
-        }
-    };
-    let key = Key::new(RULE_MATCH_FIXED_BITS + addr_bits, data);
-    let rules = if ACTIVE_RULES.get(0).is_some_and(|a| *a == 1) { &RULES_1 } else { &RULES_0 };
-    let entry: &RuleAction = rules.get(&key)?;
-    // The first rule whose source filter matches decides.
-    for i in 0..RULE_CHOICES {
-        if i as u32 >= entry.len {
-            break;
-        }
-        let choice = &entry.choices[i];
-        if source_matches(&src, choice) {
-            return if choice.action == ACTION_INTERCEPT { Some(*choice) } else { None };
-        }
-    }
-    None
-}
-
-/// Whether the leading `src_prefix_len` bits of `src` equal the rule's.
-#[inline(always)]
-fn source_matches(src: &[u32; 4], rule: &RuleChoice) -> bool {
-    let mut left = rule.src_prefix_len;
-    for i in 0..4 {
-        if left == 0 {
-            break;
-        }
-        let bits = if left > 32 { 32 } else { left };
-        let mask = if bits == 32 { u32::MAX } else { !(u32::MAX >> bits) };
-        if u32::from_be(src[i] ^ rule.src[i]) & mask != 0 {
-            return false;
-        }
-        left -= bits;
-    }
-    true
 }
 
 #[inline(always)]
@@ -614,7 +531,7 @@ pub fn tproxy_reopen(ctx: SkLookupContext) -> u32 {
 /// verifier allows only 4-byte loads there, and refuses loads through a
 /// moved pointer, which an array copy can be.
 #[inline(always)]
-fn sock_words(words: &[u32; 4]) -> [u32; 4] {
+pub(crate) fn sock_words(words: &[u32; 4]) -> [u32; 4] {
     unsafe {
         [
             core::ptr::read_volatile(&words[0]),
@@ -805,16 +722,4 @@ fn settle(ctx: &TcContext, assigned: bool, rule: Option<&RuleChoice>, counter: u
         s.new_flows += 1;
     }
     Some(counter)
-}
-
-#[inline(always)]
-fn rule_stats(rule: &RuleChoice) -> Option<&mut RuleStats> {
-    RULE_STATS.get_ptr_mut(rule.rule_id).map(|p| unsafe { &mut *p })
-}
-
-#[inline(always)]
-fn count(index: u32) {
-    if let Some(c) = STATS.get_ptr_mut(index) {
-        unsafe { *c += 1 };
-    }
 }

@@ -53,7 +53,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     // takes answers only from where it sent to.
                     Ok(d) => {
                         let line = format!("{} -> {}\n", d.client, d.original_dst);
-                        match udp_reply_socket(d.original_dst, d.client) {
+                        match udp_reply_socket(d.original_dst, d.client, 0) {
                             Ok(reply) => {
                                 if let Err(e) = reply.send(line.as_bytes()).await {
                                     eprintln!("answering {}: {e}", d.client);

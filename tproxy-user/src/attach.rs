@@ -84,6 +84,7 @@ impl AttachConfig {
             spoof_source: self.intercept.spoof_source,
             allow_local_destinations: self.intercept.intercept_local,
             upstreams: self.upstreams.clone(),
+            loopback: !self.intercept.cgroups.is_empty(),
         }
     }
 }
@@ -196,12 +197,22 @@ impl Prepared {
             if let Some(v6) = udp.ipv6_socket() {
                 sockets.push((RelaySocket::UdpV6, v6.as_fd()));
             }
+            let tcp_kinds = [RelaySocket::LoopbackTcpV4, RelaySocket::LoopbackTcpV6];
+            sockets.extend(
+                tcp_kinds.into_iter().zip(tcp.loopback_listeners().iter().map(|l| l.as_fd())),
+            );
+            let udp_kinds = [RelaySocket::LoopbackUdpV4, RelaySocket::LoopbackUdpV6];
+            sockets.extend(udp_kinds.into_iter().zip(udp.loopback_sockets().map(|s| s.as_fd())));
         }
         let interceptor = intercept.start(&sockets).await?;
         drop(sockets);
         let relays = relays.map(|(mut tcp, mut udp)| {
             tcp.follow_rules(interceptor.watch_rules());
             udp.follow_rules(interceptor.watch_rules());
+            if let Some(dsts) = interceptor.original_dsts() {
+                tcp.set_original_dsts(dsts.clone());
+                udp.set_original_dsts(dsts.clone());
+            }
             (tcp, udp)
         });
         let relay_stats = relays.as_ref().map(|(tcp, udp)| (tcp.stats(), udp.stats()));

@@ -14,13 +14,14 @@ use tproxy_ebpf::RuleStats;
 use tracing::{info, warn};
 
 use crate::{
+    datapath::original_dst::OriginalDsts,
     datapath::{
         self, Datapath, DatapathStats,
         local_table::LocalTable,
         routing::{self, PolicyRouting, RoutingConfig},
     },
     error::{Error, Result},
-    host::{kernel, system},
+    host::{cgroup, kernel, system},
     instance::{self, AllocationLock, Claim, DEFAULT_NAME, validate_name},
     rules::{Protocol, Rule, RuleSet},
 };
@@ -98,6 +99,10 @@ pub struct InterceptConfig {
     pub name: String,
     /// Interfaces whose ingress traffic is inspected.
     pub interfaces: Vec<String>,
+    /// cgroup v2 directories whose processes' own connections are
+    /// intercepted too (descendants included), by the cgroup hooks: see
+    /// [`crate::host::cgroup::open`] for the paths taken.
+    pub cgroups: Vec<std::path::PathBuf>,
     /// What to intercept.
     pub rules: Vec<Rule>,
     /// Mark for steered packets; the fwmark rule matches it.
@@ -139,6 +144,7 @@ impl InterceptConfig {
         Self {
             name: DEFAULT_NAME.to_owned(),
             interfaces,
+            cgroups: Vec::new(),
             rules,
             mark: DEFAULT_MARK,
             table: DEFAULT_TABLE,
@@ -156,12 +162,16 @@ impl InterceptConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Config(msg));
         validate_name(&self.name)?;
-        if self.interfaces.is_empty() {
-            return bad("no interface given".into());
+        if self.interfaces.is_empty() && self.cgroups.is_empty() {
+            return bad("no interface or cgroup given".into());
         }
         let mut seen = HashSet::new();
         if let Some(dup) = self.interfaces.iter().find(|i| !seen.insert(*i)) {
             return bad(format!("interface {dup} given twice"));
+        }
+        let mut seen = HashSet::new();
+        if let Some(dup) = self.cgroups.iter().find(|c| !seen.insert(*c)) {
+            return bad(format!("cgroup {} given twice", dup.display()));
         }
         if self.mark == 0 || self.upstream_mark == 0 {
             return bad("marks must not be 0".into());
@@ -206,6 +216,8 @@ pub struct Loaded {
     config: InterceptConfig,
     /// Each interface's link kind, in `config.interfaces` order.
     kinds: Vec<system::LinkKind>,
+    /// The cgroups, open, in `config.cgroups` order.
+    cgroups: Vec<cgroup::Cgroup>,
     claim: Claim,
     datapath: Datapath,
     kernel: aya::util::KernelVersion,
@@ -294,16 +306,33 @@ pub enum RelaySocket {
     UdpV4,
     /// The IPv6 UDP socket.
     UdpV6,
+    /// The IPv4 TCP listener on loopback that the cgroup hooks send the
+    /// host's own connections to (see [`InterceptConfig::cgroups`]).
+    LoopbackTcpV4,
+    /// The same for IPv6.
+    LoopbackTcpV6,
+    /// The IPv4 UDP socket on loopback for the host's own datagrams.
+    LoopbackUdpV4,
+    /// The same for IPv6.
+    LoopbackUdpV6,
 }
 
 impl RelaySocket {
     fn slot(self) -> u32 {
+        use tproxy_ebpf::slot;
         match self {
-            Self::TcpV4 => tproxy_ebpf::slot::TCP_V4,
-            Self::TcpV6 => tproxy_ebpf::slot::TCP_V6,
-            Self::UdpV4 => tproxy_ebpf::slot::UDP_V4,
-            Self::UdpV6 => tproxy_ebpf::slot::UDP_V6,
+            Self::TcpV4 | Self::LoopbackTcpV4 => slot::TCP_V4,
+            Self::TcpV6 | Self::LoopbackTcpV6 => slot::TCP_V6,
+            Self::UdpV4 | Self::LoopbackUdpV4 => slot::UDP_V4,
+            Self::UdpV6 | Self::LoopbackUdpV6 => slot::UDP_V6,
         }
+    }
+
+    fn loopback(self) -> bool {
+        matches!(
+            self,
+            Self::LoopbackTcpV4 | Self::LoopbackTcpV6 | Self::LoopbackUdpV4 | Self::LoopbackUdpV6
+        )
     }
 }
 
@@ -323,6 +352,8 @@ pub struct Interceptor {
     gated_tcp: HashSet<u16>,
     /// The rules in force, for the relays.
     rules_tx: watch::Sender<Arc<RuleSet>>,
+    /// The cgroup hooks' record, when there are cgroups.
+    original_dsts: Option<OriginalDsts>,
 }
 
 impl Interceptor {
@@ -349,6 +380,11 @@ impl Interceptor {
             .iter()
             .map(|iface| system::ifindex(iface).and_then(|_| system::link_kind(iface)))
             .collect::<Result<_>>()?;
+        if !config.cgroups.is_empty() {
+            kernel::CGROUP_HOOKS.require()?;
+        }
+        let cgroups =
+            config.cgroups.iter().map(|path| cgroup::open(path)).collect::<Result<Vec<_>>>()?;
         system::raise_memlock_limit();
         let claim = claim(&mut config)?;
         let datapath = load_programs(&config).inspect_err(|_| {
@@ -360,7 +396,7 @@ impl Interceptor {
                 );
             }
         })?;
-        Ok(Loaded { config, kinds, claim, datapath, kernel })
+        Ok(Loaded { config, kinds, cgroups, claim, datapath, kernel })
     }
 }
 
@@ -374,7 +410,7 @@ impl Loaded {
     /// and attaches to every interface. What is left needs CAP_NET_ADMIN
     /// only.
     pub async fn start(self, sockets: &[(RelaySocket, BorrowedFd<'_>)]) -> Result<Interceptor> {
-        let Loaded { config, kinds, claim, mut datapath, kernel } = self;
+        let Loaded { config, kinds, cgroups, claim, mut datapath, kernel } = self;
         if let (Target::Port(target), false) = (config.target, sockets.is_empty()) {
             return Err(Error::Config(format!(
                 "relay sockets given to interception that steers to port {}",
@@ -382,8 +418,32 @@ impl Loaded {
             )));
         }
         for &(socket, fd) in sockets {
-            datapath.set_listener(socket.slot(), &fd)?;
+            if socket.loopback() {
+                let addr = socket2::SockRef::from(&fd)
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                    .ok_or_else(|| Error::Config(format!("{socket:?} socket is not bound")))?;
+                datapath.set_cgroup_target(socket.slot(), Some(addr))?;
+            } else {
+                datapath.set_listener(socket.slot(), &fd)?;
+            }
         }
+        if let Target::Port(target) = config.target {
+            let v4 = target.ipv4.unwrap_or(Ipv4Addr::LOCALHOST);
+            let v6 = target.ipv6.unwrap_or(Ipv6Addr::LOCALHOST);
+            for (slot, ip) in [
+                (tproxy_ebpf::slot::TCP_V4, v4.into()),
+                (tproxy_ebpf::slot::UDP_V4, v4.into()),
+                (tproxy_ebpf::slot::TCP_V6, v6.into()),
+                (tproxy_ebpf::slot::UDP_V6, v6.into()),
+            ] {
+                datapath
+                    .set_cgroup_target(slot, Some(std::net::SocketAddr::new(ip, target.port)))?;
+            }
+        }
+        let original_dsts =
+            if cgroups.is_empty() { None } else { Some(datapath.take_original_dsts()?) };
         match datapath.attach_reopen() {
             // Before 6.5 it also hands new flows to another program's
             // SO_REUSEPORT listener (see `Target::Port`).
@@ -403,6 +463,7 @@ impl Loaded {
             rules: RuleSet::default(),
             gated_tcp: HashSet::new(),
             rules_tx: watch::Sender::new(Arc::default()),
+            original_dsts,
         };
         interceptor.set_rules(interceptor.config.rules.clone())?;
         interceptor.routing = Some(PolicyRouting::install(interceptor.config.routing()).await?);
@@ -417,10 +478,24 @@ impl Loaded {
                 interceptor.claim.record(filter)?;
             }
         }
+        for cgroup in &cgroups {
+            interceptor.datapath.attach_cgroup(cgroup)?;
+        }
+        let mut places: Vec<String> = Vec::new();
+        if !interceptor.config.interfaces.is_empty() {
+            places.push(format!(
+                "{} at TC ingress ({})",
+                interceptor.config.interfaces.join(", "),
+                if tcx { "tcx" } else { "netlink clsact" }
+            ));
+        }
+        if !cgroups.is_empty() {
+            let paths: Vec<String> = cgroups.iter().map(|c| c.path.display().to_string()).collect();
+            places.push(format!("cgroup {}", paths.join(", ")));
+        }
         info!(
-            "attached to {} at TC ingress ({}); rules: {}",
-            interceptor.config.interfaces.join(", "),
-            if tcx { "tcx" } else { "netlink clsact" },
+            "attached to {}; rules: {}",
+            places.join(" and "),
             interceptor.rules.iter().map(|(_, r)| r.to_string()).collect::<Vec<_>>().join(", ")
         );
         if let Target::Port(target) = interceptor.config.target {
@@ -529,6 +604,12 @@ impl Interceptor {
                 warn!("could not remove TIME_WAIT sockets of flows no rule intercepts now: {e}")
             }
         }
+    }
+
+    /// Where the host's own intercepted sockets meant to go (when there are
+    /// [`InterceptConfig::cgroups`]), for the relays' loopback sockets.
+    pub fn original_dsts(&self) -> Option<&OriginalDsts> {
+        self.original_dsts.as_ref()
     }
 
     /// Every TCP port intercepted at some point of this run.
@@ -746,6 +827,8 @@ pub fn load_programs(config: &InterceptConfig) -> Result<Datapath> {
         target_port: target.map_or(0, |t| t.port),
         target_ipv4: target.and_then(|t| t.ipv4),
         target_ipv6: target.and_then(|t| t.ipv6),
+        cgroup_hooks: !config.cgroups.is_empty(),
+        netns_cookie: if config.cgroups.is_empty() { 0 } else { system::netns_cookie() },
     })
 }
 

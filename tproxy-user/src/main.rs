@@ -179,9 +179,14 @@ impl RoutingArgs {
 
 #[derive(Args)]
 struct AttachArgs {
-    /// Interfaces to intercept on (TC ingress).
-    #[arg(required = true, value_name = "IFACE")]
+    /// Interfaces to intercept on (TC ingress); optional with --cgroup.
+    #[arg(required_unless_present = "cgroups", value_name = "IFACE")]
     interfaces: Vec<String>,
+    /// Also intercept the connections that processes in this cgroup v2
+    /// (and its descendants) make themselves, by the same rules (repeatable).
+    /// A full path, or one from the cgroup2 mount (/system.slice/x.service).
+    #[arg(long = "cgroup", value_name = "PATH")]
+    cgroups: Vec<PathBuf>,
     /// Destination port or range to intercept, e.g. 80 or 8000-8099 (repeatable).
     #[arg(long = "port", short = 'p', value_name = "PORT[-PORT]", value_parser = parse_ports)]
     ports: Vec<RangeInclusive<u16>>,
@@ -366,6 +371,7 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
         args.ports.into_iter().map(|ports| Rule::ports(&protocols, ports)).collect();
     rules.extend(args.rules);
     let mut intercept = intercept_config(args.interfaces, rules, &args.routing);
+    intercept.cgroups = args.cgroups;
     intercept.name = args.name;
     intercept.choose_free_routing &= args.relay.upstream_mark.is_none();
     intercept.upstream_mark = args.relay.upstream_mark.unwrap_or(DEFAULT_UPSTREAM_MARK);
@@ -425,6 +431,7 @@ fn relay_settings(args: &RelayArgs) -> anyhow::Result<RelaySettings> {
         spoof_source: args.spoof_source,
         allow_local_destinations: false,
         upstreams: upstreams(&args.upstream)?,
+        loopback: false,
     })
 }
 

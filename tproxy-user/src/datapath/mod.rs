@@ -1,19 +1,24 @@
-//! The kernel side: loading the TC program, attaching it and owning its
-//! maps ([`Datapath`]), the policy routing that delivers steered packets
-//! locally ([`routing`]), and the map of the host's own destinations
-//! ([`local_table`]).
+//! The kernel side: loading the TC program and the cgroup hooks, attaching
+//! them and owning their maps ([`Datapath`]), the policy routing that
+//! delivers steered packets locally ([`routing`]), the map of the host's own
+//! destinations ([`local_table`]), and the original destinations of the
+//! host's own connections ([`original_dst`]).
 
 pub mod local_table;
+pub mod original_dst;
 pub mod routing;
 
 use std::os::fd::AsRawFd;
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, SockMap, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, SockMap,
+        lpm_trie::Key,
+    },
     programs::{
-        Link as _, ProgramError, SchedClassifier, SkLookup, TcAttachType, tc,
-        tc::SchedClassifierLink,
+        CgroupAttachMode, CgroupSockAddr, Link as _, ProgramError, SchedClassifier, SkLookup,
+        TcAttachType, tc, tc::SchedClassifierLink,
     },
     util::nr_cpus,
 };
@@ -70,6 +75,14 @@ crate::counters::counters! {
         /// The same, dropped (`--unparsed drop`).
         unparsed_dropped: Counter("tproxy_datapath_unparsed" action = "drop", "unparsed dropped",
             "Packets possibly for an intercepted port that could not be parsed whole, by what was done"),
+        /// Connections and unconnected datagrams of processes in `--cgroup`
+        /// sent to the relay (or `--to-port`) instead of their destination.
+        cgroup_to_target: Counter("tproxy_cgroup_redirects" outcome = "target", "cgroup redirects",
+            "Connections and unconnected sends of the host's own processes a rule intercepts, by what was done"),
+        /// The same, left to go to their destination because no target was
+        /// there (fail-open).
+        cgroup_no_target: Counter("tproxy_cgroup_redirects" outcome = "no_target", "cgroup without target",
+            "Connections and unconnected sends of the host's own processes a rule intercepts, by what was done"),
     }
 }
 
@@ -101,6 +114,11 @@ pub struct Settings {
     pub target_ipv4: Option<std::net::Ipv4Addr>,
     /// The IPv6 address that listener is bound to, if not the wildcard.
     pub target_ipv6: Option<std::net::Ipv6Addr>,
+    /// Also load the cgroup hooks, for [`Datapath::attach_cgroup`].
+    pub cgroup_hooks: bool,
+    /// The network namespace whose sockets the cgroup hooks rewrite, by
+    /// its cookie; 0: every one.
+    pub netns_cookie: u64,
 }
 
 /// What [`Datapath::attach`] added.
@@ -158,10 +176,16 @@ impl Datapath {
             .override_global(names::TARGET_PORT, &target_port, true)
             .override_global(names::TARGET_ADDR4, &target_ipv4, true)
             .override_global(names::TARGET_ADDR6, &target_ipv6, true)
+            .override_global(names::NETNS_COOKIE, &settings.netns_cookie, true)
             .load(PROGRAM_OBJECT)
             .map_err(Error::Load)?;
         for name in [names::PROGRAM, names::PROGRAM_L3] {
             program_mut(&mut ebpf, name)?.load().map_err(load_error(name))?;
+        }
+        if settings.cgroup_hooks {
+            for name in names::CGROUP_PROGRAMS {
+                cgroup_program(&mut ebpf, name)?.load().map_err(load_error(name))?;
+            }
         }
         let reopen_loaded = match reopen_program(&mut ebpf)?.load() {
             Ok(()) => true,
@@ -188,6 +212,44 @@ impl Datapath {
             source,
         })?;
         Ok(())
+    }
+
+    /// Attaches the cgroup hooks to `cgroup`, beside any other programs
+    /// there. The links die with this process: nothing outlives it.
+    pub fn attach_cgroup(&mut self, cgroup: &crate::host::cgroup::Cgroup) -> Result<()> {
+        for name in names::CGROUP_PROGRAMS {
+            // A cgroup link always runs beside the others (the kernel
+            // refuses BPF_F_ALLOW_MULTI on links: it is implied).
+            cgroup_program(&mut self.ebpf, name)?
+                .attach(&cgroup.dir, CgroupAttachMode::Single)
+                .map_err(|source| Error::Attach {
+                    iface: cgroup.path.display().to_string(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Where the cgroup hooks send what a rule intercepts, for `slot` (see
+    /// `tproxy_ebpf::slot`); `None`: nowhere (fail-open).
+    pub fn set_cgroup_target(
+        &mut self,
+        slot: u32,
+        addr: Option<std::net::SocketAddr>,
+    ) -> Result<()> {
+        let value = addr.map(original_dst::sock_dst).unwrap_or_default();
+        let mut targets: Array<&mut MapData, tproxy_ebpf::SockDst> =
+            self.map_mut(names::CGROUP_TARGETS)?;
+        targets.set(slot, value, 0).map_err(map_err(names::CGROUP_TARGETS))
+    }
+
+    /// Takes the cgroup hooks' record of original destinations out, for
+    /// the relays.
+    pub fn take_original_dsts(&mut self) -> Result<original_dst::OriginalDsts> {
+        let map =
+            self.ebpf.take_map(names::ORIGINAL_DST).ok_or_else(|| missing(names::ORIGINAL_DST))?;
+        let map = HashMap::try_from(map).map_err(map_err(names::ORIGINAL_DST))?;
+        Ok(original_dst::OriginalDsts::new(map))
     }
 
     /// Attaches at TC ingress of `iface`: TCX on 6.6+, a netlink clsact
@@ -477,6 +539,13 @@ where
 }
 
 fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| Error::Load(EbpfError::ProgramError(ProgramError::UnexpectedProgramType)))?;
+    program.try_into().map_err(|e| Error::Load(EbpfError::ProgramError(e)))
+}
+
+fn cgroup_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr> {
     let program = ebpf
         .program_mut(name)
         .ok_or_else(|| Error::Load(EbpfError::ProgramError(ProgramError::UnexpectedProgramType)))?;

@@ -53,9 +53,32 @@ pub const TCX: Feature = Feature {
     since: (6, 6),
 };
 
+/// cgroup socket-address hooks with `getpeername` (5.8), linked so that
+/// they detach when their owner dies (5.7): `--cgroup`.
+pub const CGROUP_HOOKS: Feature = Feature {
+    name: "cgroup connect/sendmsg/recvmsg/getpeername hooks",
+    role: "--cgroup",
+    since: (5, 8),
+};
+/// `SO_NETNS_COOKIE`: the cgroup hooks leave alone the sockets of the
+/// cgroup's processes in other network namespaces.
+pub const NETNS_COOKIE: Feature = Feature {
+    name: "SO_NETNS_COOKIE",
+    role: "without it --cgroup also rewrites connections made in other network namespaces",
+    since: (5, 14),
+};
+
 /// Every feature, oldest first.
-pub const FEATURES: [Feature; 6] =
-    [SK_ASSIGN, SK_LOOKUP, SOCKMAP_UPDATE, MEMCG_ACCOUNTING, REUSEPORT_ASSIGN, TCX];
+pub const FEATURES: [Feature; 8] = [
+    SK_ASSIGN,
+    CGROUP_HOOKS,
+    SK_LOOKUP,
+    SOCKMAP_UPDATE,
+    MEMCG_ACCOUNTING,
+    NETNS_COOKIE,
+    REUSEPORT_ASSIGN,
+    TCX,
+];
 
 impl Feature {
     /// Whether `kernel` has it.

@@ -1,7 +1,8 @@
 //! The host around us: privileges and limits ([`system`]), what its kernel
-//! can do ([`kernel`]), its socket table ([`sock_diag`]), and the `doctor`
-//! that reports on them.
+//! can do ([`kernel`]), its socket table ([`sock_diag`]), its cgroups
+//! ([`cgroup`]), and the `doctor` that reports on them.
 
+pub mod cgroup;
 pub mod doctor;
 pub mod kernel;
 pub mod sock_diag;

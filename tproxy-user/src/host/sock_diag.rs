@@ -103,3 +103,60 @@ pub fn destroy_tcp(family: u8, states: StateFlags, id: SocketId) -> io::Result<(
         _ => Ok(()),
     }
 }
+
+/// The cookie of the `protocol` socket whose local address is `local` and
+/// whose peer is `remote` (for UDP: which would receive from `remote`), as
+/// `bpf_get_socket_cookie` gives it.
+pub fn cookie(
+    protocol: u8,
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+) -> io::Result<u64> {
+    let family = if local.is_ipv4() { AF_INET } else { AF_INET6 };
+    // The kernel reads a UDP query's addresses the other way round in some
+    // releases; the answer names the socket, so both are tried.
+    let mut last = io::Error::from_raw_os_error(libc::ENOENT);
+    for (src, dst) in [(local, remote), (remote, local)] {
+        let id = SocketId {
+            source_port: src.port(),
+            destination_port: dst.port(),
+            source_address: src.ip(),
+            destination_address: dst.ip(),
+            interface_id: 0,
+            // Any socket with the tuple.
+            cookie: [0xff; 8],
+        };
+        match find_one(family, protocol, id) {
+            Ok(found) if found.source_port == local.port() => {
+                let c = found.cookie;
+                let low = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+                let high = u32::from_ne_bytes([c[4], c[5], c[6], c[7]]);
+                return Ok(u64::from(high) << 32 | u64::from(low));
+            }
+            Ok(_) => {}
+            Err(e) => last = e,
+        }
+        if protocol != IPPROTO_UDP {
+            break;
+        }
+    }
+    Err(last)
+}
+
+/// The one socket `id` names (no dump).
+fn find_one(family: u8, protocol: u8, id: SocketId) -> io::Result<SocketId> {
+    let socket = socket()?;
+    let query = request(family, protocol, StateFlags::all(), id);
+    send(&socket, NLM_F_REQUEST, SockDiagMessage::InetRequest(query))?;
+    let mut receive = vec![0u8; 4096];
+    let size = socket.recv(&mut &mut receive[..], 0)?;
+    let message = NetlinkMessage::<SockDiagMessage>::deserialize(&receive[..size])
+        .map_err(io::Error::other)?;
+    match message.payload {
+        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+            Ok(response.header.socket_id.clone())
+        }
+        NetlinkPayload::Error(e) => Err(error(e.code)),
+        _ => Err(io::Error::other("unexpected sock_diag answer")),
+    }
+}

@@ -44,6 +44,28 @@ fn check_capabilities(loads_programs: bool) -> Result<()> {
     if missing.is_empty() { Ok(()) } else { Err(Error::Privileges(missing.join(", "))) }
 }
 
+/// The cookie of this thread's network namespace (`SO_NETNS_COOKIE`), as
+/// BPF programs see it; 0 where the kernel cannot say (before 5.14).
+pub fn netns_cookie() -> u64 {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let Ok(socket) = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None) else {
+        return 0;
+    };
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a u64 and its length, for the kernel to write.
+    let ret = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if ret == 0 { cookie } else { 0 }
+}
+
 /// Whether this host has IPv6 at all (it can be disabled on the kernel command line).
 pub fn ipv6_enabled() -> bool {
     std::path::Path::new("/proc/net/if_inet6").exists()

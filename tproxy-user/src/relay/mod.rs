@@ -33,6 +33,12 @@ pub struct RelaySettings {
     /// Reach the original destinations through these proxies instead of
     /// directly, as the rules choose (see [`upstream`]).
     pub upstreams: upstream::Upstreams,
+    /// Also listen on loopback (127.0.0.1 and ::1, ports of the kernel's
+    /// choice) for the host's own connections, which the cgroup hooks send
+    /// there (see [`crate::InterceptConfig::cgroups`]). Their original
+    /// destinations come from the hooks' record, given with
+    /// `set_original_dsts`.
+    pub loopback: bool,
 }
 
 impl Default for RelaySettings {
@@ -44,6 +50,7 @@ impl Default for RelaySettings {
             spoof_source: false,
             allow_local_destinations: false,
             upstreams: upstream::Upstreams::default(),
+            loopback: false,
         }
     }
 }

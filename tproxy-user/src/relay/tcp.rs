@@ -10,7 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{net::TcpStream, sync::Semaphore, task::JoinSet};
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::Semaphore,
+    task::JoinSet,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -20,7 +24,10 @@ use super::{
     splice, timewait,
     transparent::{self, Accepted, DialOptions, TransparentListener},
 };
-use crate::error::{Error, Result};
+use crate::{
+    datapath::original_dst::OriginalDsts,
+    error::{Error, Result},
+};
 
 /// The TCP relay's own limits and timeouts (what it shares with the UDP
 /// relay is in [`RelaySettings`]).
@@ -81,6 +88,10 @@ crate::counters::counters! {
         /// Connections made straight to the relay's port, reset.
         refused_loops: Counter("tproxy_tcp_refused_loops", "refused loops",
             "TCP connections to the relay itself, refused"),
+        /// Connections to the loopback listener whose original destination
+        /// the cgroup hooks did not record (made to it directly), reset.
+        refused_unknown: Counter("tproxy_tcp_refused_unknown", "refused unknown",
+            "TCP connections to the loopback listener without a recorded destination, refused"),
         /// Connections whose original destination is this host, reset.
         refused_local: Counter("tproxy_tcp_refused_local", "refused local",
             "TCP connections to this host, refused"),
@@ -118,6 +129,9 @@ pub struct TcpRelay {
     /// SO_REUSEPORT the kernel picks among all of them.
     v4: Vec<TransparentListener>,
     v6: Vec<TransparentListener>,
+    /// For the host's own connections (`RelaySettings::loopback`).
+    loopback: Vec<TcpListener>,
+    original_dsts: Option<OriginalDsts>,
     stats: Arc<TcpRelayStats>,
     rules: Option<RulesWatch>,
 }
@@ -159,8 +173,33 @@ impl TcpRelay {
         } else {
             Vec::new()
         };
+        let loopback = if settings.loopback {
+            let mut addrs = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0))];
+            if settings.ipv6 {
+                addrs.push(SocketAddr::from((Ipv6Addr::LOCALHOST, 0)));
+            }
+            addrs
+                .into_iter()
+                .map(|addr| loopback_listener(addr).map_err(bind_err(addr)))
+                .collect::<Result<_>>()?
+        } else {
+            Vec::new()
+        };
         let settings = RelaySettings { listen_port: port, ..settings };
-        Ok(Self { settings, config, v4, v6, stats: Arc::default(), rules: None })
+        let (stats, rules, original_dsts) = (Arc::default(), None, None);
+        Ok(Self { settings, config, v4, v6, loopback, original_dsts, stats, rules })
+    }
+
+    /// The loopback listeners for the host's own connections (IPv4, then
+    /// IPv6), if `RelaySettings::loopback` is on.
+    pub fn loopback_listeners(&self) -> &[TcpListener] {
+        &self.loopback
+    }
+
+    /// Where the connections to the loopback listeners meant to go (see
+    /// [`crate::Interceptor::original_dsts`]).
+    pub fn set_original_dsts(&mut self, dsts: OriginalDsts) {
+        self.original_dsts = Some(dsts);
     }
 
     /// Follows the interceptor's rules: a connection that ends after no
@@ -215,7 +254,14 @@ impl TcpRelay {
         for (index, listener) in
             self.v4.into_iter().enumerate().chain(self.v6.into_iter().enumerate())
         {
+            let listener = Listener::Transparent(listener);
             tasks.spawn(accept_loop(listener, index, shared.clone(), shutdown.clone()));
+        }
+        if let Some(dsts) = self.original_dsts {
+            for (index, listener) in self.loopback.into_iter().enumerate() {
+                let listener = Listener::Loopback(listener, dsts.clone());
+                tasks.spawn(accept_loop(listener, index, shared.clone(), shutdown.clone()));
+            }
         }
         shutdown.cancelled().await;
         tasks.shutdown().await;
@@ -263,8 +309,45 @@ impl PerSource {
     }
 }
 
+/// A plain listener on loopback, for connections the cgroup hooks send.
+fn loopback_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv6() { TcpSocket::new_v6()? } else { TcpSocket::new_v4()? };
+    socket.bind(addr)?;
+    socket.listen(BACKLOG as u32)
+}
+
+/// Where connections come from.
+enum Listener {
+    /// Steered by the TC program: the local address is the destination.
+    Transparent(TransparentListener),
+    /// Sent by the cgroup hooks: the destination is in their record.
+    Loopback(TcpListener, OriginalDsts),
+}
+
+/// A connection to the loopback listener without a recorded destination.
+struct Unknown(io::Error);
+
+impl Listener {
+    async fn accept(&self) -> io::Result<std::result::Result<Accepted, Unknown>> {
+        match self {
+            Self::Transparent(listener) => listener.accept().await.map(Ok),
+            Self::Loopback(listener, dsts) => {
+                let (stream, client) = listener.accept().await?;
+                let relay = stream.local_addr()?;
+                Ok(match dsts.of(crate::rules::Protocol::Tcp, client, relay) {
+                    Ok(original_dst) => Ok(Accepted { stream, client, original_dst }),
+                    Err(e) => {
+                        reset(&stream);
+                        Err(Unknown(e))
+                    }
+                })
+            }
+        }
+    }
+}
+
 async fn accept_loop(
-    listener: TransparentListener,
+    listener: Listener,
     index: usize,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
@@ -286,7 +369,11 @@ async fn accept_loop(
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok(accepted) => {
+            Ok(Err(Unknown(e))) => {
+                shared.stats.refused_unknown.fetch_add(1, Relaxed);
+                debug!("refused a connection to the loopback listener: {e}");
+            }
+            Ok(Ok(accepted)) => {
                 shared.stats.accepted.fetch_add(1, Relaxed);
                 debug!(listener = index, peer = %accepted.client, "accepted");
                 let source = accepted.client.ip();
@@ -343,7 +430,8 @@ async fn relay(accepted: Accepted, shared: &Shared) {
         return;
     }
     let dial = DialOptions {
-        source: settings.spoof_source.then_some(peer),
+        // The host's own connections come from loopback: never spoofed.
+        source: settings.spoof_source.then_some(peer).filter(|p| !p.ip().is_loopback()),
         mark: settings.upstream_mark,
         timeout: shared.config.connect_timeout,
     };

@@ -258,9 +258,14 @@ fn storage_to_socket_addr(storage: &SockaddrStorage) -> Option<SocketAddr> {
 /// A UDP socket bound to `from` (IP_TRANSPARENT, so any address) and
 /// connected to `to`: replies sent on it reach the client from its original
 /// destination. SO_REUSEADDR lets several clients' sessions share `from`.
-pub fn udp_reply_socket(from: SocketAddr, to: SocketAddr) -> io::Result<UdpSocket> {
+/// `mark` (0: none) is its SO_MARK: the relay marks its own sockets so
+/// that the cgroup hooks never rewrite them.
+pub fn udp_reply_socket(from: SocketAddr, to: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     let socket = transparent_socket(from, Type::DGRAM, Protocol::UDP)?;
     socket.set_reuse_address(true)?;
+    if mark != 0 {
+        socket.set_mark(mark)?;
+    }
     socket.bind(&from.into())?;
     socket.connect(&to.into())?;
     UdpSocket::from_std(socket.into())

@@ -40,7 +40,10 @@ use super::{
     local::LocalAddrs,
     transparent::{self, Datagram, DialOptions, RecvError, TransparentUdp},
 };
-use crate::error::{Error, Result};
+use crate::{
+    datapath::original_dst::OriginalDsts,
+    error::{Error, Result},
+};
 
 /// The UDP relay's own limits (what it shares with the TCP relay is in
 /// [`RelaySettings`]).
@@ -102,6 +105,10 @@ crate::counters::counters! {
         /// Datagrams addressed to the relay itself (not steered), dropped.
         refused_loops: Counter("tproxy_udp_refused_loops", "refused loops",
             "UDP datagrams to the relay itself, dropped"),
+        /// Datagrams to the loopback socket whose original destination the
+        /// cgroup hooks did not record (sent to it directly), dropped.
+        refused_unknown: Counter("tproxy_udp_refused_unknown", "refused unknown",
+            "UDP datagrams to the loopback socket without a recorded destination, dropped"),
         /// Datagrams whose original destination is this host, dropped.
         refused_local: Counter("tproxy_udp_refused_local", "refused local",
             "UDP datagrams to this host, dropped"),
@@ -117,6 +124,10 @@ pub struct UdpRelay {
     config: UdpRelayConfig,
     v4: TransparentUdp,
     v6: Option<TransparentUdp>,
+    /// For the host's own datagrams (`RelaySettings::loopback`): IPv4, then
+    /// IPv6.
+    loopback: Vec<TransparentUdp>,
+    original_dsts: Option<OriginalDsts>,
     stats: Arc<UdpRelayStats>,
     rules: Option<super::tcp::RulesWatch>,
 }
@@ -142,8 +153,32 @@ impl UdpRelay {
         } else {
             None
         };
+        let mut loopback = Vec::new();
+        if settings.loopback {
+            loopback.push(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+            if settings.ipv6 {
+                loopback.push(SocketAddr::from((Ipv6Addr::LOCALHOST, 0)));
+            }
+        }
+        let loopback = loopback
+            .into_iter()
+            .map(|addr| TransparentUdp::bind(addr).map_err(bind_err(addr)))
+            .collect::<Result<_>>()?;
         let settings = RelaySettings { listen_port: port, ..settings };
-        Ok(Self { settings, config, v4, v6, stats: Arc::default(), rules: None })
+        let (stats, rules, original_dsts) = (Arc::default(), None, None);
+        Ok(Self { settings, config, v4, v6, loopback, original_dsts, stats, rules })
+    }
+
+    /// The loopback sockets for the host's own datagrams (IPv4, then
+    /// IPv6), if `RelaySettings::loopback` is on.
+    pub fn loopback_sockets(&self) -> impl Iterator<Item = &UdpSocket> {
+        self.loopback.iter().map(TransparentUdp::socket)
+    }
+
+    /// Where the datagrams to the loopback sockets meant to go (see
+    /// [`crate::Interceptor::original_dsts`]).
+    pub fn set_original_dsts(&mut self, dsts: OriginalDsts) {
+        self.original_dsts = Some(dsts);
     }
 
     /// The port the sockets are bound to.
@@ -181,6 +216,11 @@ impl UdpRelay {
             SessionTable::new(self.settings, self.config.clone(), self.stats.clone(), local);
         let mut buf4 = vec![0u8; BUFFER_SIZE];
         let mut buf6 = vec![0u8; BUFFER_SIZE];
+        let mut loopback_bufs = [vec![0u8; BUFFER_SIZE], vec![0u8; BUFFER_SIZE]];
+        // The loopback sockets only serve with the hooks' record.
+        let loopback = if self.original_dsts.is_some() { &self.loopback[..] } else { &[] };
+        let (lo4, lo6) = (loopback.first(), loopback.get(1));
+        let [lo4_buf, lo6_buf] = &mut loopback_bufs;
         let mut sweep = tokio::time::interval(sweep_interval(self.config.idle_timeout));
         let v6 = self.v6.as_ref();
         let mut rules = self.rules.take();
@@ -188,7 +228,7 @@ impl UdpRelay {
         table.associated = Some(associated_tx);
         table.rules = rules.as_mut().map(|r| r.borrow_and_update().clone());
         loop {
-            let (received, buf) = tokio::select! {
+            let (received, buf, from_loopback) = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some((key, association)) = associated.recv() => {
                     table.finish_open(key, association);
@@ -204,11 +244,29 @@ impl UdpRelay {
                     table.expire();
                     continue;
                 }
-                r = self.v4.recv(&mut buf4) => (r, &buf4),
-                r = async { v6.unwrap().recv(&mut buf6).await }, if v6.is_some() => (r, &buf6),
+                r = self.v4.recv(&mut buf4) => (r, &buf4, false),
+                r = async { v6.unwrap().recv(&mut buf6).await }, if v6.is_some() => (r, &buf6, false),
+                r = async { lo4.unwrap().recv(lo4_buf).await }, if lo4.is_some() => (r, &*lo4_buf, true),
+                r = async { lo6.unwrap().recv(lo6_buf).await }, if lo6.is_some() => (r, &*lo6_buf, true),
             };
             match received {
-                Ok(datagram) => table.relay(datagram, &buf[..datagram.len]),
+                Ok(datagram) if from_loopback => {
+                    // Sent to our loopback socket by the cgroup hooks:
+                    // replies go back from there.
+                    let relay = datagram.original_dst;
+                    let dsts = self.original_dsts.as_ref().expect("loopback serves with a record");
+                    match dsts.of(crate::rules::Protocol::Udp, datagram.client, relay) {
+                        Ok(dst) => {
+                            let datagram = Datagram { original_dst: dst, ..datagram };
+                            table.relay(datagram, &buf[..datagram.len], relay);
+                        }
+                        Err(e) => {
+                            self.stats.refused_unknown.fetch_add(1, Relaxed);
+                            debug!(client = %datagram.client, "UDP datagram to the loopback socket dropped: {e}");
+                        }
+                    }
+                }
+                Ok(datagram) => table.relay(datagram, &buf[..datagram.len], datagram.original_dst),
                 Err(RecvError::Truncated { client, buffer }) => {
                     self.stats.truncated.fetch_add(1, Relaxed);
                     debug!(%client, "datagram larger than {buffer} bytes dropped");
@@ -296,8 +354,10 @@ impl SessionTable {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Sends one client datagram upstream, opening its session if needed.
-    fn relay(&mut self, datagram: Datagram, payload: &[u8]) {
+    /// Sends one client datagram upstream, opening its session if needed;
+    /// the session's replies come from `reply_from` (the original
+    /// destination, or the loopback socket the datagram came to).
+    fn relay(&mut self, datagram: Datagram, payload: &[u8], reply_from: SocketAddr) {
         let Datagram { client, original_dst: dst, .. } = datagram;
         // Sent straight to our port rather than steered: relaying it would
         // have us send to ourselves.
@@ -316,11 +376,11 @@ impl SessionTable {
         if !self.sessions.contains(&key)
             && let Some(upstream) = self.socks5_for(client, dst)
         {
-            self.open_through_socks5(key, upstream, payload);
+            self.open_through_socks5(key, upstream, payload, reply_from);
             return;
         }
         if !self.sessions.contains(&key) {
-            match self.open(client, dst, now) {
+            match self.open(client, dst, reply_from, now) {
                 Ok(session) => {
                     self.make_room();
                     self.sessions.put(key, session);
@@ -357,6 +417,7 @@ impl SessionTable {
         key: SessionKey,
         upstream: super::upstream::Upstream,
         payload: &[u8],
+        reply_from: SocketAddr,
     ) {
         if let Some(waiting) = self.opening.get_mut(&key) {
             if waiting.len() < MAX_WAITING {
@@ -373,11 +434,12 @@ impl SessionTable {
         }
         self.opening.insert(key, vec![payload.to_vec()]);
         let dial = DialOptions { mark: self.settings.upstream_mark, ..DialOptions::default() };
-        let (client, dst) = key;
+        let client = key.0;
         tokio::spawn(async move {
             let association = async {
                 let association = upstream.associate_udp(&dial).await?;
-                Ok((association, transparent::udp_reply_socket(dst, client)?))
+                let reply = transparent::udp_reply_socket(reply_from, client, dial.mark)?;
+                Ok((association, reply))
             }
             .await;
             let _ = report.send((key, association));
@@ -415,14 +477,21 @@ impl SessionTable {
         self.sessions.put(key, session);
     }
 
-    fn open(&self, client: SocketAddr, dst: SocketAddr, now: u64) -> io::Result<Session> {
+    fn open(
+        &self,
+        client: SocketAddr,
+        dst: SocketAddr,
+        reply_from: SocketAddr,
+        now: u64,
+    ) -> io::Result<Session> {
         let dial = DialOptions {
-            source: self.settings.spoof_source.then_some(client),
+            // The host's own datagrams come from loopback: never spoofed.
+            source: self.settings.spoof_source.then_some(client).filter(|c| !c.ip().is_loopback()),
             mark: self.settings.upstream_mark,
             ..DialOptions::default()
         };
         let upstream = Arc::new(transparent::udp_upstream(dst, &dial)?);
-        let reply = transparent::udp_reply_socket(dst, client)?;
+        let reply = transparent::udp_reply_socket(reply_from, client, dial.mark)?;
         Ok(self.start((client, dst), upstream, reply, None, None, now))
     }
 

@@ -1,0 +1,224 @@
+//! cgroup hooks (`--cgroup`): a connection or unconnected datagram of the
+//! host's own processes to something a rule intercepts is sent to the
+//! relay's loopback socket instead, and the socket's original destination
+//! is remembered by its cookie. The socket keeps seeing that destination:
+//! as its peer (`getpeername`) and as the source of what it receives
+//! (`recvmsg`).
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map},
+    maps::{Array, LruHashMap},
+    programs::SockAddrContext,
+};
+use tproxy_ebpf::{
+    FAMILY_V4, FAMILY_V6, MAX_ORIGINAL_DSTS, PROTO_TCP, PROTO_UDP, SockDst, slot, stat,
+};
+
+use crate::{
+    program::{BYPASS_MARK, INTERCEPT_LOCAL, global, sock_words},
+    rules::{Query, gated, is_local, match_rule},
+    stats::{count, rule_stats},
+};
+
+/// Set by the loader (see `names::NETNS_COOKIE`).
+#[unsafe(no_mangle)]
+static NETNS_COOKIE: u64 = 0;
+
+/// Where intercepted sockets go, by `slot`; port 0: nowhere (they keep
+/// their destination).
+#[map]
+static CGROUP_TARGETS: Array<SockDst> = Array::with_max_entries(slot::COUNT, 0);
+
+/// What each rewritten socket asked for, by socket cookie.
+#[map]
+static ORIGINAL_DST: LruHashMap<u64, SockDst> = LruHashMap::with_max_entries(MAX_ORIGINAL_DSTS, 0);
+
+/// The only verdict these hooks give: the call goes on.
+const ALLOW: i32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn tproxy_connect4(ctx: SockAddrContext) -> i32 {
+    redirect(&ctx, false);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn tproxy_connect6(ctx: SockAddrContext) -> i32 {
+    redirect(&ctx, true);
+    ALLOW
+}
+
+/// Unconnected UDP sends (connected sockets went through `connect`).
+#[cgroup_sock_addr(sendmsg4)]
+pub fn tproxy_sendmsg4(ctx: SockAddrContext) -> i32 {
+    redirect(&ctx, false);
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn tproxy_sendmsg6(ctx: SockAddrContext) -> i32 {
+    redirect(&ctx, true);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn tproxy_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore(&ctx, false);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn tproxy_recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore(&ctx, true);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn tproxy_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore(&ctx, false);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn tproxy_getpeername6(ctx: SockAddrContext) -> i32 {
+    restore(&ctx, true);
+    ALLOW
+}
+
+/// The address in the context, IPv4 in `[0]`, and whether it is IPv4 (an
+/// IPv6 socket's IPv4-mapped address counts as IPv4).
+#[inline(always)]
+fn user_addr(sa: &bpf_sock_addr, ipv6_hook: bool) -> ([u32; 4], bool) {
+    if !ipv6_hook {
+        return ([unsafe { core::ptr::read_volatile(&sa.user_ip4) }, 0, 0, 0], true);
+    }
+    let words = sock_words(&sa.user_ip6);
+    if words[0] == 0 && words[1] == 0 && words[2] == u32::from_be(0xffff) {
+        ([words[3], 0, 0, 0], true)
+    } else {
+        (words, false)
+    }
+}
+
+#[inline(always)]
+fn target_slot(proto: u8, ipv4: bool) -> u32 {
+    match (proto, ipv4) {
+        (PROTO_TCP, true) => slot::TCP_V4,
+        (PROTO_TCP, false) => slot::TCP_V6,
+        (_, true) => slot::UDP_V4,
+        (_, false) => slot::UDP_V6,
+    }
+}
+
+/// The socket's protocol, if TCP or UDP.
+#[inline(always)]
+fn protocol(sa: &bpf_sock_addr) -> Option<u8> {
+    match unsafe { core::ptr::read_volatile(&sa.protocol) } as u8 {
+        p @ (PROTO_TCP | PROTO_UDP) => Some(p),
+        _ => None,
+    }
+}
+
+/// Sends the socket to the target if a rule intercepts where it is going.
+#[inline(always)]
+fn redirect(ctx: &SockAddrContext, ipv6_hook: bool) {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some(proto) = protocol(sa) else { return };
+    let port = unsafe { core::ptr::read_volatile(&sa.user_port) };
+    let dport = u16::from_be(port as u16);
+    if !gated(proto, dport) {
+        return;
+    }
+    // The relay's own sockets carry the bypass mark.
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    if sk.is_null() || unsafe { (*sk).mark } == global(&BYPASS_MARK) {
+        return;
+    }
+    let netns = unsafe { core::ptr::read_volatile(&NETNS_COOKIE) };
+    if netns != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != netns {
+        return;
+    }
+    let (daddr, ipv4) = user_addr(sa, ipv6_hook);
+    if global(&INTERCEPT_LOCAL) == 0 && is_local(!ipv4, &daddr) {
+        return;
+    }
+    // The host's own connections have no client address: rules with a
+    // source filter do not apply to them.
+    let query = Query { ipv6: !ipv4, proto, dport, daddr, saddr: [0; 4] };
+    let Some(rule) = match_rule(&query) else { return };
+    let target = match CGROUP_TARGETS.get(target_slot(proto, ipv4)) {
+        Some(t) if t.port != 0 => *t,
+        _ => {
+            if let Some(s) = rule_stats(&rule) {
+                s.no_listener += 1;
+            }
+            count(stat::CGROUP_NO_TARGET);
+            return;
+        }
+    };
+    let original = SockDst {
+        addr: if ipv6_hook { sock_words(&sa.user_ip6) } else { daddr },
+        port,
+        family: if ipv6_hook { FAMILY_V6 as u32 } else { FAMILY_V4 as u32 },
+    };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if ORIGINAL_DST.insert(&cookie, &original, 0).is_err() {
+        return;
+    }
+    write_addr(sa, ipv6_hook, ipv4, &target.addr);
+    sa.user_port = target.port;
+    if let Some(s) = rule_stats(&rule) {
+        s.new_flows += 1;
+    }
+    count(stat::CGROUP_TO_TARGET);
+}
+
+/// Writes `addr` (IPv4 in `[0]`) into the context, IPv4-mapped for an IPv6
+/// socket going to an IPv4 address.
+#[inline(always)]
+fn write_addr(sa: &mut bpf_sock_addr, ipv6_hook: bool, ipv4: bool, addr: &[u32; 4]) {
+    if !ipv6_hook {
+        sa.user_ip4 = addr[0];
+    } else if ipv4 {
+        set_words(&mut sa.user_ip6, &[0, 0, u32::from_be(0xffff), addr[0]]);
+    } else {
+        set_words(&mut sa.user_ip6, addr);
+    }
+}
+
+/// Writes an address into the context one word at a time (see
+/// `sock_words`).
+#[inline(always)]
+fn set_words(words: &mut [u32; 4], value: &[u32; 4]) {
+    unsafe {
+        core::ptr::write_volatile(&mut words[0], value[0]);
+        core::ptr::write_volatile(&mut words[1], value[1]);
+        core::ptr::write_volatile(&mut words[2], value[2]);
+        core::ptr::write_volatile(&mut words[3], value[3]);
+    }
+}
+
+/// Shows a rewritten socket its original destination where the kernel
+/// would show the target.
+#[inline(always)]
+fn restore(ctx: &SockAddrContext, ipv6_hook: bool) {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some(proto) = protocol(sa) else { return };
+    let (addr, ipv4) = user_addr(sa, ipv6_hook);
+    let Some(target) = CGROUP_TARGETS.get(target_slot(proto, ipv4)) else { return };
+    let port = unsafe { core::ptr::read_volatile(&sa.user_port) };
+    if target.port == 0 || port != target.port || addr != target.addr {
+        return;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(original) = (unsafe { ORIGINAL_DST.get(&cookie) }).copied() else { return };
+    if ipv6_hook {
+        set_words(&mut sa.user_ip6, &original.addr);
+    } else {
+        sa.user_ip4 = original.addr[0];
+    }
+    sa.user_port = original.port;
+}
