@@ -356,12 +356,24 @@ impl Daemon {
         args: &[&str],
         port: u16,
     ) -> Result<Self> {
+        Self::start_command(ns, ns.command(program), program, config, args, port)
+    }
+
+    /// Like [`Daemon::start`], from `command` (the program, in `ns`, and
+    /// whatever else it needs: a cgroup, say).
+    pub fn start_command(
+        ns: &Netns,
+        mut command: std::process::Command,
+        program: &str,
+        config: &str,
+        args: &[&str],
+        port: u16,
+    ) -> Result<Self> {
         let path = std::env::temp_dir().join(format!("tproxy-test-{}-{program}.conf", ns.name));
         std::fs::write(&path, config)?;
         let path_text = path.to_str().context("a UTF-8 path")?.to_owned();
         let args: Vec<String> = args.iter().map(|a| a.replace("CONFIG", &path_text)).collect();
-        let mut child = ns
-            .command(program)
+        let mut child = command
             .args(&args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

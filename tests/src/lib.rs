@@ -10,10 +10,12 @@
 //! The client and the server route through the proxy, which forwards.
 //! Everything is removed when the [`Topology`] drops.
 
+mod cgroup;
 mod fixtures;
 mod netns;
 mod proxy;
 
+pub use cgroup::*;
 pub use fixtures::*;
 pub use netns::*;
 pub use proxy::*;

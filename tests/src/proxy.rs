@@ -70,15 +70,43 @@ impl Proxy {
         args: &[&str],
         log_filter: &str,
     ) -> Result<Self> {
-        let mut child = ns
-            .command(program)
-            .args(args)
+        let mut command = ns.command(program);
+        command.args(args);
+        Self::spawn_command(command, args, log_filter)
+    }
+
+    /// Starts `tproxy-user <args>` in `ns` and in `cgroup` (if given), with
+    /// the cgroup2 mount in sight (see [`crate::in_netns`]), and waits
+    /// until it is ready.
+    pub fn start_keeping_mounts(
+        ns: &Netns,
+        cgroup: Option<&std::path::Path>,
+        args: &[&str],
+    ) -> Result<Self> {
+        let args = ns.instance_args(args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut command = crate::in_netns(ns, &tproxy_bin().to_string_lossy(), cgroup);
+        command.args(&args);
+        let proxy = Self::spawn_command(command, &args, "info,aya::bpf=error,tproxy_user=debug")?;
+        proxy.wait_for_log("ready:", Duration::from_secs(60))?;
+        Ok(proxy)
+    }
+
+    /// Starts `command` (with `args`, which name the instance) without
+    /// waiting; its stdout and stderr both go to the log.
+    fn spawn_command(
+        mut command: std::process::Command,
+        args: &[&str],
+        log_filter: &str,
+    ) -> Result<Self> {
+        let program = command.get_program().to_owned();
+        let mut child = command
             .env("RUST_LOG", log_filter)
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {}", program.display()))?;
+            .with_context(|| format!("starting {}", program.to_string_lossy()))?;
         let log = Arc::new(Mutex::new(String::new()));
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");

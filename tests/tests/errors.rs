@@ -29,6 +29,11 @@ fn a_missing_second_interface_leaves_the_first_untouched() -> Result<()> {
 }
 
 #[test]
+fn neither_interface_nor_cgroup() -> Result<()> {
+    rejected("noplace", &[], &["attach", "--port", "80"], "the following required arguments")
+}
+
+#[test]
 fn port_zero() -> Result<()> {
     rejected(
         "port0",

@@ -4,17 +4,22 @@
 //! is remembered by its cookie. The socket keeps seeing that destination:
 //! as its peer (`getpeername`) and as the source of what it receives
 //! (`recvmsg`).
+//!
+//! For a REDIRECT-style proxy behind `--to-port`, the TCP ones are also
+//! recorded by their local address once connecting gives them one
+//! (`sockops`), and the proxy's `getsockopt(SO_ORIGINAL_DST)` on the
+//! accepted socket is answered from that record.
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::bpf_sock_addr,
+    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map},
+    macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
     maps::{Array, LruHashMap},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockOpsContext, SockoptContext},
 };
 use tproxy_ebpf::{
-    FAMILY_V4, FAMILY_V6, MAX_ORIGINAL_DSTS, PROTO_TCP, PROTO_UDP, SockDst, slot, stat,
+    FAMILY_V4, FAMILY_V6, MAX_ORIGINAL_DSTS, PROTO_TCP, PROTO_UDP, PeerKey, SockDst, slot, stat,
 };
 
 use crate::{
@@ -35,6 +40,10 @@ static CGROUP_TARGETS: Array<SockDst> = Array::with_max_entries(slot::COUNT, 0);
 /// What each rewritten socket asked for, by socket cookie.
 #[map]
 static ORIGINAL_DST: LruHashMap<u64, SockDst> = LruHashMap::with_max_entries(MAX_ORIGINAL_DSTS, 0);
+
+/// What each rewritten TCP socket asked for, by its local address.
+#[map]
+static PEER_DST: LruHashMap<PeerKey, SockDst> = LruHashMap::with_max_entries(MAX_ORIGINAL_DSTS, 0);
 
 /// The only verdict these hooks give: the call goes on.
 const ALLOW: i32 = 1;
@@ -221,4 +230,95 @@ fn restore(ctx: &SockAddrContext, ipv6_hook: bool) {
         sa.user_ip4 = original.addr[0];
     }
     sa.user_port = original.port;
+}
+
+/// Records a rewritten TCP socket by the local address connecting gave it.
+#[sock_ops]
+pub fn tproxy_sockops(ctx: SockOpsContext) -> u32 {
+    const AF_INET6: u32 = 10;
+    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+        return 0;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(original) = (unsafe { ORIGINAL_DST.get(&cookie) }).copied() else { return 0 };
+    let mut key = PeerKey { addr: [0; 4], port: ctx.local_port(), family: FAMILY_V4 as u32 };
+    let ops = unsafe { &*ctx.ops };
+    let remote = if ctx.family() == AF_INET6 { sock_words(&ops.remote_ip6) } else { [0; 4] };
+    let mapped = remote[0] == 0 && remote[1] == 0 && remote[2] == u32::from_be(0xffff);
+    if ctx.family() == AF_INET6 && !mapped {
+        key.addr = sock_words(&ops.local_ip6);
+        key.family = FAMILY_V6 as u32;
+    } else {
+        key.addr[0] = ctx.local_ip4();
+    }
+    let _ = PEER_DST.insert(&key, &original, 0);
+    0
+}
+
+/// Answers `getsockopt(SOL_IP, SO_ORIGINAL_DST)` (and `SOL_IPV6`'s) on a
+/// socket whose peer is a recorded one, with a `sockaddr_in` (`_in6`);
+/// every other call keeps the kernel's answer.
+#[cgroup_sockopt(getsockopt)]
+pub fn tproxy_original_dst(ctx: SockoptContext) -> i32 {
+    const SOL_IP: i32 = 0;
+    const SOL_IPV6: i32 = 41;
+    const SO_ORIGINAL_DST: i32 = 80;
+    let opt = unsafe { &mut *ctx.sockopt };
+    if opt.optname != SO_ORIGINAL_DST || (opt.level != SOL_IP && opt.level != SOL_IPV6) {
+        return ALLOW;
+    }
+    let ipv6 = opt.level == SOL_IPV6;
+    let sk = unsafe { opt.__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return ALLOW;
+    }
+    let mut key = PeerKey {
+        addr: [0; 4],
+        port: u16::from_be(unsafe { core::ptr::read_volatile(&(*sk).dst_port) } as u16) as u32,
+        family: if ipv6 { FAMILY_V6 as u32 } else { FAMILY_V4 as u32 },
+    };
+    if ipv6 {
+        key.addr = sock_words(unsafe { &(*sk).dst_ip6 });
+    } else {
+        key.addr[0] = unsafe { core::ptr::read_volatile(&(*sk).dst_ip4) };
+    }
+    let Some(original) = (unsafe { PEER_DST.get(&key) }).copied() else { return ALLOW };
+    let (start, end) = unsafe { (opt.__bindgen_anon_2.optval, opt.__bindgen_anon_3.optval_end) };
+    let start = start as *mut u8;
+    if ipv6 {
+        // sockaddr_in6: family, port, flowinfo, address, scope id.
+        if unsafe { start.add(28) } > end as *mut u8 {
+            return ALLOW;
+        }
+        let mut sin6 = [0u32; 7];
+        sin6[0] = (10u32).to_le() | (original.port & 0xffff) << 16;
+        let addr = if original.family == FAMILY_V4 as u32 {
+            [0, 0, u32::from_be(0xffff), original.addr[0]]
+        } else {
+            original.addr
+        };
+        sin6[2..6].copy_from_slice(&addr);
+        unsafe { core::ptr::write_unaligned(start as *mut [u32; 7], sin6) };
+        opt.optlen = 28;
+    } else {
+        if original.family != FAMILY_V4 as u32 && !is_mapped(&original.addr) {
+            return ALLOW;
+        }
+        let v4 =
+            if original.family == FAMILY_V4 as u32 { original.addr[0] } else { original.addr[3] };
+        // sockaddr_in: family, port, address, zeros.
+        if unsafe { start.add(16) } > end as *mut u8 {
+            return ALLOW;
+        }
+        let sin = [2u32.to_le() | (original.port & 0xffff) << 16, v4, 0, 0];
+        unsafe { core::ptr::write_unaligned(start as *mut [u32; 4], sin) };
+        opt.optlen = 16;
+    }
+    opt.retval = 0;
+    ALLOW
+}
+
+#[inline(always)]
+fn is_mapped(addr: &[u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_be(0xffff)
 }

@@ -224,6 +224,20 @@ pub struct SockDst {
     pub family: u32,
 }
 
+/// Key of the `PEER_DST` map: the local address and port of a rewritten
+/// TCP socket, which is what the socket accepted on the other end sees as
+/// its peer. Addresses in network order (IPv4 in `[0]`), the port in host
+/// order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    pub addr: [u32; 4],
+    pub port: u32,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`]: the connection's (an IPv4-mapped
+    /// connection is IPv4).
+    pub family: u32,
+}
+
 /// Size of the `ORIGINAL_DST` LRU map: sockets of the host's own whose
 /// destination was rewritten, by socket cookie.
 pub const MAX_ORIGINAL_DSTS: u32 = 65536;
@@ -306,6 +320,12 @@ pub mod names {
         "tproxy_getpeername4",
         "tproxy_getpeername6",
     ];
+    /// Records the rewritten TCP sockets by their local address, once
+    /// connecting gave them one, for `GETSOCKOPT_PROGRAM`.
+    pub const SOCKOPS_PROGRAM: &str = "tproxy_sockops";
+    /// Answers `getsockopt(SO_ORIGINAL_DST)` on the accepting end of such
+    /// a socket, as iptables REDIRECT's conntrack does.
+    pub const GETSOCKOPT_PROGRAM: &str = "tproxy_original_dst";
     /// Where the cgroup hooks send what a rule intercepts, by `slot`: the
     /// relay's loopback sockets, or `--to-port`'s.
     pub const CGROUP_TARGETS: &str = "CGROUP_TARGETS";
@@ -329,4 +349,5 @@ mod pod {
     unsafe impl aya::Pod for super::RuleStats {}
     unsafe impl aya::Pod for super::ReopenKey {}
     unsafe impl aya::Pod for super::SockDst {}
+    unsafe impl aya::Pod for super::PeerKey {}
 }

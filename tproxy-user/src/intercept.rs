@@ -103,6 +103,11 @@ pub struct InterceptConfig {
     /// intercepted too (descendants included), by the cgroup hooks: see
     /// [`crate::host::cgroup::open`] for the paths taken.
     pub cgroups: Vec<std::path::PathBuf>,
+    /// A cgroup whose processes get `getsockopt(SO_ORIGINAL_DST)` answered
+    /// on the connections they accept from `cgroups`' processes, as iptables
+    /// REDIRECT's conntrack answers it: a REDIRECT-style proxy behind
+    /// [`Target::Port`].
+    pub original_dst_cgroup: Option<std::path::PathBuf>,
     /// What to intercept.
     pub rules: Vec<Rule>,
     /// Mark for steered packets; the fwmark rule matches it.
@@ -145,6 +150,7 @@ impl InterceptConfig {
             name: DEFAULT_NAME.to_owned(),
             interfaces,
             cgroups: Vec::new(),
+            original_dst_cgroup: None,
             rules,
             mark: DEFAULT_MARK,
             table: DEFAULT_TABLE,
@@ -168,6 +174,11 @@ impl InterceptConfig {
         let mut seen = HashSet::new();
         if let Some(dup) = self.interfaces.iter().find(|i| !seen.insert(*i)) {
             return bad(format!("interface {dup} given twice"));
+        }
+        if self.original_dst_cgroup.is_some() && self.cgroups.is_empty() {
+            return bad(
+                "answering SO_ORIGINAL_DST needs a cgroup whose connections to answer for".into()
+            );
         }
         let mut seen = HashSet::new();
         if let Some(dup) = self.cgroups.iter().find(|c| !seen.insert(*c)) {
@@ -218,6 +229,8 @@ pub struct Loaded {
     kinds: Vec<system::LinkKind>,
     /// The cgroups, open, in `config.cgroups` order.
     cgroups: Vec<cgroup::Cgroup>,
+    /// `config.original_dst_cgroup`, open.
+    original_dst_cgroup: Option<cgroup::Cgroup>,
     claim: Claim,
     datapath: Datapath,
     kernel: aya::util::KernelVersion,
@@ -385,6 +398,13 @@ impl Interceptor {
         }
         let cgroups =
             config.cgroups.iter().map(|path| cgroup::open(path)).collect::<Result<Vec<_>>>()?;
+        let original_dst_cgroup =
+            config.original_dst_cgroup.as_deref().map(cgroup::open).transpose()?;
+        if !cgroups.is_empty() && !kernel::NETNS_COOKIE.in_kernel(kernel) {
+            warn!(
+                "this kernel cannot name the network namespace to the cgroup hooks (SO_NETNS_COOKIE, 5.14): the cgroup's processes in other network namespaces are rewritten too"
+            );
+        }
         system::raise_memlock_limit();
         let claim = claim(&mut config)?;
         let datapath = load_programs(&config).inspect_err(|_| {
@@ -396,7 +416,7 @@ impl Interceptor {
                 );
             }
         })?;
-        Ok(Loaded { config, kinds, cgroups, claim, datapath, kernel })
+        Ok(Loaded { config, kinds, cgroups, original_dst_cgroup, claim, datapath, kernel })
     }
 }
 
@@ -410,7 +430,8 @@ impl Loaded {
     /// and attaches to every interface. What is left needs CAP_NET_ADMIN
     /// only.
     pub async fn start(self, sockets: &[(RelaySocket, BorrowedFd<'_>)]) -> Result<Interceptor> {
-        let Loaded { config, kinds, cgroups, claim, mut datapath, kernel } = self;
+        let Loaded { config, kinds, cgroups, original_dst_cgroup, claim, mut datapath, kernel } =
+            self;
         if let (Target::Port(target), false) = (config.target, sockets.is_empty()) {
             return Err(Error::Config(format!(
                 "relay sockets given to interception that steers to port {}",
@@ -478,6 +499,9 @@ impl Loaded {
                 interceptor.claim.record(filter)?;
             }
         }
+        if let Some(proxy) = &original_dst_cgroup {
+            interceptor.datapath.attach_original_dst_answers(&cgroups, proxy)?;
+        }
         for cgroup in &cgroups {
             interceptor.datapath.attach_cgroup(cgroup)?;
         }
@@ -498,7 +522,11 @@ impl Loaded {
             places.join(" and "),
             interceptor.rules.iter().map(|(_, r)| r.to_string()).collect::<Vec<_>>().join(", ")
         );
-        if let Target::Port(target) = interceptor.config.target {
+        // The TC program's lookup: the cgroup hooks connect to the target
+        // like any client.
+        if let (Target::Port(target), false) =
+            (interceptor.config.target, interceptor.config.interfaces.is_empty())
+        {
             let protocols: HashSet<Protocol> =
                 interceptor.rules.gated_ports().map(|(p, _)| p).collect();
             for finding in check_port_target(&target, &protocols) {
@@ -828,6 +856,7 @@ pub fn load_programs(config: &InterceptConfig) -> Result<Datapath> {
         target_ipv4: target.and_then(|t| t.ipv4),
         target_ipv6: target.and_then(|t| t.ipv6),
         cgroup_hooks: !config.cgroups.is_empty(),
+        original_dst_answers: config.original_dst_cgroup.is_some(),
         netns_cookie: if config.cgroups.is_empty() { 0 } else { system::netns_cookie() },
     })
 }

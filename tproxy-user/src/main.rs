@@ -187,6 +187,11 @@ struct AttachArgs {
     /// A full path, or one from the cgroup2 mount (/system.slice/x.service).
     #[arg(long = "cgroup", value_name = "PATH")]
     cgroups: Vec<PathBuf>,
+    /// Answer getsockopt(SO_ORIGINAL_DST) for the processes of this cgroup
+    /// on the connections they accept from --cgroup's: for a REDIRECT-style
+    /// proxy (redsocks, say) on --to-port.
+    #[arg(long, value_name = "PATH", requires = "cgroups")]
+    original_dst_cgroup: Option<PathBuf>,
     /// Destination port or range to intercept, e.g. 80 or 8000-8099 (repeatable).
     #[arg(long = "port", short = 'p', value_name = "PORT[-PORT]", value_parser = parse_ports)]
     ports: Vec<RangeInclusive<u16>>,
@@ -372,6 +377,7 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
     rules.extend(args.rules);
     let mut intercept = intercept_config(args.interfaces, rules, &args.routing);
     intercept.cgroups = args.cgroups;
+    intercept.original_dst_cgroup = args.original_dst_cgroup;
     intercept.name = args.name;
     intercept.choose_free_routing &= args.relay.upstream_mark.is_none();
     intercept.upstream_mark = args.relay.upstream_mark.unwrap_or(DEFAULT_UPSTREAM_MARK);

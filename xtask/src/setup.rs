@@ -34,6 +34,11 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     // The package check: the unit verified, the man pages read.
     ("systemd-analyze", "systemd"),
     ("man", "man-db"),
+    // `--cgroup`: what is attached to a cgroup, and a proxy written for
+    // iptables REDIRECT.
+    ("bpftool", "bpftool"),
+    ("nsenter", "util-linux"),
+    ("redsocks", "redsocks"),
 ];
 
 /// Services that packages above start when installed on a host run by
@@ -45,6 +50,7 @@ const SERVICES: &[(&str, &str)] = &[
     ("dante-server", "danted"),
     ("tinyproxy", "tinyproxy"),
     ("nginx-light", "nginx"),
+    ("redsocks", "redsocks"),
 ];
 
 /// What the kernel-VM tests (virtme-ng) need.

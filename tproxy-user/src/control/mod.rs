@@ -202,9 +202,11 @@ impl Controller {
 
     /// Every counter, now.
     pub async fn stats(&self) -> Result<StatsReport> {
-        let (interfaces, target, datapath, rules) = self
+        let (interfaces, cgroups, target, datapath, rules) = self
             .with(|i| {
-                Ok((i.config().interfaces.clone(), i.config().target, i.stats()?, i.rule_stats()?))
+                let config = i.config();
+                let cgroups = config.cgroups.iter().map(|c| c.display().to_string()).collect();
+                Ok((config.interfaces.clone(), cgroups, config.target, i.stats()?, i.rule_stats()?))
             })
             .await?;
         let rules = rules
@@ -214,6 +216,7 @@ impl Controller {
         Ok(StatsReport {
             name: self.name.clone(),
             interfaces,
+            cgroups,
             datapath,
             target: target.to_string(),
             rules,

@@ -65,6 +65,9 @@ pub struct StatsReport {
     pub name: String,
     /// Interfaces the program is attached to.
     pub interfaces: Vec<String>,
+    /// cgroups whose own connections are intercepted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cgroups: Vec<String>,
     /// The datapath, all rules together.
     pub datapath: DatapathStats,
     /// Where steered flows go: "the relay", or "port 8080" for another
@@ -87,11 +90,13 @@ impl StatsReport {
     /// A table for people.
     pub fn to_table(&self) -> String {
         let mut out = String::new();
+        let mut places = self.interfaces.clone();
+        places.extend(self.cgroups.iter().map(|c| format!("cgroup {c}")));
         let _ = writeln!(
             out,
             "instance {} on {}, steering to {}",
             self.name,
-            self.interfaces.join(", "),
+            places.join(", "),
             self.target
         );
         let width = self.rules.iter().map(|r| r.rule.len()).max().unwrap_or(4).max(4);

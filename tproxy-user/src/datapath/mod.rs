@@ -17,8 +17,8 @@ use aya::{
         lpm_trie::Key,
     },
     programs::{
-        CgroupAttachMode, CgroupSockAddr, Link as _, ProgramError, SchedClassifier, SkLookup,
-        TcAttachType, tc, tc::SchedClassifierLink,
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, Link as _, ProgramError, SchedClassifier,
+        SkLookup, SockOps, TcAttachType, tc, tc::SchedClassifierLink,
     },
     util::nr_cpus,
 };
@@ -116,6 +116,9 @@ pub struct Settings {
     pub target_ipv6: Option<std::net::Ipv6Addr>,
     /// Also load the cgroup hooks, for [`Datapath::attach_cgroup`].
     pub cgroup_hooks: bool,
+    /// Also load what answers `getsockopt(SO_ORIGINAL_DST)`, for
+    /// [`Datapath::attach_original_dst_answers`].
+    pub original_dst_answers: bool,
     /// The network namespace whose sockets the cgroup hooks rewrite, by
     /// its cookie; 0: every one.
     pub netns_cookie: u64,
@@ -187,6 +190,12 @@ impl Datapath {
                 cgroup_program(&mut ebpf, name)?.load().map_err(load_error(name))?;
             }
         }
+        if settings.original_dst_answers {
+            let name = names::SOCKOPS_PROGRAM;
+            typed::<SockOps>(&mut ebpf, name)?.load().map_err(load_error(name))?;
+            let name = names::GETSOCKOPT_PROGRAM;
+            typed::<CgroupSockopt>(&mut ebpf, name)?.load().map_err(load_error(name))?;
+        }
         let reopen_loaded = match reopen_program(&mut ebpf)?.load() {
             Ok(()) => true,
             Err(e) => {
@@ -227,6 +236,30 @@ impl Datapath {
                     source,
                 })?;
         }
+        Ok(())
+    }
+
+    /// Records the rewritten TCP sockets of `clients` (the cgroups given to
+    /// [`Self::attach_cgroup`]) by their local address, and answers
+    /// `getsockopt(SO_ORIGINAL_DST)` for the processes of `proxy` on the
+    /// sockets they accept from them, as iptables REDIRECT does.
+    pub fn attach_original_dst_answers(
+        &mut self,
+        clients: &[crate::host::cgroup::Cgroup],
+        proxy: &crate::host::cgroup::Cgroup,
+    ) -> Result<()> {
+        let failed = |cgroup: &crate::host::cgroup::Cgroup| {
+            let iface = cgroup.path.display().to_string();
+            move |source| Error::Attach { iface, source }
+        };
+        for cgroup in clients {
+            typed::<SockOps>(&mut self.ebpf, names::SOCKOPS_PROGRAM)?
+                .attach(&cgroup.dir, CgroupAttachMode::Single)
+                .map_err(failed(cgroup))?;
+        }
+        typed::<CgroupSockopt>(&mut self.ebpf, names::GETSOCKOPT_PROGRAM)?
+            .attach(&proxy.dir, CgroupAttachMode::Single)
+            .map_err(failed(proxy))?;
         Ok(())
     }
 
@@ -546,6 +579,14 @@ fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassi
 }
 
 fn cgroup_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr> {
+    typed(ebpf, name)
+}
+
+/// The program `name`, as the type it must be.
+fn typed<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
     let program = ebpf
         .program_mut(name)
         .ok_or_else(|| Error::Load(EbpfError::ProgramError(ProgramError::UnexpectedProgramType)))?;

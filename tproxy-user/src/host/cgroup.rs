@@ -67,7 +67,7 @@ pub fn open(path: &Path) -> Result<Cgroup> {
     let mounts = cgroup2_mounts()?;
     let Some(root) = mounts.first() else {
         return Err(Error::Config(
-            "--cgroup needs cgroup v2, and no cgroup2 filesystem is mounted (see /proc/mounts)"
+            "--cgroup needs cgroup v2, and no cgroup2 filesystem is mounted here (`ip netns exec` hides it by remounting /sys: use `nsenter --net=/run/netns/NAME`)"
                 .into(),
         ));
     };
