@@ -32,6 +32,13 @@ impl TestCgroup {
         Ok(Self { path, relative })
     }
 
+    /// A cgroup below this one (dropped before it: declare it after).
+    pub fn child(&self, name: &str) -> Result<Self> {
+        let path = self.path.join(name);
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path, relative: format!("{}/{name}", self.relative) })
+    }
+
     /// `program` run in this cgroup and in `ns` (see [`in_netns`]).
     pub fn command(&self, ns: &Netns, program: &str) -> Command {
         in_netns(ns, program, Some(&self.path))

@@ -169,6 +169,15 @@ fn own_connections_go_through_the_relay_and_keep_their_destination() -> Result<(
     held.stdin.take().expect("stdin").write_all(b"\n")?;
     held.wait()?;
 
+    // A cgroup below the given one is covered too.
+    let below = cgroup.child("below")?;
+    let out = app(&topology, Some(&below), "tcp", Topology::server_addr(true, 80))?;
+    ensure!(
+        out["peer"] == shown(Topology::server_addr(true, 80)) && is_loopback(&out["local"]),
+        "{out}"
+    );
+    drop(below);
+
     // A process in another cgroup is untouched: it talks to the server
     // itself, and the relay sees nothing of it.
     let outside = app(&topology, None, "tcp", Topology::server_addr(false, 80))?;
@@ -176,7 +185,7 @@ fn own_connections_go_through_the_relay_and_keep_their_destination() -> Result<(
     let outside = app(&topology, None, "udp", Topology::server_addr(true, 5300))?;
     ensure!(outside["local"] == PROXY_SERVER_SIDE_V6.to_string(), "{outside}");
     let stats = proxy.stop_with_stats(&topology.proxy)?;
-    ensure!(stats["tcp"]["accepted"] == 3 && stats["udp"]["sessions_total"] == 6, "{stats}");
+    ensure!(stats["tcp"]["accepted"] == 4 && stats["udp"]["sessions_total"] == 6, "{stats}");
     ensure!(
         stats["tcp"]["refused_unknown"] == 0 && stats["udp"]["refused_unknown"] == 0,
         "{stats}"
@@ -339,5 +348,37 @@ fn what_is_not_a_cgroup_v2_directory_is_refused_in_one_line() -> Result<()> {
         &["attach", "--cgroup", "/x", "--port", "80"],
         "ip netns exec` hides it",
     )?;
+    Ok(())
+}
+
+/// Interfaces and a cgroup in one instance: a client's connection arriving
+/// on p0 and one of the host's own both go through the relay.
+#[test]
+fn interfaces_and_a_cgroup_together() -> Result<()> {
+    let topology = Topology::new("cgboth")?;
+    let cgroup = TestCgroup::new("both")?;
+    let peers = http_responder(&topology.server, Topology::server_addr(false, 80), "both")?;
+    let proxy = Proxy::start_keeping_mounts(
+        &topology.proxy,
+        None,
+        &["attach", PROXY_CLIENT_IFACE, "--cgroup", &cgroup.relative, "--port", "80"],
+    )?;
+    let url = format!("http://{}/", Topology::server_addr(false, 80));
+    ensure!(topology.client.curl(&url)?.contains("both"));
+    let own = app(&topology, Some(&cgroup), "tcp", Topology::server_addr(false, 80))?;
+    ensure!(
+        is_loopback(&own["local"]) && own["reply"].as_str().is_some_and(|r| r.ends_with("both")),
+        "{own}"
+    );
+    for _ in 0..2 {
+        let seen = peers.recv_timeout(Duration::from_secs(10))?;
+        ensure!(seen.ip() == IpAddr::from(PROXY_SERVER_SIDE_V4), "the server saw {seen}");
+    }
+    let stats = proxy.stop_with_stats(&topology.proxy)?;
+    ensure!(stats["tcp"]["accepted"] == 2, "{stats}");
+    ensure!(
+        stats["datapath"]["to_listener"] == 1 && stats["datapath"]["cgroup_to_target"] == 1,
+        "{stats}"
+    );
     Ok(())
 }

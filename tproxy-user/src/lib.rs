@@ -3,7 +3,9 @@
 //! A TC ingress program steers connections for the intercepted ports to the
 //! relay's transparent listener with `bpf_sk_assign`; policy routing makes
 //! the kernel deliver them locally; the relay connects to each connection's
-//! original destination and copies both ways.
+//! original destination and copies both ways. For the host's own
+//! connections, cgroup hooks send those of a cgroup's processes to the
+//! relay's loopback sockets instead ([`InterceptConfig::cgroups`]).
 //!
 //! The pieces, from the whole to the parts:
 //!
