@@ -44,23 +44,42 @@ impl TestCgroup {
         in_netns(ns, program, Some(&self.path))
     }
 
-    /// The names of the BPF programs attached to this cgroup, as
-    /// `bpftool cgroup show` lists them.
-    pub fn attached_programs(&self) -> Result<Vec<String>> {
-        let out = Command::new("bpftool")
-            .args(["-j", "cgroup", "show"])
-            .arg(&self.path)
-            .output()
-            .context("running bpftool")?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        if text.trim().is_empty() {
-            return Ok(Vec::new());
+    /// How many programs are attached to this cgroup's IPv4 `connect`
+    /// hook (`BPF_PROG_QUERY`, as `bpftool cgroup show` asks).
+    pub fn connect4_programs(&self) -> Result<u32> {
+        use std::os::fd::AsRawFd as _;
+        // The `query` member of `union bpf_attr`.
+        #[repr(C)]
+        #[derive(Default)]
+        struct Query {
+            target_fd: u32,
+            attach_type: u32,
+            query_flags: u32,
+            attach_flags: u32,
+            prog_ids: u64,
+            prog_cnt: u32,
+            _pad: u32,
         }
-        let list: serde_json::Value = serde_json::from_str(&text)?;
-        Ok(list
-            .as_array()
-            .map(|a| a.iter().filter_map(|p| p["name"].as_str().map(str::to_owned)).collect())
-            .unwrap_or_default())
+        const BPF_PROG_QUERY: libc::c_long = 16;
+        const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+        let dir = std::fs::File::open(&self.path)?;
+        let mut query = Query {
+            target_fd: dir.as_raw_fd() as u32,
+            attach_type: BPF_CGROUP_INET4_CONNECT,
+            ..Query::default()
+        };
+        // SAFETY: the attribute outlives the call; no id buffer is given,
+        // so the kernel only writes the count.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_QUERY,
+                &mut query as *mut Query,
+                std::mem::size_of::<Query>(),
+            )
+        };
+        anyhow::ensure!(ret == 0, "BPF_PROG_QUERY: {}", std::io::Error::last_os_error());
+        Ok(query.prog_cnt)
     }
 }
 

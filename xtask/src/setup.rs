@@ -34,9 +34,8 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     // The package check: the unit verified, the man pages read.
     ("systemd-analyze", "systemd"),
     ("man", "man-db"),
-    // `--cgroup`: what is attached to a cgroup, and a proxy written for
-    // iptables REDIRECT.
-    ("bpftool", "bpftool"),
+    // `--cgroup`: namespaces entered with the cgroup2 mount in sight, and a
+    // proxy written for iptables REDIRECT.
     ("nsenter", "util-linux"),
     ("redsocks", "redsocks"),
 ];
