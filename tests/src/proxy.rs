@@ -150,9 +150,14 @@ impl Proxy {
     }
 
     /// Sends `signal` and waits for the exit (10 s at most).
-    pub fn stop_with(mut self, signal: i32) -> Result<(ExitStatus, String)> {
+    pub fn stop_with(self, signal: i32) -> Result<(ExitStatus, String)> {
         unsafe { libc::kill(self.child.id() as i32, signal) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        self.wait_exit(Duration::from_secs(10))
+    }
+
+    /// Waits for it to exit by itself, for `timeout` at most.
+    pub fn wait_exit(mut self, timeout: Duration) -> Result<(ExitStatus, String)> {
+        let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
                 // The readers end at EOF, after the last lines.
@@ -163,7 +168,7 @@ impl Proxy {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                bail!("tproxy-user did not exit within 10 s:\n{}", self.log());
+                bail!("tproxy-user did not exit within {timeout:?}:\n{}", self.log());
             }
             thread::sleep(Duration::from_millis(20));
         }

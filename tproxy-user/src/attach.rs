@@ -55,7 +55,14 @@ pub struct AttachConfig {
     pub control_socket: Option<PathBuf>,
     /// Serve Prometheus metrics here.
     pub metrics: Option<SocketAddr>,
+    /// Once a takeover has let this instance go, how long it keeps relaying
+    /// its connections and sessions before it closes what is left.
+    pub drain_timeout: std::time::Duration,
 }
+
+/// Default drain: five minutes, as long as a slow download or a chatty
+/// session usually needs, short enough that an upgrade ends.
+pub const DEFAULT_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl AttachConfig {
     /// Interception with default relays, with the control socket of its
@@ -72,6 +79,7 @@ impl AttachConfig {
             rules_file: None,
             watch_rules_file: false,
             metrics: None,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
     }
 
@@ -144,7 +152,8 @@ impl Prepared {
         &self.config
     }
 
-    /// Runs until `shutdown` completes, then removes everything it added.
+    /// Runs until `shutdown` completes, then removes everything it added;
+    /// or until a takeover asks for the name, then lets go and drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let Prepared { config, fixed_rules, rules_file_contents, intercept } = self;
         let settings = config.relay_settings();
@@ -156,27 +165,22 @@ impl Prepared {
             watch_rules_file,
             control_socket,
             metrics,
+            drain_timeout,
             ..
         } = config;
         let name = intercept.config().name.clone();
+        let takeover = intercept.config().takeover;
+        let stop = CancellationToken::new();
+        let mut services = tokio::task::JoinSet::new();
+        let served = Served::new();
         // Everything that can fail for a reason the user can fix is bound
         // before anything is attached; the control socket only now that the
-        // name is ours.
-        let control_socket = match &control_socket {
-            Some(path) => Some(ControlSocket::bind(path).await?),
-            None => None,
-        };
-        // Served from now on, so that probes get an answer (503) while the
-        // rest starts.
-        let stop = CancellationToken::new();
-        let mut tasks = tokio::task::JoinSet::new();
-        let served = Served::new();
-        if let Some(addr) = metrics {
-            let metrics = MetricsServer::bind(addr).await?;
-            if let Some(addr) = metrics.local_addr() {
-                info!("metrics on http://{addr}/metrics, probes on /healthz and /readyz");
-            }
-            tasks.spawn(metrics.serve(served.clone(), stop.clone()));
+        // name is ours. A takeover binds them once the running instance has
+        // let go of them.
+        let mut control = None;
+        if !takeover {
+            control = bind_control(control_socket.as_deref()).await?;
+            serve_metrics(metrics, &served, &stop, &mut services).await?;
         }
         // Always: a SIGHUP without a rules file is refused, not fatal (a
         // unit's ExecReload sends one).
@@ -184,7 +188,9 @@ impl Prepared {
             .map_err(|e| Error::io("installing a SIGHUP handler", e))?;
         let target = intercept.config().target;
         let relays = match target {
-            Target::Relay => Some(bind_relays(settings, tcp, udp)?),
+            Target::Relay => Some(bind_relays(settings, tcp, udp).map_err(|e| {
+                if takeover { Error::Config(format!("{e} (the running instance holds its port until it hands over: leave --listen-port out)")) } else { e }
+            })?),
             Target::Port(_) => None,
         };
         let mut sockets = Vec::new();
@@ -198,14 +204,30 @@ impl Prepared {
                 sockets.push((RelaySocket::UdpV6, v6.as_fd()));
             }
             let tcp_kinds = [RelaySocket::LoopbackTcpV4, RelaySocket::LoopbackTcpV6];
-            sockets.extend(
-                tcp_kinds.into_iter().zip(tcp.loopback_listeners().iter().map(|l| l.as_fd())),
-            );
+            let tcp_loopback = tcp.loopback_listeners().iter().map(|l| l.as_fd());
+            sockets.extend(tcp_kinds.into_iter().zip(tcp_loopback));
             let udp_kinds = [RelaySocket::LoopbackUdpV4, RelaySocket::LoopbackUdpV6];
             sockets.extend(udp_kinds.into_iter().zip(udp.loopback_sockets().map(|s| s.as_fd())));
         }
-        let interceptor = intercept.start(&sockets).await?;
+        let mut interceptor = intercept.start(&sockets).await?;
         drop(sockets);
+        if takeover {
+            // Attached beside the running instance: new flows come here now.
+            if let Err(e) = take_over(&name, &mut interceptor).await {
+                let _ = interceptor.stop().await;
+                return Err(e);
+            }
+            control = match bind_control(control_socket.as_deref()).await {
+                Ok(control) => control,
+                Err(e) => {
+                    warn!("{e}: running without a control socket");
+                    None
+                }
+            };
+            if let Err(e) = serve_metrics(metrics, &served, &stop, &mut services).await {
+                warn!("{e}: running without metrics");
+            }
+        }
         let relays = relays.map(|(mut tcp, mut udp)| {
             tcp.follow_rules(interceptor.watch_rules());
             udp.follow_rules(interceptor.watch_rules());
@@ -225,20 +247,26 @@ impl Prepared {
             fixed_rules,
             rules_file,
         ));
+        let mut handovers = controller.handovers();
         if let Some(path) = watched {
-            tasks.spawn(watch_rules(path, rules_file_contents, controller.clone(), stop.clone()));
+            services.spawn(watch_rules(
+                path,
+                rules_file_contents,
+                controller.clone(),
+                stop.clone(),
+            ));
         }
-
-        if let Some(socket) = control_socket {
-            tasks.spawn(socket.serve(controller.clone(), stop.clone()));
+        if let Some(socket) = control {
+            services.spawn(socket.serve(controller.clone(), stop.clone()));
         }
-        tasks.spawn(systemd::watchdog(controller.clone(), stop.clone()));
+        services.spawn(systemd::watchdog(controller.clone(), stop.clone()));
         let relays_stop = CancellationToken::new();
+        let mut relay_tasks = tokio::task::JoinSet::new();
         let status = match relays {
             Some((tcp, udp)) => {
                 let status = ready(&tcp, &udp);
-                tasks.spawn(tcp.run(relays_stop.clone()));
-                tasks.spawn(udp.run(relays_stop.clone()));
+                relay_tasks.spawn(tcp.run(relays_stop.clone()));
+                relay_tasks.spawn(udp.run(relays_stop.clone()));
                 status
             }
             None => {
@@ -251,42 +279,147 @@ impl Prepared {
         systemd::ready(&status);
 
         tokio::pin!(shutdown);
-        loop {
+        let handover = loop {
             tokio::select! {
-                _ = &mut shutdown => break,
+                _ = &mut shutdown => break None,
+                Some(reply) = handovers.recv() => break Some(reply),
                 _ = hangup.recv() => {
                     if let Err(e) = controller.reload().await {
                         warn!("reload refused, the rules stay as they were: {e}");
                     }
                 }
             }
+        };
+        if handover.is_some() {
+            info!("a new instance takes over: letting go, then draining");
+        } else {
+            info!("shutting down");
+            systemd::stopping();
         }
-        info!("shutting down");
-        systemd::stopping();
         served.stopping();
         stop.cancel();
+        // The control socket and the metrics port are free once these end.
+        while services.join_next().await.is_some() {}
         let Some(interceptor) = controller.take_interceptor().await else {
             return Ok(());
         };
         let datapath_stats = interceptor.stats();
         let ports = interceptor.intercepted_tcp_ports().clone();
-        // Detach first, so new traffic flows untouched while the relays
-        // close; the name is given up after everything else.
-        let stopped = interceptor
-            .stop_then(async {
-                relays_stop.cancel();
-                while tasks.join_next().await.is_some() {}
-                remove_time_waits(Some(&ports));
-            })
-            .await;
-        if let Ok(s) = datapath_stats {
+        if let Ok(s) = &datapath_stats {
             info!("datapath: {}", s.summary());
         }
+        let stopped = match handover {
+            Some(reply) => {
+                // The new instance's programs steer every flow now, ours
+                // included (to our sockets, by their tuples).
+                let stopped = interceptor.stop().await;
+                let _ = reply.send(stopped.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                if let Some((tcp, udp)) = &relay_stats {
+                    tokio::select! {
+                        _ = drain(tcp, udp, drain_timeout) => {}
+                        _ = &mut shutdown => info!("told to stop while draining"),
+                    }
+                }
+                relays_stop.cancel();
+                while relay_tasks.join_next().await.is_some() {}
+                // The new instance relays the same ports: its TIME_WAIT
+                // sockets are not ours to remove.
+                stopped
+            }
+            None => {
+                // Detach first, so new traffic flows untouched while the
+                // relays close; the name is given up after everything else.
+                interceptor
+                    .stop_then(async {
+                        relays_stop.cancel();
+                        while relay_tasks.join_next().await.is_some() {}
+                        remove_time_waits(Some(&ports));
+                    })
+                    .await
+            }
+        };
         if let Some((tcp, udp)) = &relay_stats {
             summarize(tcp, udp);
         }
         stopped
     }
+}
+
+/// Asks the running instance of `name` to let go, and claims the name.
+/// An instance that refuses stops the takeover; none answering (none
+/// runs, or it died) leaves the name to take.
+async fn take_over(name: &str, interceptor: &mut Interceptor) -> Result<()> {
+    let handover = crate::control::Request::Handover { pid: std::process::id() };
+    let sent = || info!("asked instance {name:?} to hand over; waiting for it to let go");
+    match crate::control::request_then(name, &handover, sent).await {
+        Ok(crate::control::Response::Ok) => {
+            info!("instance {name:?} let go: it drains its connections and exits")
+        }
+        Ok(crate::control::Response::Error { message }) => {
+            return Err(Error::Config(format!("no takeover: {message}")));
+        }
+        Ok(other) => {
+            return Err(Error::Config(format!(
+                "no takeover: instance {name:?} answered {other:?}"
+            )));
+        }
+        Err(e) => {
+            // None runs, or it died: its lock goes with it, shortly.
+            warn!("{e}: taking the name as it is");
+            return interceptor.take_name(std::time::Duration::from_secs(5)).await;
+        }
+    }
+    interceptor.take_name(std::time::Duration::ZERO).await
+}
+
+/// Waits until the relays hold no connection and no session, or for
+/// `timeout`; what is left then is closed by the caller.
+async fn drain(tcp: &TcpRelayStats, udp: &UdpRelayStats, timeout: std::time::Duration) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let held = || (tcp.active.load(Relaxed), udp.sessions_active.load(Relaxed));
+    info!(
+        "draining: {} connections and {} UDP sessions, for at most {timeout:?}",
+        held().0,
+        held().1
+    );
+    let mut ticks = tokio::time::interval(std::time::Duration::from_millis(100));
+    loop {
+        ticks.tick().await;
+        let (connections, sessions) = held();
+        if connections == 0 && sessions == 0 {
+            info!("drained");
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!("drain timeout: closing {connections} connections and {sessions} UDP sessions");
+            return;
+        }
+    }
+}
+
+/// The control socket at `path`, if one is wanted.
+async fn bind_control(path: Option<&std::path::Path>) -> Result<Option<ControlSocket>> {
+    match path {
+        Some(path) => Ok(Some(ControlSocket::bind(path).await?)),
+        None => Ok(None),
+    }
+}
+
+/// Serves metrics and probes on `addr`, if given, until `stop`.
+async fn serve_metrics(
+    addr: Option<SocketAddr>,
+    served: &Arc<Served>,
+    stop: &CancellationToken,
+    services: &mut tokio::task::JoinSet<()>,
+) -> Result<()> {
+    let Some(addr) = addr else { return Ok(()) };
+    let metrics = MetricsServer::bind(addr).await?;
+    if let Some(addr) = metrics.local_addr() {
+        info!("metrics on http://{addr}/metrics, probes on /healthz and /readyz");
+    }
+    services.spawn(metrics.serve(served.clone(), stop.clone()));
+    Ok(())
 }
 
 /// Reloads when the content of the rules file at `path` changes from

@@ -51,6 +51,12 @@ pub fn validate_name(name: &str) -> Result<()> {
     }
 }
 
+/// The name a takeover of `name` claims until the running instance lets go
+/// of `name` (not a valid instance name itself, so no one else's).
+pub fn takeover_name(name: &str) -> String {
+    format!("{name}.next")
+}
+
 /// The control socket of instance `name`.
 pub fn socket_path(name: &str) -> PathBuf {
     run_dir_path().join(format!("{name}.sock"))
@@ -147,6 +153,19 @@ impl Claim {
         let claim = Self { _lock: lock, lock_path, state_path, state };
         claim.write()?;
         Ok((claim, leftover))
+    }
+
+    /// Claims `name` for what this claim recorded (a takeover, which ran
+    /// under [`takeover_name`] until the running instance let go), and
+    /// returns what a dead instance of `name` left; the interim name is
+    /// released. On error nothing changes.
+    pub fn rename(&mut self, name: &str) -> Result<InstanceState> {
+        let (mut claim, leftover) = Self::acquire(name)?;
+        claim.state = self.state.clone();
+        claim.write()?;
+        // The interim claim's files go with it.
+        drop(std::mem::replace(self, claim));
+        Ok(leftover)
     }
 
     /// What is recorded so far.

@@ -135,6 +135,11 @@ pub struct InterceptConfig {
     /// Also intercept traffic to this host's own addresses. By default it is
     /// left to the host's own services.
     pub intercept_local: bool,
+    /// Take over from a running instance of the same name (see
+    /// [`crate::attach`]): the programs load and attach beside that
+    /// instance's, under a name of their own ([`instance::takeover_name`]),
+    /// until [`Interceptor::take_name`].
+    pub takeover: bool,
     /// Drop packets that may be for an intercepted port but cannot be
     /// parsed whole (first fragments to a gated port, IPv6 extension chains
     /// longer than the program walks), so that interception cannot be
@@ -161,6 +166,7 @@ impl InterceptConfig {
             spoof_source: false,
             intercept_local: false,
             drop_unparsed: false,
+            takeover: false,
         }
     }
 
@@ -240,21 +246,45 @@ pub struct Loaded {
 /// and chooses the routing (see [`InterceptConfig::choose_free_routing`]),
 /// updating `config`; nothing else's state is touched.
 fn claim(config: &mut InterceptConfig) -> Result<Claim> {
-    let (mut claim, leftover) = Claim::acquire(&config.name)?;
+    let name = match config.takeover {
+        true => instance::takeover_name(&config.name),
+        false => config.name.clone(),
+    };
+    let (mut claim, leftover) = Claim::acquire(&name)?;
     system::block_on(async {
-        remove_recorded(&config.name, &leftover).await;
+        remove_recorded(&name, &leftover).await;
+        // A takeover killed half way leaves its own records.
+        if !config.takeover {
+            remove_dead_takeover(&config.name).await;
+        }
         // Once recorded, the choice is visible to every later start: the
         // lock covers only choosing and recording.
         let _allocation = AllocationLock::acquire()?;
-        choose_routing(config, &mut claim).await
+        choose_routing(config, &name, &mut claim).await
     })??;
     Ok(claim)
 }
 
 /// Replaces the config's routing values by the first free set, or checks
 /// the given ones, and records the choice before anything is installed.
-async fn choose_routing(config: &mut InterceptConfig, claim: &mut Claim) -> Result<()> {
-    let live = instance::live_instances(&config.name)?;
+/// Removes what a takeover of `name` that died before it took the name
+/// recorded, unless one is running.
+async fn remove_dead_takeover(name: &str) {
+    let next = instance::takeover_name(name);
+    if let Ok((claim, leftover)) = Claim::acquire(&next) {
+        remove_recorded(&next, &leftover).await;
+        drop(claim);
+    }
+}
+
+/// `claimed` is the name this start holds (a takeover's interim one: the
+/// instance it takes over counts as live).
+async fn choose_routing(
+    config: &mut InterceptConfig,
+    claimed: &str,
+    claim: &mut Claim,
+) -> Result<()> {
+    let live = instance::live_instances(claimed)?;
     let candidates: Vec<(u32, u32, u32, u32)> = if config.choose_free_routing {
         (0..64)
             .map(|k| {
@@ -638,6 +668,28 @@ impl Interceptor {
     /// [`InterceptConfig::cgroups`]), for the relays' loopback sockets.
     pub fn original_dsts(&self) -> Option<&OriginalDsts> {
         self.original_dsts.as_ref()
+    }
+
+    /// A takeover's last step: claims the instance's own name, which the
+    /// instance taken over has let go of (or died holding: what it recorded
+    /// is removed then), and moves this interceptor's records there.
+    ///
+    /// `patience`: how long a holder may take to let go (a process being
+    /// killed closes its lock after its sockets).
+    pub async fn take_name(&mut self, patience: std::time::Duration) -> Result<()> {
+        let name = self.config.name.clone();
+        let deadline = std::time::Instant::now() + patience;
+        let leftover = loop {
+            match self.claim.rename(&name) {
+                Err(Error::InstanceRunning(_)) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                taken => break taken?,
+            }
+        };
+        remove_recorded(&name, &leftover).await;
+        self.config.takeover = false;
+        Ok(())
     }
 
     /// Every TCP port intercepted at some point of this run.

@@ -192,6 +192,15 @@ struct AttachArgs {
     /// proxy (redsocks, say) on --to-port.
     #[arg(long, value_name = "PATH", requires = "cgroups")]
     original_dst_cgroup: Option<PathBuf>,
+    /// Take over from the running instance of this --name without dropping
+    /// a connection: attach beside it, then it lets go of the name and
+    /// drains (see --drain-timeout). With none running, an ordinary start.
+    #[arg(long)]
+    takeover: bool,
+    /// When a --takeover replaces this instance: how long it keeps relaying
+    /// its connections and UDP sessions before closing what is left.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300.0)]
+    drain_timeout: f64,
     /// Destination port or range to intercept, e.g. 80 or 8000-8099 (repeatable).
     #[arg(long = "port", short = 'p', value_name = "PORT[-PORT]", value_parser = parse_ports)]
     ports: Vec<RangeInclusive<u16>>,
@@ -378,6 +387,7 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
     let mut intercept = intercept_config(args.interfaces, rules, &args.routing);
     intercept.cgroups = args.cgroups;
     intercept.original_dst_cgroup = args.original_dst_cgroup;
+    intercept.takeover = args.takeover;
     intercept.name = args.name;
     intercept.choose_free_routing &= args.relay.upstream_mark.is_none();
     intercept.upstream_mark = args.relay.upstream_mark.unwrap_or(DEFAULT_UPSTREAM_MARK);
@@ -400,6 +410,7 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
         rules_file: args.config,
         watch_rules_file: args.watch_config,
         metrics: args.metrics,
+        drain_timeout: seconds("--drain-timeout", args.drain_timeout)?,
     })
 }
 

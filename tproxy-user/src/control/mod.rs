@@ -61,6 +61,14 @@ pub enum Request {
     Reload,
     /// Every counter.
     Stats,
+    /// Let a new instance of the same name take over (`attach --takeover`,
+    /// which has attached beside this one): detach, give up the name, the
+    /// routing and this socket, answer, then drain and exit.
+    Handover {
+        /// The new instance's process: one that died meanwhile is not
+        /// handed over to.
+        pid: u32,
+    },
 }
 
 /// The answer to a [`Request`].
@@ -99,7 +107,14 @@ pub struct Controller {
     /// Rules from the command line; a reload keeps them.
     fixed_rules: Vec<Rule>,
     rules_file: Option<PathBuf>,
+    /// Where handover requests go, once someone listens (see
+    /// [`Controller::handovers`]).
+    handovers: std::sync::Mutex<Option<tokio::sync::mpsc::Sender<HandoverReply>>>,
 }
+
+/// How the instance answers a [`Request::Handover`], once it has let go:
+/// `Err` with why, if it could not.
+pub type HandoverReply = tokio::sync::oneshot::Sender<std::result::Result<(), String>>;
 
 impl Controller {
     /// Wraps a started interceptor and the relays' counters.
@@ -112,7 +127,8 @@ impl Controller {
         rules_file: Option<PathBuf>,
     ) -> Self {
         let interceptor = Mutex::new(Some(interceptor));
-        Self { name, interceptor, relays, upstreams, fixed_rules, rules_file }
+        let handovers = std::sync::Mutex::new(None);
+        Self { name, interceptor, relays, upstreams, fixed_rules, rules_file, handovers }
     }
 
     /// Carries out one request.
@@ -130,6 +146,7 @@ impl Controller {
                     Err(e) => Response::Error { message: e.to_string() },
                 };
             }
+            Request::Handover { pid } => self.hand_over(pid).await,
             Request::AddRule { rule } => self.add_rule(&rule).await,
             Request::DeleteRule { rule } => self.delete_rule(&rule).await,
             Request::Reload => self.reload().await,
@@ -137,6 +154,32 @@ impl Controller {
         match result {
             Ok(()) => Response::Ok,
             Err(e) => Response::Error { message: e.to_string() },
+        }
+    }
+
+    /// Handover requests, from now on; without this call they are refused.
+    pub fn handovers(&self) -> tokio::sync::mpsc::Receiver<HandoverReply> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        *self.handovers.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        rx
+    }
+
+    async fn hand_over(&self, pid: u32) -> Result<()> {
+        let refused = |why: &str| Error::Config(format!("instance {} {why}", self.name));
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let e = refused(&format!("stays: process {pid}, which asked to take over, is gone"));
+            warn!("{e}");
+            return Err(e);
+        }
+        info!("process {pid} takes over instance {}", self.name);
+        let tx = self.handovers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let tx = tx.ok_or_else(|| refused("does not hand over"))?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.send(reply).await.map_err(|_| refused("is stopping"))?;
+        match answer.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(refused(&format!("could not let go: {why}"))),
+            Err(_) => Err(refused("is stopping")),
         }
     }
 
@@ -314,6 +357,11 @@ async fn serve_one(stream: UnixStream, controller: &Controller) -> io::Result<()
 
 /// Sends one request to instance `name` and returns its response.
 pub async fn request(name: &str, request: &Request) -> Result<Response> {
+    request_then(name, request, || {}).await
+}
+
+/// [`request`], running `sent` once the request is on its way.
+pub async fn request_then(name: &str, request: &Request, sent: impl FnOnce()) -> Result<Response> {
     let path = socket_path(name);
     let stream = UnixStream::connect(&path).await.map_err(|e| {
         let why = match e.kind() {
@@ -330,6 +378,7 @@ pub async fn request(name: &str, request: &Request) -> Result<Response> {
         serde_json::to_string(request).map_err(|e| Error::io("encoding", io::Error::other(e)))?;
     line.push('\n');
     write.write_all(line.as_bytes()).await.map_err(|e| Error::io("sending the request", e))?;
+    sent();
     let mut answer = String::new();
     BufReader::new(read)
         .read_line(&mut answer)
