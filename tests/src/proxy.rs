@@ -155,6 +155,11 @@ impl Proxy {
         self.wait_exit(Duration::from_secs(10))
     }
 
+    /// Its exit status, if it has exited.
+    pub fn exited(&mut self) -> Result<Option<ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
     /// Waits for it to exit by itself, for `timeout` at most.
     pub fn wait_exit(mut self, timeout: Duration) -> Result<(ExitStatus, String)> {
         let deadline = Instant::now() + timeout;

@@ -256,6 +256,83 @@ fn the_service_manager_is_notified() -> Result<()> {
     Ok(())
 }
 
+/// An upgrade as the unit does it: SIGUSR2 has the instance start the
+/// installed binary with its own arguments and `--takeover`; the new
+/// process announces itself as the main one (MAINPID=, READY=1) and keeps
+/// the watchdog fed, while the old one drains and exits.
+#[test]
+fn sigusr2_hands_over_to_the_installed_binary() -> Result<()> {
+    let topology = Topology::new("usr2")?;
+    let peers = http_responder(&topology.server, Topology::server_addr(false, 80), "ok")?;
+    let dir = TempDir::new("usr2")?;
+    let socket_path = dir.path("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path)?;
+    socket.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let notify = format!("NOTIFY_SOCKET={}", socket_path.display());
+    let bin = tproxy_bin();
+    let name = topology.proxy.name.clone();
+    let args = [
+        notify.as_str(),
+        "WATCHDOG_USEC=400000",
+        bin.to_str().context("a UTF-8 path")?,
+        "attach",
+        PROXY_CLIENT_IFACE,
+        PROXY_SERVER_IFACE,
+        "--port",
+        "80",
+        "--name",
+        &name,
+    ];
+    let mut old = Proxy::spawn_program(
+        &topology.proxy,
+        std::path::Path::new("env"),
+        &args,
+        "info,aya::bpf=error",
+    )?;
+    let next = |wanted: &str| -> Result<String> {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = socket.recv(&mut buf).with_context(|| format!("waiting for {wanted}"))?;
+            let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if message.lines().any(|l| l.starts_with(wanted)) {
+                return Ok(message);
+            }
+        }
+    };
+    next("READY=1")?;
+    let url = format!("http://{}/", Topology::server_addr(false, 80));
+    let relayed = |what: &str| -> Result<()> {
+        ensure!(topology.client.curl(&url)?.ends_with("ok"), "{what}");
+        let seen = peers.recv_timeout(Duration::from_secs(10))?;
+        ensure!(seen.ip() == PROXY_SERVER_SIDE_V4, "{what}: the server saw {seen}");
+        Ok(())
+    };
+    relayed("before")?;
+    old.signal(libc::SIGUSR2);
+    let announced = next("MAINPID=")?;
+    ensure!(announced.lines().any(|l| l == "READY=1"), "{announced:?}");
+    let pid: u32 =
+        announced.lines().find_map(|l| l.strip_prefix("MAINPID=")).context("MAINPID")?.parse()?;
+    ensure!(pid != old.pid(), "{announced:?}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while old.exited()?.is_none() {
+        ensure!(Instant::now() < deadline, "the old process never exited:\n{}", old.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ensure!(old.log().contains("drained"), "{}", old.log());
+    relayed("after")?;
+    // Pings from the new process: the old one is gone.
+    next("WATCHDOG=1")?;
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    next("STOPPING=1")?;
+    // Its output still reaches the log through the pipes it inherited.
+    let (status, log) = old.wait_exit(Duration::from_secs(20))?;
+    ensure!(status.success(), "{log}");
+    let state = topology.proxy.interception_state(PROXY_CLIENT_IFACE, DEFAULT_TABLE)?;
+    ensure!(state.is_empty(), "left behind: {state}");
+    Ok(())
+}
+
 /// `--watch-config`: a ConfigMap-style update (a new file swapped in
 /// through a symlink) reaches the running rules without a signal.
 #[test]

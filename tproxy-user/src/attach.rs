@@ -109,6 +109,8 @@ pub async fn run(config: AttachConfig, shutdown: impl Future<Output = ()>) -> Re
 /// can then drop the capabilities only loading needs.
 pub struct Prepared {
     config: AttachConfig,
+    /// Started by SIGUSR2 (see [`crate::upgrade`]).
+    successor: Option<crate::upgrade::Successor>,
     fixed_rules: Vec<crate::rules::Rule>,
     /// The rules file as it was applied at start.
     rules_file_contents: Option<Vec<u8>>,
@@ -143,10 +145,17 @@ pub fn prepare(mut config: AttachConfig) -> Result<Prepared> {
     // Choosing the routing values may have changed the upstream mark, which
     // the relays take from it.
     config.intercept = intercept.config().clone();
-    Ok(Prepared { config, fixed_rules, rules_file_contents, intercept })
+    Ok(Prepared { config, successor: None, fixed_rules, rules_file_contents, intercept })
 }
 
 impl Prepared {
+    /// SIGUSR2 starts `successor`, which takes over from this instance
+    /// (an upgrade in place; see [`crate::upgrade`]).
+    pub fn upgrade_with(mut self, successor: crate::upgrade::Successor) -> Self {
+        self.successor = Some(successor);
+        self
+    }
+
     /// The configuration, with the routing values chosen.
     pub fn config(&self) -> &AttachConfig {
         &self.config
@@ -155,7 +164,7 @@ impl Prepared {
     /// Runs until `shutdown` completes, then removes everything it added;
     /// or until a takeover asks for the name, then lets go and drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let Prepared { config, fixed_rules, rules_file_contents, intercept } = self;
+        let Prepared { config, successor, fixed_rules, rules_file_contents, intercept } = self;
         let settings = config.relay_settings();
         let AttachConfig {
             tcp,
@@ -276,13 +285,23 @@ impl Prepared {
             }
         };
         served.running(controller.clone());
-        systemd::ready(&status);
+        if takeover {
+            systemd::took_over(&status)
+        } else {
+            systemd::ready(&status)
+        }
+        let mut upgrade = signal(SignalKind::user_defined2())
+            .map_err(|e| Error::io("installing a SIGUSR2 handler", e))?;
 
         tokio::pin!(shutdown);
         let handover = loop {
             tokio::select! {
                 _ = &mut shutdown => break None,
                 Some(reply) = handovers.recv() => break Some(reply),
+                _ = upgrade.recv() => match &successor {
+                    Some(successor) => successor.start(),
+                    None => warn!("SIGUSR2: this instance was started without an upgrade helper"),
+                },
                 _ = hangup.recv() => {
                     if let Err(e) = controller.reload().await {
                         warn!("reload refused, the rules stay as they were: {e}");

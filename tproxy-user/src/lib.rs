@@ -58,6 +58,7 @@ pub mod instance;
 pub mod intercept;
 pub mod relay;
 pub mod rules;
+pub mod upgrade;
 
 pub use error::{Error, Result};
 pub use intercept::{InterceptConfig, Interceptor, RelaySocket};

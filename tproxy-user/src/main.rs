@@ -504,7 +504,11 @@ fn prepare(command: Command) -> anyhow::Result<Job> {
     let job = match command {
         Command::Attach(args) => {
             let config = attach_config(*args)?;
-            Job::Attach(Box::new(attach::prepare(config).context("attach")?))
+            // Before anything is opened or loaded: the helper holds none of it.
+            let successor = tproxy_user::upgrade::Successor::fork().context("attach")?;
+            Job::Attach(Box::new(
+                attach::prepare(config).context("attach")?.upgrade_with(successor),
+            ))
         }
         Command::Relay(args) => {
             if args.listen_port == 0 {

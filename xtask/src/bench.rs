@@ -90,6 +90,8 @@ impl Metric {
 pub struct Options {
     pub rounds: usize,
     pub seconds: u64,
+    /// Only the upgrade-under-load comparison.
+    pub upgrade_only: bool,
 }
 
 pub fn run(bin: &Path, options: &Options) -> Result<()> {
@@ -100,6 +102,17 @@ pub fn run(bin: &Path, options: &Options) -> Result<()> {
     fs::create_dir_all(&work)?;
     let topology = Topology::new("bench")?;
     let servers = Servers::start(&topology, &work)?;
+    let upgrades = upgrade_rounds(&topology, &work, options)?;
+    let path = super::workspace().join("BENCHMARKS.md");
+    let report = fs::read_to_string(&path).unwrap_or_default();
+    let report = splice(&report, UPGRADE_BEGIN, UPGRADE_END, &upgrades);
+    fs::write(&path, &report)?;
+    println!("{upgrades}");
+    if options.upgrade_only {
+        drop(servers);
+        eprintln!("bench: upgrade results written to {}", path.display());
+        return Ok(());
+    }
     let mut results: BTreeMap<(Metric, Mode), Vec<f64>> = BTreeMap::new();
     for round in 1..=options.rounds {
         for mode in Mode::ALL {
@@ -116,9 +129,8 @@ pub fn run(bin: &Path, options: &Options) -> Result<()> {
     drop(servers);
     let table = render(&results, options);
     println!("{table}");
-    let path = super::workspace().join("BENCHMARKS.md");
     let report = fs::read_to_string(&path).unwrap_or_default();
-    fs::write(&path, splice_results(&report, &table))?;
+    fs::write(&path, splice(&report, RESULTS_BEGIN, RESULTS_END, &table))?;
     eprintln!("bench: results written to {}", path.display());
     Ok(())
 }
@@ -626,15 +638,141 @@ fn environment() -> String {
     )
 }
 
-/// Replaces the results section of BENCHMARKS.md, keeping the prose.
-fn splice_results(report: &str, table: &str) -> String {
-    const BEGIN: &str = "<!-- results: written by cargo xtask bench -->";
-    const END: &str = "<!-- end of results -->";
-    let block = format!("{BEGIN}\n{table}\n{END}");
-    match (report.find(BEGIN), report.find(END)) {
+const RESULTS_BEGIN: &str = "<!-- results: written by cargo xtask bench -->";
+const RESULTS_END: &str = "<!-- end of results -->";
+const UPGRADE_BEGIN: &str = "<!-- upgrade results: written by cargo xtask bench -->";
+const UPGRADE_END: &str = "<!-- end of upgrade results -->";
+
+/// Replaces one results section of BENCHMARKS.md, keeping the prose.
+fn splice(report: &str, begin: &str, end: &str, table: &str) -> String {
+    let block = format!("{begin}\n{table}\n{end}");
+    match (report.find(begin), report.find(end)) {
         (Some(b), Some(e)) if b < e => {
-            format!("{}{block}{}", &report[..b], &report[e + END.len()..])
+            format!("{}{block}{}", &report[..b], &report[e + end.len()..])
         }
-        _ => format!("# Benchmarks\n\n{block}\n{report}"),
+        _ => format!("{report}\n{block}\n"),
     }
+}
+
+/// Failed requests while the proxy is replaced under load, in each round:
+/// ours with `attach --takeover`; HAProxy at its best for this, a seamless
+/// reload (`stats socket … expose-fd listeners`, the new process started
+/// with `-x` and `-sf`), steered by the iptables recipe. Both under `ab -r
+/// -c 32` for `seconds` (at least 6), the upgrade a third of the way in.
+fn upgrade_rounds(topology: &Topology, work: &Path, options: &Options) -> Result<String> {
+    let seconds = options.seconds.max(6);
+    let mut rows = Vec::new();
+    for round in 1..=options.rounds {
+        for mode in [Mode::Haproxy, Mode::Ours] {
+            eprintln!("bench: upgrade round {round}/{}: {}", options.rounds, mode.name());
+            let (done, failed) = upgrade_under_load(topology, mode, work, seconds)
+                .with_context(|| format!("upgrade round {round}, {}", mode.name()))?;
+            rows.push((mode, done, failed));
+        }
+    }
+    let mut out = format!(
+        "Failed requests while the proxy is replaced under load (`ab -r -c 32 -t {seconds}`, \
+         `Connection: close`, the upgrade started after {} s), per round:\n\n\
+         | upgrade | requests | failed |\n| --- | ---: | ---: |\n",
+        seconds / 3
+    );
+    for (mode, done, failed) in rows {
+        let how = match mode {
+            Mode::Ours => "tproxy `attach --takeover`",
+            _ => "HAProxy reload: `-x` + `-sf`, `expose-fd listeners`",
+        };
+        out += &format!("| {how} | {done} | {failed} |\n");
+    }
+    Ok(out)
+}
+
+fn upgrade_under_load(
+    topology: &Topology,
+    mode: Mode,
+    work: &Path,
+    seconds: u64,
+) -> Result<(u64, u64)> {
+    let url = format!("http://{SERVER_V4}:{HTTP_PORT}/");
+    let load = {
+        let mut ab = topology.client.command("ab");
+        ab.args(["-q", "-r", "-c", "32", "-t", &seconds.to_string(), "-n", "10000000", &url]);
+        thread::spawn(move || ab.output())
+    };
+    let upgrade_at = Instant::now() + Duration::from_secs(seconds / 3);
+    let pause = || thread::sleep(upgrade_at.saturating_duration_since(Instant::now()));
+    match mode {
+        Mode::Ours => {
+            let args = ["attach", PROXY_CLIENT_IFACE, "--name", "bench-upgrade", "--port", "80"];
+            let old =
+                Proxy::start_logging(&topology.proxy, &args, "warn,tproxy_user::attach=info")?;
+            pause();
+            let mut takeover = args.to_vec();
+            takeover.push("--takeover");
+            let new =
+                Proxy::start_logging(&topology.proxy, &takeover, "warn,tproxy_user::attach=info")?;
+            let (status, log) = old.wait_exit(Duration::from_secs(120))?;
+            ensure!(status.success(), "the old instance: {log}");
+            let out = load.join().map_err(|_| anyhow::anyhow!("ab"))??;
+            new.stop()?;
+            ab_counts(&out.stdout)
+        }
+        _ => {
+            let steering = Steering { topology, mode: Mode::Haproxy, relay: None, proxy: None };
+            steering.iptables_tproxy(true)?;
+            let socket = work.join("haproxy-upgrade.sock");
+            let conf = work.join("haproxy-upgrade.cfg");
+            fs::write(
+                &conf,
+                format!(
+                    "global\n  maxconn 20000\n  nbthread 2\n  stats socket {} mode 600 level admin expose-fd listeners\n\
+                     defaults\n  mode tcp\n  timeout connect 10s\n  timeout client 1h\n  timeout server 1h\n\
+                     frontend fe\n  bind 0.0.0.0:{TPROXY_PORT} transparent\n  default_backend be\n\
+                     backend be\n  option splice-request\n  option splice-response\n  server original 0.0.0.0:0\n",
+                    socket.display()
+                ),
+            )?;
+            let haproxy = |extra: &[String]| {
+                topology
+                    .proxy
+                    .command("haproxy")
+                    .arg("-db")
+                    .arg("-f")
+                    .arg(&conf)
+                    .args(extra)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("starting haproxy")
+            };
+            let mut old = haproxy(&[])?;
+            wait_for_port(&topology.proxy, (Ipv4Addr::LOCALHOST, TPROXY_PORT).into())?;
+            pause();
+            let mut new = haproxy(&[
+                "-x".into(),
+                socket.display().to_string(),
+                "-sf".into(),
+                old.id().to_string(),
+            ])?;
+            old.wait()?;
+            let out = load.join().map_err(|_| anyhow::anyhow!("ab"))??;
+            unsafe { libc::kill(new.id() as i32, libc::SIGTERM) };
+            new.wait()?;
+            drop(steering);
+            ab_counts(&out.stdout)
+        }
+    }
+}
+
+/// ab's completed and failed requests (non-2xx answers count as failed).
+fn ab_counts(stdout: &[u8]) -> Result<(u64, u64)> {
+    let text = String::from_utf8_lossy(stdout);
+    let field = |name: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    };
+    let done = field("Complete requests:").context("no Complete requests in ab's output")?;
+    let failed = field("Failed requests:").unwrap_or(0) + field("Non-2xx responses:").unwrap_or(0);
+    Ok((done, failed))
 }

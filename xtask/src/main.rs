@@ -55,6 +55,9 @@ enum Task {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 4)]
         seconds: u64,
+        /// Only the failed requests while the proxy is upgraded under load.
+        #[arg(long)]
+        upgrade_only: bool,
     },
     /// Build the Debian package into target/dist (and with --check, install,
     /// verify and remove it on this machine).
@@ -106,12 +109,12 @@ fn main() -> Result<()> {
                 vm::SERIES.iter().find(|s| s.name == "6.1").expect("6.1 is in the matrix");
             vm::run(&[six_one], &binaries)
         }
-        Task::Bench { rounds, seconds } => {
+        Task::Bench { rounds, seconds, upgrade_only } => {
             require_root("the benchmark creates network namespaces and loads BPF programs")?;
             setup::demo()?;
             setup::bench_tools()?;
             let bin = build(true)?;
-            bench::run(&bin, &bench::Options { rounds, seconds })
+            bench::run(&bin, &bench::Options { rounds, seconds, upgrade_only })
         }
         Task::Dist { check } => {
             setup::demo()?;

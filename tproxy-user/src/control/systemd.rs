@@ -1,7 +1,8 @@
 //! The service manager's notification protocol (`Type=notify` units):
 //! READY=1 once steering and listeners are in place, RELOADING=1 while the
-//! rules are re-read, STOPPING=1 at shutdown, and WATCHDOG=1 pings. Without
-//! `$NOTIFY_SOCKET` (not started by systemd) each is a no-op.
+//! rules are re-read, STOPPING=1 at shutdown, WATCHDOG=1 pings, and
+//! MAINPID= from the process that took over. Without `$NOTIFY_SOCKET` (not
+//! started by systemd) each is a no-op.
 
 use std::{sync::Arc, time::Duration};
 
@@ -20,6 +21,17 @@ fn send(states: &[NotifyState]) {
 /// Ready, with a status line for `systemctl status`.
 pub fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+/// Ready after a takeover: this process is the service's main process
+/// now (the unit needs `NotifyAccess=all`, as the instance it replaced
+/// started this one).
+pub fn took_over(status: &str) {
+    send(&[
+        NotifyState::MainPid(std::process::id()),
+        NotifyState::Ready,
+        NotifyState::Status(status),
+    ]);
 }
 
 /// Reloading the rules; [`ready`] follows when done.
