@@ -724,7 +724,7 @@ fn upgrade_under_load(
             fs::write(
                 &conf,
                 format!(
-                    "global\n  maxconn 20000\n  nbthread 2\n  stats socket {} mode 600 level admin expose-fd listeners\n\
+                    "global\n  maxconn 4096\n  nbthread 2\n  stats socket {} mode 600 level admin expose-fd listeners\n\
                      defaults\n  mode tcp\n  timeout connect 10s\n  timeout client 1h\n  timeout server 1h\n\
                      frontend fe\n  bind 0.0.0.0:{TPROXY_PORT} transparent\n  default_backend be\n\
                      backend be\n  option splice-request\n  option splice-response\n  server original 0.0.0.0:0\n",
