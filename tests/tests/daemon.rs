@@ -289,11 +289,21 @@ fn sigusr2_hands_over_to_the_installed_binary() -> Result<()> {
         &args,
         "info,aya::bpf=error",
     )?;
-    let next = |wanted: &str| -> Result<String> {
+    // Read as the service manager reads it: at once, whatever comes.
+    let (tx, notifications) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let mut buf = vec![0u8; 4096];
+        while let Ok(n) = socket.recv(&mut buf) {
+            if tx.send(String::from_utf8_lossy(&buf[..n]).into_owned()).is_err() {
+                return;
+            }
+        }
+    });
+    let next = |wanted: &str| -> Result<String> {
         loop {
-            let n = socket.recv(&mut buf).with_context(|| format!("waiting for {wanted}"))?;
-            let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let message = notifications
+                .recv_timeout(Duration::from_secs(60))
+                .with_context(|| format!("waiting for {wanted}"))?;
             if message.lines().any(|l| l.starts_with(wanted)) {
                 return Ok(message);
             }
@@ -302,12 +312,18 @@ fn sigusr2_hands_over_to_the_installed_binary() -> Result<()> {
     next("READY=1")?;
     let url = format!("http://{}/", Topology::server_addr(false, 80));
     let relayed = |what: &str| -> Result<()> {
-        ensure!(topology.client.curl(&url)?.ends_with("ok"), "{what}");
+        let body = topology.client.curl(&url).with_context(|| what.to_owned())?;
+        ensure!(body.ends_with("ok"), "{what}");
         let seen = peers.recv_timeout(Duration::from_secs(10))?;
         ensure!(seen.ip() == PROXY_SERVER_SIDE_V4, "{what}: the server saw {seen}");
         Ok(())
     };
-    relayed("before")?;
+    relayed("before").map_err(|e| {
+        let filters =
+            topology.proxy.exec(&["tc", "filter", "show", "dev", PROXY_CLIENT_IFACE, "ingress"]);
+        let sockets = topology.proxy.exec(&["ss", "-tanp"]);
+        anyhow::anyhow!("{e}\n{}\n{filters:?}\n{sockets:?}", old.log())
+    })?;
     old.signal(libc::SIGUSR2);
     let announced = next("MAINPID=")?;
     ensure!(announced.lines().any(|l| l == "READY=1"), "{announced:?}");
@@ -320,7 +336,7 @@ fn sigusr2_hands_over_to_the_installed_binary() -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     ensure!(old.log().contains("drained"), "{}", old.log());
-    relayed("after")?;
+    relayed("after").map_err(|e| anyhow::anyhow!("{e}\n{}", old.log()))?;
     // Pings from the new process: the old one is gone.
     next("WATCHDOG=1")?;
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };

@@ -12,9 +12,34 @@ use tracing::{debug, warn};
 
 use super::Controller;
 
+/// Sends one notification without blocking: a service manager that is
+/// slow to read its queue must not stall the runtime's threads (sd_notify's
+/// own send blocks); a notification that does not fit is dropped.
 fn send(states: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(states) {
-        warn!("notifying the service manager: {e}");
+    use std::{fmt::Write as _, os::unix::net::UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let mut message = String::new();
+    for state in states {
+        let _ = writeln!(message, "{state}");
+    }
+    let sent = (|| -> std::io::Result<usize> {
+        let socket = UnixDatagram::unbound()?;
+        socket.set_nonblocking(true)?;
+        match path.as_encoded_bytes().strip_prefix(b"@") {
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt as _;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                socket.send_to_addr(message.as_bytes(), &addr)
+            }
+            None => socket.send_to(message.as_bytes(), &path),
+        }
+    })();
+    match sent {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            debug!("the service manager's queue is full: {message:?} dropped")
+        }
+        Err(e) => warn!("notifying the service manager: {e}"),
     }
 }
 
