@@ -258,19 +258,37 @@ fn seen_by_server(topology: &Topology, peers: &mpsc::Receiver<SocketAddr>) -> Re
     Ok(peers.recv_timeout(Duration::from_secs(10))?)
 }
 
+/// A takeover stuck where the old instance has its request but has not
+/// answered (it is stopped): the old one, stopped, and the new one.
+fn stalled_takeover(topology: &Topology) -> Result<(Proxy, Proxy)> {
+    let old = attach(topology, &[])?;
+    old.signal(libc::SIGSTOP);
+    let args = ["attach", PROXY_CLIENT_IFACE, PROXY_SERVER_IFACE, "--port", "80-81", "--takeover"];
+    let new = Proxy::spawn(&topology.proxy, &args, "info,aya::bpf=error,tproxy_user=debug")?;
+    new.wait_for_log("waiting for it to let go", Duration::from_secs(60))?;
+    Ok((old, new))
+}
+
+/// Relayed (the server sees the proxy), and nothing left after `last` stops.
+fn relays_then_stops_clean(
+    topology: &Topology,
+    peers: &mpsc::Receiver<SocketAddr>,
+    last: Proxy,
+) -> Result<()> {
+    ensure!(seen_by_server(topology, peers)?.ip() == PROXY_SERVER_SIDE_V4, "not relayed");
+    last.stop()?;
+    let state = topology.proxy.interception_state(PROXY_CLIENT_IFACE, DEFAULT_TABLE)?;
+    ensure!(state.is_empty(), "left behind: {state}");
+    Ok(())
+}
+
 /// The new instance dies before the handover (the old one cannot answer
 /// yet): the old one stays, whole; a later takeover cleans up after it.
 #[test]
 fn a_takeover_killed_before_the_handover_leaves_the_old_instance() -> Result<()> {
     let topology = Topology::new("tkkill1")?;
     let peers = http_responder(&topology.server, Topology::server_addr(false, 80), "ok")?;
-    let old = attach(&topology, &[])?;
-    old.signal(libc::SIGSTOP);
-    let args = [PROXY_CLIENT_IFACE, PROXY_SERVER_IFACE, "--port", "80-81", "--takeover"];
-    let mut args_all = vec!["attach"];
-    args_all.extend(args);
-    let new = Proxy::spawn(&topology.proxy, &args_all, "info,aya::bpf=error,tproxy_user=debug")?;
-    new.wait_for_log("waiting for it to let go", Duration::from_secs(60))?;
+    let (old, new) = stalled_takeover(&topology)?;
     new.stop_with(libc::SIGKILL)?;
     old.signal(libc::SIGCONT);
     // The old instance read the dead one's request, and stays.
@@ -280,11 +298,7 @@ fn a_takeover_killed_before_the_handover_leaves_the_old_instance() -> Result<()>
     // A later takeover works, and removes what the killed one left.
     let next = attach(&topology, &["--takeover"])?;
     drained(old)?;
-    ensure!(seen_by_server(&topology, &peers)?.ip() == PROXY_SERVER_SIDE_V4, "not relayed");
-    next.stop()?;
-    let state = topology.proxy.interception_state(PROXY_CLIENT_IFACE, DEFAULT_TABLE)?;
-    ensure!(state.is_empty(), "left behind: {state}");
-    Ok(())
+    relays_then_stops_clean(&topology, &peers, next)
 }
 
 /// The old instance dies before it answers: the new one takes the name.
@@ -292,20 +306,12 @@ fn a_takeover_killed_before_the_handover_leaves_the_old_instance() -> Result<()>
 fn the_old_instance_killed_before_it_answers() -> Result<()> {
     let topology = Topology::new("tkkill2")?;
     let peers = http_responder(&topology.server, Topology::server_addr(false, 80), "ok")?;
-    let old = attach(&topology, &[])?;
-    old.signal(libc::SIGSTOP);
-    let args = ["attach", PROXY_CLIENT_IFACE, PROXY_SERVER_IFACE, "--port", "80-81", "--takeover"];
-    let new = Proxy::spawn(&topology.proxy, &args, "info,aya::bpf=error,tproxy_user=debug")?;
-    new.wait_for_log("waiting for it to let go", Duration::from_secs(60))?;
+    let (old, new) = stalled_takeover(&topology)?;
     old.stop_with(libc::SIGKILL)?;
     new.wait_for_log("ready:", Duration::from_secs(60))
         .map_err(|e| anyhow::anyhow!("{e}\n{}", new.log()))?;
-    ensure!(seen_by_server(&topology, &peers)?.ip() == PROXY_SERVER_SIDE_V4, "not relayed");
-    ensure!(new.stats(&topology.proxy)?["tcp"]["accepted"] == 1);
-    new.stop()?;
-    let state = topology.proxy.interception_state(PROXY_CLIENT_IFACE, DEFAULT_TABLE)?;
-    ensure!(state.is_empty(), "left behind: {state}");
-    Ok(())
+    ensure!(new.stats(&topology.proxy)?["tcp"]["accepted"] == 0);
+    relays_then_stops_clean(&topology, &peers, new)
 }
 
 /// Either side killed while the old one drains: the old one's connections
