@@ -249,6 +249,10 @@ fn exit_and_sigkill_leave_nothing_attached_to_the_cgroup() -> Result<()> {
         let out = app(&topology, Some(&cgroup), "tcp", server)?;
         ensure!(out["local"] == PROXY_SERVER_SIDE_V4.to_string(), "{out}");
     }
+    // The killed run's records (its routing, in the namespace about to go)
+    // are removed as after any SIGKILL.
+    let cleanup = run_tproxy(&topology.proxy, &["cleanup"])?;
+    ensure!(cleanup.status.success(), "{cleanup:?}");
     Ok(())
 }
 
