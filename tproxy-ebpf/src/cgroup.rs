@@ -23,7 +23,7 @@ use tproxy_ebpf::{
 };
 
 use crate::{
-    program::{BYPASS_MARK, INTERCEPT_LOCAL, global, sock_words},
+    program::{BYPASS_MARK, INTERCEPT_LOCAL, global, is_v4_mapped, sock_words},
     rules::{Query, gated, is_local, match_rule},
     stats::{count, rule_stats},
 };
@@ -105,11 +105,7 @@ fn user_addr(sa: &bpf_sock_addr, ipv6_hook: bool) -> ([u32; 4], bool) {
         return ([unsafe { core::ptr::read_volatile(&sa.user_ip4) }, 0, 0, 0], true);
     }
     let words = sock_words(&sa.user_ip6);
-    if words[0] == 0 && words[1] == 0 && words[2] == u32::from_be(0xffff) {
-        ([words[3], 0, 0, 0], true)
-    } else {
-        (words, false)
-    }
+    if is_v4_mapped(&words) { ([words[3], 0, 0, 0], true) } else { (words, false) }
 }
 
 #[inline(always)]
@@ -192,7 +188,7 @@ fn write_addr(sa: &mut bpf_sock_addr, ipv6_hook: bool, ipv4: bool, addr: &[u32; 
     if !ipv6_hook {
         sa.user_ip4 = addr[0];
     } else if ipv4 {
-        set_words(&mut sa.user_ip6, &[0, 0, u32::from_be(0xffff), addr[0]]);
+        set_words(&mut sa.user_ip6, &v4_mapped(addr[0]));
     } else {
         set_words(&mut sa.user_ip6, addr);
     }
@@ -244,8 +240,7 @@ pub fn tproxy_sockops(ctx: SockOpsContext) -> u32 {
     let mut key = PeerKey { addr: [0; 4], port: ctx.local_port(), family: FAMILY_V4 as u32 };
     let ops = unsafe { &*ctx.ops };
     let remote = if ctx.family() == AF_INET6 { sock_words(&ops.remote_ip6) } else { [0; 4] };
-    let mapped = remote[0] == 0 && remote[1] == 0 && remote[2] == u32::from_be(0xffff);
-    if ctx.family() == AF_INET6 && !mapped {
+    if ctx.family() == AF_INET6 && !is_v4_mapped(&remote) {
         key.addr = sock_words(&ops.local_ip6);
         key.family = FAMILY_V6 as u32;
     } else {
@@ -293,7 +288,7 @@ pub fn tproxy_original_dst(ctx: SockoptContext) -> i32 {
         let mut sin6 = [0u32; 7];
         sin6[0] = (10u32).to_le() | (original.port & 0xffff) << 16;
         let addr = if original.family == FAMILY_V4 as u32 {
-            [0, 0, u32::from_be(0xffff), original.addr[0]]
+            v4_mapped(original.addr[0])
         } else {
             original.addr
         };
@@ -301,7 +296,7 @@ pub fn tproxy_original_dst(ctx: SockoptContext) -> i32 {
         unsafe { core::ptr::write_unaligned(start as *mut [u32; 7], sin6) };
         opt.optlen = 28;
     } else {
-        if original.family != FAMILY_V4 as u32 && !is_mapped(&original.addr) {
+        if original.family != FAMILY_V4 as u32 && !is_v4_mapped(&original.addr) {
             return ALLOW;
         }
         let v4 =
@@ -318,7 +313,8 @@ pub fn tproxy_original_dst(ctx: SockoptContext) -> i32 {
     ALLOW
 }
 
+/// `::ffff:` and `v4`, in network order.
 #[inline(always)]
-fn is_mapped(addr: &[u32; 4]) -> bool {
-    addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_be(0xffff)
+fn v4_mapped(v4: u32) -> [u32; 4] {
+    [0, 0, u32::from_be(0xffff), v4]
 }

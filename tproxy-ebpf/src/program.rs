@@ -319,7 +319,7 @@ fn steer(ctx: &TcContext, mut flow: Flow) -> Outcome {
 
 /// `::ffff:0:0/96`, in network order.
 #[inline(always)]
-fn is_v4_mapped(addr: &[u32; 4]) -> bool {
+pub(crate) fn is_v4_mapped(addr: &[u32; 4]) -> bool {
     addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_be(0xffff)
 }
 

@@ -480,7 +480,7 @@ impl Loaded {
                 datapath.set_listener(socket.slot(), &fd)?;
             }
         }
-        if let Target::Port(target) = config.target {
+        if let (Target::Port(target), false) = (config.target, cgroups.is_empty()) {
             let v4 = target.ipv4.unwrap_or(Ipv4Addr::LOCALHOST);
             let v6 = target.ipv6.unwrap_or(Ipv6Addr::LOCALHOST);
             for (slot, ip) in [

@@ -163,12 +163,7 @@ impl Datapath {
         let target_port = u32::from(settings.target_port);
         // Network order, as the program compares them with packets.
         let target_ipv4 = settings.target_ipv4.map_or(0, |a| u32::from_ne_bytes(a.octets()));
-        let target_ipv6: [u32; 4] = settings.target_ipv6.map_or([0; 4], |a| {
-            let o = a.octets();
-            std::array::from_fn(|i| {
-                u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
-            })
-        });
+        let target_ipv6: [u32; 4] = settings.target_ipv6.map_or([0; 4], original_dst::words);
         let mut ebpf = EbpfLoader::new()
             .override_global(names::MARK, &settings.mark, true)
             .override_global(names::BYPASS_MARK, &settings.upstream_mark, true)

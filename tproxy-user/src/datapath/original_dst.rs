@@ -75,16 +75,17 @@ pub(crate) fn sock_dst(addr: SocketAddr) -> SockDst {
             family: u32::from(FAMILY_V4),
         },
         IpAddr::V6(ip) => {
-            let o = ip.octets();
-            SockDst {
-                addr: std::array::from_fn(|i| {
-                    u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
-                }),
-                port,
-                family: u32::from(tproxy_ebpf::FAMILY_V6),
-            }
+            SockDst { addr: words(ip), port, family: u32::from(tproxy_ebpf::FAMILY_V6) }
         }
     }
+}
+
+/// An IPv6 address as the programs hold it: four words in network order.
+pub(crate) fn words(ip: Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
 }
 
 #[cfg(test)]

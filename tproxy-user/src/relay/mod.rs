@@ -41,6 +41,18 @@ pub struct RelaySettings {
     pub loopback: bool,
 }
 
+impl RelaySettings {
+    /// The source to dial from for `client`: the client itself when
+    /// spoofing, except for the host's own connections (from loopback,
+    /// which the cgroup hooks send), which go from the host as they would.
+    pub(crate) fn spoofed_source(
+        &self,
+        client: std::net::SocketAddr,
+    ) -> Option<std::net::SocketAddr> {
+        self.spoof_source.then_some(client).filter(|c| !c.ip().is_loopback())
+    }
+}
+
 impl Default for RelaySettings {
     fn default() -> Self {
         Self {

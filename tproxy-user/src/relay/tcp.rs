@@ -430,8 +430,7 @@ async fn relay(accepted: Accepted, shared: &Shared) {
         return;
     }
     let dial = DialOptions {
-        // The host's own connections come from loopback: never spoofed.
-        source: settings.spoof_source.then_some(peer).filter(|p| !p.ip().is_loopback()),
+        source: settings.spoofed_source(peer),
         mark: settings.upstream_mark,
         timeout: shared.config.connect_timeout,
     };

@@ -485,8 +485,7 @@ impl SessionTable {
         now: u64,
     ) -> io::Result<Session> {
         let dial = DialOptions {
-            // The host's own datagrams come from loopback: never spoofed.
-            source: self.settings.spoof_source.then_some(client).filter(|c| !c.ip().is_loopback()),
+            source: self.settings.spoofed_source(client),
             mark: self.settings.upstream_mark,
             ..DialOptions::default()
         };
