@@ -214,11 +214,14 @@ struct Steering<'a> {
     /// The relay process(es), for the memory figure.
     relay: Option<Child>,
     proxy: Option<Proxy>,
+    /// The iptables recipe's `-m socket` rule leaves SYNs alone (`! --syn`),
+    /// so that a SYN meeting a TIME_WAIT socket reaches the listener.
+    syn_fixed: bool,
 }
 
 impl<'a> Steering<'a> {
     fn start(topology: &'a Topology, mode: Mode, bin: &Path, work: &Path) -> Result<Self> {
-        let mut steering = Self { topology, mode, relay: None, proxy: None };
+        let mut steering = Self { topology, mode, relay: None, proxy: None, syn_fixed: false };
         match mode {
             Mode::Direct => {}
             Mode::Haproxy => {
@@ -301,18 +304,11 @@ impl<'a> Steering<'a> {
             ]));
             rules.push(s(&["-t", "mangle", "-A", "DIVERT", "-j", "ACCEPT"]));
         }
-        rules.push(s(&[
-            "-t",
-            "mangle",
-            op,
-            "PREROUTING",
-            "-p",
-            "tcp",
-            "-m",
-            "socket",
-            "-j",
-            "DIVERT",
-        ]));
+        rules.push(s(&["-t", "mangle", op, "PREROUTING", "-p", "tcp"]));
+        if self.syn_fixed {
+            rules.last_mut().expect("just pushed").extend(s(&["!", "--syn"]));
+        }
+        rules.last_mut().expect("just pushed").extend(s(&["-m", "socket", "-j", "DIVERT"]));
         for (proto, port) in
             [("tcp", HTTP_PORT), ("tcp", IPERF_PORT), ("tcp", IDLE_PORT), ("udp", UDP_PORT)]
         {
@@ -657,7 +653,8 @@ fn splice(report: &str, begin: &str, end: &str, table: &str) -> String {
 /// Failed requests while the proxy is replaced under load, in each round:
 /// ours with `attach --takeover`; HAProxy at its best for this, a seamless
 /// reload (`stats socket … expose-fd listeners`, the new process started
-/// with `-x` and `-sf`), steered by the iptables recipe. Both under `ab -r
+/// with `-x` and `-sf`, forced splice), steered by the iptables recipe
+/// with `-m socket ! --syn`. Both under `ab -r
 /// -c 32` for `seconds` (at least 6), the upgrade a third of the way in.
 fn upgrade_rounds(topology: &Topology, work: &Path, options: &Options) -> Result<String> {
     let seconds = options.seconds.max(6);
@@ -679,7 +676,7 @@ fn upgrade_rounds(topology: &Topology, work: &Path, options: &Options) -> Result
     for (mode, done, failed) in rows {
         let how = match mode {
             Mode::Ours => "tproxy `attach --takeover`",
-            _ => "HAProxy reload: `-x` + `-sf`, `expose-fd listeners`",
+            _ => "HAProxy reload: `-x` + `-sf`, `expose-fd listeners`, `! --syn`",
         };
         out += &format!("| {how} | {done} | {failed} |\n");
     }
@@ -717,7 +714,13 @@ fn upgrade_under_load(
             ab_counts(&out.stdout)
         }
         _ => {
-            let steering = Steering { topology, mode: Mode::Haproxy, relay: None, proxy: None };
+            let steering = Steering {
+                topology,
+                mode: Mode::Haproxy,
+                relay: None,
+                proxy: None,
+                syn_fixed: true,
+            };
             steering.iptables_tproxy(true)?;
             let socket = work.join("haproxy-upgrade.sock");
             let conf = work.join("haproxy-upgrade.cfg");
