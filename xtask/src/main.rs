@@ -50,7 +50,7 @@ enum Task {
     /// writes BENCHMARKS.md. Not a test.
     Bench {
         /// Interleaved rounds (the table shows medians).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 5)]
         rounds: usize,
         /// Seconds per measurement.
         #[arg(long, default_value_t = 4)]
@@ -58,6 +58,11 @@ enum Task {
         /// Only the failed requests while the proxy is upgraded under load.
         #[arg(long)]
         upgrade_only: bool,
+        /// Only these modes, comma-separated (direct, haproxy-recipe,
+        /// haproxy, haproxy-spoof, ours, ours-spoof, nginx-udp); BENCHMARKS.md
+        /// is rewritten only by a run of all.
+        #[arg(long, value_delimiter = ',')]
+        modes: Vec<String>,
     },
     /// Build the Debian package into target/dist (and with --check, install,
     /// verify and remove it on this machine).
@@ -109,12 +114,12 @@ fn main() -> Result<()> {
                 vm::SERIES.iter().find(|s| s.name == "6.1").expect("6.1 is in the matrix");
             vm::run(&[six_one], &binaries)
         }
-        Task::Bench { rounds, seconds, upgrade_only } => {
+        Task::Bench { rounds, seconds, upgrade_only, modes } => {
             require_root("the benchmark creates network namespaces and loads BPF programs")?;
             setup::demo()?;
             setup::bench_tools()?;
             let bin = build(true)?;
-            bench::run(&bin, &bench::Options { rounds, seconds, upgrade_only })
+            bench::run(&bin, &bench::Options { rounds, seconds, upgrade_only, modes })
         }
         Task::Dist { check } => {
             setup::demo()?;

@@ -22,7 +22,8 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     ("prlimit", "util-linux"),
     ("python3", "python3"),
-    ("socat", "socat"),
+    ("/usr/lib/nginx/modules/ngx_stream_module.so", "libnginx-mod-stream"),
+    ("conntrack", "conntrack"),
     // A transparent proxy of someone else's, steered by `--to-port`; and
     // the tools that show no iptables or nft rule does it.
     ("haproxy", "haproxy"),
@@ -128,6 +129,12 @@ const BENCH_TOOLS: &[(&str, &str)] = &[
     ("ab", "apache2-utils"),
     ("haproxy", "haproxy"),
     ("iptables", "iptables"),
+    ("/usr/lib/nginx/modules/ngx_stream_module.so", "libnginx-mod-stream"),
+    ("conntrack", "conntrack"),
+    ("perf", "linux-perf"),
+    ("strace", "strace"),
+    // The chart's font.
+    ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "fonts-dejavu-core"),
 ];
 
 /// Installs the benchmark's tools that are missing.
@@ -201,7 +208,11 @@ fn bpf_linker() -> Result<()> {
 }
 
 /// Whether `tool` is on PATH, or in an sbin directory a non-login PATH may lack.
+/// Whether `tool` is a command on the path (or, given as a path, a file).
 fn found(tool: &str) -> bool {
+    if tool.starts_with('/') {
+        return std::path::Path::new(tool).exists();
+    }
     ["/usr/sbin", "/sbin"].iter().any(|dir| std::path::Path::new(dir).join(tool).exists())
         || Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
