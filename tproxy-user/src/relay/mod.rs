@@ -3,7 +3,7 @@
 
 mod budget;
 mod local;
-mod splice;
+mod pump;
 pub mod tcp;
 pub mod timewait;
 pub mod transparent;

@@ -5,7 +5,7 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, Instant},
 };
@@ -21,7 +21,8 @@ use tracing::{debug, warn};
 use super::{
     RelaySettings,
     local::LocalAddrs,
-    splice, timewait,
+    pump::{self, Progress},
+    timewait,
     transparent::{self, Accepted, DialOptions, TransparentListener},
 };
 use crate::{
@@ -312,6 +313,8 @@ impl PerSource {
 /// A plain listener on loopback, for connections the cgroup hooks send.
 fn loopback_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv6() { TcpSocket::new_v6()? } else { TcpSocket::new_v4()? };
+    // Accepted sockets inherit it (Linux): no setsockopt per connection.
+    socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG as u32)
 }
@@ -437,9 +440,10 @@ async fn relay(accepted: Accepted, shared: &Shared) {
     let rules = shared.rules.as_ref().map(|rules| rules.borrow().clone());
     let proxy =
         settings.upstreams.for_flow(rules.as_deref(), crate::rules::Protocol::Tcp, peer, dst);
+    // Boxed: the dial's state is not kept in the connection's for its life.
     let dialled = match proxy {
-        None => transparent::tcp_dial(dst, &dial).await,
-        Some(proxy) => proxy.connect(dst, peer, &dial).await,
+        None => Box::pin(transparent::tcp_dial(dst, &dial)).await,
+        Some(proxy) => Box::pin(proxy.connect(dst, peer, &dial)).await,
     };
     let upstream = match dialled {
         Ok(upstream) => upstream,
@@ -454,15 +458,15 @@ async fn relay(accepted: Accepted, shared: &Shared) {
             return;
         }
     };
-    let _ = client.set_nodelay(true);
     let pair = ResetOnDrop([&client, &upstream]);
     stats.active.fetch_add(1, Relaxed);
     let activity = AtomicU64::new(now_ms());
+    let one_ended = AtomicBool::new(false);
+    let progress =
+        |counter| Progress { counter, activity: &activity, now: now_ms, one_ended: &one_ended };
+    let (up, down) = (progress(&stats.bytes_to_upstream), progress(&stats.bytes_to_client));
     let copy = async {
-        tokio::try_join!(
-            splice::pump(&client, &upstream, &stats.bytes_to_upstream, &activity, now_ms),
-            splice::pump(&upstream, &client, &stats.bytes_to_client, &activity, now_ms),
-        )
+        tokio::try_join!(pump::pump(&client, &upstream, &up), pump::pump(&upstream, &client, &down))
     };
     let idle = async {
         let Some(limit) = shared.config.idle_timeout else { return std::future::pending().await };

@@ -54,6 +54,8 @@ impl TransparentListener {
     pub fn bind_with(addr: SocketAddr, backlog: i32, reuse_port: bool) -> io::Result<Self> {
         let socket = transparent_socket(addr, Type::STREAM, Protocol::TCP)?;
         socket.set_reuse_address(true)?;
+        // Accepted sockets inherit it (Linux): no setsockopt per connection.
+        socket.set_tcp_nodelay(true)?;
         if reuse_port {
             socket.set_reuse_port(true)?;
         }

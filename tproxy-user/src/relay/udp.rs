@@ -18,6 +18,7 @@ use std::{
     collections::HashMap,
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -28,6 +29,7 @@ use std::{
 use lru::LruCache;
 use socket2::SockRef;
 use tokio::{
+    io::Interest,
     net::{TcpStream, UdpSocket},
     sync::mpsc,
     task::JoinHandle,
@@ -603,9 +605,10 @@ impl SessionTable {
 }
 
 thread_local! {
-    /// Datagram buffer shared by the sessions on a worker thread: a session
-    /// holds no buffer while it waits, so idle sessions cost two sockets.
-    static BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; BUFFER_SIZE + 1]);
+    /// Datagram buffers shared by the sessions on a worker thread: a
+    /// session holds no buffer while it waits, so idle sessions cost two
+    /// sockets.
+    static BATCH: RefCell<Batch> = RefCell::new(Batch::new());
 }
 
 /// Which way a session's datagrams go.
@@ -684,48 +687,112 @@ fn relay_queued(
         Direction::Up => (&sockets.reply, &*sockets.upstream),
     };
     let header = sockets.header.as_deref();
-    let receive = |buf: &mut [u8]| -> io::Result<usize> {
-        if !last {
-            return from.try_recv(buf);
-        }
-        use std::os::fd::AsRawFd as _;
-        // SAFETY: recv into a buffer we own, of its length.
-        let n = unsafe {
-            libc::recv(from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
-        };
-        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
-    };
-    {
-        // No await while the thread's buffer is borrowed.
-        BUF.with_borrow_mut(|buf| {
-            loop {
-                // The buffer is a byte larger than any datagram: a full read
-                // means the datagram was cut.
-                match receive(buf) {
-                    Ok(n) if n == buf.len() => {
-                        stats.truncated.fetch_add(1, Relaxed);
+    // No await while the thread's buffers are borrowed.
+    BATCH.with_borrow_mut(|batch| {
+        loop {
+            // A batch short of full emptied the socket: tokio is told so
+            // (as its own reads do), which saves the read that would only
+            // say EAGAIN. Closing, ask the socket itself rather than tokio,
+            // which tries only sockets it has seen readable.
+            let mut got = 0;
+            let received = if last {
+                batch.receive(from.as_raw_fd()).map(|n| got = n)
+            } else {
+                from.try_io(Interest::READABLE, || {
+                    got = batch.receive(from.as_raw_fd())?;
+                    if got < BATCH_SIZE { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(()) }
+                })
+            };
+            for datagram in batch.datagrams(got) {
+                // The buffer is a byte larger than any datagram: a full
+                // read means the datagram was cut.
+                let Some(datagram) = datagram else {
+                    stats.truncated.fetch_add(1, Relaxed);
+                    continue;
+                };
+                let payload = match (direction, header) {
+                    // From the proxy: its header says who sent it.
+                    (Direction::Down, Some(_)) => {
+                        match super::upstream::socks5_udp_payload(datagram) {
+                            Some((source, payload)) if source == sockets.dst => payload,
+                            _ => continue,
+                        }
                     }
-                    Ok(n) => {
-                        let payload = match (direction, header) {
-                            // From the proxy: its header says who sent it.
-                            (Direction::Down, Some(_)) => {
-                                match super::upstream::socks5_udp_payload(&buf[..n]) {
-                                    Some((source, payload)) if source == sockets.dst => payload,
-                                    _ => continue,
-                                }
-                            }
-                            _ => &buf[..n],
-                        };
-                        activity.last_active.store(epoch.elapsed().as_millis() as u64, Relaxed);
-                        let header = if matches!(direction, Direction::Up) { header } else { None };
-                        forward(to, header, payload, direction, activity, stats);
+                    _ => datagram,
+                };
+                activity.last_active.store(epoch.elapsed().as_millis() as u64, Relaxed);
+                let header = if matches!(direction, Direction::Up) { header } else { None };
+                forward(to, header, payload, direction, activity, stats);
+            }
+            match received {
+                Ok(()) if got == BATCH_SIZE => continue,
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // An ICMP error from the peer surfaces here; keep listening.
+                Err(e) => {
+                    debug!("UDP receive: {e}");
+                    if got == 0 && last {
+                        break;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    // An ICMP error from the peer surfaces here; keep listening.
-                    Err(e) => debug!("UDP receive: {e}"),
                 }
             }
+        }
+    });
+}
+
+/// Datagrams read in one system call (recvmmsg).
+const BATCH_SIZE: usize = 8;
+
+/// A worker thread's receive buffers, one per datagram of a batch, each a
+/// byte larger than any datagram.
+struct Batch {
+    buffers: Vec<Vec<u8>>,
+    lens: [usize; BATCH_SIZE],
+}
+
+impl Batch {
+    fn new() -> Self {
+        Self { buffers: vec![vec![0; BUFFER_SIZE + 1]; BATCH_SIZE], lens: [0; BATCH_SIZE] }
+    }
+
+    /// Up to [`BATCH_SIZE`] datagrams from `fd`, without waiting.
+    fn receive(&mut self, fd: std::os::fd::RawFd) -> io::Result<usize> {
+        let mut iovecs: [libc::iovec; BATCH_SIZE] = std::array::from_fn(|i| libc::iovec {
+            iov_base: self.buffers[i].as_mut_ptr().cast(),
+            iov_len: self.buffers[i].len(),
         });
+        // SAFETY: zeroed mmsghdr is valid (no name, no control).
+        let mut messages: [libc::mmsghdr; BATCH_SIZE] = unsafe { std::mem::zeroed() };
+        for (message, iovec) in messages.iter_mut().zip(iovecs.iter_mut()) {
+            message.msg_hdr.msg_iov = iovec;
+            message.msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: every message points at one of our buffers, of its length.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                messages.as_mut_ptr(),
+                BATCH_SIZE as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        for (len, message) in self.lens.iter_mut().zip(&messages[..n as usize]) {
+            *len = message.msg_len as usize;
+        }
+        Ok(n as usize)
+    }
+
+    /// The first `n` datagrams received; `None` for one that was cut.
+    fn datagrams(&self, n: usize) -> impl Iterator<Item = Option<&[u8]>> {
+        self.buffers
+            .iter()
+            .zip(self.lens)
+            .take(n)
+            .map(|(buf, len)| (len < buf.len()).then(|| &buf[..len]))
     }
 }
 

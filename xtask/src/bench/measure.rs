@@ -21,34 +21,48 @@ use super::{
     steering::{HTTP_PORT, IDLE_CONNECTIONS, IDLE_PORT, IPERF_PORT, Steering, UDP_PORT, server},
 };
 
-/// Every metric the steering's mode takes part in.
+/// Every metric the steering's mode takes part in. A measurement that fails
+/// is reported and left out of the round, so that one bad run does not
+/// cost the others.
 pub fn all(
     topology: &Topology,
     steering: &Steering,
     seconds: u64,
     work: &Path,
-) -> Result<Vec<(Metric, f64)>> {
+) -> Vec<(Metric, f64)> {
     let mode = steering.mode;
     let mut out = Vec::new();
+    let mut take = |what: &str, measured: Result<Vec<(Metric, f64)>>| match measured {
+        Ok(values) => out.extend(values),
+        Err(e) => eprintln!("bench: {}: {what} failed, left out of this round: {e:#}", mode.name()),
+    };
     if mode.measures(Metric::Throughput1) {
-        out.push((Metric::Throughput1, iperf(&topology.client, 1, seconds)?));
-        out.push((Metric::Throughput4, iperf(&topology.client, 4, seconds)?));
+        take(
+            "iperf3, 1 stream",
+            iperf(&topology.client, 1, seconds).map(|v| vec![(Metric::Throughput1, v)]),
+        );
+        take(
+            "iperf3, 4 streams",
+            iperf(&topology.client, 4, seconds).map(|v| vec![(Metric::Throughput4, v)]),
+        );
     }
     if mode.measures(Metric::ConnRate) {
-        let http = http_close(&topology.client, seconds, work)?;
-        out.extend([
-            (Metric::ConnRate, http.rate),
-            (Metric::LatencyP50, http.p50),
-            (Metric::LatencyP99, http.p99),
-        ]);
+        let http = http_close(&topology.client, seconds, work).map(|http| {
+            vec![
+                (Metric::ConnRate, http.rate),
+                (Metric::LatencyP50, http.p50),
+                (Metric::LatencyP99, http.p99),
+            ]
+        });
+        take("ab", http);
     }
     if mode.measures(Metric::UdpRate) {
-        out.push((Metric::UdpRate, udp_rate(&topology.client, seconds)?));
+        take("UDP", udp_rate(&topology.client, seconds).map(|v| vec![(Metric::UdpRate, v)]));
     }
     if mode.measures(Metric::IdleMemory) {
-        out.push((Metric::IdleMemory, idle_memory(topology, steering)?));
+        take("idle memory", idle_memory(topology, steering).map(|v| vec![(Metric::IdleMemory, v)]));
     }
-    Ok(out)
+    out
 }
 
 /// iperf3 throughput in Gbit/s, as received by the server.

@@ -180,8 +180,7 @@ pub fn run(bin: &Path, options: &Options) -> Result<()> {
         for &mode in &modes {
             eprintln!("bench: round {round}/{}: {}", options.rounds, mode.name());
             let steering = Steering::start(&topology, mode, &work)?;
-            let measured = measure::all(&topology, &steering, options.seconds, &work)
-                .with_context(|| format!("round {round}, {}", mode.name()))?;
+            let measured = measure::all(&topology, &steering, options.seconds, &work);
             drop(steering);
             for (metric, value) in measured {
                 results.entry((metric, mode)).or_default().push(value);
@@ -190,14 +189,22 @@ pub fn run(bin: &Path, options: &Options) -> Result<()> {
     }
     let table = report::render(&results, options);
     println!("{table}");
+    // A partial run (trying a change) keeps its figures out of the docs.
+    let figures = if complete { workspace.join(report::FIGURES) } else { work.clone() };
+    let profile = if modes.contains(&Mode::Ours) {
+        eprintln!("bench: profiling the relay under the connection-rate load");
+        let profile = profile::run(&topology, &work, &figures)?;
+        println!("{profile}");
+        profile
+    } else {
+        String::new()
+    };
+    drop(servers);
     if !complete {
         eprintln!("bench: not every mode ran; BENCHMARKS.md left as it was");
         return Ok(());
     }
-    eprintln!("bench: profiling the relay under the connection-rate load");
-    let profile = profile::run(&topology, &work, &workspace.join(report::FIGURES))?;
-    drop(servers);
-    report::chart(&results, &workspace.join(report::FIGURES).join(report::CHART))?;
+    report::chart(&results, &figures.join(report::CHART))?;
     report::write_section(&path, report::RESULTS, &format!("{table}\n{profile}"))?;
     eprintln!("bench: results written to {}", path.display());
     Ok(())

@@ -283,6 +283,9 @@ impl Drop for Steering<'_> {
         // minute. tproxy removes its own at exit; HAProxy does not, so the
         // harness does, or the next mode would start crippled.
         let _ = self.topology.proxy.exec(&["ss", "-K", "-tan", "state", "time-wait"]);
+        // The servers' own, when they closed first: with a spoofed source
+        // the next mode's connections come in on those tuples.
+        let _ = self.topology.server.exec(&["ss", "-K", "-tan", "state", "time-wait"]);
     }
 }
 
