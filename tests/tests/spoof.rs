@@ -200,3 +200,63 @@ fn symmetric_ports_make_one_spoofed_session() -> Result<()> {
     proxy.stop()?;
     Ok(())
 }
+
+/// When the client's own tuple to the server is still taken on the proxy (a
+/// socket there, closing or not, holds the client's address and port
+/// connected to that server), the relay connects from another port of the
+/// client's address instead of resetting the client.
+#[test]
+fn a_client_tuple_still_taken_on_the_proxy_gets_another_port() -> Result<()> {
+    const PORT: u16 = 45_678;
+    let topology = Topology::new("spooftaken")?;
+    let server: std::net::SocketAddr = (SERVER_V4, 80).into();
+    let client: std::net::SocketAddr = (CLIENT_V4, PORT).into();
+    let listener = topology.server.tcp_listen(server)?;
+    // The tuple's holder: transparent and SO_REUSEADDR, as the relay's own
+    // upstream sockets are, so binding beside it works and only the
+    // connect finds the tuple taken. Made before tproxy steers replies, it
+    // sits in SYN-SENT.
+    let holder = topology.proxy.run(move || -> std::io::Result<socket2::Socket> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_ip_transparent_v4(true)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&client.into())?;
+        socket.set_nonblocking(true)?;
+        let _ = socket.connect(&server.into());
+        Ok(socket)
+    })??;
+    let proxy = attach_spoofing(&topology, "80")?;
+    // The holder's handshake may complete once replies are steered: the
+    // server answers only the connection that asks.
+    let served = thread::spawn(move || -> Result<std::net::SocketAddr> {
+        let mut held = Vec::new();
+        loop {
+            let (mut stream, peer) = listener.accept()?;
+            stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+            let mut ask = [0u8; 4];
+            if stream.read_exact(&mut ask).is_ok() && &ask == b"ping" {
+                stream.write_all(b"pong")?;
+                return Ok(peer);
+            }
+            held.push(stream);
+        }
+    });
+    let mut stream = topology.client.run(move || -> std::io::Result<std::net::TcpStream> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&client.into())?;
+        socket.connect_timeout(&server.into(), Duration::from_secs(5))?;
+        Ok(socket.into())
+    })??;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    stream.write_all(b"ping")?;
+    let mut answer = [0u8; 4];
+    stream.read_exact(&mut answer)?;
+    ensure!(&answer == b"pong", "answer {answer:?}");
+    let peer = served.join().unwrap()?;
+    ensure!(peer.ip() == CLIENT_V4, "server saw {peer}, not the client's address");
+    ensure!(peer.port() != PORT, "server saw the taken port {PORT}");
+    drop(holder);
+    proxy.stop()?;
+    Ok(())
+}

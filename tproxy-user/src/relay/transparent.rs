@@ -105,6 +105,37 @@ impl Default for DialOptions {
 
 /// Connects to `dst` as `options` say.
 pub async fn tcp_dial(dst: SocketAddr, options: &DialOptions) -> io::Result<TcpStream> {
+    let dial = async {
+        let Some(source) = options.source else { return dial_from(dst, options, None).await };
+        match dial_from(dst, options, Some(source)).await {
+            // The client's port is bound here already, or its tuple to `dst`
+            // is still taken by a socket that is closing: any port of its
+            // address will do.
+            Err(e)
+                if source.port() != 0
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::AddrInUse | io::ErrorKind::AddrNotAvailable
+                    ) =>
+            {
+                dial_from(dst, options, Some(SocketAddr::new(source.ip(), 0))).await
+            }
+            other => other,
+        }
+    };
+    match tokio::time::timeout(options.timeout, dial).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+    }
+}
+
+/// One connect attempt, from `source` if given (IP_TRANSPARENT, so any
+/// address).
+async fn dial_from(
+    dst: SocketAddr,
+    options: &DialOptions,
+    source: Option<SocketAddr>,
+) -> io::Result<TcpStream> {
     let socket = if dst.is_ipv6() { TcpSocket::new_v6()? } else { TcpSocket::new_v4()? };
     let sock = SockRef::from(&socket);
     // A v4-mapped destination must never become an IPv4 connection.
@@ -115,20 +146,12 @@ pub async fn tcp_dial(dst: SocketAddr, options: &DialOptions) -> io::Result<TcpS
         sock.set_mark(options.mark)?;
     }
     socket.set_nodelay(true)?;
-    if let Some(source) = options.source {
+    if let Some(source) = source {
         set_transparent(&sock, source.is_ipv6())?;
         socket.set_reuseaddr(true)?;
-        if let Err(e) = socket.bind(source) {
-            if e.kind() != io::ErrorKind::AddrInUse {
-                return Err(e);
-            }
-            socket.bind(SocketAddr::new(source.ip(), 0))?;
-        }
+        socket.bind(source)?;
     }
-    match tokio::time::timeout(options.timeout, socket.connect(dst)).await {
-        Ok(result) => result,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
-    }
+    socket.connect(dst).await
 }
 
 /// One datagram received by a [`TransparentUdp`] socket.
