@@ -57,7 +57,7 @@ pub fn all(
         take("ab", http);
     }
     if mode.measures(Metric::UdpRate) {
-        take("UDP", udp_rate(&topology.client, seconds).map(|v| vec![(Metric::UdpRate, v)]));
+        take("UDP", udp_rate(&topology.client, seconds).map(|(v, _)| vec![(Metric::UdpRate, v)]));
     }
     if mode.measures(Metric::IdleMemory) {
         take("idle memory", idle_memory(topology, steering).map(|v| vec![(Metric::IdleMemory, v)]));
@@ -141,8 +141,9 @@ pub fn http_close(client: &Netns, seconds: u64, work: &Path) -> Result<Http> {
     Ok(Http { rate, p50: percentile(50)?, p99: percentile(99)?, requests })
 }
 
-/// Request/response exchanges per second over 8 UDP sockets in lockstep.
-fn udp_rate(client: &Netns, seconds: u64) -> Result<f64> {
+/// Request/response exchanges per second over 8 UDP sockets in lockstep,
+/// and how many there were.
+pub fn udp_rate(client: &Netns, seconds: u64) -> Result<(f64, u64)> {
     const SOCKETS: usize = 8;
     let server: SocketAddr = server(UDP_PORT);
     let done = Arc::new(AtomicBool::new(false));
@@ -170,7 +171,8 @@ fn udp_rate(client: &Netns, seconds: u64) -> Result<f64> {
     for t in threads {
         let _ = t.join();
     }
-    Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+    let count = count.load(Ordering::Relaxed);
+    Ok((count as f64 / started.elapsed().as_secs_f64(), count))
 }
 
 /// Opens IDLE_CONNECTIONS relayed connections that stay idle, and returns

@@ -30,13 +30,19 @@ pub fn run(topology: &Topology, work: &Path, figures: &Path) -> Result<String> {
     let pid = steering.relay_pid().context("ours has a relay")?;
     fs::create_dir_all(figures)?;
     flame_graph(topology, pid, work, &figures.join(FLAME_GRAPH))?;
-    let syscalls = syscalls_per_connection(topology, pid, work)?;
+    let client = &topology.client;
+    let per_connection = syscalls_per(pid, work, "connection", || {
+        Ok(measure::http_close(client, SECONDS, work)?.requests)
+    })?;
+    let per_exchange =
+        syscalls_per(pid, work, "exchange", || Ok(measure::udp_rate(client, SECONDS)?.1))?;
     drop(steering);
     Ok(format!(
         "The relay (`ours`) under that load (`ab -c 32`, a new connection per request): \
          [flame graph]({}/{FLAME_GRAPH}) (perf at 999 Hz, kernel and user stacks), and \
          its system calls per relayed connection (`strace -c -f` for {SECONDS} s, divided by \
-         the requests ab completed meanwhile):\n\n{syscalls}",
+         the requests ab completed meanwhile):\n\n{per_connection}\n\
+         And per UDP request/response exchange, under the 8-socket lockstep load:\n\n{per_exchange}",
         super::report::FIGURES
     ))
 }
@@ -88,20 +94,28 @@ fn flame_graph(topology: &Topology, pid: u32, work: &Path, svg: &Path) -> Result
     Ok(())
 }
 
-/// strace's per-call counts over the connections ab completed meanwhile,
-/// as a table, largest first.
-fn syscalls_per_connection(topology: &Topology, pid: u32, work: &Path) -> Result<String> {
+/// strace's per-call counts while `load` runs, over the units of work it
+/// reports (connections, exchanges), as a table, largest first.
+fn syscalls_per(
+    pid: u32,
+    work: &Path,
+    unit: &str,
+    load: impl FnOnce() -> Result<u64>,
+) -> Result<String> {
+    let output = work.join("strace.txt");
     let mut strace = Command::new("strace");
-    strace.args(["-c", "-f", "-o"]).arg(work.join("strace.txt"));
+    strace.args(["-c", "-f", "-o"]).arg(&output);
     for task in fs::read_dir(format!("/proc/{pid}/task"))? {
         strace.arg("-p").arg(task?.file_name());
     }
     let mut strace = strace.stderr(Stdio::null()).spawn().context("starting strace")?;
-    let (http, ()) = under_load(topology, work, || ())?;
+    let units = load();
     // strace prints its summary when it detaches.
     unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
     strace.wait()?;
-    let summary = fs::read_to_string(work.join("strace.txt"))?;
+    let units = units?;
+    ensure!(units > 0, "no {unit} completed under strace");
+    let summary = fs::read_to_string(&output)?;
     let mut calls: Vec<(String, u64, u64)> = Vec::new();
     // "% time seconds usecs/call calls [errors] syscall", errors may be blank.
     for line in summary.lines() {
@@ -117,10 +131,9 @@ fn syscalls_per_connection(topology: &Topology, pid: u32, work: &Path) -> Result
     let Some(total) = calls.iter().find(|c| c.0 == "total").map(|c| c.1) else {
         bail!("no total in strace's summary")
     };
-    ensure!(http.requests > 0, "ab completed nothing under strace");
-    let per = |n: u64| n as f64 / http.requests as f64;
+    let per = |n: u64| n as f64 / units as f64;
     let mut out = format!(
-        "| system call | per connection | of which failed |\n| --- | ---: | ---: |\n\
+        "| system call | per {unit} | of which failed |\n| --- | ---: | ---: |\n\
          | all | {:.1} | |\n",
         per(total)
     );
