@@ -26,7 +26,8 @@ use tokio::{
 /// A TCP listener with IP_TRANSPARENT (IPV6_TRANSPARENT for IPv6), so that
 /// connections the TC program assigns to it are accepted although their
 /// destination is not a local address. Each accepted connection's local
-/// address is the client's original destination.
+/// address is the client's original destination, and it has TCP_NODELAY,
+/// inherited from the listener.
 pub struct TransparentListener {
     listener: TcpListener,
 }
