@@ -119,74 +119,64 @@ fn send(to: RawFd, buf: &[u8]) -> io::Result<usize> {
 }
 
 /// One direction's counters, shared with the relay.
-pub(crate) struct Progress<'a, F: Fn() -> u64> {
+pub(crate) struct Progress<'a> {
     /// Bytes of this direction, for the relay's statistics.
     pub counter: &'a AtomicU64,
     /// Stamped with `now()` at every chunk, either direction.
     pub activity: &'a AtomicU64,
-    pub now: F,
+    pub now: fn() -> u64,
     /// Set by the direction that ends first: the other needs no shutdown,
     /// since closing both sockets right after sends the FIN anyway.
     pub one_ended: &'a AtomicBool,
 }
 
+impl Progress<'_> {
+    /// Counts `n` bytes moved and stamps the activity.
+    fn moved(&self, n: usize) {
+        self.counter.fetch_add(n as u64, Relaxed);
+        self.activity.store((self.now)(), Relaxed);
+    }
+}
+
 /// Copies `from` to `to` until `from` reaches EOF, then shuts down `to`'s
 /// sending side (half-close), and returns the byte count.
-pub(crate) async fn pump<F: Fn() -> u64>(
+pub(crate) async fn pump(
     from: &TcpStream,
     to: &TcpStream,
-    progress: &Progress<'_, F>,
+    progress: &Progress<'_>,
 ) -> io::Result<u64> {
     let mut total = 0u64;
-    let ended = loop {
-        if total >= SPLICE_AFTER {
+    loop {
+        let n = copy_chunk(from, to).await?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        progress.moved(n);
+        if n == COPY_SIZE || total >= SPLICE_AFTER {
             // Boxed, like every rare path: an idle connection's task is
             // as large as its largest state.
-            break Box::pin(splice_all(from, to, progress, &mut total)).await?;
+            total += Box::pin(splice_all(from, to, progress)).await?;
+            break;
         }
-        match copy_chunk(from, to).await? {
-            Chunk::End => break true,
-            Chunk::Bytes(n) => {
-                total += n as u64;
-                progress.counter.fetch_add(n as u64, Relaxed);
-                progress.activity.store((progress.now)(), Relaxed);
-                if n == COPY_SIZE {
-                    total = total.max(SPLICE_AFTER);
-                }
-            }
-        }
-    };
-    if ended && !progress.one_ended.swap(true, Relaxed) {
+    }
+    if !progress.one_ended.swap(true, Relaxed) {
         socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
     }
     Ok(total)
 }
 
-enum Chunk {
-    Bytes(usize),
-    End,
-}
-
 /// Reads what `from` has into the thread's buffer and sends it on; what
-/// `to` cannot take at once waits in a buffer of its own.
-async fn copy_chunk(from: &TcpStream, to: &TcpStream) -> io::Result<Chunk> {
+/// `to` cannot take at once waits in a buffer of its own. Returns the bytes
+/// moved, 0 at EOF.
+async fn copy_chunk(from: &TcpStream, to: &TcpStream) -> io::Result<usize> {
     loop {
         readable(from).await?;
-        let mut got = 0;
-        let mut rest = None;
-        let read = from.try_io(Interest::READABLE, || {
-            BUFFER.with_borrow_mut(|buf| {
+        // No await while the thread's buffer is borrowed.
+        let copied = BUFFER.with_borrow_mut(|buf| -> io::Result<Option<(usize, Vec<u8>)>> {
+            let mut got = 0;
+            let read = from.try_io(Interest::READABLE, || {
                 got = recv(from.as_raw_fd(), buf)?;
-                if got > 0 {
-                    let sent = match send(to.as_raw_fd(), &buf[..got]) {
-                        Ok(sent) => sent,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                        Err(e) => return Err(io::Error::new(e.kind(), Sent(e))),
-                    };
-                    if sent < got {
-                        rest = Some(buf[sent..got].to_vec());
-                    }
-                }
                 // A read short of the buffer emptied the socket: tell tokio
                 // so (as its own reads do), which saves the read that would
                 // only say EAGAIN.
@@ -194,33 +184,27 @@ async fn copy_chunk(from: &TcpStream, to: &TcpStream) -> io::Result<Chunk> {
                     return Err(io::ErrorKind::WouldBlock.into());
                 }
                 Ok(())
-            })
-        });
-        match read {
-            Ok(()) if got == 0 => return Ok(Chunk::End),
-            Err(e) if e.get_ref().is_some_and(|e| e.is::<Sent>()) => return Err(e),
-            Err(e) if got == 0 && e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if got == 0 => return Err(e),
-            _ => {}
-        }
-        if let Some(rest) = rest {
+            });
+            match read {
+                Err(e) if got == 0 && e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if got == 0 => return Err(e),
+                _ if got == 0 => return Ok(Some((0, Vec::new()))),
+                _ => {}
+            }
+            let sent = match send(to.as_raw_fd(), &buf[..got]) {
+                Ok(sent) => sent,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(e),
+            };
+            Ok(Some((got, buf[sent..got].to_vec())))
+        })?;
+        let Some((got, rest)) = copied else { continue };
+        if !rest.is_empty() {
             Box::pin(send_all(to, &rest)).await?;
         }
-        return Ok(Chunk::Bytes(got));
+        return Ok(got);
     }
 }
-
-/// A send error, told apart from the read's own inside `try_io`.
-#[derive(Debug)]
-struct Sent(io::Error);
-
-impl std::fmt::Display for Sent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::error::Error for Sent {}
 
 async fn send_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     while !bytes.is_empty() {
@@ -234,13 +218,9 @@ async fn send_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Splices `from` to `to` until EOF; returns true then.
-async fn splice_all<F: Fn() -> u64>(
-    from: &TcpStream,
-    to: &TcpStream,
-    progress: &Progress<'_, F>,
-    total: &mut u64,
-) -> io::Result<bool> {
+/// Splices `from` to `to` until EOF; returns the bytes moved.
+async fn splice_all(from: &TcpStream, to: &TcpStream, progress: &Progress<'_>) -> io::Result<u64> {
+    let mut total = 0u64;
     loop {
         readable(from).await?;
         let pipe = take_pipe()?;
@@ -250,7 +230,7 @@ async fn splice_all<F: Fn() -> u64>(
         let mut pending = match filled {
             Ok(0) => {
                 give_back(pipe);
-                return Ok(true);
+                return Ok(total);
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -260,9 +240,8 @@ async fn splice_all<F: Fn() -> u64>(
             // The pipe may hold nothing useful now; let it close.
             Err(e) => return Err(e),
         };
-        *total += pending as u64;
-        progress.counter.fetch_add(pending as u64, Relaxed);
-        progress.activity.store((progress.now)(), Relaxed);
+        total += pending as u64;
+        progress.moved(pending);
         while pending > 0 {
             writable(to).await?;
             match to.try_io(Interest::WRITABLE, || {
