@@ -15,7 +15,11 @@ use std::{
     cell::RefCell,
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-    sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    sync::{
+        OnceLock,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    time::Instant,
 };
 
 use tokio::{io::Interest, net::TcpStream};
@@ -118,13 +122,18 @@ fn send(to: RawFd, buf: &[u8]) -> io::Result<usize> {
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
+/// Milliseconds since the first call: a cheap clock for idle tracking.
+pub(crate) fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
 /// One direction's counters, shared with the relay.
 pub(crate) struct Progress<'a> {
     /// Bytes of this direction, for the relay's statistics.
     pub counter: &'a AtomicU64,
-    /// Stamped with `now()` at every chunk, either direction.
+    /// Stamped with [`now_ms`] at every chunk, either direction.
     pub activity: &'a AtomicU64,
-    pub now: fn() -> u64,
     /// Set by the direction that ends first: the other needs no shutdown,
     /// since closing both sockets right after sends the FIN anyway.
     pub one_ended: &'a AtomicBool,
@@ -134,7 +143,7 @@ impl Progress<'_> {
     /// Counts `n` bytes moved and stamps the activity.
     fn moved(&self, n: usize) {
         self.counter.fetch_add(n as u64, Relaxed);
-        self.activity.store((self.now)(), Relaxed);
+        self.activity.store(now_ms(), Relaxed);
     }
 }
 

@@ -4,7 +4,7 @@ use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
-        Arc, OnceLock,
+        Arc,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, Instant},
@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 use super::{
     RelaySettings,
     local::LocalAddrs,
-    pump::{self, Progress},
+    pump::{self, Progress, now_ms},
     timewait,
     transparent::{self, Accepted, DialOptions, TransparentListener},
 };
@@ -407,12 +407,6 @@ async fn accept_loop(
     connections.shutdown().await;
 }
 
-/// Milliseconds since the first call: a cheap clock for idle tracking.
-fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
-
 /// Relays one connection, logging one line at debug level when it ends.
 async fn relay(accepted: Accepted, shared: &Shared) {
     let (settings, stats) = (&shared.settings, &shared.stats);
@@ -462,8 +456,7 @@ async fn relay(accepted: Accepted, shared: &Shared) {
     stats.active.fetch_add(1, Relaxed);
     let activity = AtomicU64::new(now_ms());
     let one_ended = AtomicBool::new(false);
-    let progress =
-        |counter| Progress { counter, activity: &activity, now: now_ms, one_ended: &one_ended };
+    let progress = |counter| Progress { counter, activity: &activity, one_ended: &one_ended };
     let (up, down) = (progress(&stats.bytes_to_upstream), progress(&stats.bytes_to_client));
     let copy = async {
         tokio::try_join!(pump::pump(&client, &upstream, &up), pump::pump(&upstream, &client, &down))
