@@ -56,17 +56,7 @@ impl Servers {
                 tmp = work.display(),
             ),
         )?;
-        let nginx = topology
-            .server
-            .command("nginx")
-            .arg("-c")
-            .arg(&conf)
-            .arg("-p")
-            .arg(work)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting nginx")?;
+        let nginx = start_nginx(&topology.server, &conf, work)?;
         let iperf = topology
             .server
             .command("iperf3")
@@ -88,6 +78,21 @@ impl Drop for Servers {
             let _ = child.wait();
         }
     }
+}
+
+/// Starts `program` with `args` in `ns`, its output discarded.
+pub fn start_quiet(ns: &Netns, program: &str, args: &[&std::ffi::OsStr]) -> Result<Child> {
+    ns.command(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {program}"))
+}
+
+/// nginx with `conf`, its paths under `work`.
+fn start_nginx(ns: &Netns, conf: &Path, work: &Path) -> Result<Child> {
+    start_quiet(ns, "nginx", &["-c".as_ref(), conf.as_os_str(), "-p".as_ref(), work.as_os_str()])
 }
 
 /// Waits until something is bound to `port` (`proto`: `t` for TCP
@@ -136,37 +141,15 @@ impl<'a> Steering<'a> {
                 steering.iptables(if best { Recipe::SynFixed } else { Recipe::Plain })?;
                 let conf = work.join("haproxy.cfg");
                 fs::write(&conf, haproxy_config(mode, IDLE_CONNECTIONS + 100, None))?;
-                steering.relay = Some(
-                    topology
-                        .proxy
-                        .command("haproxy")
-                        .arg("-f")
-                        .arg(&conf)
-                        .arg("-db")
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .spawn()
-                        .context("starting haproxy")?,
-                );
+                let args = ["-db".as_ref(), "-f".as_ref(), conf.as_os_str()];
+                steering.relay = Some(start_quiet(&topology.proxy, "haproxy", &args)?);
                 wait_for_port(&topology.proxy, "t", TPROXY_PORT)?;
             }
             Mode::NginxUdp => {
                 steering.iptables(Recipe::UdpRedirect)?;
                 let conf = work.join("nginx-udp.conf");
                 fs::write(&conf, nginx_udp_config(work))?;
-                steering.relay = Some(
-                    topology
-                        .proxy
-                        .command("nginx")
-                        .arg("-c")
-                        .arg(&conf)
-                        .arg("-p")
-                        .arg(work)
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .spawn()
-                        .context("starting nginx for UDP")?,
-                );
+                steering.relay = Some(start_nginx(&topology.proxy, &conf, work)?);
                 wait_for_port(&topology.proxy, "u", NGINX_UDP_PORT)?;
             }
             Mode::Ours | Mode::OursSpoof => {

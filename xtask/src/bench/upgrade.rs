@@ -4,7 +4,6 @@
 use std::{
     fs,
     path::Path,
-    process::Stdio,
     thread,
     time::{Duration, Instant},
 };
@@ -14,7 +13,9 @@ use tproxy_tests::{PROXY_CLIENT_IFACE, Proxy, SERVER_V4, Topology};
 
 use super::{
     Mode, Options,
-    steering::{HTTP_PORT, Recipe, Steering, TPROXY_PORT, haproxy_config, wait_for_port},
+    steering::{
+        HTTP_PORT, Recipe, Steering, TPROXY_PORT, haproxy_config, start_quiet, wait_for_port,
+    },
 };
 
 /// Failed requests while the proxy is replaced under load, in each round:
@@ -86,17 +87,9 @@ fn upgrade_under_load(
             let conf = work.join("haproxy-upgrade.cfg");
             fs::write(&conf, haproxy_config(Mode::Haproxy, 4096, Some(&socket)))?;
             let haproxy = |extra: &[String]| {
-                topology
-                    .proxy
-                    .command("haproxy")
-                    .arg("-db")
-                    .arg("-f")
-                    .arg(&conf)
-                    .args(extra)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .context("starting haproxy")
+                let mut args = vec!["-db".as_ref(), "-f".as_ref(), conf.as_os_str()];
+                args.extend(extra.iter().map(std::ffi::OsStr::new));
+                start_quiet(&topology.proxy, "haproxy", &args)
             };
             let mut old = haproxy(&[])?;
             wait_for_port(&topology.proxy, "t", TPROXY_PORT)?;
