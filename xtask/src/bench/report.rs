@@ -41,7 +41,8 @@ fn ratio(results: &Results, metric: Metric, mode: Mode) -> Option<f64> {
 
 pub fn render(results: &Results, options: &Options) -> String {
     let mut out = format!(
-        "Medians of {} interleaved rounds of {} s per measurement. Ratios: throughput and UDP \
+        "`cargo xtask bench --rounds {0} --seconds {1}`: medians of {0} interleaved rounds of {1} s \
+         per measurement. Ratios: throughput and UDP \
          to `direct`; connections, latency and memory to `haproxy` (HAProxy at its best), and \
          for the spoofing modes to `haproxy-spoof`.\n\n",
         options.rounds, options.seconds
