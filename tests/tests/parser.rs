@@ -513,6 +513,8 @@ fn the_program_parses_as_the_oracle_does() -> Result<()> {
             mark: 0x1e5,
             upstream_mark: 0x1e6,
             trace: true,
+            ethernet_links: true,
+            l3_links: true,
             ..Settings::default()
         })?;
         let mut rng = Rng(seed | 1);

@@ -418,7 +418,7 @@ impl Interceptor {
         if let Target::Port(_) = config.target {
             kernel::SOCKMAP_UPDATE.require()?;
         }
-        let kinds = config
+        let kinds: Vec<_> = config
             .interfaces
             .iter()
             .map(|iface| system::ifindex(iface).and_then(|_| system::link_kind(iface)))
@@ -437,7 +437,7 @@ impl Interceptor {
         }
         system::raise_memlock_limit();
         let claim = claim(&mut config)?;
-        let datapath = load_programs(&config).inspect_err(|_| {
+        let datapath = load_programs(&config, &kinds).inspect_err(|_| {
             // Before 5.11 maps count against RLIMIT_MEMLOCK, which only
             // CAP_SYS_RESOURCE can raise.
             if !kernel::MEMCG_ACCOUNTING.in_kernel(kernel) && !nix::unistd::geteuid().is_root() {
@@ -891,8 +891,9 @@ async fn remove_recorded(name: &str, leftover: &instance::InstanceState) {
     }
 }
 
-/// Loads the programs for `config` (see [`Datapath::load`]).
-pub fn load_programs(config: &InterceptConfig) -> Result<Datapath> {
+/// Loads the programs for `config`, with the TC programs for the interface
+/// kinds in `links` (see [`Datapath::load`]).
+pub fn load_programs(config: &InterceptConfig, links: &[system::LinkKind]) -> Result<Datapath> {
     let target = match config.target {
         Target::Relay => None,
         Target::Port(t) => Some(t),
@@ -904,6 +905,8 @@ pub fn load_programs(config: &InterceptConfig) -> Result<Datapath> {
         intercept_local: config.intercept_local,
         drop_unparsed: config.drop_unparsed,
         trace: false,
+        ethernet_links: links.contains(&system::LinkKind::Ethernet),
+        l3_links: links.contains(&system::LinkKind::L3),
         target_port: target.map_or(0, |t| t.port),
         target_ipv4: target.and_then(|t| t.ipv4),
         target_ipv6: target.and_then(|t| t.ipv6),

@@ -114,6 +114,12 @@ pub struct Settings {
     pub target_ipv4: Option<std::net::Ipv4Addr>,
     /// The IPv6 address that listener is bound to, if not the wildcard.
     pub target_ipv6: Option<std::net::Ipv6Addr>,
+    /// Load the TC program for Ethernet interfaces.
+    pub ethernet_links: bool,
+    /// Load the TC program for L3 interfaces (tunnels, TUN, WireGuard).
+    /// Each program costs the verifier a few hundred milliseconds: load
+    /// only the kinds that will be attached.
+    pub l3_links: bool,
     /// Also load the cgroup hooks, for [`Datapath::attach_cgroup`].
     pub cgroup_hooks: bool,
     /// Also load what answers `getsockopt(SO_ORIGINAL_DST)`, for
@@ -177,8 +183,12 @@ impl Datapath {
             .override_global(names::NETNS_COOKIE, &settings.netns_cookie, true)
             .load(PROGRAM_OBJECT)
             .map_err(Error::Load)?;
-        for name in [names::PROGRAM, names::PROGRAM_L3] {
-            program_mut(&mut ebpf, name)?.load().map_err(load_error(name))?;
+        for (wanted, name) in
+            [(settings.ethernet_links, names::PROGRAM), (settings.l3_links, names::PROGRAM_L3)]
+        {
+            if wanted {
+                program_mut(&mut ebpf, name)?.load().map_err(load_error(name))?;
+            }
         }
         if settings.cgroup_hooks {
             for name in names::CGROUP_PROGRAMS {
@@ -283,7 +293,8 @@ impl Datapath {
     /// Attaches at TC ingress of `iface`: TCX on 6.6+, a netlink clsact
     /// filter before that (aya decides). A netlink filter, and a clsact
     /// qdisc created for it, outlive the process if it is killed, so they
-    /// are returned for the caller to record.
+    /// are returned for the caller to record. The program for `kind` must
+    /// have been loaded (see [`Settings::ethernet_links`]).
     pub fn attach(&mut self, iface: &str, kind: LinkKind, tcx: bool) -> Result<Attached> {
         let mut created_qdisc = false;
         if !tcx {

@@ -71,15 +71,21 @@ pub async fn check(config: &InterceptConfig) -> Vec<Finding> {
         ),
     });
     if privileged.is_ok() {
-        findings.push(match crate::intercept::load_programs(config) {
-            Ok(_) => {
-                ok("the TC and sk_lookup programs pass this kernel's verifier (helpers present)")
-            }
-            Err(e) => fail(
-                format!("loading the programs: {e}"),
-                "run with RUST_LOG=debug for the verifier log, and report it",
-            ),
-        });
+        findings.push(
+            match crate::intercept::load_programs(
+                config,
+                // Every program, whatever the interfaces are.
+                &[system::LinkKind::Ethernet, system::LinkKind::L3],
+            ) {
+                Ok(_) => ok(
+                    "the TC and sk_lookup programs pass this kernel's verifier (helpers present)",
+                ),
+                Err(e) => fail(
+                    format!("loading the programs: {e}"),
+                    "run with RUST_LOG=debug for the verifier log, and report it",
+                ),
+            },
+        );
     }
     findings.push(bpffs());
     findings.extend(ipv6().await);
