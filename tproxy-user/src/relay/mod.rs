@@ -2,6 +2,7 @@
 //! original destination, directly or through an upstream proxy.
 
 mod budget;
+mod connection;
 mod local;
 mod pump;
 pub mod tcp;

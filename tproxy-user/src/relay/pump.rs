@@ -17,8 +17,9 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     sync::{
         OnceLock,
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicU64, Ordering::Relaxed},
     },
+    task::{Context, Poll, ready},
     time::Instant,
 };
 
@@ -80,19 +81,6 @@ fn give_back(pipe: Pipe) {
     });
 }
 
-/// Waits until `stream` is readable. Unlike `TcpStream::readable`, whose
-/// future carries a waiter of 150 bytes, this keeps the waker in the
-/// socket's own slot: an idle connection waits in two of these, so its task
-/// stays small. Each socket has one reader and one writer, as that slot needs.
-async fn readable(stream: &TcpStream) -> io::Result<()> {
-    std::future::poll_fn(|cx| stream.poll_read_ready(cx)).await
-}
-
-/// Like [`readable`], for writing.
-async fn writable(stream: &TcpStream) -> io::Result<()> {
-    std::future::poll_fn(|cx| stream.poll_write_ready(cx)).await
-}
-
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: plain fds, no offsets.
     let n = unsafe {
@@ -128,139 +116,184 @@ pub(crate) fn now_ms() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
-/// One direction's counters, shared with the relay.
+/// What a direction's progress updates on its connection.
 pub(crate) struct Progress<'a> {
     /// Bytes of this direction, for the relay's statistics.
     pub counter: &'a AtomicU64,
     /// Stamped with [`now_ms`] at every chunk, either direction.
-    pub activity: &'a AtomicU64,
+    pub activity: &'a mut u64,
     /// Set by the direction that ends first: the other needs no shutdown,
     /// since closing both sockets right after sends the FIN anyway.
-    pub one_ended: &'a AtomicBool,
+    pub one_ended: &'a mut bool,
 }
 
 impl Progress<'_> {
     /// Counts `n` bytes moved and stamps the activity.
-    fn moved(&self, n: usize) {
+    fn moved(&mut self, n: usize) {
         self.counter.fetch_add(n as u64, Relaxed);
-        self.activity.store(now_ms(), Relaxed);
+        *self.activity = now_ms();
     }
 }
 
-/// Copies `from` to `to` until `from` reaches EOF, then shuts down `to`'s
-/// sending side (half-close), and returns the byte count.
-pub(crate) async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    progress: &Progress<'_>,
-) -> io::Result<u64> {
-    let mut total = 0u64;
-    loop {
-        let n = copy_chunk(from, to).await?;
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-        progress.moved(n);
-        if n == COPY_SIZE || total >= SPLICE_AFTER {
-            // Boxed, like every rare path: an idle connection's task is
-            // as large as its largest state.
-            total += Box::pin(splice_all(from, to, progress)).await?;
-            break;
-        }
-    }
-    if !progress.one_ended.swap(true, Relaxed) {
-        socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
-    }
-    Ok(total)
+/// One direction of a relayed connection: copies `from` to `to` until
+/// `from` reaches EOF, then shuts down `to`'s sending side (half-close).
+///
+/// A state machine the connection polls, rather than an `async fn`: an idle
+/// connection's task is as large as its futures, and this is 32 bytes.
+#[derive(Default)]
+pub(crate) struct Pump {
+    state: State,
+    /// Bytes moved so far.
+    pub total: u64,
 }
 
-/// Reads what `from` has into the thread's buffer and sends it on; what
-/// `to` cannot take at once waits in a buffer of its own. Returns the bytes
-/// moved, 0 at EOF.
-async fn copy_chunk(from: &TcpStream, to: &TcpStream) -> io::Result<usize> {
-    loop {
-        readable(from).await?;
-        // No await while the thread's buffer is borrowed.
-        let copied = BUFFER.with_borrow_mut(|buf| -> io::Result<Option<(usize, Vec<u8>)>> {
-            let mut got = 0;
-            let read = from.try_io(Interest::READABLE, || {
-                got = recv(from.as_raw_fd(), buf)?;
-                // A read short of the buffer emptied the socket: tell tokio
-                // so (as its own reads do), which saves the read that would
-                // only say EAGAIN.
-                if got > 0 && got < buf.len() {
-                    return Err(io::ErrorKind::WouldBlock.into());
+#[derive(Default)]
+enum State {
+    /// Copying through the thread's buffer.
+    #[default]
+    Copy,
+    /// What `to` could not take at once of the last chunk, from `sent` on;
+    /// then copying again, or splicing if `bulk`.
+    Sending { rest: Box<[u8]>, sent: usize, bulk: bool },
+    /// Splicing: `pipe` holds `pending` bytes for `to` (none: no pipe).
+    Splice { pipe: Option<Pipe>, pending: usize },
+    /// EOF met and passed on.
+    Done,
+}
+
+impl Pump {
+    /// Moves what can be moved now; ready when the direction has ended.
+    pub(crate) fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        progress: &mut Progress<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            match &mut self.state {
+                State::Done => return Poll::Ready(Ok(())),
+                State::Copy => {
+                    ready!(from.poll_read_ready(cx))?;
+                    let Some(Chunk { got, rest }) = copy_chunk(from, to)? else { continue };
+                    if got == 0 {
+                        self.end(to, progress)?;
+                        continue;
+                    }
+                    self.total += got as u64;
+                    progress.moved(got);
+                    let bulk = got == COPY_SIZE || self.total >= SPLICE_AFTER;
+                    self.state = match rest {
+                        Some(rest) => State::Sending { rest, sent: 0, bulk },
+                        None if bulk => State::Splice { pipe: None, pending: 0 },
+                        None => State::Copy,
+                    };
                 }
-                Ok(())
-            });
-            match read {
-                Err(e) if got == 0 && e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                Err(e) if got == 0 => return Err(e),
-                _ if got == 0 => return Ok(Some((0, Vec::new()))),
-                _ => {}
+                State::Sending { rest, sent, bulk } => {
+                    ready!(to.poll_write_ready(cx))?;
+                    match to.try_io(Interest::WRITABLE, || send(to.as_raw_fd(), &rest[*sent..])) {
+                        Ok(n) => *sent += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                    if *sent == rest.len() {
+                        self.state = match bulk {
+                            true => State::Splice { pipe: None, pending: 0 },
+                            false => State::Copy,
+                        };
+                    }
+                }
+                State::Splice { pipe, pending: 0 } => {
+                    ready!(from.poll_read_ready(cx))?;
+                    let filling = match pipe.take() {
+                        Some(pipe) => pipe,
+                        None => take_pipe()?,
+                    };
+                    let filled = from.try_io(Interest::READABLE, || {
+                        splice(from.as_raw_fd(), filling.write.as_raw_fd(), PIPE_SIZE)
+                    });
+                    match filled {
+                        Ok(0) => {
+                            give_back(filling);
+                            self.end(to, progress)?;
+                        }
+                        Ok(n) => {
+                            self.total += n as u64;
+                            progress.moved(n);
+                            self.state = State::Splice { pipe: Some(filling), pending: n };
+                        }
+                        // Empty: the pipe waits in the pool, not here.
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => give_back(filling),
+                        // The pipe may hold nothing useful now; let it close.
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                }
+                State::Splice { pipe, pending } => {
+                    ready!(to.poll_write_ready(cx))?;
+                    let Some(full) = pipe else { unreachable!("pending bytes without a pipe") };
+                    match to.try_io(Interest::WRITABLE, || {
+                        splice(full.read.as_raw_fd(), to.as_raw_fd(), *pending)
+                    }) {
+                        Ok(n) => *pending -= n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                    if *pending == 0 {
+                        if let Some(empty) = pipe.take() {
+                            give_back(empty);
+                        }
+                    }
+                }
             }
-            let sent = match send(to.as_raw_fd(), &buf[..got]) {
-                Ok(sent) => sent,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) => return Err(e),
-            };
-            Ok(Some((got, buf[sent..got].to_vec())))
-        })?;
-        let Some((got, rest)) = copied else { continue };
-        if !rest.is_empty() {
-            Box::pin(send_all(to, &rest)).await?;
         }
-        return Ok(got);
+    }
+
+    /// EOF from `from`: half-closes `to`, unless the other direction
+    /// ended first.
+    fn end(&mut self, to: &TcpStream, progress: &mut Progress<'_>) -> io::Result<()> {
+        self.state = State::Done;
+        if !std::mem::replace(progress.one_ended, true) {
+            socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
+        }
+        Ok(())
     }
 }
 
-async fn send_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        writable(to).await?;
-        match to.try_io(Interest::WRITABLE, || send(to.as_raw_fd(), bytes)) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+/// A chunk read and sent on.
+struct Chunk {
+    /// Bytes read; 0 at EOF.
+    got: usize,
+    /// What `to` could not take at once.
+    rest: Option<Box<[u8]>>,
 }
 
-/// Splices `from` to `to` until EOF; returns the bytes moved.
-async fn splice_all(from: &TcpStream, to: &TcpStream, progress: &Progress<'_>) -> io::Result<u64> {
-    let mut total = 0u64;
-    loop {
-        readable(from).await?;
-        let pipe = take_pipe()?;
-        let filled = from.try_io(Interest::READABLE, || {
-            splice(from.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_SIZE)
+/// Reads what `from` has into the thread's buffer and sends it on; `None`
+/// if `from` had nothing after all.
+fn copy_chunk(from: &TcpStream, to: &TcpStream) -> io::Result<Option<Chunk>> {
+    BUFFER.with_borrow_mut(|buf| {
+        let mut got = 0;
+        let read = from.try_io(Interest::READABLE, || {
+            got = recv(from.as_raw_fd(), buf)?;
+            // A read short of the buffer emptied the socket: tell tokio so
+            // (as its own reads do), which saves the read that would only
+            // say EAGAIN.
+            if got > 0 && got < buf.len() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(())
         });
-        let mut pending = match filled {
-            Ok(0) => {
-                give_back(pipe);
-                return Ok(total);
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                give_back(pipe);
-                continue;
-            }
-            // The pipe may hold nothing useful now; let it close.
+        match read {
+            Err(e) if got == 0 && e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if got == 0 => return Err(e),
+            _ if got == 0 => return Ok(Some(Chunk { got, rest: None })),
+            _ => {}
+        }
+        let sent = match send(to.as_raw_fd(), &buf[..got]) {
+            Ok(sent) => sent,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err(e),
         };
-        total += pending as u64;
-        progress.moved(pending);
-        while pending > 0 {
-            writable(to).await?;
-            match to.try_io(Interest::WRITABLE, || {
-                splice(pipe.read.as_raw_fd(), to.as_raw_fd(), pending)
-            }) {
-                Ok(n) => pending -= n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-        give_back(pipe);
-    }
+        let rest = (sent < got).then(|| buf[sent..got].into());
+        Ok(Some(Chunk { got, rest }))
+    })
 }

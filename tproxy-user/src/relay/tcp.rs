@@ -5,13 +5,13 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicU64, Ordering::Relaxed},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tokio::{
-    net::{TcpListener, TcpSocket, TcpStream},
+    net::{TcpListener, TcpSocket},
     sync::Semaphore,
     task::JoinSet,
 };
@@ -20,10 +20,9 @@ use tracing::{debug, warn};
 
 use super::{
     RelaySettings,
+    connection::{Connection, reset},
     local::LocalAddrs,
-    pump::{self, Progress, now_ms},
-    timewait,
-    transparent::{self, Accepted, DialOptions, TransparentListener},
+    transparent::{Accepted, TransparentListener},
 };
 use crate::{
     datapath::original_dst::OriginalDsts,
@@ -270,19 +269,19 @@ impl TcpRelay {
 }
 
 /// What every connection of a relay needs.
-struct Shared {
-    settings: RelaySettings,
-    config: TcpRelayConfig,
-    stats: Arc<TcpRelayStats>,
+pub(super) struct Shared {
+    pub settings: RelaySettings,
+    pub config: TcpRelayConfig,
+    pub stats: Arc<TcpRelayStats>,
     local: LocalAddrs,
     /// One permit per connection that may be relayed at once.
     slots: Arc<Semaphore>,
-    per_source: Option<PerSource>,
-    rules: Option<RulesWatch>,
+    pub per_source: Option<PerSource>,
+    pub rules: Option<RulesWatch>,
 }
 
 /// Connections held per client address.
-struct PerSource {
+pub(super) struct PerSource {
     max: usize,
     held: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
 }
@@ -299,7 +298,7 @@ impl PerSource {
         true
     }
 
-    fn give_back(&self, ip: std::net::IpAddr) {
+    pub fn give_back(&self, ip: std::net::IpAddr) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(count) = held.get_mut(&ip) {
             *count -= 1;
@@ -379,21 +378,14 @@ async fn accept_loop(
             Ok(Ok(accepted)) => {
                 shared.stats.accepted.fetch_add(1, Relaxed);
                 debug!(listener = index, peer = %accepted.client, "accepted");
-                let source = accepted.client.ip();
-                if shared.per_source.as_ref().is_some_and(|p| !p.take(source)) {
-                    shared.stats.refused_per_source.fetch_add(1, Relaxed);
-                    debug!(peer = %accepted.client, "refused: the client holds its most connections");
-                    reset(&accepted.stream);
+                let Accepted { stream, client: peer, original_dst: dst } = accepted;
+                if let Some(refused) = refusal(&shared, peer, dst) {
+                    refused.fetch_add(1, Relaxed);
+                    reset(&stream);
                     continue;
                 }
-                let shared = shared.clone();
-                connections.spawn(async move {
-                    relay(accepted, &shared).await;
-                    if let Some(p) = &shared.per_source {
-                        p.give_back(source);
-                    }
-                    drop(permit);
-                });
+                let connection = Connection::new(shared.clone(), permit, stream, peer, dst);
+                connections.spawn(connection);
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 warn!("accept: {e}; retrying in {ACCEPT_BACKOFF:?}");
@@ -407,125 +399,26 @@ async fn accept_loop(
     connections.shutdown().await;
 }
 
-/// Relays one connection, logging one line at debug level when it ends.
-async fn relay(accepted: Accepted, shared: &Shared) {
+/// The counter of the reason to refuse a connection from `peer` to `dst`,
+/// if there is one. A connection made straight to our listening port, or to
+/// any address of this host, would have us dial ourselves or our own
+/// services; one client holding its most connections cannot have more.
+/// The connection that is not refused holds a per-source slot.
+fn refusal(shared: &Shared, peer: SocketAddr, dst: SocketAddr) -> Option<&AtomicU64> {
     let (settings, stats) = (&shared.settings, &shared.stats);
-    let started = Instant::now();
-    let Accepted { stream: client, client: peer, original_dst: dst } = accepted;
-    // A connection made straight to our listening port, or to any address
-    // of this host, would have us dial ourselves or our own services.
     if dst.port() == settings.listen_port {
-        stats.refused_loops.fetch_add(1, Relaxed);
         debug!(%peer, %dst, "refused: destination is the relay itself");
-        reset(&client);
-        return;
+        return Some(&stats.refused_loops);
     }
     if !settings.allow_local_destinations && shared.local.contains(dst.ip()) {
-        stats.refused_local.fetch_add(1, Relaxed);
         debug!(%peer, %dst, "refused: destination is this host");
-        reset(&client);
-        return;
+        return Some(&stats.refused_local);
     }
-    let dial = DialOptions {
-        source: settings.spoofed_source(peer),
-        mark: settings.upstream_mark,
-        timeout: shared.config.connect_timeout,
-    };
-    let rules = shared.rules.as_ref().map(|rules| rules.borrow().clone());
-    let proxy =
-        settings.upstreams.for_flow(rules.as_deref(), crate::rules::Protocol::Tcp, peer, dst);
-    // Boxed: the dial's state is not kept in the connection's for its life.
-    let dialled = match proxy {
-        None => Box::pin(transparent::tcp_dial(dst, &dial)).await,
-        Some(proxy) => Box::pin(proxy.connect(dst, peer, &dial)).await,
-    };
-    let upstream = match dialled {
-        Ok(upstream) => upstream,
-        Err(e) => {
-            stats.upstream_failures.fetch_add(1, Relaxed);
-            if e.kind() == io::ErrorKind::TimedOut {
-                stats.connect_timeouts.fetch_add(1, Relaxed);
-            }
-            debug!(%peer, %dst, error = %e, "upstream connect failed");
-            // Tell the client the way the server would have: a reset.
-            reset(&client);
-            return;
-        }
-    };
-    let pair = ResetOnDrop([&client, &upstream]);
-    stats.active.fetch_add(1, Relaxed);
-    let activity = AtomicU64::new(now_ms());
-    let one_ended = AtomicBool::new(false);
-    let progress = |counter| Progress { counter, activity: &activity, one_ended: &one_ended };
-    let (up, down) = (progress(&stats.bytes_to_upstream), progress(&stats.bytes_to_client));
-    let copy = async {
-        tokio::try_join!(pump::pump(&client, &upstream, &up), pump::pump(&upstream, &client, &down))
-    };
-    let idle = async {
-        let Some(limit) = shared.config.idle_timeout else { return std::future::pending().await };
-        let limit_ms = limit.as_millis() as u64;
-        loop {
-            let quiet = now_ms().saturating_sub(activity.load(Relaxed));
-            if quiet >= limit_ms {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(limit_ms - quiet)).await;
-        }
-    };
-    let result = tokio::select! {
-        result = copy => result,
-        _ = idle => {
-            stats.idle_timeouts.fetch_add(1, Relaxed);
-            Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"))
-        }
-    };
-    stats.active.fetch_sub(1, Relaxed);
-    let (up, down, outcome) = match result {
-        Ok((up, down)) => (up, down, "closed".to_owned()),
-        // Both sides learn that the conversation broke, as they would have
-        // without a proxy in between: `pair` resets them.
-        Err(e) => {
-            stats.aborted.fetch_add(1, Relaxed);
-            (0, 0, format!("reset: {e}"))
-        }
-    };
-    if outcome == "closed" {
-        std::mem::forget(pair);
-    } else {
-        drop(pair);
+    if shared.per_source.as_ref().is_some_and(|p| !p.take(peer.ip())) {
+        debug!(%peer, "refused: the client holds its most connections");
+        return Some(&stats.refused_per_source);
     }
-    let steered = shared.rules.as_ref().is_none_or(|rules| {
-        rules.borrow().intercepts(crate::rules::Protocol::Tcp, peer.ip(), dst.ip(), dst.port())
-    });
-    if !steered {
-        // No rule intercepts this flow now: a TIME_WAIT socket left on the
-        // client's tuple would have the kernel drop its next, forwarded, SYN.
-        let upstream_local = upstream.local_addr().ok();
-        drop((client, upstream));
-        for (local, remote) in [(Some(dst), peer), (upstream_local, dst)] {
-            if let Some(local) = local {
-                let removed = timewait::remove_time_wait(local, remote);
-                debug!(%local, %remote, ?removed, "TIME_WAIT of a flow no rule intercepts now");
-            }
-        }
-    }
-    debug!(%peer, %dst, up, down, duration = ?started.elapsed(), outcome, "connection");
-}
-
-/// Closes with RST instead of FIN.
-fn reset(stream: &TcpStream) {
-    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
-}
-
-/// Resets both sockets when dropped: on an error, and when the relay stops
-/// and aborts the connection's task, so that both peers learn at once
-/// instead of talking to sockets nobody reads.
-struct ResetOnDrop<'a>([&'a TcpStream; 2]);
-
-impl Drop for ResetOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.iter().for_each(|s| reset(s));
-    }
+    None
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {
