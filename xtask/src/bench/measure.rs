@@ -47,12 +47,20 @@ pub fn all(
         );
     }
     if mode.measures(Metric::ConnRate) {
+        let cpu_before = steering.relay_cpu_ticks();
         let http = http_close(&topology.client, seconds, work).map(|http| {
-            vec![
+            let mut values = vec![
                 (Metric::ConnRate, http.rate),
                 (Metric::LatencyP50, http.p50),
                 (Metric::LatencyP99, http.p99),
-            ]
+            ];
+            if let (Some(before), Some(after)) = (cpu_before, steering.relay_cpu_ticks())
+                && http.requests > 0
+            {
+                let micros = (after - before) as f64 * 1e6 / super::steering::clock_ticks();
+                values.push((Metric::ConnCpu, micros / http.requests as f64));
+            }
+            values
         });
         take("ab", http);
     }

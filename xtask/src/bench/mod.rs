@@ -78,7 +78,7 @@ impl Mode {
     /// nginx-udp only UDP, and `direct` has no relay to weigh.
     pub fn measures(self, metric: Metric) -> bool {
         match self {
-            Mode::Direct => metric != Metric::IdleMemory,
+            Mode::Direct => !matches!(metric, Metric::IdleMemory | Metric::ConnCpu),
             Mode::HaproxyRecipe | Mode::Haproxy | Mode::HaproxySpoof => metric != Metric::UdpRate,
             Mode::NginxUdp => metric == Metric::UdpRate,
             Mode::Ours | Mode::OursSpoof => true,
@@ -109,17 +109,21 @@ pub enum Metric {
     ConnRate,
     LatencyP50,
     LatencyP99,
+    /// The relay's own CPU time (user and system, its threads and worker
+    /// processes) per connection under the connection-rate load.
+    ConnCpu,
     UdpRate,
     IdleMemory,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 7] = [
+    pub const ALL: [Metric; 8] = [
         Metric::Throughput1,
         Metric::Throughput4,
         Metric::ConnRate,
         Metric::LatencyP50,
         Metric::LatencyP99,
+        Metric::ConnCpu,
         Metric::UdpRate,
         Metric::IdleMemory,
     ];
@@ -131,6 +135,7 @@ impl Metric {
             Metric::ConnRate => "HTTP, a new connection per request (req/s)",
             Metric::LatencyP50 => "HTTP latency p50, connect included (ms)",
             Metric::LatencyP99 => "HTTP latency p99, connect included (ms)",
+            Metric::ConnCpu => "relay CPU per connection (µs)",
             Metric::UdpRate => "UDP request/response (per s)",
             Metric::IdleMemory => "relay RSS per idle connection (KiB)",
         }

@@ -358,6 +358,30 @@ fn recipe_rules(recipe: Recipe, op: &str) -> Vec<Vec<String>> {
     rules
 }
 
+impl Steering<'_> {
+    /// CPU time the relay (its threads and worker processes) has used, in
+    /// clock ticks; `None` without a relay.
+    pub fn relay_cpu_ticks(&self) -> Option<u64> {
+        let pid = self.relay_pid()?;
+        Some(std::iter::once(pid).chain(children(pid)).filter_map(cpu_ticks).sum())
+    }
+}
+
+/// utime + stime of `pid` (all its threads), from /proc/PID/stat.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5); the state (3) is first here.
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Clock ticks per second, what /proc/PID/stat counts in.
+pub fn clock_ticks() -> f64 {
+    // SAFETY: sysconf reads a constant.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
 fn rss_kib(pid: u32) -> Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
