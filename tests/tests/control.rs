@@ -237,7 +237,9 @@ fn counters_match_the_traffic() -> Result<()> {
     }
     // Each relayed connection is logged once it ends.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while proxy.log().matches("DEBUG tproxy_user::relay::tcp: connection").count() < N as usize {
+    while proxy.log().matches("DEBUG tproxy_user::relay::tcp::connection: connection").count()
+        < N as usize
+    {
         ensure!(Instant::now() < deadline, "not every connection ended");
         thread::sleep(Duration::from_millis(20));
     }

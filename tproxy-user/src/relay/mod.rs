@@ -2,7 +2,6 @@
 //! original destination, directly or through an upstream proxy.
 
 mod budget;
-mod connection;
 mod local;
 mod pump;
 pub mod tcp;

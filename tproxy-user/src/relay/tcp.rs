@@ -1,5 +1,7 @@
 //! The transparent TCP relay.
 
+mod connection;
+
 use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -18,9 +20,9 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use self::connection::{Connection, reset};
 use super::{
     RelaySettings,
-    connection::{Connection, reset},
     local::LocalAddrs,
     transparent::{Accepted, TransparentListener},
 };

@@ -20,9 +20,9 @@ use std::{
 use tokio::{net::TcpStream, sync::OwnedSemaphorePermit, time::Sleep};
 use tracing::debug;
 
-use super::{
+use super::Shared;
+use crate::relay::{
     pump::{Progress, Pump, now_ms},
-    tcp::Shared,
     timewait,
     transparent::{self, DialOptions},
 };
