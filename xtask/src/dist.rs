@@ -28,7 +28,25 @@ pub const FILES: &[&str] = &[
     "./usr/share/doc/tproxy/copyright",
 ];
 
-/// Builds the package from the release binary `bin`; returns its path.
+/// A copy of `bin` without its debug information, for packaging a debug
+/// build in a reasonable size.
+pub fn stripped(bin: &Path) -> Result<PathBuf> {
+    let dir = super::workspace().join("target/dist/stripped");
+    fs::create_dir_all(&dir)?;
+    let copy = dir.join("tproxy-user");
+    let status = Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&copy)
+        .arg(bin)
+        .status()
+        .context("running strip (binutils)")?;
+    ensure!(status.success(), "strip {} failed: {status}", bin.display());
+    Ok(copy)
+}
+
+/// Builds the package from the binary `bin` (the release binary, but for
+/// the tests' check); returns its path.
 pub fn build(bin: &Path) -> Result<PathBuf> {
     let workspace = super::workspace();
     let deploy = workspace.join("deploy");
