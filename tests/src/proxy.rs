@@ -311,6 +311,18 @@ pub const UNPRIVILEGED: &[&str] = &[
 /// Whether this kernel destroys TIME_WAIT sockets through sock_diag
 /// (`ss -K`). 6.1 and later do; Debian 11's 5.10 answers EOPNOTSUPP (its
 /// `tcp_abort` takes only full sockets), and tproxy then says so.
+/// CPU time `pid` has used (user + system, all its threads), in clock
+/// ticks, from `/proc/PID/stat`.
+pub fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // After the command, which is in parentheses and may hold spaces; utime
+    // and stime are fields 14 and 15 of proc(5), the state (3) is first here.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map_or("", |(_, f)| f).split_whitespace().collect();
+    let field = |i: usize| -> Result<u64> { Ok(fields.get(i).context("short stat")?.parse()?) };
+    Ok(field(11)? + field(12)?)
+}
+
 pub fn kernel_destroys_time_waits() -> bool {
     kernel_at_least(6, 1)
 }

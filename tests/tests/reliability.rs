@@ -286,15 +286,10 @@ fn fd_exhaustion_backs_off_and_recovers() -> Result<()> {
     let open: Vec<TcpStream> =
         (0..120).filter_map(|_| topology.client.tcp_connect(addr).ok()).collect();
     proxy.wait_for_log("retrying in", Duration::from_secs(10))?;
-    let cpu = |pid: u32| -> Result<u64> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-        Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
-    };
     // prlimit execs tproxy-user in place, so the pid is the relay's.
-    let before = cpu(proxy.pid())?;
+    let before = cpu_ticks(proxy.pid())?;
     thread::sleep(Duration::from_secs(1));
-    let ticks = cpu(proxy.pid())? - before;
+    let ticks = cpu_ticks(proxy.pid())? - before;
     // 100 ticks are one CPU-second: a spinning loop would use them all.
     ensure!(ticks < 30, "the relay used {ticks} ticks in one second while out of descriptors");
     drop(open);

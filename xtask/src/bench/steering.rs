@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use tproxy_tests::{
-    Netns, PROXY_CLIENT_IFACE, PROXY_SERVER_IFACE, Proxy, SERVER_V4, Topology, UdpServer,
+    Netns, PROXY_CLIENT_IFACE, PROXY_SERVER_IFACE, Proxy, SERVER_V4, Topology, UdpServer, cpu_ticks,
 };
 
 use super::Mode;
@@ -226,14 +226,23 @@ impl<'a> Steering<'a> {
         self.topology.proxy.exec(&args)
     }
 
+    /// The relay's process and its children (HAProxy's and nginx's workers).
+    fn relay_pids(&self) -> Vec<u32> {
+        self.relay_pid().map(|pid| [vec![pid], children(pid)].concat()).unwrap_or_default()
+    }
+
     /// Resident memory of the relay, in KiB (its children included).
     pub fn relay_rss_kib(&self) -> Result<u64> {
-        let Some(pid) = self.relay_pid() else { return Ok(0) };
-        let mut total = rss_kib(pid)?;
-        for child in children(pid) {
-            total += rss_kib(child).unwrap_or(0);
-        }
-        Ok(total)
+        let pids = self.relay_pids();
+        let Some((pid, children)) = pids.split_first() else { return Ok(0) };
+        Ok(rss_kib(*pid)? + children.iter().map(|&c| rss_kib(c).unwrap_or(0)).sum::<u64>())
+    }
+
+    /// CPU time the relay (its threads and children) has used, in clock
+    /// ticks; `None` without a relay.
+    pub fn relay_cpu_ticks(&self) -> Option<u64> {
+        let pids = self.relay_pids();
+        (!pids.is_empty()).then(|| pids.into_iter().filter_map(|p| cpu_ticks(p).ok()).sum())
     }
 }
 
@@ -356,24 +365,6 @@ fn recipe_rules(recipe: Recipe, op: &str) -> Vec<Vec<String>> {
         rules.push(s(&["-t", "mangle", "-X", "DIVERT"]));
     }
     rules
-}
-
-impl Steering<'_> {
-    /// CPU time the relay (its threads and worker processes) has used, in
-    /// clock ticks; `None` without a relay.
-    pub fn relay_cpu_ticks(&self) -> Option<u64> {
-        let pid = self.relay_pid()?;
-        Some(std::iter::once(pid).chain(children(pid)).filter_map(cpu_ticks).sum())
-    }
-}
-
-/// utime + stime of `pid` (all its threads), from /proc/PID/stat.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat(5); the state (3) is first here.
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
 /// Clock ticks per second, what /proc/PID/stat counts in.
