@@ -139,7 +139,7 @@ impl Progress<'_> {
 /// `from` reaches EOF, then shuts down `to`'s sending side (half-close).
 ///
 /// A state machine the connection polls, rather than an `async fn`: an idle
-/// connection's task is as large as its futures, and this is 32 bytes.
+/// connection's task is as large as its futures, and this is 40 bytes.
 #[derive(Default)]
 pub(crate) struct Pump {
     state: State,

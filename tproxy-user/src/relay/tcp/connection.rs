@@ -233,12 +233,13 @@ fn finish(
     dst: SocketAddr,
     started: Instant,
 ) {
-    let outcome = match &result {
-        Ok(()) => "closed".to_owned(),
+    // No allocation for the common end: this runs for every connection.
+    let outcome: std::borrow::Cow<str> = match &result {
+        Ok(()) => "closed".into(),
         Err(e) => {
             shared.stats.aborted.fetch_add(1, Relaxed);
             relaying.reset();
-            format!("reset: {e}")
+            format!("reset: {e}").into()
         }
     };
     let (up, down) = match result {
@@ -262,7 +263,7 @@ fn finish(
             }
         }
     }
-    debug!(%peer, %dst, up, down, duration = ?started.elapsed(), outcome, "connection");
+    debug!(%peer, %dst, up, down, duration = ?started.elapsed(), outcome = &*outcome, "connection");
 }
 
 /// Closes with RST instead of FIN.
