@@ -32,7 +32,9 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     // Upstream proxies for `--upstream`.
     ("danted", "dante-server"),
     ("tinyproxy", "tinyproxy"),
-    // The package check: the unit verified, the man pages read.
+    // The package check: the binary stripped, the unit verified, the man
+    // pages read.
+    ("strip", "binutils"),
     ("systemd-analyze", "systemd"),
     ("man", "man-db"),
     // `--cgroup`: namespaces entered with the cgroup2 mount in sight, and a
