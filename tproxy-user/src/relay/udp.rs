@@ -31,7 +31,7 @@ use socket2::SockRef;
 use tokio::{
     io::Interest,
     net::{TcpStream, UdpSocket},
-    sync::mpsc,
+    sync::{mpsc, oneshot},
     task::JoinHandle,
 };
 use tokio_util::sync::CancellationToken;
@@ -279,7 +279,7 @@ impl UdpRelay {
                 Err(RecvError::Io(e)) => debug!("UDP receive: {e}"),
             }
         }
-        table.close_all();
+        table.close_all().await;
     }
 }
 
@@ -303,9 +303,9 @@ struct Session {
     /// `activity.last_active` when the session was last moved to the front
     /// of the LRU.
     promoted_at: u64,
-    opened: Instant,
-    /// Ends the session's task once it has relayed what is queued.
-    stop: CancellationToken,
+    /// Ends the session's task, with why: it relays what is queued, closes
+    /// the sockets, then logs the outcome.
+    stop: oneshot::Sender<&'static str>,
     task: JoinHandle<()>,
 }
 
@@ -508,13 +508,14 @@ impl SessionTable {
     ) -> Session {
         let activity = Arc::new(Activity::default());
         activity.last_active.store(now, Relaxed);
-        let stop = CancellationToken::new();
+        let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(relay_replies(
+            (client, dst),
             Sockets { upstream: upstream.clone(), reply, header: header.clone(), dst },
             activity.clone(),
             self.epoch,
             self.stats.clone(),
-            stop.clone(),
+            stopped,
         ));
         self.stats.sessions_total.fetch_add(1, Relaxed);
         self.stats.sessions_active.fetch_add(1, Relaxed);
@@ -525,7 +526,6 @@ impl SessionTable {
             header,
             activity,
             promoted_at: now,
-            opened: Instant::now(),
             stop,
             task,
         }
@@ -545,7 +545,7 @@ impl SessionTable {
                 continue;
             }
             self.stats.sessions_evicted.fetch_add(1, Relaxed);
-            self.close(key, session, "evicted: the table is full");
+            self.close(session, "evicted: the table is full");
         }
     }
 
@@ -562,22 +562,19 @@ impl SessionTable {
         for key in expired {
             if let Some(session) = self.sessions.pop(&key) {
                 self.stats.sessions_expired.fetch_add(1, Relaxed);
-                self.close(key, session, "expired");
+                self.close(session, "expired");
             }
         }
     }
 
-    /// Ends a session, with one debug line about it.
-    fn close(&self, (client, dst): SessionKey, session: Session, outcome: &str) {
+    /// Ends a session. Its task logs the outcome once the sockets are
+    /// closed, so that the line means the reply socket takes no more.
+    fn close(&self, session: Session, outcome: &'static str) -> JoinHandle<()> {
         // Datagrams the program already handed to the session's sockets
         // are relayed before they close; later ones open a new session.
-        session.stop.cancel();
-        drop(session.task);
+        let _ = session.stop.send(outcome);
         self.stats.sessions_active.fetch_sub(1, Relaxed);
-        let up = session.activity.bytes_up.load(Relaxed);
-        let down = session.activity.bytes_down.load(Relaxed);
-        let duration = session.opened.elapsed();
-        debug!(%client, %dst, up, down, ?duration, "UDP session {outcome}");
+        session.task
     }
 
     /// Closes the sessions of flows that `rules` no longer intercept.
@@ -592,14 +589,19 @@ impl SessionTable {
             .collect();
         for key in gone {
             if let Some(session) = self.sessions.pop(&key) {
-                self.close(key, session, "closed: no rule intercepts it now");
+                self.close(session, "closed: no rule intercepts it now");
             }
         }
     }
 
-    fn close_all(&mut self) {
-        while let Some((key, session)) = self.sessions.pop_lru() {
-            self.close(key, session, "closed: shutting down");
+    /// Closes every session, and waits until their sockets are closed.
+    async fn close_all(&mut self) {
+        let mut tasks = Vec::with_capacity(self.sessions.len());
+        while let Some((_, session)) = self.sessions.pop_lru() {
+            tasks.push(self.close(session, "closed: shutting down"));
+        }
+        for task in tasks {
+            let _ = task.await;
         }
     }
 }
@@ -633,40 +635,52 @@ struct Sockets {
     dst: SocketAddr,
 }
 
-/// Moves datagrams between a session's two sockets until it is closed.
+/// Moves datagrams between a session's two sockets until it is stopped,
+/// then closes them and logs the session's end.
 async fn relay_replies(
+    (client, dst): SessionKey,
     sockets: Sockets,
     activity: Arc<Activity>,
     epoch: Instant,
     stats: Arc<UdpRelayStats>,
-    stop: CancellationToken,
+    stop: oneshot::Receiver<&'static str>,
 ) {
-    let mut last_round = false;
+    let opened = Instant::now();
+    let outcome = relay_until_stopped(&sockets, &activity, epoch, &stats, stop).await;
+    drop(sockets);
+    let up = activity.bytes_up.load(Relaxed);
+    let down = activity.bytes_down.load(Relaxed);
+    let duration = opened.elapsed();
+    debug!(%client, %dst, up, down, ?duration, "UDP session {outcome}");
+}
+
+/// Relays until `stop` says why the session ends, and returns that.
+async fn relay_until_stopped(
+    sockets: &Sockets,
+    activity: &Activity,
+    epoch: Instant,
+    stats: &UdpRelayStats,
+    mut stop: oneshot::Receiver<&'static str>,
+) -> &'static str {
     let (upstream, reply) = (&sockets.upstream, &sockets.reply);
     loop {
-        let ready = tokio::select! {
-            r = upstream.readable() => r.map(|()| Some(Direction::Down)),
-            r = reply.readable() => r.map(|()| Some(Direction::Up)),
-            _ = stop.cancelled(), if !last_round => Ok(None),
-        };
-        let directions: &[Direction] = match ready {
-            Ok(Some(Direction::Down)) => &[Direction::Down],
-            Ok(Some(Direction::Up)) => &[Direction::Up],
-            // Closing: one last pass over whatever is queued either way.
-            Ok(None) => {
-                last_round = true;
-                &[Direction::Down, Direction::Up]
+        let direction = tokio::select! {
+            r = upstream.readable() => r.map(|()| Direction::Down),
+            r = reply.readable() => r.map(|()| Direction::Up),
+            why = &mut stop => {
+                // One last pass over whatever is queued either way.
+                for direction in [Direction::Down, Direction::Up] {
+                    relay_queued(sockets, direction, activity, epoch, stats, true);
+                }
+                return why.unwrap_or("closed");
             }
+        };
+        match direction {
+            Ok(direction) => relay_queued(sockets, direction, activity, epoch, stats, false),
             Err(e) => {
                 warn!("UDP session socket: {e}");
-                return;
+                return "ended by a socket error";
             }
-        };
-        for &direction in directions {
-            relay_queued(&sockets, direction, &activity, epoch, &stats, last_round);
-        }
-        if last_round {
-            return;
         }
     }
 }
