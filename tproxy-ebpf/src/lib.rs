@@ -55,10 +55,12 @@ pub struct RuleChoice {
     pub rule_id: u32,
     /// `ACTION_*`.
     pub action: u32,
-    /// Leading bits of the packet's source that must equal `src`; 0 matches
-    /// every source.
-    pub src_prefix_len: u32,
-    /// Source network, network order; IPv4 uses `src[0]`.
+    /// The bits of the packet's source that must equal `src`, network
+    /// order (all zero matches every source). A mask rather than a prefix
+    /// length keeps the test free of branches, which the verifier would
+    /// explore one by one.
+    pub src_mask: [u32; 4],
+    /// Source network, network order, masked; IPv4 uses `src[0]`.
     pub src: [u32; 4],
 }
 

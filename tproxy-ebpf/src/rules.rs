@@ -94,20 +94,12 @@ pub fn match_rule(q: &Query) -> Option<RuleChoice> {
     None
 }
 
-/// Whether the leading `src_prefix_len` bits of `src` equal the rule's.
+/// Whether the source bits the rule filters on equal its own.
 #[inline(always)]
 fn source_matches(src: &[u32; 4], rule: &RuleChoice) -> bool {
-    let mut left = rule.src_prefix_len;
+    let mut differ = 0;
     for i in 0..4 {
-        if left == 0 {
-            break;
-        }
-        let bits = if left > 32 { 32 } else { left };
-        let mask = if bits == 32 { u32::MAX } else { !(u32::MAX >> bits) };
-        if u32::from_be(src[i] ^ rule.src[i]) & mask != 0 {
-            return false;
-        }
-        left -= bits;
+        differ |= (src[i] ^ rule.src[i]) & rule.src_mask[i];
     }
-    true
+    differ == 0
 }

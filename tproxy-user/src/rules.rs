@@ -507,9 +507,9 @@ impl RuleSet {
 }
 
 fn choice_of(id: u32, rule: &Rule) -> RuleChoice {
-    let (src_prefix_len, src) = match rule.from {
-        Some(net) => (net.prefix_len() as u32, addr_words(net.addr())),
-        None => (0, [0; 4]),
+    let (src_mask, src) = match rule.from {
+        Some(net) => (addr_words(net.netmask()), addr_words(net.network())),
+        None => ([0; 4], [0; 4]),
     };
     RuleChoice {
         rule_id: id,
@@ -517,7 +517,7 @@ fn choice_of(id: u32, rule: &Rule) -> RuleChoice {
             Action::Intercept => ACTION_INTERCEPT,
             Action::Exclude => ACTION_EXCLUDE,
         },
-        src_prefix_len,
+        src_mask,
         src,
     }
 }
@@ -644,7 +644,7 @@ mod tests {
         let entries = set.entries();
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].1.family, FAMILY_V4);
-        assert_eq!(entries[0].2.choices[0].src_prefix_len, 8);
+        assert_eq!(entries[0].2.choices[0].src_mask[0].to_ne_bytes(), [255, 0, 0, 0]);
         assert_eq!(entries[0].2.choices[0].src[0].to_ne_bytes(), [10, 0, 0, 0]);
     }
 
@@ -686,17 +686,18 @@ mod tests {
             .max_by_key(|(len, _, _)| *len);
         let Some((_, _, value)) = best else { return false };
         for choice in &value.choices[..value.len as usize] {
+            let prefix_len = choice.src_mask.iter().map(|w| w.count_ones()).sum::<u32>() as u8;
             let from = match src {
                 IpAddr::V4(_) => IpNet::new(
                     IpAddr::from(choice.src[0].to_ne_bytes()),
-                    choice.src_prefix_len as u8,
+                    prefix_len,
                 ),
                 IpAddr::V6(_) => {
                     let mut octets = [0u8; 16];
                     for (chunk, word) in octets.chunks_exact_mut(4).zip(choice.src) {
                         chunk.copy_from_slice(&word.to_ne_bytes());
                     }
-                    IpNet::new(IpAddr::from(octets), choice.src_prefix_len as u8)
+                    IpNet::new(IpAddr::from(octets), prefix_len)
                 }
             }
             .unwrap();
