@@ -25,6 +25,9 @@ const NEXTHDR_AUTH: u8 = 51;
 const NEXTHDR_DEST: u8 = 60;
 /// IPv6 extension headers walked; a longer chain is not parsed.
 pub const MAX_EXT_HDRS: usize = 6;
+/// Past the furthest transport header the walk can reach: outer headers,
+/// the IPv6 header and six extension headers of at most 2 KiB each.
+const MAX_L4_OFFSET: usize = 0x3fff;
 
 const TCP_HDR_LEN: usize = 20;
 const UDP_HDR_LEN: usize = 8;
@@ -95,6 +98,22 @@ pub fn bounded(value: usize, mask: usize) -> usize {
     unsafe { core::ptr::read_volatile(&value) & mask }
 }
 
+/// `value`, with what the verifier knows of it forgotten (it cannot follow
+/// a value through the skb's scratch space). The paths out of the IPv6
+/// extension header walk differ only in the offset they reach; forgotten,
+/// the verifier explores what follows once instead of once per depth.
+#[inline(always)]
+pub fn opaque(ctx: &TcContext, value: usize, mask: usize) -> usize {
+    unsafe {
+        let cb = &mut (*ctx.skb.skb).cb[4];
+        let saved = *cb;
+        core::ptr::write_volatile(cb, value as u32);
+        let value = core::ptr::read_volatile(cb);
+        core::ptr::write_volatile(cb, saved);
+        bounded(value as usize, mask)
+    }
+}
+
 /// Parses a packet whose IP header starts at `l3`, with `ether_type` as its
 /// protocol. `None`: not TCP, UDP or an error about them, or malformed.
 #[inline(always)]
@@ -141,7 +160,7 @@ pub fn parse(ctx: &TcContext, l3: usize, ether_type: u16) -> Option<Packet> {
             let (proto, l4, first_fragment) =
                 match skip_ipv6_ext(ctx, ip.next_hdr, l3 + Ipv6Hdr::LEN)? {
                     Walk::Upper { proto, offset, first_fragment } => {
-                        (proto, offset, first_fragment)
+                        (proto, opaque(ctx, offset, MAX_L4_OFFSET), first_fragment)
                     }
                     Walk::TooDeep => return Some(Packet::TooDeep),
                 };

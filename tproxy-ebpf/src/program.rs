@@ -25,7 +25,7 @@ use tproxy_ebpf::{
     ParseTrace, ReopenKey, RuleChoice, slot, stat,
 };
 
-use crate::parse::{ETH_L3, ETH_P_IP, ETH_P_IPV6, Flow, Packet, bounded, parse, ptr_at};
+use crate::parse::{ETH_L3, ETH_P_IP, ETH_P_IPV6, Flow, Packet, bounded, opaque, parse, ptr_at};
 use crate::{
     rules::{Query, gated, is_local, match_rule},
     stats::{count, rule_stats},
@@ -95,7 +95,8 @@ pub fn tproxy_ingress_l3(ctx: TcContext) -> i32 {
         ETH_P_IPV6 => ETH_P_IPV6,
         _ => return TC_NEXT,
     };
-    handle(&ctx, l3_start(&ctx, ether_type), ether_type)
+    // Two starts would double what the verifier explores after.
+    handle(&ctx, opaque(&ctx, l3_start(&ctx, ether_type), 0xff), ether_type)
 }
 
 /// How far outer headers the kernel still shows reach: at most an outer
