@@ -211,6 +211,21 @@ impl Datapath {
         Ok(Self { links: Vec::new(), ebpf, reopen_loaded, active_rules: 0 })
     }
 
+    /// How many instructions the verifier explored to accept each loaded TC
+    /// program (Ethernet, then L3), as the kernel reports it (5.16 and
+    /// later; `None` before). Every start pays for this exploration, so a
+    /// change that multiplies the paths shows here first.
+    pub fn verifier_work(&self) -> Vec<(&'static str, Option<u32>)> {
+        [("Ethernet", names::PROGRAM), ("L3", names::PROGRAM_L3)]
+            .into_iter()
+            .filter_map(|(kind, name)| {
+                let program: &SchedClassifier = self.ebpf.program(name)?.try_into().ok()?;
+                let info = program.info().ok()?;
+                Some((kind, info.verified_instruction_count()))
+            })
+            .collect()
+    }
+
     /// Attaches the `sk_lookup` program that lets a SYN reopen a tuple held
     /// in TIME_WAIT, to the current network namespace. Without it (kernels
     /// before 5.9) such a SYN is answered by TIME_WAIT, and the client's
