@@ -688,10 +688,7 @@ mod tests {
         for choice in &value.choices[..value.len as usize] {
             let prefix_len = choice.src_mask.iter().map(|w| w.count_ones()).sum::<u32>() as u8;
             let from = match src {
-                IpAddr::V4(_) => IpNet::new(
-                    IpAddr::from(choice.src[0].to_ne_bytes()),
-                    prefix_len,
-                ),
+                IpAddr::V4(_) => IpNet::new(IpAddr::from(choice.src[0].to_ne_bytes()), prefix_len),
                 IpAddr::V6(_) => {
                     let mut octets = [0u8; 16];
                     for (chunk, word) in octets.chunks_exact_mut(4).zip(choice.src) {

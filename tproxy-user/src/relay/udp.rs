@@ -520,15 +520,7 @@ impl SessionTable {
         self.stats.sessions_total.fetch_add(1, Relaxed);
         self.stats.sessions_active.fetch_add(1, Relaxed);
         debug!(%client, %dst, upstream = ?upstream.local_addr().ok(), "UDP session opened");
-        Session {
-            upstream,
-            _control: control,
-            header,
-            activity,
-            promoted_at: now,
-            stop,
-            task,
-        }
+        Session { upstream, _control: control, header, activity, promoted_at: now, stop, task }
     }
 
     /// Evicts least recently used sessions until one more fits. A session
