@@ -308,9 +308,6 @@ pub const UNPRIVILEGED: &[&str] = &[
     "--bounding-set=-all",
 ];
 
-/// Whether this kernel destroys TIME_WAIT sockets through sock_diag
-/// (`ss -K`). 6.1 and later do; Debian 11's 5.10 answers EOPNOTSUPP (its
-/// `tcp_abort` takes only full sockets), and tproxy then says so.
 /// CPU time `pid` has used (user + system, all its threads), in clock
 /// ticks, from `/proc/PID/stat`.
 pub fn cpu_ticks(pid: u32) -> Result<u64> {
@@ -323,6 +320,9 @@ pub fn cpu_ticks(pid: u32) -> Result<u64> {
     Ok(field(11)? + field(12)?)
 }
 
+/// Whether this kernel destroys TIME_WAIT sockets through sock_diag
+/// (`ss -K`). 6.1 and later do; Debian 11's 5.10 answers EOPNOTSUPP (its
+/// `tcp_abort` takes only full sockets), and tproxy then says so.
 pub fn kernel_destroys_time_waits() -> bool {
     kernel_at_least(6, 1)
 }
