@@ -497,6 +497,19 @@ fn frame(rng: &mut Rng) -> Vec<u8> {
     frame
 }
 
+/// The Ethernet and the L3 program, with the parse trace or without it (as
+/// `attach` loads them).
+fn both_programs(trace: bool) -> Settings {
+    Settings {
+        mark: 0x1e5,
+        upstream_mark: 0x1e6,
+        trace,
+        ethernet_links: true,
+        l3_links: true,
+        ..Settings::default()
+    }
+}
+
 #[test]
 fn the_program_parses_as_the_oracle_does() -> Result<()> {
     let seed: u64 = match std::env::var("TPROXY_PARSER_SEED") {
@@ -509,14 +522,7 @@ fn the_program_parses_as_the_oracle_does() -> Result<()> {
     };
     let topology = Topology::new("parser")?;
     let counts = topology.proxy.run(move || -> Result<[usize; 5]> {
-        let mut datapath = Datapath::load(&Settings {
-            mark: 0x1e5,
-            upstream_mark: 0x1e6,
-            trace: true,
-            ethernet_links: true,
-            l3_links: true,
-            ..Settings::default()
-        })?;
+        let mut datapath = Datapath::load(&both_programs(true))?;
         let mut rng = Rng(seed | 1);
         let mut kinds = [0usize; 5];
         let (mut skipped, mut l3_compared, mut l3_parsed) = (0usize, 0usize, 0usize);
@@ -591,13 +597,7 @@ fn the_programs_stay_cheap_to_verify() -> Result<()> {
     const BUDGET: u32 = 30_000;
     let topology = Topology::new("verify")?;
     let work = topology.proxy.run(|| -> Result<_> {
-        let datapath = Datapath::load(&Settings {
-            mark: 0x1e5,
-            upstream_mark: 0x1e6,
-            ethernet_links: true,
-            l3_links: true,
-            ..Settings::default()
-        })?;
+        let datapath = Datapath::load(&both_programs(false))?;
         Ok(datapath.verifier_work())
     })??;
     anyhow::ensure!(work.len() == 2, "both TC programs load: {work:?}");
