@@ -63,6 +63,10 @@ enum Task {
         /// is rewritten only by a run of all.
         #[arg(long, value_delimiter = ',')]
         modes: Vec<String>,
+        /// Measure this tproxy-user instead of the workspace's release build,
+        /// for an A/B of two builds; BENCHMARKS.md is then left as it is.
+        #[arg(long)]
+        binary: Option<PathBuf>,
     },
     /// Build the Debian package into target/dist (and with --check, install,
     /// verify and remove it on this machine).
@@ -117,12 +121,16 @@ fn main() -> Result<()> {
                 vm::SERIES.iter().find(|s| s.name == "6.1").expect("6.1 is in the matrix");
             vm::run(&[six_one], &binaries)
         }
-        Task::Bench { rounds, seconds, upgrade_only, modes } => {
+        Task::Bench { rounds, seconds, upgrade_only, modes, binary } => {
             require_root("the benchmark creates network namespaces and loads BPF programs")?;
             setup::demo()?;
             setup::bench_tools()?;
-            let bin = build(true)?;
-            bench::run(&bin, &bench::Options { rounds, seconds, upgrade_only, modes })
+            let other_build = binary.is_some();
+            let bin = match binary {
+                Some(bin) => bin,
+                None => build(true)?,
+            };
+            bench::run(&bin, &bench::Options { rounds, seconds, upgrade_only, modes, other_build })
         }
         Task::Dist { check } => {
             setup::demo()?;

@@ -150,6 +150,8 @@ pub struct Options {
     /// Only these modes (names); BENCHMARKS.md is rewritten only by a run
     /// of all of them.
     pub modes: Vec<String>,
+    /// The binary is not the workspace's build: nothing is written.
+    pub other_build: bool,
 }
 
 /// Medians' raw material: every round's value of each metric and mode.
@@ -162,7 +164,7 @@ pub fn run(bin: &Path, options: &Options) -> Result<()> {
     } else {
         options.modes.iter().map(|m| Mode::parse(m)).collect::<Result<_>>()?
     };
-    let complete = modes.len() == Mode::ALL.len();
+    let complete = modes.len() == Mode::ALL.len() && !options.other_build;
     // SAFETY: set before any thread starts.
     unsafe { std::env::set_var("TPROXY_USER_BIN", bin) };
     let workspace = super::workspace();
@@ -174,9 +176,13 @@ pub fn run(bin: &Path, options: &Options) -> Result<()> {
     if options.upgrade_only || complete {
         let upgrades = upgrade::rounds(&topology, &work, options)?;
         println!("{upgrades}");
-        report::write_section(&path, report::UPGRADE, &upgrades)?;
+        if !options.other_build {
+            report::write_section(&path, report::UPGRADE, &upgrades)?;
+        }
         if options.upgrade_only {
-            eprintln!("bench: upgrade results written to {}", path.display());
+            if !options.other_build {
+                eprintln!("bench: upgrade results written to {}", path.display());
+            }
             return Ok(());
         }
     }
@@ -206,7 +212,7 @@ pub fn run(bin: &Path, options: &Options) -> Result<()> {
     };
     drop(servers);
     if !complete {
-        eprintln!("bench: not every mode ran; BENCHMARKS.md left as it was");
+        eprintln!("bench: not every mode ran, or not this build; BENCHMARKS.md left as it was");
         return Ok(());
     }
     report::chart(&results, &figures.join(report::CHART))?;
