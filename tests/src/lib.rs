@@ -19,3 +19,21 @@ pub use cgroup::*;
 pub use fixtures::*;
 pub use netns::*;
 pub use proxy::*;
+
+/// Retries `check` until it passes or `within` has gone by; the error is
+/// the last failure's. Waits on what the test can observe, never a guess.
+pub fn eventually<T>(
+    within: std::time::Duration,
+    mut check: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match check() {
+            Ok(value) => return Ok(value),
+            Err(e) if std::time::Instant::now() >= deadline => {
+                return Err(e.context(format!("not within {within:?}")));
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+}

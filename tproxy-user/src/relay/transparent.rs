@@ -190,7 +190,7 @@ pub enum RecvError {
 /// program steers to it, each with its original destination, and can answer
 /// from that destination.
 pub struct TransparentUdp {
-    socket: UdpSocket,
+    socket: std::sync::Arc<UdpSocket>,
 }
 
 impl TransparentUdp {
@@ -203,14 +203,20 @@ impl TransparentUdp {
         } else {
             setsockopt(&socket, sockopt::Ipv4OrigDstAddr, &true)?;
         }
-        socket.set_reuse_address(true)?;
+        // No SO_REUSEADDR: with it, any local user who sets it too could
+        // bind the port and take the datagrams steered here.
         socket.bind(&addr.into())?;
-        Ok(Self { socket: UdpSocket::from_std(socket.into())? })
+        Ok(Self { socket: std::sync::Arc::new(UdpSocket::from_std(socket.into())?) })
     }
 
     /// The underlying socket (for registering it with the datapath).
     pub fn socket(&self) -> &UdpSocket {
         &self.socket
+    }
+
+    /// The underlying socket, shared (to answer from it).
+    pub fn shared(&self) -> std::sync::Arc<UdpSocket> {
+        self.socket.clone()
     }
 
     /// The bound address.
@@ -283,12 +289,13 @@ fn storage_to_socket_addr(storage: &SockaddrStorage) -> Option<SocketAddr> {
 
 /// A UDP socket bound to `from` (IP_TRANSPARENT, so any address) and
 /// connected to `to`: replies sent on it reach the client from its original
-/// destination. SO_REUSEADDR lets several clients' sessions share `from`.
+/// destination. SO_REUSEPORT lets several clients' sessions share `from`,
+/// and, unlike SO_REUSEADDR, only sockets of the same user may join them.
 /// `mark` (0: none) is its SO_MARK: the relay marks its own sockets so
 /// that the cgroup hooks never rewrite them.
 pub fn udp_reply_socket(from: SocketAddr, to: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     let socket = transparent_socket(from, Type::DGRAM, Protocol::UDP)?;
-    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     if mark != 0 {
         socket.set_mark(mark)?;
     }
@@ -311,8 +318,9 @@ pub fn udp_upstream(dst: SocketAddr, options: &DialOptions) -> io::Result<UdpSoc
     }
     if let Some(source) = options.source {
         set_transparent(&SockRef::from(&socket), source.is_ipv6())?;
-        // The client's sessions with other destinations use the same source.
-        socket.set_reuse_address(true)?;
+        // The client's sessions with other destinations use the same
+        // source; SO_REUSEPORT admits only sockets of the same user.
+        socket.set_reuse_port(true)?;
         if let Err(e) = socket.bind(&source.into()) {
             if e.kind() != io::ErrorKind::AddrInUse {
                 return Err(e);

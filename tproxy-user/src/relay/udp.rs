@@ -260,7 +260,10 @@ impl UdpRelay {
                     match dsts.of(crate::rules::Protocol::Udp, datagram.client, relay) {
                         Ok(dst) => {
                             let datagram = Datagram { original_dst: dst, ..datagram };
-                            table.relay(datagram, &buf[..datagram.len], relay);
+                            let socket = if relay.is_ipv4() { lo4 } else { lo6 };
+                            let from =
+                                ReplyFrom::Loopback(socket.expect("received on it").shared());
+                            table.relay(datagram, &buf[..datagram.len], from);
                         }
                         Err(e) => {
                             self.stats.refused_unknown.fetch_add(1, Relaxed);
@@ -268,7 +271,10 @@ impl UdpRelay {
                         }
                     }
                 }
-                Ok(datagram) => table.relay(datagram, &buf[..datagram.len], datagram.original_dst),
+                Ok(datagram) => {
+                    let from = ReplyFrom::Address(datagram.original_dst);
+                    table.relay(datagram, &buf[..datagram.len], from);
+                }
                 Err(RecvError::Truncated { client, buffer }) => {
                     self.stats.truncated.fetch_add(1, Relaxed);
                     debug!(%client, "datagram larger than {buffer} bytes dropped");
@@ -290,6 +296,35 @@ fn sweep_interval(idle: Duration) -> Duration {
 }
 
 type SessionKey = (SocketAddr, SocketAddr);
+
+/// Where a session's replies to its client come from.
+#[derive(Clone)]
+enum ReplyFrom {
+    /// A socket of the session's own, bound to this address (the original
+    /// destination) and connected to the client.
+    Address(SocketAddr),
+    /// The relay's loopback socket that the cgroup hooks sent the client's
+    /// datagrams to. Replies go out of it, as no other socket may share its
+    /// port: a port shared with SO_REUSEADDR can be taken by any local user.
+    Loopback(Arc<UdpSocket>),
+}
+
+impl ReplyFrom {
+    /// The socket replies to `client` go out of, and the address to send
+    /// them to when it is not connected to the client.
+    fn open(
+        self,
+        client: SocketAddr,
+        mark: u32,
+    ) -> io::Result<(Arc<UdpSocket>, Option<SocketAddr>)> {
+        match self {
+            Self::Address(from) => {
+                Ok((Arc::new(transparent::udp_reply_socket(from, client, mark)?), None))
+            }
+            Self::Loopback(socket) => Ok((socket, Some(client))),
+        }
+    }
+}
 
 struct Session {
     upstream: Arc<UdpSocket>,
@@ -335,7 +370,7 @@ struct SessionTable {
 }
 
 /// An opened SOCKS5 association with the session's reply socket.
-type Association = (super::upstream::UdpAssociation, UdpSocket);
+type Association = (super::upstream::UdpAssociation, (Arc<UdpSocket>, Option<SocketAddr>));
 
 /// Datagrams a session keeps while its association opens; more are dropped.
 const MAX_WAITING: usize = 64;
@@ -359,7 +394,7 @@ impl SessionTable {
     /// Sends one client datagram upstream, opening its session if needed;
     /// the session's replies come from `reply_from` (the original
     /// destination, or the loopback socket the datagram came to).
-    fn relay(&mut self, datagram: Datagram, payload: &[u8], reply_from: SocketAddr) {
+    fn relay(&mut self, datagram: Datagram, payload: &[u8], reply_from: ReplyFrom) {
         let Datagram { client, original_dst: dst, .. } = datagram;
         // Sent straight to our port rather than steered: relaying it would
         // have us send to ourselves.
@@ -400,7 +435,7 @@ impl SessionTable {
         // ECONNREFUSED reports an earlier ICMP unreachable; the session
         // stays, as the server may come up.
         let (upstream, header) = (&session.upstream, session.header.as_deref());
-        forward(upstream, header, payload, Direction::Up, &session.activity, &self.stats);
+        forward(&**upstream, header, payload, Direction::Up, &session.activity, &self.stats);
     }
 
     /// The SOCKS5 proxy a new session goes through, if the deciding rule's
@@ -419,7 +454,7 @@ impl SessionTable {
         key: SessionKey,
         upstream: super::upstream::Upstream,
         payload: &[u8],
-        reply_from: SocketAddr,
+        reply_from: ReplyFrom,
     ) {
         if let Some(waiting) = self.opening.get_mut(&key) {
             if waiting.len() < MAX_WAITING {
@@ -440,7 +475,7 @@ impl SessionTable {
         tokio::spawn(async move {
             let association = async {
                 let association = upstream.associate_udp(&dial).await?;
-                let reply = transparent::udp_reply_socket(reply_from, client, dial.mark)?;
+                let reply = reply_from.open(client, dial.mark)?;
                 Ok((association, reply))
             }
             .await;
@@ -474,7 +509,7 @@ impl SessionTable {
         self.make_room();
         for payload in &waiting {
             let (upstream, header) = (&session.upstream, session.header.as_deref());
-            forward(upstream, header, payload, Direction::Up, &session.activity, &self.stats);
+            forward(&**upstream, header, payload, Direction::Up, &session.activity, &self.stats);
         }
         self.sessions.put(key, session);
     }
@@ -483,7 +518,7 @@ impl SessionTable {
         &self,
         client: SocketAddr,
         dst: SocketAddr,
-        reply_from: SocketAddr,
+        reply_from: ReplyFrom,
         now: u64,
     ) -> io::Result<Session> {
         let dial = DialOptions {
@@ -492,7 +527,7 @@ impl SessionTable {
             ..DialOptions::default()
         };
         let upstream = Arc::new(transparent::udp_upstream(dst, &dial)?);
-        let reply = transparent::udp_reply_socket(reply_from, client, dial.mark)?;
+        let reply = reply_from.open(client, dial.mark)?;
         Ok(self.start((client, dst), upstream, reply, None, None, now))
     }
 
@@ -501,7 +536,7 @@ impl SessionTable {
         &self,
         (client, dst): SessionKey,
         upstream: Arc<UdpSocket>,
-        reply: UdpSocket,
+        (reply, reply_to): (Arc<UdpSocket>, Option<SocketAddr>),
         control: Option<TcpStream>,
         header: Option<Arc<[u8]>>,
         now: u64,
@@ -511,7 +546,7 @@ impl SessionTable {
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(relay_replies(
             (client, dst),
-            Sockets { upstream: upstream.clone(), reply, header: header.clone(), dst },
+            Sockets { upstream: upstream.clone(), reply, reply_to, header: header.clone(), dst },
             activity.clone(),
             self.epoch,
             self.stats.clone(),
@@ -619,7 +654,10 @@ enum Direction {
 /// A session's sockets, and how datagrams up are framed.
 struct Sockets {
     upstream: Arc<UdpSocket>,
-    reply: UdpSocket,
+    reply: Arc<UdpSocket>,
+    /// The client, when `reply` is the relay's shared loopback socket,
+    /// which is not connected and whose datagrams up the relay reads.
+    reply_to: Option<SocketAddr>,
     /// The SOCKS5 UDP header up, if through a proxy.
     header: Option<Arc<[u8]>>,
     /// The original destination: through a proxy, only datagrams it says
@@ -655,13 +693,16 @@ async fn relay_until_stopped(
     mut stop: oneshot::Receiver<&'static str>,
 ) -> &'static str {
     let (upstream, reply) = (&sockets.upstream, &sockets.reply);
+    let own_reply = sockets.reply_to.is_none();
     loop {
         let direction = tokio::select! {
             r = upstream.readable() => r.map(|()| Direction::Down),
-            r = reply.readable() => r.map(|()| Direction::Up),
+            r = reply.readable(), if own_reply => r.map(|()| Direction::Up),
             why = &mut stop => {
                 // One last pass over whatever is queued either way.
-                for direction in [Direction::Down, Direction::Up] {
+                let directions: &[Direction] =
+                    if own_reply { &[Direction::Down, Direction::Up] } else { &[Direction::Down] };
+                for &direction in directions {
                     relay_queued(sockets, direction, activity, epoch, stats, true);
                 }
                 return why.unwrap_or("closed");
@@ -688,9 +729,9 @@ fn relay_queued(
     stats: &UdpRelayStats,
     last: bool,
 ) {
-    let (from, to) = match direction {
-        Direction::Down => (&*sockets.upstream, &sockets.reply),
-        Direction::Up => (&sockets.reply, &*sockets.upstream),
+    let (from, to, peer) = match direction {
+        Direction::Down => (&*sockets.upstream, &*sockets.reply, sockets.reply_to),
+        Direction::Up => (&*sockets.reply, &*sockets.upstream, None),
     };
     let header = sockets.header.as_deref();
     // No await while the thread's buffers are borrowed.
@@ -728,7 +769,7 @@ fn relay_queued(
                 };
                 activity.last_active.store(epoch.elapsed().as_millis() as u64, Relaxed);
                 let header = if matches!(direction, Direction::Up) { header } else { None };
-                forward(to, header, payload, direction, activity, stats);
+                forward(Target { socket: to, peer }, header, payload, direction, activity, stats);
             }
             match received {
                 Ok(()) if got == BATCH_SIZE => continue,
@@ -804,8 +845,20 @@ impl Batch {
 
 /// Sends `payload` on `to`, after `header` if given (the SOCKS5 UDP
 /// header: one datagram, two pieces).
-fn forward(
-    to: &UdpSocket,
+/// Where [`forward`] sends: a connected socket, or a socket and a peer.
+struct Target<'a> {
+    socket: &'a UdpSocket,
+    peer: Option<SocketAddr>,
+}
+
+impl<'a> From<&'a UdpSocket> for Target<'a> {
+    fn from(socket: &'a UdpSocket) -> Self {
+        Self { socket, peer: None }
+    }
+}
+
+fn forward<'a>(
+    to: impl Into<Target<'a>>,
     header: Option<&[u8]>,
     payload: &[u8],
     direction: Direction,
@@ -814,9 +867,12 @@ fn forward(
 ) {
     // A plain non-blocking send: tokio's `try_send` reports WouldBlock
     // until it has seen the socket writable once.
-    let sent = match header {
-        None => SockRef::from(to).send(payload),
-        Some(header) => SockRef::from(to)
+    let Target { socket: to, peer } = to.into();
+    let sent = match (header, peer) {
+        (None, Some(peer)) => SockRef::from(to).send_to(payload, &peer.into()),
+        (None, None) => SockRef::from(to).send(payload),
+        // Only datagrams up carry a header, and they go to a connected socket.
+        (Some(header), _) => SockRef::from(to)
             .send_vectored(&[io::IoSlice::new(header), io::IoSlice::new(payload)])
             .map(|n| n.saturating_sub(header.len())),
     };

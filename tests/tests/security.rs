@@ -1,0 +1,178 @@
+//! What a local user without privileges, a hostile client or a hostile
+//! upstream tries against a running instance (SECURITY.md names each
+//! item). The attacker runs as uid 65534 through `setpriv`, as one would.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use tproxy_tests::*;
+
+/// The system's Python, which any user can run (root's PATH may lead
+/// into its home).
+const PYTHON: &str = "/usr/bin/python3";
+
+/// `program` in `ns` as uid and gid 65534 with no supplementary groups.
+fn as_nobody(ns: &Netns, program: &str) -> Command {
+    let mut command = in_netns(ns, "setpriv", None);
+    command.args(["--reuid", "65534", "--regid", "65534", "--clear-groups", program]);
+    command
+}
+
+/// Binds a UDP socket to HOST PORT with SO_REUSEADDR (and IP_FREEBIND, so
+/// that any address will do) and prints `bound` or the error's name.
+const BIND_UDP: &str = r#"
+import errno, socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND
+try:
+    s.bind((host, port))
+    print('bound', flush=True)
+except OSError as e:
+    print(errno.errorcode.get(e.errno, str(e.errno)), flush=True)
+"#;
+
+/// The local addresses of `proto` sockets in `ns` that `process` has open.
+fn sockets_of(ns: &Netns, proto: &str, process: &str) -> Result<Vec<SocketAddr>> {
+    let out = ns.exec(&["ss", "-Hanp", &format!("--{proto}")])?;
+    Ok(out
+        .lines()
+        .filter(|l| l.contains(&format!("\"{process}\"")))
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .filter_map(|a| a.replace('*', "0.0.0.0").parse().ok())
+        .collect())
+}
+
+/// Item 1: the relay's loopback UDP sockets, where the cgroup hooks send
+/// the host's own datagrams, cannot be bound a second time by another user.
+/// With SO_REUSEADDR on them, the newest socket on the port took the
+/// intercepted DNS queries, and its forged answers looked like the
+/// resolver's.
+#[test]
+fn no_local_user_can_bind_the_relays_udp_sockets() -> Result<()> {
+    let topology = Topology::new("hijack")?;
+    let cgroup = TestCgroup::new("hijack")?;
+    let _dns = Dnsmasq::start(&topology, &[("www.example.test", "203.0.113.80")])?;
+    let proxy = Proxy::start_keeping_mounts(
+        &topology.proxy,
+        None,
+        &["attach", PROXY_CLIENT_IFACE, "--cgroup", &cgroup.relative, "--port", "53"],
+    )?;
+    let relay = sockets_of(&topology.proxy, "udp", "tproxy-user")?;
+    let loopback: Vec<_> = relay.iter().filter(|a| a.ip().is_loopback()).collect();
+    ensure!(loopback.len() == 2, "the relay's loopback UDP sockets: {relay:?}");
+    for addr in relay {
+        let out = as_nobody(&topology.proxy, PYTHON)
+            .args(["-c", BIND_UDP, &addr.ip().to_string(), &addr.port().to_string()])
+            .output()?;
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        ensure!(said == "EADDRINUSE", "nobody binding {addr}: {said:?} {out:?}");
+    }
+    // And the queries still reach the resolver through the relay.
+    let server = Topology::server_addr(false, 53).ip().to_string();
+    let out = cgroup
+        .command(&topology.proxy, "dig")
+        .args(["+short", "+time=2", "+tries=3", &format!("@{server}"), "www.example.test"])
+        .output()?;
+    ensure!(String::from_utf8_lossy(&out.stdout).trim() == "203.0.113.80", "dig: {out:?}");
+    let stats = proxy.stop_with_stats(&topology.proxy)?;
+    ensure!(stats["udp"]["sessions_total"] == 1, "{stats}");
+    Ok(())
+}
+
+/// A REDIRECT-style proxy: accepts on 127.0.0.1:PORT and prints, for each
+/// connection, its peer and what `getsockopt(SO_ORIGINAL_DST)` says
+/// (`none` when the kernel has no answer), then closes it first.
+const REDIRECT_PROXY: &str = r#"
+import socket, struct, sys
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(('127.0.0.1', int(sys.argv[1])))
+l.listen(16)
+print('listening', flush=True)
+while True:
+    c, peer = l.accept()
+    try:
+        raw = c.getsockopt(socket.SOL_IP, 80, 16)
+        dst = '%s:%d' % (socket.inet_ntoa(raw[4:8]), struct.unpack('!H', raw[2:4])[0])
+    except OSError:
+        dst = 'none'
+    print('%d %s' % (peer[1], dst), flush=True)
+    c.close()
+"#;
+
+/// Connects to HOST PORT (from local port FROM if given) and waits for the
+/// other end to close; prints the local port.
+const CONNECT: &str = r#"
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if len(sys.argv) > 3:
+    s.bind(('127.0.0.1', int(sys.argv[3])))
+s.settimeout(10)
+s.connect((sys.argv[1], int(sys.argv[2])))
+print(s.getsockname()[1], flush=True)
+s.recv(1)
+s.close()
+"#;
+
+/// Item 7: a record of where a rewritten connection meant to go ends with
+/// the connection. Before, it stayed keyed by the local port, and anyone
+/// who connected to the proxy later from that port was taken to the old
+/// connection's destination.
+#[test]
+fn a_closed_connections_original_destination_is_never_handed_to_another() -> Result<()> {
+    let topology = Topology::new("staledst")?;
+    let clients = TestCgroup::new("stale-clients")?;
+    let proxies = TestCgroup::new("stale-proxy")?;
+    let mut proxy_app = proxies
+        .command(&topology.proxy, "python3")
+        .args(["-c", REDIRECT_PROXY, "12345"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(proxy_app.stdout.take().context("stdout")?).lines();
+    let mut next_line =
+        move || -> Result<String> { lines.next().context("the proxy ended")?.map_err(Into::into) };
+    ensure!(next_line()? == "listening");
+    let proxy = Proxy::start_keeping_mounts(
+        &topology.proxy,
+        None,
+        &[
+            "attach",
+            "--cgroup",
+            &clients.relative,
+            "--original-dst-cgroup",
+            &proxies.relative,
+            "--port",
+            "80",
+            "--proto",
+            "tcp",
+            "--to-port",
+            "12345",
+        ],
+    )?;
+    let server = Topology::server_addr(false, 80);
+    let out = clients
+        .command(&topology.proxy, "python3")
+        .args(["-c", CONNECT, &server.ip().to_string(), "80"])
+        .output()?;
+    ensure!(out.status.success(), "the intercepted client: {out:?}");
+    let port = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    ensure!(next_line()? == format!("{port} {server}"), "the intercepted connection");
+    // Another user, from the same local port, straight to the proxy.
+    let out = as_nobody(&topology.proxy, PYTHON)
+        .args(["-c", CONNECT, "127.0.0.1", "12345", &port])
+        .output()?;
+    ensure!(out.status.success(), "nobody's connection: {out:?}");
+    let seen = next_line()?;
+    ensure!(seen == format!("{port} none"), "nobody was given a destination: {seen}");
+    let _ = proxy_app.kill();
+    let _ = proxy_app.wait();
+    proxy.stop()?;
+    Ok(())
+}
