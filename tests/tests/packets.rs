@@ -56,6 +56,7 @@ fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 struct V4 {
+    src: std::net::Ipv4Addr,
     version: u8,
     ihl: u8,
     frag: u16,
@@ -65,7 +66,7 @@ struct V4 {
 
 impl Default for V4 {
     fn default() -> Self {
-        Self { version: 4, ihl: 5, frag: 0, proto: TCP, tot_len: None }
+        Self { src: CLIENT_V4, version: 4, ihl: 5, frag: 0, proto: TCP, tot_len: None }
     }
 }
 
@@ -78,7 +79,7 @@ fn ipv4(h: V4, l4: &[u8]) -> Vec<u8> {
     p[6..8].copy_from_slice(&h.frag.to_be_bytes());
     p[8] = 64;
     p[9] = h.proto;
-    p[12..16].copy_from_slice(&CLIENT_V4.octets());
+    p[12..16].copy_from_slice(&h.src.octets());
     p[16..20].copy_from_slice(&SERVER_V4.octets());
     // Options: NOPs (1) then End of list.
     for b in p.iter_mut().skip(20) {
@@ -111,12 +112,23 @@ fn ipv6_to(
     l4: &[u8],
     payload_len: Option<u16>,
 ) -> Vec<u8> {
+    ipv6_between(CLIENT_V6, dst, first_next, ext, l4, payload_len)
+}
+
+fn ipv6_between(
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    first_next: u8,
+    ext: &[u8],
+    l4: &[u8],
+    payload_len: Option<u16>,
+) -> Vec<u8> {
     let mut p = vec![0x60, 0, 0, 0];
     let len = payload_len.unwrap_or((ext.len() + l4.len()) as u16);
     p.extend(len.to_be_bytes());
     p.push(first_next);
     p.push(64);
-    p.extend(CLIENT_V6.octets());
+    p.extend(src.octets());
     p.extend(dst.octets());
     p.extend(ext);
     p.extend(l4);
@@ -410,5 +422,46 @@ fn unparsed_packets_pass_or_drop_as_configured() -> Result<()> {
         }
         proxy.stop()?;
     }
+    Ok(())
+}
+
+/// A datagram from `0.0.0.0` (or `::`) to an intercepted port must not be
+/// taken for one of a connected socket's: an unconnected socket's peer is
+/// the unspecified address too, and the host's own wildcard server on the
+/// port would get it, though it was addressed to the server beyond.
+#[test]
+fn an_unspecified_source_never_reaches_the_hosts_own_server() -> Result<()> {
+    let topology = Topology::new("unspecsrc")?;
+    // Dual-stack: it gets IPv4 datagrams too.
+    let own = topology.proxy.udp_bind("[::]:5300".parse()?)?;
+    let proxy = Proxy::start(&topology.proxy, &["attach", PROXY_CLIENT_IFACE, "--port", "5300"])?;
+    let wire = Wire { dst_mac: mac(&topology.proxy, "p0")?, src_mac: mac(&topology.client, "c0")? };
+    let raw = raw_socket(&topology.client, "c0")?;
+    let v4 = V4 { src: std::net::Ipv4Addr::UNSPECIFIED, proto: UDP, ..V4::default() };
+    send(&raw, &wire.eth(ETH_P_IP, &ipv4(v4, &udp(5300, 5300, b"to the server"))))?;
+    let v6 = ipv6_between(
+        std::net::Ipv6Addr::UNSPECIFIED,
+        SERVER_V6,
+        UDP,
+        &[],
+        &udp(5300, 5300, b"to the server"),
+        None,
+    );
+    send(&raw, &wire.eth(ETH_P_IPV6, &v6))?;
+    // Both were judged once the datapath counts them.
+    eventually(Duration::from_secs(10), || {
+        let d = &proxy.stats(&topology.proxy)?["datapath"];
+        let judged = d["to_listener"].as_u64().unwrap_or(0) + d["to_socket"].as_u64().unwrap_or(0);
+        ensure!(judged + d["return_path"].as_u64().unwrap_or(0) >= 2, "not judged yet: {d}");
+        Ok(())
+    })?;
+    own.set_nonblocking(true)?;
+    match own.recv_from(&mut [0u8; 64]) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => anyhow::bail!("the host's own server got {other:?}"),
+    }
+    let stats = proxy.stop_with_stats(&topology.proxy)?;
+    ensure!(stats["datapath"]["return_path"] == 0, "{stats}");
+    ensure!(stats["datapath"]["to_listener"] == 2, "{stats}");
     Ok(())
 }

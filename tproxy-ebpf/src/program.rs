@@ -453,14 +453,18 @@ fn steer_udp(ctx: &TcContext, flow: &mut Flow, to_port: bool) -> Outcome {
 /// Whether a UDP socket the lookup found is connected to the flow's source.
 /// The lookup also finds wildcard sockets on the port; a connected socket
 /// matches only its peer's port, so a peer address equal to the source
-/// means the socket owns the tuple.
+/// means the socket owns the tuple. An unconnected socket's peer is the
+/// unspecified address, so a packet from `0.0.0.0` or `::` never owns one:
+/// else it would reach a host's wildcard server on the port.
 #[inline(always)]
 fn owns_tuple(sk: *mut bpf_sock, flow: &Flow) -> bool {
     unsafe {
         if flow.ipv6 {
-            sock_words(&(*sk).dst_ip6) == flow.tuple.__bindgen_anon_1.ipv6.saddr
+            let peer = sock_words(&(*sk).dst_ip6);
+            peer != [0; 4] && peer == flow.tuple.__bindgen_anon_1.ipv6.saddr
         } else {
-            core::ptr::read_volatile(&(*sk).dst_ip4) == flow.tuple.__bindgen_anon_1.ipv4.saddr
+            let peer = core::ptr::read_volatile(&(*sk).dst_ip4);
+            peer != 0 && peer == flow.tuple.__bindgen_anon_1.ipv4.saddr
         }
     }
 }
