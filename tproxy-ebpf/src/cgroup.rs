@@ -12,7 +12,10 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
+    bindings::{
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE, bpf_sock_addr,
+    },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
     maps::{Array, LruHashMap},
@@ -228,15 +231,34 @@ fn restore(ctx: &SockAddrContext, ipv6_hook: bool) {
     sa.user_port = original.port;
 }
 
-/// Records a rewritten TCP socket by the local address connecting gave it.
+/// Records a rewritten TCP socket by the local address connecting gave it,
+/// and forgets it when the socket closes: a later socket on the same local
+/// port (any user's) must never be answered with this one's destination.
 #[sock_ops]
 pub fn tproxy_sockops(ctx: SockOpsContext) -> u32 {
-    const AF_INET6: u32 = 10;
-    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
-        return 0;
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let Some(original) = (unsafe { ORIGINAL_DST.get(&cookie) }).copied() else {
+                return 0;
+            };
+            // Without the state callback the entry could outlive the socket.
+            if ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32).is_ok() {
+                let _ = PEER_DST.insert(&peer_key(&ctx), &original, 0);
+            }
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            let _ = PEER_DST.remove(&peer_key(&ctx));
+        }
+        _ => {}
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(original) = (unsafe { ORIGINAL_DST.get(&cookie) }).copied() else { return 0 };
+    0
+}
+
+/// The `PEER_DST` key of a socket: its local address and port.
+#[inline(always)]
+fn peer_key(ctx: &SockOpsContext) -> PeerKey {
+    const AF_INET6: u32 = 10;
     let mut key = PeerKey { addr: [0; 4], port: ctx.local_port(), family: FAMILY_V4 as u32 };
     let ops = unsafe { &*ctx.ops };
     let remote = if ctx.family() == AF_INET6 { sock_words(&ops.remote_ip6) } else { [0; 4] };
@@ -246,8 +268,7 @@ pub fn tproxy_sockops(ctx: SockOpsContext) -> u32 {
     } else {
         key.addr[0] = ctx.local_ip4();
     }
-    let _ = PEER_DST.insert(&key, &original, 0);
-    0
+    key
 }
 
 /// Answers `getsockopt(SOL_IP, SO_ORIGINAL_DST)` (and `SOL_IPV6`'s) on a
