@@ -94,7 +94,7 @@ impl Proxy {
 
     /// Starts `command` (with `args`, which name the instance) without
     /// waiting; its stdout and stderr both go to the log.
-    fn spawn_command(
+    pub fn spawn_command(
         mut command: std::process::Command,
         args: &[&str],
         log_filter: &str,

@@ -6,6 +6,7 @@ use std::{
     io::{BufRead as _, BufReader},
     net::SocketAddr,
     process::{Command, Stdio},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, ensure};
@@ -174,5 +175,144 @@ fn a_closed_connections_original_destination_is_never_handed_to_another() -> Res
     let _ = proxy_app.kill();
     let _ = proxy_app.wait();
     proxy.stop()?;
+    Ok(())
+}
+
+/// A runtime directory of the test's own, as systemd's `RuntimeDirectory=`
+/// or a DaemonSet's hostPath gives one; removed when dropped.
+struct RunDir(std::path::PathBuf);
+
+impl RunDir {
+    fn new(tag: &str, mode: u32, owner: Option<u32>) -> Result<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path =
+            std::path::PathBuf::from(format!("/run/tproxy-test-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+        if let Some(uid) = owner {
+            std::os::unix::fs::chown(&path, Some(uid), Some(uid))?;
+        }
+        Ok(Self(path))
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.0.join(name).display().to_string()
+    }
+
+    /// `tproxy-user <args>` in `ns` with this runtime directory.
+    fn tproxy(&self, ns: &Netns, args: &[&str]) -> Command {
+        let mut command = ns.command(tproxy_bin());
+        command.args(ns.instance_args(args)).env("RUNTIME_DIRECTORY", &self.0).env("NO_COLOR", "1");
+        command
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Item 3: the locks a start takes live where only the daemon can open
+/// them, and a lock held too long is a one-line error, never a hang.
+/// Before, the directory kept the 0755 a hostPath gives it, so any user
+/// could hold a shared lock on `routing.lock` and every later start hung.
+#[test]
+fn no_local_user_can_hold_the_locks_a_start_needs() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let topology = Topology::new("locks")?;
+    let dir = RunDir::new("locks", 0o755, None)?;
+    let args = ["attach", PROXY_CLIENT_IFACE, "--port", "80"];
+    let command = dir.tproxy(&topology.proxy, &args);
+    let proxy = Proxy::spawn_command(command, &args, "info")?;
+    proxy.wait_for_log("ready:", Duration::from_secs(60))?;
+    let mode = std::fs::metadata(&dir.0)?.permissions().mode() & 0o777;
+    ensure!(mode == 0o700, "the runtime directory is {mode:o}");
+    for lock in ["routing.lock", &format!("{}.lock", topology.proxy.name)] {
+        let out = as_nobody(&topology.proxy, "flock")
+            .args(["--shared", "--nonblock", &dir.file(lock), "true"])
+            .output()?;
+        ensure!(!out.status.success(), "nobody took a shared lock on {lock}");
+    }
+    proxy.stop()?;
+    // Someone who may (root) holds the routing lock: the start says so.
+    let mut holder = Command::new("flock")
+        .args(["--nonblock", &dir.file("routing.lock"), "sh", "-c", "echo held; exec sleep 60"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut held = String::new();
+    BufReader::new(holder.stdout.take().context("stdout")?).read_line(&mut held)?;
+    ensure!(held.trim() == "held", "the holder said {held:?}");
+    let out = dir.tproxy(&topology.proxy, &args).output();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let out = out?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "started although the lock was held: {stderr}");
+    ensure!(
+        stderr.lines().any(|l| l.contains("routing.lock is held by another process")),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+/// Item 4: root's `cleanup` in a runtime directory that the daemon's
+/// (dynamic) user owns follows no link planted there, and removes no TC
+/// filter that is not tproxy's, whatever a state file says.
+#[test]
+fn roots_cleanup_follows_no_planted_link_and_removes_only_our_filters() -> Result<()> {
+    let topology = Topology::new("planted")?;
+    let dir = RunDir::new("planted", 0o700, Some(65534))?;
+    let name = "victim";
+    let victim = std::env::temp_dir().join(format!("tproxy-victim-{}", std::process::id()));
+    let created = std::env::temp_dir().join(format!("tproxy-created-{}", std::process::id()));
+    std::fs::write(&victim, "precious")?;
+    let _ = std::fs::remove_file(&created);
+    for (link, to) in [("victim.state", &victim), ("victim.lock", &created)] {
+        let out = as_nobody(&topology.proxy, "ln")
+            .args(["-s", &to.display().to_string(), &dir.file(link)])
+            .output()?;
+        ensure!(out.status.success(), "planting {link}: {out:?}");
+    }
+    let out = dir.tproxy(&topology.proxy, &["cleanup", "--name", name]).output()?;
+    ensure!(std::fs::read_to_string(&victim)? == "precious", "cleanup wrote through a link");
+    ensure!(!created.exists(), "cleanup created a file through a link: {out:?}");
+    let _ = std::fs::remove_file(&victim);
+
+    // Another tool's filter, and a state file that names it.
+    topology.proxy.exec(&["tc", "qdisc", "add", "dev", PROXY_CLIENT_IFACE, "clsact"])?;
+    topology.proxy.exec(&[
+        "tc",
+        "filter",
+        "add",
+        "dev",
+        PROXY_CLIENT_IFACE,
+        "ingress",
+        "prio",
+        "7",
+        "handle",
+        "1",
+        "bpf",
+        "bytecode",
+        "1,6 0 0 4294967295",
+        "classid",
+        "1:1",
+    ])?;
+    for link in ["victim.state", "victim.lock"] {
+        std::fs::remove_file(dir.0.join(link))?;
+    }
+    let forged = format!(
+        r#"{{"filters":[{{"iface":"{PROXY_CLIENT_IFACE}","priority":7,"handle":1}}],"netns":0}}"#
+    );
+    let out = as_nobody(&topology.proxy, "sh")
+        .args(["-c", &format!("umask 077; printf '%s' '{forged}' > {}", dir.file("victim.state"))])
+        .output()?;
+    ensure!(out.status.success(), "forging the state: {out:?}");
+    let out = dir.tproxy(&topology.proxy, &["cleanup", "--name", name]).output()?;
+    ensure!(out.status.success(), "cleanup: {out:?}");
+    let filters =
+        topology.proxy.exec(&["tc", "filter", "show", "dev", PROXY_CLIENT_IFACE, "ingress"])?;
+    ensure!(filters.contains("bytecode"), "cleanup removed another tool's filter: {filters}");
     Ok(())
 }

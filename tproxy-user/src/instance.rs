@@ -17,10 +17,10 @@
 //!   tables are taken.
 
 use std::{
-    fs::{self, File, OpenOptions},
+    fs::{self, File},
     io,
-    os::unix::fs::DirBuilderExt,
-    path::{Path, PathBuf},
+    path::PathBuf,
+    time::{Duration, Instant},
 };
 
 use nix::{
@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     datapath::routing::RoutingConfig,
     error::{Error, Result},
+    host::files::Dir,
 };
 
 /// The instance name when none is given.
@@ -79,21 +80,12 @@ pub fn run_dir_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR))
 }
 
-/// [`run_dir_path`], created private (0700) if missing.
-pub fn run_dir() -> Result<PathBuf> {
-    let dir = run_dir_path();
-    create_private_dir(&dir)?;
-    Ok(dir)
-}
-
-/// Creates `dir` (and its parents) with mode 0700 if missing.
-pub(crate) fn create_private_dir(dir: &Path) -> Result<&Path> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    Ok(dir)
+/// [`run_dir_path`], created if missing and made private (0700) if it is
+/// this process's, so that no other user can open the locks and state in
+/// it; refused if it is a link or others may write to it.
+pub fn run_dir() -> Result<Dir> {
+    let path = run_dir_path();
+    Dir::private(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))
 }
 
 /// A netlink TC filter, enough to find and delete it again.
@@ -135,8 +127,9 @@ pub struct InstanceState {
 pub struct Claim {
     /// Locked while the claim lives; closing it releases the name.
     _lock: Flock<File>,
-    lock_path: PathBuf,
-    state_path: PathBuf,
+    dir: Dir,
+    lock_name: String,
+    state_name: String,
     state: InstanceState,
 }
 
@@ -145,12 +138,12 @@ impl Claim {
     /// dead instance of that name left recorded.
     pub fn acquire(name: &str) -> Result<(Self, InstanceState)> {
         let dir = run_dir()?;
-        let lock_path = dir.join(format!("{name}.lock"));
-        let lock = lock(&lock_path, name)?;
-        let state_path = dir.join(format!("{name}.state"));
-        let leftover = read(&state_path);
+        let lock_name = format!("{name}.lock");
+        let lock = lock(&dir, &lock_name, name)?;
+        let state_name = format!("{name}.state");
+        let leftover = read(&dir, &state_name);
         let state = InstanceState { netns: netns_id()?, ..InstanceState::default() };
-        let claim = Self { _lock: lock, lock_path, state_path, state };
+        let claim = Self { _lock: lock, dir, lock_name, state_name, state };
         claim.write()?;
         Ok((claim, leftover))
     }
@@ -206,8 +199,9 @@ impl Claim {
     fn write(&self) -> Result<()> {
         let json = serde_json::to_vec(&self.state)
             .map_err(|e| Error::io("encoding state", io::Error::other(e)))?;
-        fs::write(&self.state_path, json)
-            .map_err(|e| Error::io(format!("writing {}", self.state_path.display()), e))
+        self.dir.write(&self.state_name, &json).map_err(|e| {
+            Error::io(format!("writing {}", self.dir.join(&self.state_name).display()), e)
+        })
     }
 }
 
@@ -215,32 +209,29 @@ impl Drop for Claim {
     fn drop(&mut self) {
         // Everything recorded has been detached by now. The lock file goes
         // while still locked; `lock` checks for that race.
-        let _ = fs::remove_file(&self.state_path);
-        let _ = fs::remove_file(&self.lock_path);
+        self.dir.remove(&self.state_name);
+        self.dir.remove(&self.lock_name);
     }
 }
 
-/// Opens and locks `path`. A lock file that its holder unlinked on exit
-/// while we waited for it is no lock at all, so the locked file must still
-/// be the one at `path`.
-fn lock(path: &Path, name: &str) -> Result<Flock<File>> {
+/// Opens and locks `file` in `dir`. A lock file that its holder unlinked
+/// on exit meanwhile is no lock at all, so the locked file must still be
+/// the one in the directory.
+fn lock(dir: &Dir, file: &str, name: &str) -> Result<Flock<File>> {
     use std::os::unix::fs::MetadataExt;
+    let path = dir.join(file);
     loop {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
+        let opened = dir
+            .open_writable(file)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(file) => file,
+        let locked = match Flock::lock(opened, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => locked,
             Err((_, Errno::EWOULDBLOCK)) => return Err(Error::InstanceRunning(name.to_owned())),
             Err((_, e)) => return Err(Error::io(format!("locking {}", path.display()), e.into())),
         };
-        let locked = file.metadata().map(|m| m.ino()).ok();
-        let current = fs::metadata(path).map(|m| m.ino()).ok();
-        if locked.is_some() && locked == current {
-            return Ok(file);
+        let inode = locked.metadata().map(|m| m.ino()).ok();
+        if inode.is_some() && inode == dir.inode(file) {
+            return Ok(locked);
         }
     }
 }
@@ -261,17 +252,14 @@ pub fn leftovers(name: &str) -> Result<Option<InstanceState>> {
 /// The records of every other live instance in this network namespace.
 pub fn live_instances(except: &str) -> Result<Vec<(String, InstanceState)>> {
     let netns = netns_id()?;
-    let Ok(entries) = fs::read_dir(run_dir_path()) else { return Ok(Vec::new()) };
+    let Ok(dir) = Dir::open(&run_dir_path()) else { return Ok(Vec::new()) };
     let mut live = Vec::new();
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()?.strip_suffix(".state")) else {
-            continue;
-        };
-        if name == except || !is_locked(&path.with_extension("lock")) {
+    for file in dir.names() {
+        let Some(name) = file.strip_suffix(".state") else { continue };
+        if name == except || !is_locked(&dir, &format!("{name}.lock")) {
             continue;
         }
-        let state = read(&path);
+        let state = read(&dir, &file);
         if state.netns == netns {
             live.push((name.to_owned(), state));
         }
@@ -279,31 +267,65 @@ pub fn live_instances(except: &str) -> Result<Vec<(String, InstanceState)>> {
     Ok(live)
 }
 
-/// Whether a live process holds the lock at `path`.
-fn is_locked(path: &Path) -> bool {
-    let Ok(file) = File::open(path) else { return false };
+/// Whether a live process holds the lock `file` in `dir`.
+fn is_locked(dir: &Dir, file: &str) -> bool {
+    let Ok(Some(file)) = dir.open_readable(file) else { return false };
     // Taken, our lock goes when the file closes.
     Flock::lock(file, FlockArg::LockSharedNonblock).is_err()
+}
+
+/// Whether process `pid` holds the lock of [`takeover_name`]`(name)`: it
+/// is a `--takeover` start of `name` (`/proc/locks` names each flock's
+/// holder and inode).
+pub fn holds_takeover_claim(name: &str, pid: u32) -> bool {
+    let Ok(dir) = Dir::open(&run_dir_path()) else { return false };
+    let Some(inode) = dir.inode(&format!("{}.lock", takeover_name(name))) else { return false };
+    let Ok(locks) = fs::read_to_string("/proc/locks") else { return false };
+    locks.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // "1: FLOCK ADVISORY WRITE <pid> <maj>:<min>:<inode> 0 EOF"
+        let Some(at) = fields.iter().position(|f| *f == "FLOCK") else { return false };
+        fields.get(at + 3) == Some(&pid.to_string().as_str())
+            && fields.get(at + 4).and_then(|f| f.rsplit(':').next()?.parse::<u64>().ok())
+                == Some(inode)
+    })
 }
 
 /// Held while an instance chooses and installs its routing, so that two
 /// instances starting at once never choose the same mark or table.
 pub struct AllocationLock(#[allow(dead_code)] Flock<File>);
 
+/// How long a start waits for another start's routing choice, which takes
+/// milliseconds: longer means something holds the lock that should not.
+pub const ALLOCATION_WAIT: Duration = Duration::from_secs(10);
+
 impl AllocationLock {
-    /// Waits for the lock.
+    /// Takes the lock, waiting at most [`ALLOCATION_WAIT`].
     pub fn acquire() -> Result<Self> {
         let dir = run_dir()?;
         let path = dir.join("routing.lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        Flock::lock(file, FlockArg::LockExclusive)
-            .map(Self)
-            .map_err(|(_, e)| Error::io(format!("locking {}", path.display()), e.into()))
+        let deadline = Instant::now() + ALLOCATION_WAIT;
+        loop {
+            let file = dir
+                .open_writable("routing.lock")
+                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(locked) => return Ok(Self(locked)),
+                Err((_, Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err((_, Errno::EWOULDBLOCK)) => {
+                    return Err(Error::Config(format!(
+                        "{} is held by another process for over {}s (see /proc/locks)",
+                        path.display(),
+                        ALLOCATION_WAIT.as_secs()
+                    )));
+                }
+                Err((_, e)) => {
+                    return Err(Error::io(format!("locking {}", path.display()), e.into()));
+                }
+            }
+        }
     }
 }
 
@@ -317,6 +339,15 @@ pub fn netns_id() -> Result<u64> {
         .map_err(|e| Error::io("reading /proc/thread-self/ns/net", e))
 }
 
-fn read(path: &Path) -> InstanceState {
-    fs::read(path).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok()).unwrap_or_default()
+/// A state file's record; one that is missing, untrusted (a link, another
+/// user's) or unreadable records nothing.
+fn read(dir: &Dir, file: &str) -> InstanceState {
+    match dir.read(file) {
+        Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_default(),
+        Ok(None) => InstanceState::default(),
+        Err(e) => {
+            tracing::warn!("{e}: ignored");
+            InstanceState::default()
+        }
+    }
 }

@@ -865,7 +865,9 @@ async fn remove_recorded(name: &str, leftover: &instance::InstanceState) {
         );
         return;
     }
-    leftover.filters.iter().for_each(datapath::remove_filter);
+    for filter in &leftover.filters {
+        datapath::remove_filter(filter).await;
+    }
     for iface in &leftover.qdiscs {
         datapath::remove_clsact_if_unused(iface).await;
     }

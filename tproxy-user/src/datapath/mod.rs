@@ -500,9 +500,21 @@ impl Datapath {
     }
 }
 
-/// Removes a netlink filter that a killed instance recorded. TCX links
-/// cannot be left behind: they die with their owner.
-pub fn remove_filter(filter: &NetlinkFilter) {
+/// Removes a netlink filter that a killed instance recorded, if it still
+/// carries our program: a record is never enough to delete someone else's
+/// filter. TCX links cannot be left behind: they die with their owner.
+pub async fn remove_filter(filter: &NetlinkFilter) {
+    match our_filters(&filter.iface).await {
+        Ok(ours) if ours.contains(filter) => detach_filter(filter),
+        Ok(_) => debug!(
+            "no filter of ours on {} at priority {} (handle {:#x}); nothing removed",
+            filter.iface, filter.priority, filter.handle
+        ),
+        Err(e) => debug!("{}: {e}", filter.iface),
+    }
+}
+
+fn detach_filter(filter: &NetlinkFilter) {
     let link = SchedClassifierLink::attached(
         &filter.iface,
         TcAttachType::Ingress,
@@ -520,10 +532,9 @@ pub fn remove_filter(filter: &NetlinkFilter) {
     }
 }
 
-/// Removes every netlink filter of this program on `iface` that is not in
-/// `keep` (live instances' filters): `tproxy-user cleanup IFACE` when the
-/// records are lost.
-pub async fn remove_unrecorded_filters(iface: &str, keep: &[NetlinkFilter]) -> Result<()> {
+/// The netlink ingress filters on `iface` whose BPF program is ours (by
+/// its name, which the kernel reports).
+async fn our_filters(iface: &str) -> Result<Vec<NetlinkFilter>> {
     use futures::TryStreamExt as _;
     use rtnetlink::packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
     let index = crate::host::system::ifindex(iface)?;
@@ -532,20 +543,32 @@ pub async fn remove_unrecorded_filters(iface: &str, keep: &[NetlinkFilter]) -> R
     })
     .await?
     .map_err(|e| Error::Routing(format!("listing the TC filters of {iface}: {e}")))?;
-    for filter in filters {
-        let ours = filter.attributes.iter().any(|a| match a {
-            TcAttribute::Options(options) => options.iter().any(|o| {
-                matches!(o, TcOption::Bpf(TcFilterBpfOption::ProgName(n)) if n.starts_with(names::PROGRAM))
-            }),
-            _ => false,
-        });
-        let priority = (filter.header.info >> 16) as u16;
-        let handle =
-            (u32::from(filter.header.handle.major) << 16) | u32::from(filter.header.handle.minor);
-        let recorded =
-            keep.iter().any(|f| f.iface == iface && f.priority == priority && f.handle == handle);
-        if ours && !recorded {
-            remove_filter(&NetlinkFilter { iface: iface.to_owned(), priority, handle });
+    Ok(filters
+        .into_iter()
+        .filter(|filter| {
+            filter.attributes.iter().any(|a| match a {
+                TcAttribute::Options(options) => options.iter().any(|o| {
+                    matches!(o, TcOption::Bpf(TcFilterBpfOption::ProgName(n)) if n.starts_with(names::PROGRAM))
+                }),
+                _ => false,
+            })
+        })
+        .map(|filter| NetlinkFilter {
+            iface: iface.to_owned(),
+            priority: (filter.header.info >> 16) as u16,
+            handle: (u32::from(filter.header.handle.major) << 16)
+                | u32::from(filter.header.handle.minor),
+        })
+        .collect())
+}
+
+/// Removes every netlink filter of this program on `iface` that is not in
+/// `keep` (live instances' filters): `tproxy-user cleanup IFACE` when the
+/// records are lost.
+pub async fn remove_unrecorded_filters(iface: &str, keep: &[NetlinkFilter]) -> Result<()> {
+    for filter in our_filters(iface).await? {
+        if !keep.contains(&filter) {
+            detach_filter(&filter);
         }
     }
     Ok(())

@@ -4,6 +4,7 @@
 
 pub mod cgroup;
 pub mod doctor;
+pub mod files;
 pub mod kernel;
 pub mod sock_diag;
 pub mod system;
