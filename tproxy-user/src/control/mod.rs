@@ -164,6 +164,40 @@ impl Controller {
         rx
     }
 
+    /// Whether `pid`, which sent a handover request from `peer` (the
+    /// socket's SO_PEERCRED), is a successor of this instance: the sender
+    /// itself, running our program, and holding the takeover claim of this
+    /// instance's name, which only a `--takeover` start of it takes. Any
+    /// other request (another instance's, a user's script's) is refused and
+    /// the instance goes on.
+    fn successor(&self, pid: u32, peer: Option<i32>) -> Result<()> {
+        let refused = |why: String| {
+            Error::Config(format!("instance {} refuses to hand over: {why}", self.name))
+        };
+        if peer != Some(pid as i32) {
+            return Err(refused(format!("the request named process {pid}, but {peer:?} sent it")));
+        }
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            // Gone already: `hand_over` says so, and nothing is handed over.
+            return Ok(());
+        }
+        let program = |pid: &str| {
+            std::fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| {
+                let text = p.to_string_lossy().into_owned();
+                text.strip_suffix(" (deleted)").map(str::to_owned).unwrap_or(text)
+            })
+        };
+        if program(&pid.to_string()).is_none() || program(&pid.to_string()) != program("self") {
+            return Err(refused(format!("process {pid} does not run this program")));
+        }
+        if !crate::instance::holds_takeover_claim(&self.name, pid) {
+            return Err(refused(format!(
+                "process {pid} did not claim this instance's name with --takeover"
+            )));
+        }
+        Ok(())
+    }
+
     async fn hand_over(&self, pid: u32) -> Result<()> {
         let refused = |why: &str| Error::Config(format!("instance {} {why}", self.name));
         if !Path::new(&format!("/proc/{pid}")).exists() {
@@ -286,7 +320,9 @@ impl ControlSocket {
     /// Binds `path`, refusing if a live instance answers there; a socket
     /// file left by a killed instance is replaced.
     pub async fn bind(path: &Path) -> Result<Self> {
-        crate::instance::create_private_dir(path.parent().unwrap_or(Path::new("/")))?;
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        crate::host::files::Dir::private(dir)
+            .map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
         if UnixStream::connect(path).await.is_ok() {
             return Err(Error::Config(format!(
                 "an instance already runs with control socket {}; give this one another --name (and --mark and --table)",
@@ -335,7 +371,8 @@ impl Drop for ControlSocket {
 }
 
 async fn serve_one(stream: UnixStream, controller: &Controller) -> io::Result<()> {
-    let peer_uid = stream.peer_cred()?.uid();
+    let peer = stream.peer_cred()?;
+    let peer_uid = peer.uid();
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(64 * 1024)).lines();
     while let Some(line) = lines.next_line().await? {
@@ -344,6 +381,13 @@ async fn serve_one(stream: UnixStream, controller: &Controller) -> io::Result<()
             Response::Error { message: "only root may control tproxy".into() }
         } else {
             match serde_json::from_str::<Request>(&line) {
+                Ok(Request::Handover { pid }) => match controller.successor(pid, peer.pid()) {
+                    Ok(()) => controller.handle(Request::Handover { pid }).await,
+                    Err(e) => {
+                        warn!("{e}");
+                        Response::Error { message: e.to_string() }
+                    }
+                },
                 Ok(request) => controller.handle(request).await,
                 Err(e) => Response::Error { message: format!("bad request: {e}") },
             }
