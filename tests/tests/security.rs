@@ -316,3 +316,48 @@ fn roots_cleanup_follows_no_planted_link_and_removes_only_our_filters() -> Resul
     ensure!(filters.contains("bytecode"), "cleanup removed another tool's filter: {filters}");
     Ok(())
 }
+
+/// Sends one line to a unix socket and prints the answer (or the error).
+const ASK: &str = r#"
+import os, socket, sys
+line = sys.argv[2].replace('SELF', str(os.getpid()))
+try:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    s.sendall(line.encode() + b'\n')
+    print(s.makefile().readline().strip(), flush=True)
+except OSError as e:
+    print('error', e, flush=True)
+"#;
+
+/// Item 5: a handover, which detaches the instance and ends it, is only for
+/// a `--takeover` start of the same instance. Before, any process that
+/// could reach the socket named a pid that exists (1) and switched
+/// interception off, with exit status 0 that `Restart=on-failure` accepts.
+#[test]
+fn only_a_successor_may_make_an_instance_hand_over() -> Result<()> {
+    let topology = Topology::new("handover")?;
+    let proxy = Proxy::start(&topology.proxy, &["attach", PROXY_CLIENT_IFACE, "--port", "80"])?;
+    let socket = format!("/run/tproxy/{}.sock", topology.proxy.name);
+    for request in [r#"{"command":"handover","pid":1}"#, r#"{"command":"handover","pid":SELF}"#] {
+        let out = in_netns(&topology.proxy, "python3", None)
+            .args(["-c", ASK, &socket, request])
+            .output()?;
+        let said = String::from_utf8_lossy(&out.stdout);
+        ensure!(said.contains("refuses to hand over"), "root's {request}: {said}");
+        // Another user cannot even connect.
+        let out =
+            as_nobody(&topology.proxy, PYTHON).args(["-c", ASK, &socket, request]).output()?;
+        let said = String::from_utf8_lossy(&out.stdout);
+        ensure!(said.starts_with("error"), "nobody's {request}: {said}");
+    }
+    // Still attached and relaying.
+    let addr = Topology::server_addr(false, 80);
+    let server = serve_once(topology.server.tcp_listen(addr)?, b"still here".to_vec());
+    let mut client = topology.client.tcp_connect(addr)?;
+    client.shutdown(std::net::Shutdown::Write)?;
+    ensure!(read_to_end(&mut client)? == b"still here");
+    ensure!(server.join().unwrap()?.peer.ip() == proxy_ip(false), "not relayed");
+    proxy.stop()?;
+    Ok(())
+}

@@ -392,3 +392,55 @@ fn rules_pick_their_upstream() -> Result<()> {
     ensure!(opened("default") == Some(1.into()) && opened("web") == Some(1.into()), "{stats}");
     Ok(())
 }
+
+/// SECURITY.md item 2: a password given in an `--upstream-file` of mode
+/// 0600 authenticates with the upstream (tinyproxy's Basic auth) and is
+/// found nowhere else: in no process's command line, the log, `stats` or
+/// `/metrics`. A file others may read is refused, and an upstream URL that
+/// does not parse is never printed with its password.
+#[test]
+fn an_upstream_password_stays_out_of_argv_logs_stats_and_metrics() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    const PASSWORD: &str = "Zq9-only-in-the-file";
+    let topology = topology("up-secret")?;
+    let _tinyproxy = tinyproxy(&topology, &format!("BasicAuth alice {PASSWORD}"))?;
+    let file = std::env::temp_dir().join(format!("tproxy-upstreams-{}", std::process::id()));
+    std::fs::write(&file, format!("# the default\nhttp://alice:{PASSWORD}@{UPSTREAM_V4}:3128\n"))?;
+    let path = file.display().to_string();
+    let attach = ["attach", PROXY_CLIENT_IFACE, "--port", "80", "--upstream-file", &path];
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
+    let stderr = expect_refused(&topology.proxy, &[], &attach, "chmod 600")?;
+    ensure!(!stderr.contains(PASSWORD), "{stderr}");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
+    let metrics = "127.0.0.1:9485";
+    let mut args = attach.to_vec();
+    args.extend(["--metrics", metrics]);
+    let proxy = Proxy::start(&topology.proxy, &args)?;
+    bulk_through(&topology, false, 47)?;
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            if String::from_utf8_lossy(&cmdline).contains(PASSWORD) {
+                seen.push(format!("{}", entry.path().display()));
+            }
+        }
+    }
+    ensure!(seen.is_empty(), "the password is in the command line of {seen:?}");
+    let stats = proxy.stats(&topology.proxy)?.to_string();
+    ensure!(stats.contains("alice") && !stats.contains(PASSWORD), "{stats}");
+    let scraped = topology.proxy.exec(&["curl", "-sS", &format!("http://{metrics}/metrics")])?;
+    ensure!(scraped.contains("tproxy_") && !scraped.contains(PASSWORD), "{scraped}");
+    let log = proxy.stop()?;
+    ensure!(!log.contains(PASSWORD), "{log}");
+    std::fs::remove_file(&file)?;
+    // A URL that does not parse (a port past 65535) is refused without it.
+    let bad = format!("http://alice:{PASSWORD}@{UPSTREAM_V4}:99999");
+    let stderr = expect_refused(
+        &topology.proxy,
+        &[],
+        &["attach", PROXY_CLIENT_IFACE, "--port", "80", "--upstream", &bad],
+        "alice:***@",
+    )?;
+    ensure!(!stderr.contains(PASSWORD), "{stderr}");
+    Ok(())
+}

@@ -279,6 +279,13 @@ struct RelayArgs {
     /// direct`: none); the one without a name is the default.
     #[arg(long, value_name = "[NAME=]URL")]
     upstream: Vec<String>,
+    /// Read --upstream's [NAME=]URL lines from a file that only its owner
+    /// may read (mode 0600 or 0400), so that no password is in the command
+    /// line, which every user can read in /proc. With systemd:
+    /// `LoadCredential=upstreams:/etc/tproxy/upstreams` and
+    /// `--upstream-file %d/upstreams`. `#` starts a comment.
+    #[arg(long, value_name = "PATH")]
+    upstream_file: Option<PathBuf>,
     /// Seconds to wait for the original destination to accept.
     #[arg(long, default_value_t = tcp::DEFAULT_CONNECT_TIMEOUT.as_secs_f64(), value_name = "SECS")]
     connect_timeout: f64,
@@ -329,7 +336,7 @@ struct CleanupArgs {
 const DEFAULT_LOG_FILTER: &str = "info";
 
 /// `attach` options that only our relay uses, which `--to-port` refuses.
-const RELAY_ONLY: [&str; 11] = [
+const RELAY_ONLY: [&str; 12] = [
     "listen_port",
     "upstream_mark",
     "spoof_source",
@@ -341,6 +348,7 @@ const RELAY_ONLY: [&str; 11] = [
     "udp_idle_timeout",
     "max_udp_sessions",
     "upstream",
+    "upstream_file",
 ];
 
 fn parse_u32(s: &str) -> Result<u32, String> {
@@ -406,7 +414,7 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
         ipv6: tproxy_user::host::system::ipv6_enabled(),
         tcp,
         udp,
-        upstreams: upstreams(&args.relay.upstream)?,
+        upstreams: upstreams(&args.relay.upstream, args.relay.upstream_file.as_deref())?,
         rules_file: args.config,
         watch_rules_file: args.watch_config,
         metrics: args.metrics,
@@ -429,11 +437,14 @@ fn port_target(port: u16, addrs: &[IpAddr]) -> anyhow::Result<PortTarget> {
     Ok(target)
 }
 
-/// `--upstream [NAME=]URL`, each.
-fn upstreams(given: &[String]) -> anyhow::Result<Upstreams> {
+/// `--upstream [NAME=]URL`, each, and those of `--upstream-file`.
+fn upstreams(given: &[String], file: Option<&std::path::Path>) -> anyhow::Result<Upstreams> {
     let mut upstreams = Upstreams::default();
     for text in given {
         upstreams.add(text).map_err(|e| anyhow::anyhow!("--upstream: {e}"))?;
+    }
+    if let Some(path) = file {
+        upstreams.add_file(path).map_err(|e| anyhow::anyhow!("--upstream-file: {e}"))?;
     }
     Ok(upstreams)
 }
@@ -447,7 +458,7 @@ fn relay_settings(args: &RelayArgs) -> anyhow::Result<RelaySettings> {
         upstream_mark: args.upstream_mark.unwrap_or(DEFAULT_UPSTREAM_MARK),
         spoof_source: args.spoof_source,
         allow_local_destinations: false,
-        upstreams: upstreams(&args.upstream)?,
+        upstreams: upstreams(&args.upstream, args.upstream_file.as_deref())?,
         loopback: false,
     })
 }

@@ -158,13 +158,20 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 /// The URL without its password, for messages.
+/// `text` with whatever stands before its last `@` (after the scheme) cut
+/// to the user name: a password is never printed, whether the URL parses
+/// or not.
 fn redact(text: &str) -> String {
-    match url::Url::parse(text) {
-        Ok(mut url) if url.password().is_some() => {
-            let _ = url.set_password(Some("***"));
-            url.to_string()
+    let (scheme, rest) = match text.find("://") {
+        Some(at) => text.split_at(at + 3),
+        None => ("", text),
+    };
+    match rest.rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or_default();
+            format!("{scheme}{user}:***{}", &rest[at..])
         }
-        _ => text.to_owned(),
+        None => text.to_owned(),
     }
 }
 
@@ -256,6 +263,22 @@ impl Upstreams {
                 failed: u.counters.failed.load(Ordering::Relaxed),
             })
             .collect()
+    }
+
+    /// Adds the upstreams in a file (`--upstream-file`): a `[NAME=]URL` per
+    /// line, `#` comments and blank lines ignored. The file holds passwords,
+    /// so it is refused when its group or others may read it, or when it is
+    /// a link; errors name the line, never its password.
+    pub fn add_file(&mut self, path: &std::path::Path) -> Result<(), String> {
+        let text = crate::host::files::read_secret(path).map_err(|e| e.to_string())?;
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            self.add(line).map_err(|e| format!("{} line {}: {e}", path.display(), number + 1))?;
+        }
+        Ok(())
     }
 
     /// Adds `--upstream [NAME=]URL`: one default, each name once.
@@ -541,6 +564,15 @@ mod tests {
         assert_eq!(u.addr, "192.0.2.1:1080".parse().unwrap());
         assert_eq!(u.credentials.as_ref().unwrap().password, "p@ss");
         assert_eq!(u.to_string(), "socks5://alice:***@192.0.2.1:1080");
+        // Refused URLs never carry their password into the error.
+        for bad in [
+            "socks5://alice:s3cret@192.0.2.1:99999",
+            "alice:s3cret@192.0.2.1",
+            "http://a:s3/cr@et@x",
+        ] {
+            let e = bad.parse::<Upstream>().unwrap_err().to_string();
+            assert!(!e.contains("s3") || !e.contains("cret"), "{e}");
+        }
         let u: Upstream = "http://[2001:db8::1]:3128".parse().unwrap();
         assert_eq!(u.kind, Kind::HttpConnect);
         assert_eq!(u.addr, "[2001:db8::1]:3128".parse().unwrap());
