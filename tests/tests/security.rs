@@ -361,3 +361,33 @@ fn only_a_successor_may_make_an_instance_hand_over() -> Result<()> {
     proxy.stop()?;
     Ok(())
 }
+
+/// Item 13: scrapers cannot exhaust the instance nor keep its control path
+/// waiting: the metrics endpoint serves a bounded number of connections,
+/// and rule changes go through while they are all taken.
+#[test]
+fn metrics_connections_are_bounded_and_never_hold_up_rule_changes() -> Result<()> {
+    let topology = Topology::new("scrapers")?;
+    let metrics: SocketAddr = "127.0.0.1:9486".parse()?;
+    let proxy = Proxy::start(
+        &topology.proxy,
+        &["attach", PROXY_CLIENT_IFACE, "--port", "80", "--metrics", "127.0.0.1:9486"],
+    )?;
+    let descriptors =
+        || -> Result<usize> { Ok(std::fs::read_dir(format!("/proc/{}/fd", proxy.pid()))?.count()) };
+    let before = descriptors()?;
+    // Idle connections that never send a request.
+    let held: Vec<_> =
+        (0..200).map(|_| topology.proxy.tcp_connect(metrics)).collect::<Result<_>>()?;
+    let out = run_tproxy(&topology.proxy, &["port", "add", "8080", "--proto", "tcp"])?;
+    ensure!(out.status.success(), "a rule change while scrapers wait: {out:?}");
+    let opened = eventually(Duration::from_secs(10), || {
+        let opened = descriptors()?.saturating_sub(before);
+        ensure!(opened <= 40, "{opened} descriptors more than before");
+        Ok(opened)
+    })?;
+    eprintln!("200 idle scrapers cost {opened} descriptors");
+    drop(held);
+    proxy.stop()?;
+    Ok(())
+}

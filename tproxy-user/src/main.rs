@@ -281,9 +281,10 @@ struct RelayArgs {
     upstream: Vec<String>,
     /// Read --upstream's [NAME=]URL lines from a file that only its owner
     /// may read (mode 0600 or 0400), so that no password is in the command
-    /// line, which every user can read in /proc. With systemd:
-    /// `LoadCredential=upstreams:/etc/tproxy/upstreams` and
-    /// `--upstream-file %d/upstreams`. `#` starts a comment.
+    /// line, which every user can read in /proc. A relative PATH is found
+    /// in $CREDENTIALS_DIRECTORY when systemd sets it: with
+    /// `LoadCredential=upstreams:/etc/tproxy/NAME.upstreams` in the unit,
+    /// `--upstream-file upstreams`. `#` starts a comment.
     #[arg(long, value_name = "PATH")]
     upstream_file: Option<PathBuf>,
     /// Seconds to wait for the original destination to accept.
@@ -444,7 +445,12 @@ fn upstreams(given: &[String], file: Option<&std::path::Path>) -> anyhow::Result
         upstreams.add(text).map_err(|e| anyhow::anyhow!("--upstream: {e}"))?;
     }
     if let Some(path) = file {
-        upstreams.add_file(path).map_err(|e| anyhow::anyhow!("--upstream-file: {e}"))?;
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        let path = match credentials {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_owned(),
+        };
+        upstreams.add_file(&path).map_err(|e| anyhow::anyhow!("--upstream-file: {e}"))?;
     }
     Ok(upstreams)
 }

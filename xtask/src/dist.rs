@@ -62,7 +62,8 @@ pub fn build(bin: &Path) -> Result<PathBuf> {
     };
     place(bin, "usr/bin/tproxy-user", 0o755)?;
     place(&deploy.join("systemd/tproxy@.service"), "lib/systemd/system/tproxy@.service", 0o644)?;
-    place(&deploy.join("etc/example.env"), "etc/tproxy/example.env", 0o644)?;
+    // Arguments may name secrets' places; no one but root reads them.
+    place(&deploy.join("etc/example.env"), "etc/tproxy/example.env", 0o600)?;
     place(&deploy.join("etc/example.toml"), "etc/tproxy/example.toml", 0o644)?;
     place(&workspace.join("LICENSE"), "usr/share/doc/tproxy/copyright", 0o644)?;
     for script in ["postinst", "prerm", "postrm"] {
@@ -185,6 +186,9 @@ pub fn check(deb: &Path) -> Result<()> {
         // the host's own units too).
         let ours: Vec<&str> = said.lines().filter(|l| l.contains("tproxy@")).collect();
         ensure!(ours.is_empty(), "systemd-analyze verify: {}", ours.join("\n"));
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = fs::metadata("/etc/tproxy/example.env")?.permissions().mode() & 0o777;
+        ensure!(mode == 0o600, "/etc/tproxy/example.env is installed {mode:o}");
         let man = output(Command::new("man").args(["-P", "cat", "tproxy-user-attach"]))?;
         ensure!(man.contains("--to-port"), "the installed man page: {man}");
         Ok(())

@@ -45,7 +45,17 @@ pub struct MetricsServer {
 pub struct Served {
     controller: OnceLock<Arc<Controller>>,
     stopping: AtomicBool,
+    /// The last scrape's text and when it was made: scrapes within
+    /// [`SCRAPE_REUSE`] of it get it again, and only one at a time reads the
+    /// counters, so that scrapers never keep rule changes waiting.
+    last_scrape: tokio::sync::Mutex<Option<(std::time::Instant, String)>>,
 }
+
+/// How long one scrape's reading of the counters serves later scrapes.
+const SCRAPE_REUSE: Duration = Duration::from_secs(1);
+
+/// Connections served at once; more are closed as they come.
+pub const MAX_CONNECTIONS: usize = 32;
 
 impl Served {
     /// Nothing attached yet: probes get 503.
@@ -102,6 +112,7 @@ impl MetricsServer {
 
     /// Serves until `shutdown` is cancelled.
     pub async fn serve(self, served: Arc<Served>, shutdown: CancellationToken) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
             let stream = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -113,8 +124,13 @@ impl MetricsServer {
                     }
                 },
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                debug!("metrics: {MAX_CONNECTIONS} connections open; one more closed");
+                continue;
+            };
             let served = served.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let service = service_fn(move |request| {
                     let served = served.clone();
                     async move { Ok::<_, Infallible>(respond(&served, request).await) }
@@ -141,14 +157,20 @@ async fn respond<B>(served: &Served, request: Request<B>) -> Response<Full<Bytes
     }
     match request.uri().path() {
         "/metrics" => match served.controller.get() {
-            Some(controller) => match controller.stats().await {
-                Ok(report) => reply(
-                    StatusCode::OK,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    report.to_prometheus(),
-                ),
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
-            },
+            Some(controller) => {
+                let mut last = served.last_scrape.lock().await;
+                match &*last {
+                    Some((at, body)) if at.elapsed() < SCRAPE_REUSE => prometheus(body.clone()),
+                    _ => match controller.stats().await {
+                        Ok(report) => {
+                            let body = report.to_prometheus();
+                            *last = Some((std::time::Instant::now(), body.clone()));
+                            prometheus(body)
+                        }
+                        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+                    },
+                }
+            }
             None => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n".into()),
         },
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
@@ -158,6 +180,10 @@ async fn respond<B>(served: &Served, request: Request<B>) -> Response<Full<Bytes
         },
         _ => text(StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n".into()),
     }
+}
+
+fn prometheus(body: String) -> Response<Full<Bytes>> {
+    reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body)
 }
 
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
