@@ -444,3 +444,73 @@ fn an_upstream_password_stays_out_of_argv_logs_stats_and_metrics() -> Result<()>
     ensure!(!stderr.contains(PASSWORD), "{stderr}");
     Ok(())
 }
+
+/// A SOCKS5 "proxy" that accepts and never answers: every association the
+/// relay opens through it stays opening.
+const STALLING_SOCKS5: &str = r#"
+import socket, sys, threading
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind((sys.argv[1], 1080))
+l.listen(1024)
+print('listening', flush=True)
+held = []
+while True:
+    held.append(l.accept()[0])
+"#;
+
+/// From 300 ports, 64 datagrams of 1 400 bytes each to HOST PORT.
+const FLOOD: &str = r#"
+import socket, sys
+for _ in range(300):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for _ in range(64):
+        try:
+            s.sendto(b'x' * 1400, (sys.argv[1], int(sys.argv[2])))
+        except OSError:
+            pass
+    s.close()
+"#;
+
+/// SECURITY.md item 9: clients cannot make the relay queue without bound
+/// behind SOCKS5 associations that a hostile or slow upstream never opens:
+/// 27 MB of datagrams for 300 sessions leave the relay's memory near where
+/// it was, and what did not fit is counted.
+#[test]
+fn datagrams_waiting_for_a_stalled_upstream_are_bounded() -> Result<()> {
+    use std::io::BufRead as _;
+    let topology = topology("up-stall")?;
+    let mut stalling = topology
+        .server
+        .command("python3")
+        .args(["-c", STALLING_SOCKS5, &UPSTREAM_V4.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufReader::new(stalling.stdout.take().expect("stdout")).read_line(&mut line)?;
+    ensure!(line.trim() == "listening");
+    let proxy = attach_through(&topology, &["5300"], &format!("socks5://{UPSTREAM_V4}:1080"))?;
+    let rss = || -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid()))?;
+        let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap_or_default();
+        Ok(kib.trim().trim_end_matches("kB").trim().parse()?)
+    };
+    let before = rss()?;
+    let out = topology
+        .client
+        .command("python3")
+        .args(["-c", FLOOD, &SERVER_V4.to_string(), "5300"])
+        .output()?;
+    ensure!(out.status.success(), "the flood: {out:?}");
+    eventually(Duration::from_secs(10), || {
+        let udp = &proxy.stats(&topology.proxy)?["udp"];
+        ensure!(udp["queue_full"].as_u64() > Some(0), "nothing counted: {udp}");
+        Ok(())
+    })?;
+    let grown = rss()?.saturating_sub(before);
+    ensure!(grown < 16 * 1024, "the relay grew by {grown} KiB");
+    let _ = stalling.kill();
+    let _ = stalling.wait();
+    proxy.stop()?;
+    Ok(())
+}

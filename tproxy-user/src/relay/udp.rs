@@ -114,6 +114,10 @@ crate::counters::counters! {
         /// Datagrams whose original destination is this host, dropped.
         refused_local: Counter("tproxy_udp_refused_local", "refused local",
             "UDP datagrams to this host, dropped"),
+        /// Datagrams dropped because the SOCKS5 associations being opened
+        /// had queued their bound (bytes in all, or associations at once).
+        queue_full: Counter("tproxy_udp_queue_full", "queue full",
+            "UDP datagrams dropped while associations open, past the bound"),
         /// Sessions that could not be opened, and sends that failed.
         upstream_failures: Counter("tproxy_udp_upstream_failures", "upstream failures",
             "UDP sessions that could not open, and failed sends"),
@@ -362,6 +366,8 @@ struct SessionTable {
     /// Sessions whose SOCKS5 association is being opened, with the
     /// datagrams that wait for it.
     opening: HashMap<SessionKey, Vec<Vec<u8>>>,
+    /// Payload bytes queued in `opening`, at most [`MAX_QUEUED_BYTES`].
+    queued_bytes: usize,
     /// The rules in force, for the sessions' upstream (`via`).
     rules: Option<Arc<crate::rules::RuleSet>>,
     /// Where opened associations are reported, to [`Self::finish_open`].
@@ -375,6 +381,13 @@ type Association = (super::upstream::UdpAssociation, (Arc<UdpSocket>, Option<Soc
 /// Datagrams a session keeps while its association opens; more are dropped.
 const MAX_WAITING: usize = 64;
 
+/// Bytes all opening associations keep in all: without it, 16 384 opening
+/// sessions of 64 datagrams each could queue gigabytes.
+const MAX_QUEUED_BYTES: usize = 4 << 20;
+
+/// Associations opened at once: each is a TCP connection and a handshake.
+const MAX_OPENING: usize = 256;
+
 impl SessionTable {
     fn new(
         settings: RelaySettings,
@@ -384,7 +397,19 @@ impl SessionTable {
     ) -> Self {
         let (sessions, epoch) = (LruCache::unbounded(), Instant::now());
         let (opening, associated) = (HashMap::new(), None);
-        Self { settings, config, stats, local, sessions, opening, rules: None, associated, epoch }
+        let queued_bytes = 0;
+        Self {
+            settings,
+            config,
+            stats,
+            local,
+            sessions,
+            opening,
+            queued_bytes,
+            rules: None,
+            associated,
+            epoch,
+        }
     }
 
     fn now(&self) -> u64 {
@@ -456,19 +481,28 @@ impl SessionTable {
         payload: &[u8],
         reply_from: ReplyFrom,
     ) {
+        if self.queued_bytes + payload.len() > MAX_QUEUED_BYTES {
+            self.stats.queue_full.fetch_add(1, Relaxed);
+            return;
+        }
         if let Some(waiting) = self.opening.get_mut(&key) {
             if waiting.len() < MAX_WAITING {
                 waiting.push(payload.to_vec());
+                self.queued_bytes += payload.len();
+            } else {
+                self.stats.queue_full.fetch_add(1, Relaxed);
             }
             return;
         }
         let Some(report) = self.associated.clone() else { return };
         // Associations being opened count against the session bound too.
-        if self.opening.len() >= self.config.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS) {
-            self.stats.upstream_failures.fetch_add(1, Relaxed);
+        let bound = self.config.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS).min(MAX_OPENING);
+        if self.opening.len() >= bound {
+            self.stats.queue_full.fetch_add(1, Relaxed);
             debug!(client = %key.0, dst = %key.1, "too many UDP associations opening; datagram dropped");
             return;
         }
+        self.queued_bytes += payload.len();
         self.opening.insert(key, vec![payload.to_vec()]);
         let dial = DialOptions { mark: self.settings.upstream_mark, ..DialOptions::default() };
         let client = key.0;
@@ -487,6 +521,7 @@ impl SessionTable {
     /// starts with what waited for it, or what waited is dropped.
     fn finish_open(&mut self, key: SessionKey, association: io::Result<Association>) {
         let Some(waiting) = self.opening.remove(&key) else { return };
+        self.queued_bytes -= waiting.iter().map(Vec::len).sum::<usize>();
         let (client, dst) = key;
         let (association, reply) = match association {
             Ok(opened) => opened,
