@@ -391,3 +391,52 @@ fn metrics_connections_are_bounded_and_never_hold_up_rule_changes() -> Result<()
     proxy.stop()?;
     Ok(())
 }
+
+/// The capabilities a start needs: CAP_NET_BIND_SERVICE (10), CAP_NET_ADMIN
+/// (12), CAP_SYS_RESOURCE (24), CAP_PERFMON (38) and CAP_BPF (39).
+const START_CAPABILITIES: u64 = 1 << 10 | 1 << 12 | 1 << 24 | 1 << 38 | 1 << 39;
+
+/// Item 12: the upgrade helper, which starts a successor with the
+/// instance's arguments, holds only what a start needs: no capability
+/// beyond those, and no descriptor a successor would inherit. Before, it
+/// kept every capability root has and passed its pipe on.
+#[test]
+fn the_upgrade_helper_holds_only_what_a_start_needs() -> Result<()> {
+    let topology = Topology::new("helper")?;
+    let proxy = Proxy::start(&topology.proxy, &["attach", PROXY_CLIENT_IFACE, "--port", "80"])?;
+    let helper = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let fields: Vec<&str> =
+                stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+            stat.contains("(tproxy-upgrade)")
+                && fields.get(1) == Some(&proxy.pid().to_string().as_str())
+        })
+        .context("no upgrade helper among the instance's children")?;
+    let status = std::fs::read_to_string(format!("/proc/{helper}/status"))?;
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        let hex =
+            status.lines().find_map(|l| l.strip_prefix(&format!("{set}:"))).context(set)?.trim();
+        let caps = u64::from_str_radix(hex, 16)?;
+        ensure!(caps & !START_CAPABILITIES == 0, "the helper's {set} is {hex}");
+    }
+    for fd in std::fs::read_dir(format!("/proc/{helper}/fd"))?.flatten() {
+        let fd = fd.file_name().to_string_lossy().into_owned();
+        if ["0", "1", "2"].contains(&fd.as_str()) {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!("/proc/{helper}/fdinfo/{fd}"))?;
+        let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).context("flags")?.trim();
+        let flags = u32::from_str_radix(flags, 8)?;
+        ensure!(
+            flags & libc::O_CLOEXEC as u32 != 0,
+            "the helper's descriptor {fd} is inherited on exec"
+        );
+    }
+    let exe = std::fs::read_link(format!("/proc/{helper}/exe"))?;
+    ensure!(exe == tproxy_bin().canonicalize()?, "the helper runs {}", exe.display());
+    proxy.stop()?;
+    Ok(())
+}

@@ -100,6 +100,41 @@ pub fn runtime_capabilities() -> Vec<caps::Capability> {
     vec![CAP_NET_ADMIN, CAP_NET_BIND_SERVICE, bpf]
 }
 
+/// What a start needs: [`runtime_capabilities`], with CAP_PERFMON for
+/// loading (CAP_SYS_ADMIN before 5.8) and CAP_SYS_RESOURCE for the
+/// locked-memory limit that maps count against before 5.11.
+pub fn start_capabilities() -> Vec<caps::Capability> {
+    use caps::Capability::*;
+    let mut start = runtime_capabilities();
+    start.extend([CAP_PERFMON, CAP_SYS_RESOURCE]);
+    start
+}
+
+/// Limits every set to `keep` (the bounding set too, if it may), keeping
+/// `keep`'s ambient and inheritable capabilities, so that a program this
+/// process starts gets no more than `keep`, as root and as a service
+/// user with ambient capabilities alike.
+pub fn limit_capabilities(keep: &[caps::Capability]) -> Result<()> {
+    use caps::{CapSet, CapsHashSet};
+    let err = |what: &str, e: caps::errors::CapsError| {
+        Error::io(format!("limiting capabilities ({what})"), std::io::Error::other(e))
+    };
+    let keep: CapsHashSet = keep.iter().copied().collect();
+    if caps::has_cap(None, CapSet::Effective, caps::Capability::CAP_SETPCAP).unwrap_or(false) {
+        for cap in caps::runtime::thread_all_supported() {
+            if !keep.contains(&cap) {
+                caps::drop(None, CapSet::Bounding, cap).map_err(|e| err("bounding", e))?;
+            }
+        }
+    }
+    for set in [CapSet::Ambient, CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
+        let now = caps::read(None, set).map_err(|e| err("reading", e))?;
+        let kept: CapsHashSet = now.intersection(&keep).copied().collect();
+        caps::set(None, set, &kept).map_err(|e| err("setting", e))?;
+    }
+    Ok(())
+}
+
 /// Drops every capability but `keep` from the effective, permitted,
 /// inheritable and bounding sets, for good, and sets no_new_privs.
 /// Capabilities are per thread: call this before any thread is started
