@@ -41,6 +41,8 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     // proxy written for iptables REDIRECT.
     ("nsenter", "util-linux"),
     ("redsocks", "redsocks"),
+    // A real L3 tunnel (TUN over UDP) for the interface without Ethernet.
+    ("socat", "socat"),
 ];
 
 /// Services that packages above start when installed on a host run by
