@@ -129,6 +129,49 @@ fn intercept_local_relays_the_hosts_own_ports() -> Result<()> {
     Ok(())
 }
 
+/// Even with `--intercept-local`, another host never reaches loopback
+/// through the relay. Where `route_localnet=1` (kube-proxy sets it) the
+/// kernel delivers a SYN to 127.0.0.1 from the wire; relayed, it would reach
+/// a loopback-only service from a loopback source, which such services
+/// trust. Here the client routes 127.0.0.1 to the proxy.
+#[test]
+fn intercept_local_never_opens_loopback_to_another_host() -> Result<()> {
+    let topology = Topology::new("localnet")?;
+    let seen = http_responder(&topology.proxy, "127.0.0.1:80".parse()?, "loopback only")?;
+    topology.proxy.exec(&[
+        "sysctl",
+        "-qw",
+        &format!("net.ipv4.conf.{PROXY_CLIENT_IFACE}.route_localnet=1"),
+    ])?;
+    topology.client.exec(&["sysctl", "-qw", "net.ipv4.conf.c0.route_localnet=1"])?;
+    topology.client.exec(&["ip", "addr", "del", "127.0.0.1/8", "dev", "lo"])?;
+    topology.client.exec(&[
+        "ip",
+        "route",
+        "add",
+        "127.0.0.1/32",
+        "via",
+        "192.0.2.1",
+        "dev",
+        "c0",
+    ])?;
+    let proxy = Proxy::start(
+        &topology.proxy,
+        &["attach", PROXY_CLIENT_IFACE, "--port", "80", "--intercept-local"],
+    )?;
+    let answer = topology.client.curl("http://127.0.0.1/");
+    let stats = proxy.stats(&topology.proxy)?;
+    ensure!(answer.is_err(), "another host reached loopback: {answer:?}");
+    ensure!(seen.try_recv().is_err(), "the loopback service was reached");
+    ensure!(
+        stats["tcp"]["accepted"] == 1 && stats["tcp"]["refused_local"] == 1,
+        "the relay did not refuse it: {}",
+        stats["tcp"]
+    );
+    proxy.stop()?;
+    Ok(())
+}
+
 /// The clsact qdisc that tproxy created goes with it; one that was there
 /// before stays. (Kernels with TCX attach without a qdisc at all.)
 #[test]

@@ -514,3 +514,60 @@ fn datagrams_waiting_for_a_stalled_upstream_are_bounded() -> Result<()> {
     proxy.stop()?;
     Ok(())
 }
+
+/// A hostile SOCKS5 upstream: no authentication, and every UDP ASSOCIATE
+/// answered with the relay address given (an address of the proxy host).
+const HOSTILE_SOCKS5: &str = r#"
+import socket, struct, sys, threading
+relay_ip, relay_port = sys.argv[2], int(sys.argv[3])
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind((sys.argv[1], 1080))
+l.listen(64)
+print('listening', flush=True)
+def serve(c):
+    c.recv(257)
+    c.sendall(b'\x05\x00')
+    c.recv(262)
+    c.sendall(b'\x05\x00\x00\x01' + socket.inet_aton(relay_ip) + struct.pack('!H', relay_port))
+    c.recv(1)
+while True:
+    threading.Thread(target=serve, args=(l.accept()[0],), daemon=True).start()
+"#;
+
+/// SECURITY.md item 10: an upstream that names an address of the proxy
+/// host as its UDP relay (127.0.0.1, where a service trusts only this
+/// host) is refused, and no client datagram reaches that service.
+#[test]
+fn an_upstream_cannot_point_the_relay_at_the_host() -> Result<()> {
+    use std::io::BufRead as _;
+    let topology = topology("up-hostile")?;
+    let victim = topology.proxy.udp_bind("127.0.0.1:5399".parse()?)?;
+    victim.set_nonblocking(true)?;
+    let mut hostile = topology
+        .server
+        .command("python3")
+        .args(["-c", HOSTILE_SOCKS5, &UPSTREAM_V4.to_string(), "127.0.0.1", "5399"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufReader::new(hostile.stdout.take().expect("stdout")).read_line(&mut line)?;
+    ensure!(line.trim() == "listening");
+    let proxy = attach_through(&topology, &["5300"], &format!("socks5://{UPSTREAM_V4}:1080"))?;
+    let client = topology.client.udp_client(Topology::server_addr(false, 5300))?;
+    client.send_to(b"for the server", Topology::server_addr(false, 5300))?;
+    eventually(Duration::from_secs(10), || {
+        let stats = proxy.stats(&topology.proxy)?;
+        ensure!(stats["udp"]["upstream_failures"].as_u64() > Some(0), "not refused: {stats}");
+        Ok(())
+    })?;
+    match victim.recv_from(&mut [0u8; 256]) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => anyhow::bail!("the host's loopback service got {other:?}"),
+    }
+    let _ = hostile.kill();
+    let _ = hostile.wait();
+    let log = proxy.stop()?;
+    ensure!(log.contains("an address of this host"), "{log}");
+    Ok(())
+}

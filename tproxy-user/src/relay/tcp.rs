@@ -23,7 +23,7 @@ use tracing::{debug, warn};
 use self::connection::{Connection, reset};
 use super::{
     RelaySettings,
-    local::LocalAddrs,
+    local::{LocalAddrs, local_refused},
     transparent::{Accepted, TransparentListener},
 };
 use crate::{
@@ -412,7 +412,7 @@ fn refusal(shared: &Shared, peer: SocketAddr, dst: SocketAddr) -> Option<&Atomic
         debug!(%peer, %dst, "refused: destination is the relay itself");
         return Some(&stats.refused_loops);
     }
-    if !settings.allow_local_destinations && shared.local.contains(dst.ip()) {
+    if local_refused(settings, &shared.local, peer, dst) {
         debug!(%peer, %dst, "refused: destination is this host");
         return Some(&stats.refused_local);
     }

@@ -428,7 +428,7 @@ impl SessionTable {
             debug!(%client, %dst, "UDP datagram to the relay itself dropped");
             return;
         }
-        if !self.settings.allow_local_destinations && self.local.contains(dst.ip()) {
+        if super::local::local_refused(&self.settings, &self.local, client, dst) {
             self.stats.refused_local.fetch_add(1, Relaxed);
             debug!(%client, %dst, "UDP datagram to this host dropped");
             return;

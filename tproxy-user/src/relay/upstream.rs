@@ -400,6 +400,15 @@ impl Upstream {
             } else {
                 relay
             };
+            let local = crate::host::system::local_addresses().unwrap_or_default();
+            if !udp_relay_allowed(relay, self.addr, &local) {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "the upstream named {relay}, an address of this host, as its UDP relay"
+                    ),
+                ));
+            }
             let socket = transparent::udp_upstream(relay, &dial)?;
             Ok(UdpAssociation { control: stream.get_socket(), socket })
         };
@@ -410,6 +419,22 @@ impl Upstream {
         self.counters.count(&result);
         result
     }
+}
+
+/// Whether the UDP relay address an upstream answered with may be used: a
+/// hostile upstream would have the relay send clients' datagrams to this
+/// host's own services (loopback or its addresses), which only an upstream
+/// on this host may name.
+fn udp_relay_allowed(
+    relay: SocketAddr,
+    upstream: SocketAddr,
+    local: &std::collections::HashSet<std::net::IpAddr>,
+) -> bool {
+    let here = |ip: std::net::IpAddr| {
+        let ip = ip.to_canonical();
+        ip.is_loopback() || ip.is_unspecified() || local.contains(&ip)
+    };
+    !here(relay.ip()) || here(upstream.ip())
 }
 
 fn socks_error(e: fast_socks5::SocksError) -> io::Error {
@@ -556,6 +581,28 @@ pub fn socks5_udp_payload(datagram: &[u8]) -> Option<(SocketAddr, &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn udp_relays_on_this_host_are_refused_unless_the_proxy_is_there() {
+        let local: std::collections::HashSet<std::net::IpAddr> =
+            ["198.51.100.1".parse().unwrap()].into();
+        let (remote, here) =
+            ("203.0.113.5:1080".parse().unwrap(), "198.51.100.1:1080".parse().unwrap());
+        for (relay, upstream, allowed) in [
+            ("203.0.113.5:4000", remote, true),
+            ("127.0.0.1:53", remote, false),
+            ("[::1]:53", remote, false),
+            ("[::ffff:127.0.0.1]:53", remote, false),
+            ("198.51.100.1:53", remote, false),
+            ("127.0.0.1:4000", here, true),
+        ] {
+            assert_eq!(
+                udp_relay_allowed(relay.parse().unwrap(), upstream, &local),
+                allowed,
+                "{relay}"
+            );
+        }
+    }
 
     #[test]
     fn urls() {
