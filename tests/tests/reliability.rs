@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Shutdown, SocketAddr, TcpStream},
+    net::{IpAddr, Shutdown, SocketAddr, TcpStream},
     thread,
     time::{Duration, Instant},
 };
@@ -352,7 +352,11 @@ fn ten_thousand_concurrent_connections() -> Result<()> {
         // More than the default, which budgets for pipes in flight on
         // every connection at once; these take turns.
         let max = connections.to_string();
-        let proxy = attach(&topology, &["--port", "80", "--max-connections", &max])?;
+        // One client here: no per-source share.
+        let proxy = attach(
+            &topology,
+            &["--port", "80", "--max-connections", &max, "--max-connections-per-source", "0"],
+        )?;
         let baseline = socket_fds(proxy.pid())?;
         let started = Instant::now();
         let mut streams = Vec::with_capacity(connections);
@@ -630,4 +634,71 @@ fn one_source_cannot_hold_every_slot() -> Result<()> {
     ensure!(stats["tcp"]["refused_per_source"] == 1, "{}", stats["tcp"]);
     proxy.stop()?;
     Ok(())
+}
+
+/// Without any per-source option, one source holds at most an eighth of
+/// the connections, and an IPv6 client's whole /64 is one source: with
+/// room for 16, a client holding two from two of its addresses is reset
+/// from a third, while its IPv4 address is served. `--source-prefix-v6 128`
+/// counts each address alone.
+#[test]
+fn an_ipv6_64_is_one_source_by_default() -> Result<()> {
+    let topology = Topology::new("persource64")?;
+    let v4 = Topology::server_addr(false, 80);
+    let v6 = Topology::server_addr(true, 80);
+    let _seen4 = tcp_echo_server(&topology.server, v4)?;
+    let _seen6 = tcp_echo_server(&topology.server, v6)?;
+    let mac = topology.client.exec(&["cat", "/sys/class/net/c0/address"])?;
+    let others = ["2001:db8:1::3", "2001:db8:1::4"];
+    for ip in others {
+        topology.client.exec(&["ip", "addr", "add", &format!("{ip}/64"), "dev", "c0", "nodad"])?;
+        topology.proxy.exec(&[
+            "ip",
+            "neigh",
+            "replace",
+            ip,
+            "lladdr",
+            mac.trim(),
+            "dev",
+            PROXY_CLIENT_IFACE,
+            "nud",
+            "permanent",
+        ])?;
+    }
+    let from = |ip: &str| -> SocketAddr { (ip.parse::<IpAddr>().unwrap(), 0).into() };
+    for (prefix, third_served) in [("64", false), ("128", true)] {
+        let proxy = attach(
+            &topology,
+            &["--port", "80", "--max-connections", "16", "--source-prefix-v6", prefix],
+        )?;
+        let held = [
+            held_connection(&topology, from("2001:db8:1::2"), v6)?,
+            held_connection(&topology, from(others[0]), v6)?,
+        ];
+        let third = held_connection(&topology, from(others[1]), v6);
+        ensure!(third.is_ok() == third_served, "/{prefix}: the third address: {third:?}");
+        ensure!(ping(&topology, v4, Duration::from_secs(5))? == b"ping", "IPv4 was refused");
+        let refused = if third_served { 0 } else { 1 };
+        let tcp = &proxy.stop_with_stats(&topology.proxy)?["tcp"];
+        ensure!(tcp["refused_per_source"] == refused, "/{prefix}: {tcp}");
+        drop((held, third));
+    }
+    Ok(())
+}
+
+/// A connection from `from` to an echo server at `to` that answered once.
+fn held_connection(topology: &Topology, from: SocketAddr, to: SocketAddr) -> Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let socket = topology.client.run(move || -> std::io::Result<Socket> {
+        let socket = Socket::new(Domain::for_address(from), Type::STREAM, None)?;
+        socket.bind(&from.into())?;
+        Ok(socket)
+    })??;
+    socket.connect_timeout(&to.into(), Duration::from_secs(5))?;
+    let mut stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"ping")?;
+    let mut back = [0u8; 4];
+    stream.read_exact(&mut back).context("no echo")?;
+    Ok(stream)
 }

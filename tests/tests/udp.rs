@@ -221,7 +221,11 @@ fn idle_sessions_expire() -> Result<()> {
 fn the_session_table_is_bounded() -> Result<()> {
     const BOUND: usize = 4;
     let topology = Topology::new("udpbound")?;
-    let proxy = attach(&topology, &["--max-udp-sessions", &BOUND.to_string()])?;
+    // One client address: the table's bound alone, without a per-source share.
+    let proxy = attach(
+        &topology,
+        &["--max-udp-sessions", &BOUND.to_string(), "--max-udp-sessions-per-source", "0"],
+    )?;
     let server_addr = Topology::server_addr(false, PORT);
     let server = UdpServer::start(&topology.server, server_addr, 1)?;
     let clients: Vec<UdpSocket> =
@@ -241,6 +245,48 @@ fn the_session_table_is_bounded() -> Result<()> {
     let udp = &proxy.stats(&topology.proxy)?["udp"];
     ensure!(
         udp["sessions_total"] == 11 && udp["sessions_expired"] == 0 && udp["sessions_evicted"] == 7,
+        "{udp}"
+    );
+    proxy.stop()?;
+    Ok(())
+}
+
+/// One source holds at most an eighth of the sessions by default, and past
+/// it its oldest session makes room for its newest: a client flooding new
+/// sessions from one address never evicts another client's session. With
+/// room for 16, a client opens 40 from one address (a global LRU alone
+/// would evict the other client's); it keeps its 2 newest, and the session
+/// of a client on another address is the one it had.
+#[test]
+fn a_flood_from_one_source_evicts_only_its_own_sessions() -> Result<()> {
+    let topology = Topology::new("udpsource")?;
+    topology.client.exec(&["ip", "addr", "add", "192.0.2.3/24", "dev", "c0"])?;
+    let proxy = attach(&topology, &["--max-udp-sessions", "16"])?;
+    let server_addr = Topology::server_addr(false, PORT);
+    let server = UdpServer::start(&topology.server, server_addr, 1)?;
+    let other = topology.client.udp_bind("192.0.2.3:0".parse()?)?;
+    other.send_to(b"other", server_addr)?;
+    recv_from(&other, server_addr)?;
+    let others_session = *server.peers().last().context("no peer")?;
+    let flood: Vec<UdpSocket> =
+        (0..40).map(|_| topology.client.udp_client(server_addr)).collect::<Result<_>>()?;
+    for client in &flood {
+        client.send_to(b"flood", server_addr)?;
+        recv_from(client, server_addr)?;
+    }
+    other.send_to(b"again", server_addr)?;
+    recv_from(&other, server_addr)?;
+    let again = *server.peers().last().context("no peer")?;
+    ensure!(again == others_session, "the other client's session was replaced: {again}");
+    // The flood's first session was closed for its newer ones.
+    flood[0].send_to(b"first", server_addr)?;
+    recv_from(&flood[0], server_addr)?;
+    let udp = &proxy.stats(&topology.proxy)?["udp"];
+    ensure!(
+        udp["sessions_total"] == 42
+            && udp["sessions_evicted_per_source"] == 39
+            && udp["sessions_evicted"] == 0
+            && udp["sessions_active"] == 3,
         "{udp}"
     );
     proxy.stop()?;

@@ -17,8 +17,8 @@ use crate::{
     error::{Error, Result},
     intercept::{InterceptConfig, Interceptor, Loaded, RelaySocket, Target},
     relay::{
-        RelaySettings, TcpRelay, TcpRelayConfig, TcpRelayStats, UdpRelay, UdpRelayConfig,
-        UdpRelayStats,
+        RelaySettings, SourcePrefixes, TcpRelay, TcpRelayConfig, TcpRelayStats, UdpRelay,
+        UdpRelayConfig, UdpRelayStats,
     },
 };
 
@@ -37,6 +37,8 @@ pub struct AttachConfig {
     pub listen_port: u16,
     /// Also relay IPv6.
     pub ipv6: bool,
+    /// How clients are grouped for the relays' per-source bounds.
+    pub source_prefixes: SourcePrefixes,
     /// The TCP relay's limits and timeouts.
     pub tcp: TcpRelayConfig,
     /// The UDP relay's limits.
@@ -73,6 +75,7 @@ impl AttachConfig {
             intercept,
             listen_port: 0,
             ipv6: crate::host::system::ipv6_enabled(),
+            source_prefixes: SourcePrefixes::default(),
             tcp: TcpRelayConfig::default(),
             udp: UdpRelayConfig::default(),
             upstreams: Default::default(),
@@ -93,6 +96,7 @@ impl AttachConfig {
             allow_local_destinations: self.intercept.intercept_local,
             upstreams: self.upstreams.clone(),
             loopback: !self.intercept.cgroups.is_empty(),
+            source_prefixes: self.source_prefixes,
         }
     }
 }

@@ -18,7 +18,10 @@ use tproxy_user::{
         self, DEFAULT_MARK, DEFAULT_RULE_PRIORITY, DEFAULT_TABLE, DEFAULT_UPSTREAM_MARK,
         InterceptConfig, PortTarget, Target,
     },
-    relay::{RelaySettings, TcpRelayConfig, UdpRelayConfig, tcp, udp, upstream::Upstreams},
+    relay::{
+        RelaySettings, SourcePrefixes, TcpRelayConfig, UdpRelayConfig, tcp, udp,
+        upstream::Upstreams,
+    },
     rules::{Protocol, Rule, parse_ports},
 };
 use tracing_subscriber::EnvFilter;
@@ -302,9 +305,11 @@ struct RelayArgs {
     /// backlog. Default: 65536, or what the open-file limit allows.
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_connections: Option<usize>,
-    /// Most TCP connections relayed at once for one client address; past it
-    /// the client's new connections are reset. Default: no limit.
-    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    /// Most TCP connections relayed at once for one source (see
+    /// --source-prefix-v4/-v6); past it the source's new connections are
+    /// reset, so that one client cannot hold every slot. 0: no limit.
+    /// Default: an eighth of --max-connections.
+    #[arg(long)]
     max_connections_per_source: Option<usize>,
     /// Seconds a UDP session may be idle before it is closed.
     #[arg(long, default_value_t = udp::DEFAULT_IDLE_TIMEOUT.as_secs_f64(), value_name = "SECS")]
@@ -313,6 +318,18 @@ struct RelayArgs {
     /// it. Default: 16384, or a quarter of what the open-file limit allows.
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_udp_sessions: Option<usize>,
+    /// Most UDP sessions at once for one source; past it the source's
+    /// oldest session makes room for its new one, so that it competes only
+    /// with itself. 0: no limit. Default: an eighth of --max-udp-sessions.
+    #[arg(long)]
+    max_udp_sessions_per_source: Option<usize>,
+    /// IPv4 clients in one prefix of this length count as one source.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u8).range(1..=32))]
+    source_prefix_v4: u8,
+    /// IPv6 clients in one prefix of this length count as one source: a
+    /// host usually holds a whole /64 and may send from any address in it.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u8).range(1..=128))]
+    source_prefix_v6: u8,
 }
 
 #[derive(Args)]
@@ -337,7 +354,7 @@ struct CleanupArgs {
 const DEFAULT_LOG_FILTER: &str = "info";
 
 /// `attach` options that only our relay uses, which `--to-port` refuses.
-const RELAY_ONLY: [&str; 12] = [
+const RELAY_ONLY: [&str; 15] = [
     "listen_port",
     "upstream_mark",
     "spoof_source",
@@ -348,6 +365,9 @@ const RELAY_ONLY: [&str; 12] = [
     "max_connections_per_source",
     "udp_idle_timeout",
     "max_udp_sessions",
+    "max_udp_sessions_per_source",
+    "source_prefix_v4",
+    "source_prefix_v6",
     "upstream",
     "upstream_file",
 ];
@@ -413,6 +433,7 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
         intercept,
         listen_port: args.relay.listen_port,
         ipv6: tproxy_user::host::system::ipv6_enabled(),
+        source_prefixes: source_prefixes(&args.relay),
         tcp,
         udp,
         upstreams: upstreams(&args.relay.upstream, args.relay.upstream_file.as_deref())?,
@@ -466,7 +487,17 @@ fn relay_settings(args: &RelayArgs) -> anyhow::Result<RelaySettings> {
         allow_local_destinations: false,
         upstreams: upstreams(&args.upstream, args.upstream_file.as_deref())?,
         loopback: false,
+        source_prefixes: source_prefixes(args),
     })
+}
+
+fn source_prefixes(args: &RelayArgs) -> SourcePrefixes {
+    SourcePrefixes { v4: args.source_prefix_v4, v6: args.source_prefix_v6 }
+}
+
+/// A per-source bound as given: 0 is no limit.
+fn per_source(given: Option<usize>) -> Option<usize> {
+    given.map(|n| if n == 0 { usize::MAX } else { n })
 }
 
 fn relay_configs(args: &RelayArgs) -> anyhow::Result<(TcpRelayConfig, UdpRelayConfig)> {
@@ -478,12 +509,13 @@ fn relay_configs(args: &RelayArgs) -> anyhow::Result<(TcpRelayConfig, UdpRelayCo
         connect_timeout: seconds("--connect-timeout", args.connect_timeout)?,
         idle_timeout,
         max_connections: args.max_connections,
-        max_connections_per_source: args.max_connections_per_source,
+        max_connections_per_source: per_source(args.max_connections_per_source),
         listeners: args.tcp_listeners,
     };
     let udp = UdpRelayConfig {
         idle_timeout: seconds("--udp-idle-timeout", args.udp_idle_timeout)?,
         max_sessions: args.max_udp_sessions,
+        max_sessions_per_source: per_source(args.max_udp_sessions_per_source),
     };
     Ok((tcp, udp))
 }

@@ -4,6 +4,7 @@
 mod budget;
 mod local;
 mod pump;
+mod source;
 pub mod tcp;
 pub mod timewait;
 pub mod transparent;
@@ -11,6 +12,7 @@ pub mod udp;
 pub mod upstream;
 
 pub use budget::{DescriptorBudget, fit_to_descriptors};
+pub use source::{SourcePrefixes, default_share};
 
 /// What the TCP and UDP relays share: where they listen and how they reach
 /// the original destination.
@@ -39,6 +41,9 @@ pub struct RelaySettings {
     /// destinations come from the hooks' record, given with
     /// `set_original_dsts`.
     pub loopback: bool,
+    /// How client addresses are grouped into sources for the per-source
+    /// bounds (`max_connections_per_source`, `max_sessions_per_source`).
+    pub source_prefixes: SourcePrefixes,
 }
 
 impl RelaySettings {
@@ -63,6 +68,7 @@ impl Default for RelaySettings {
             allow_local_destinations: false,
             upstreams: upstream::Upstreams::default(),
             loopback: false,
+            source_prefixes: SourcePrefixes::default(),
         }
     }
 }

@@ -24,6 +24,7 @@ use self::connection::{Connection, reset};
 use super::{
     RelaySettings,
     local::{LocalAddrs, local_refused},
+    source::{self, PerSource},
     transparent::{Accepted, TransparentListener},
 };
 use crate::{
@@ -44,9 +45,11 @@ pub struct TcpRelayConfig {
     /// new connections wait in the kernel's backlog. `None`: the default,
     /// or what the open-file limit allows (see [`super::fit_to_descriptors`]).
     pub max_connections: Option<usize>,
-    /// Most connections relayed at once for one client address; past it a
-    /// new connection from that address is reset, so that one client
-    /// cannot hold every slot. `None`: no limit.
+    /// Most connections relayed at once for one source (a client address
+    /// cut to [`RelaySettings::source_prefixes`]); past it the source's new
+    /// connections are reset, so that one client cannot hold every slot.
+    /// `None`: an eighth of `max_connections` ([`source::default_share`]);
+    /// `Some(usize::MAX)`: no limit.
     pub max_connections_per_source: Option<usize>,
     /// Listeners per family. Above 1 they form an SO_REUSEPORT group that
     /// the kernel balances; `bpf_sk_assign` takes such sockets only since
@@ -238,10 +241,9 @@ impl TcpRelay {
         let max = self.config.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
         let slots = Arc::new(Semaphore::new(max.max(1)));
         let local = LocalAddrs::watch(shutdown.clone());
-        let per_source = self.config.max_connections_per_source.map(|max| PerSource {
-            max,
-            held: std::sync::Mutex::new(std::collections::HashMap::new()),
-        });
+        let share = self.config.max_connections_per_source.unwrap_or(source::default_share(max));
+        let per_source =
+            (share < max).then(|| PerSource::new(share, self.settings.source_prefixes));
         let shared = Arc::new(Shared {
             settings: self.settings,
             config: self.config,
@@ -280,35 +282,6 @@ pub(super) struct Shared {
     slots: Arc<Semaphore>,
     pub per_source: Option<PerSource>,
     pub rules: Option<RulesWatch>,
-}
-
-/// Connections held per client address.
-pub(super) struct PerSource {
-    max: usize,
-    held: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
-}
-
-impl PerSource {
-    /// Takes a slot for `ip`, unless it holds `max` already.
-    fn take(&self, ip: std::net::IpAddr) -> bool {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        let count = held.entry(ip).or_default();
-        if *count >= self.max {
-            return false;
-        }
-        *count += 1;
-        true
-    }
-
-    pub fn give_back(&self, ip: std::net::IpAddr) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = held.get_mut(&ip) {
-            *count -= 1;
-            if *count == 0 {
-                held.remove(&ip);
-            }
-        }
-    }
 }
 
 /// A plain listener on loopback, for connections the cgroup hooks send.

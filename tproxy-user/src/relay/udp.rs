@@ -40,6 +40,7 @@ use tracing::{debug, warn};
 use super::{
     RelaySettings,
     local::LocalAddrs,
+    source::SourceQueues,
     transparent::{self, Datagram, DialOptions, RecvError, TransparentUdp},
 };
 use crate::{
@@ -57,11 +58,21 @@ pub struct UdpRelayConfig {
     /// `None`: the default, or what the open-file limit allows (see
     /// [`super::fit_to_descriptors`]).
     pub max_sessions: Option<usize>,
+    /// Most sessions at once for one source (a client address cut to
+    /// [`RelaySettings::source_prefixes`]); past it the source's oldest
+    /// session is closed for its new one, so that one client competes only
+    /// with itself. `None`: an eighth of `max_sessions`
+    /// ([`super::default_share`]); `Some(usize::MAX)`: no limit.
+    pub max_sessions_per_source: Option<usize>,
 }
 
 impl Default for UdpRelayConfig {
     fn default() -> Self {
-        Self { idle_timeout: DEFAULT_IDLE_TIMEOUT, max_sessions: None }
+        Self {
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_sessions: None,
+            max_sessions_per_source: None,
+        }
     }
 }
 
@@ -89,6 +100,11 @@ crate::counters::counters! {
         /// Sessions closed because the table was full.
         sessions_evicted: Counter("tproxy_udp_sessions_evicted", "evicted",
             "UDP sessions evicted because the table was full"),
+        /// Sessions closed to make room for a newer one of the same source,
+        /// which held `max_sessions_per_source`.
+        sessions_evicted_per_source: Counter("tproxy_udp_sessions_evicted_per_source",
+            "evicted per source",
+            "UDP sessions closed for a newer one of a source at its bound"),
         /// Datagrams from clients relayed upstream.
         datagrams_up: Counter("tproxy_udp_datagrams" direction = "up", "datagrams up",
             "UDP datagrams relayed"),
@@ -363,6 +379,8 @@ struct SessionTable {
     stats: Arc<UdpRelayStats>,
     local: LocalAddrs,
     sessions: LruCache<SessionKey, Session>,
+    /// The sessions of each source, when a source may hold fewer than all.
+    per_source: Option<SourceQueues<SessionKey>>,
     /// Sessions whose SOCKS5 association is being opened, with the
     /// datagrams that wait for it.
     opening: HashMap<SessionKey, Vec<Vec<u8>>>,
@@ -398,12 +416,16 @@ impl SessionTable {
         let (sessions, epoch) = (LruCache::unbounded(), Instant::now());
         let (opening, associated) = (HashMap::new(), None);
         let queued_bytes = 0;
+        let max = config.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS);
+        let share = config.max_sessions_per_source.unwrap_or(super::default_share(max));
+        let per_source = (share < max).then(|| SourceQueues::new(share, settings.source_prefixes));
         Self {
             settings,
             config,
             stats,
             local,
             sessions,
+            per_source,
             opening,
             queued_bytes,
             rules: None,
@@ -443,10 +465,7 @@ impl SessionTable {
         }
         if !self.sessions.contains(&key) {
             match self.open(client, dst, reply_from, now) {
-                Ok(session) => {
-                    self.make_room();
-                    self.sessions.put(key, session);
-                }
+                Ok(session) => self.insert(key, session),
                 Err(e) => {
                     self.stats.upstream_failures.fetch_add(1, Relaxed);
                     debug!(%client, %dst, error = %e, "UDP session could not be opened");
@@ -541,12 +560,11 @@ impl SessionTable {
             Some(header.into()),
             now,
         );
-        self.make_room();
         for payload in &waiting {
             let (upstream, header) = (&session.upstream, session.header.as_deref());
             forward(&**upstream, header, payload, Direction::Up, &session.activity, &self.stats);
         }
-        self.sessions.put(key, session);
+        self.insert(key, session);
     }
 
     fn open(
@@ -593,6 +611,38 @@ impl SessionTable {
         Session { upstream, _control: control, header, activity, promoted_at: now, stop, task }
     }
 
+    /// Adds a session, after closing its source's oldest if the source is
+    /// at its bound, and the least recently used if the table is full.
+    fn insert(&mut self, key: SessionKey, session: Session) {
+        let sessions = &self.sessions;
+        let oldest =
+            self.per_source.as_mut().and_then(|p| p.over(key.0.ip(), |k| sessions.contains(k)));
+        if let Some(session) = oldest.and_then(|old| self.remove(old)) {
+            self.stats.sessions_evicted_per_source.fetch_add(1, Relaxed);
+            self.close(session, "evicted: its source is at its bound");
+        }
+        self.make_room();
+        self.sessions.put(key, session);
+        if let Some(p) = &mut self.per_source {
+            p.added(key.0.ip(), key);
+        }
+    }
+
+    /// Takes a session out of the table.
+    fn remove(&mut self, key: SessionKey) -> Option<Session> {
+        let session = self.sessions.pop(&key)?;
+        self.released(key);
+        Some(session)
+    }
+
+    /// `key` left the table.
+    fn released(&mut self, key: SessionKey) {
+        let sessions = &self.sessions;
+        if let Some(p) = &mut self.per_source {
+            p.removed(key.0.ip(), key, |k| sessions.contains(k));
+        }
+    }
+
     /// Evicts least recently used sessions until one more fits. A session
     /// whose server spoke since it was last promoted gets a second chance.
     fn make_room(&mut self) {
@@ -606,6 +656,7 @@ impl SessionTable {
                 self.sessions.put(key, session);
                 continue;
             }
+            self.released(key);
             self.stats.sessions_evicted.fetch_add(1, Relaxed);
             self.close(session, "evicted: the table is full");
         }
@@ -622,7 +673,7 @@ impl SessionTable {
             .map(|(k, _)| *k)
             .collect();
         for key in expired {
-            if let Some(session) = self.sessions.pop(&key) {
+            if let Some(session) = self.remove(key) {
                 self.stats.sessions_expired.fetch_add(1, Relaxed);
                 self.close(session, "expired");
             }
@@ -650,7 +701,7 @@ impl SessionTable {
             })
             .collect();
         for key in gone {
-            if let Some(session) = self.sessions.pop(&key) {
+            if let Some(session) = self.remove(key) {
                 self.close(session, "closed: no rule intercepts it now");
             }
         }

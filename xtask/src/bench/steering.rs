@@ -167,6 +167,9 @@ impl<'a> Steering<'a> {
                     "bench",
                     "--max-connections",
                     &max,
+                    // One client machine, like HAProxy's default of none.
+                    "--max-connections-per-source",
+                    "0",
                 ];
                 if mode == Mode::OursSpoof {
                     // Replies to the client's address arrive on the server side.
