@@ -273,6 +273,11 @@ impl Netns {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Runs `ip -batch` here: one command a line.
+    pub fn ip_batch(&self, script: &str) -> Result<()> {
+        run_ip_batch(&["-n", &self.name], script)
+    }
+
     /// Waits until a socket here is bound to `port`: `-t` TCP listening,
     /// `-u` UDP. Programs we start (python, socat) take a while under
     /// emulation, and a peer that talks first meets a refusal.

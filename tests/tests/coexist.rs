@@ -2,7 +2,7 @@
 //! own addresses reaches them untouched while their ports are intercepted,
 //! and what tproxy adds or removes leaves everything else alone.
 
-use std::{net::IpAddr, time::Duration};
+use std::{io::Write as _, net::IpAddr, time::Duration};
 
 use anyhow::{Result, ensure};
 use tproxy_tests::*;
@@ -168,6 +168,51 @@ fn intercept_local_never_opens_loopback_to_another_host() -> Result<()> {
         "the relay did not refuse it: {}",
         stats["tcp"]
     );
+    proxy.stop()?;
+    Ok(())
+}
+
+/// More local destinations than the datapath holds (an IPVS node's
+/// service addresses, say) still reach the host's own services: the
+/// program asks the kernel's routes for intercepted packets to what its
+/// table lacks. Here it holds 64, and 100 addresses come on top of the
+/// host's own; each answers from the host while the server's traffic is
+/// relayed, and the table is complete again once they go.
+#[test]
+fn local_destinations_past_the_datapaths_capacity_stay_the_hosts() -> Result<()> {
+    let topology = Topology::new("localfull")?;
+    let _web = HttpServer::start(&topology.proxy, 80, "the proxy host itself")?;
+    let seen = http_responder(&topology.server, Topology::server_addr(false, 80), "the server")?;
+    let proxy = Proxy::start(
+        &topology.proxy,
+        &["attach", PROXY_CLIENT_IFACE, "--port", "80", "--local-destinations", "64"],
+    )?;
+    let addrs: Vec<String> = (1..=100).map(|i| format!("203.0.113.{i}")).collect();
+    let batch = |verb: &str| -> String {
+        addrs.iter().map(|a| format!("addr {verb} {a}/32 dev {PROXY_CLIENT_IFACE}\n")).collect()
+    };
+    topology.proxy.ip_batch(&batch("add"))?;
+    proxy.wait_for_log("local destinations and the datapath holds", Duration::from_secs(10))?;
+    for addr in &addrs {
+        let mut stream = topology.client.tcp_connect((addr.parse::<IpAddr>()?, 80).into())?;
+        stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+        let answer = read_to_end(&mut stream)?;
+        ensure!(
+            String::from_utf8_lossy(&answer).contains("the proxy host itself"),
+            "{addr} did not reach the host's own server"
+        );
+    }
+    ensure!(topology.client.curl("http://198.51.100.10/")?.contains("the server"));
+    ensure!(seen.try_recv().is_ok_and(|peer| peer.ip() != client_ip(false)), "not relayed");
+    let stats = proxy.stats(&topology.proxy)?;
+    ensure!(
+        stats["tcp"]["accepted"] == 1
+            && stats["tcp"]["refused_local"] == 0
+            && stats["datapath"]["local_unknown"] == 0,
+        "{stats}"
+    );
+    topology.proxy.ip_batch(&batch("del"))?;
+    proxy.wait_for_log("all fit in the datapath again", Duration::from_secs(10))?;
     proxy.stop()?;
     Ok(())
 }

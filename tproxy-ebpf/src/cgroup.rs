@@ -27,7 +27,7 @@ use tproxy_ebpf::{
 
 use crate::{
     program::{BYPASS_MARK, INTERCEPT_LOCAL, global, is_v4_mapped, sock_words},
-    rules::{Query, gated, is_local, match_rule},
+    rules::{Query, gated, is_local, local_dests_incomplete, match_rule},
     stats::{count, rule_stats},
 };
 
@@ -150,8 +150,16 @@ fn redirect(ctx: &SockAddrContext, ipv6_hook: bool) {
         return;
     }
     let (daddr, ipv4) = user_addr(sa, ipv6_hook);
-    if global(&INTERCEPT_LOCAL) == 0 && is_local(!ipv4, &daddr) {
-        return;
+    if global(&INTERCEPT_LOCAL) == 0 {
+        if is_local(!ipv4, &daddr) {
+            return;
+        }
+        // No FIB lookup here: what the incomplete trie does not know stays
+        // the host's.
+        if local_dests_incomplete() {
+            count(stat::LOCAL_UNKNOWN);
+            return;
+        }
     }
     // The host's own connections have no client address: rules with a
     // source filter do not apply to them.

@@ -208,7 +208,13 @@ pub mod stat {
     /// The same that a rule intercepts, let through to their destination
     /// because no target was there (fail-open).
     pub const CGROUP_NO_TARGET: u32 = 12;
-    pub const COUNT: u32 = 13;
+    /// Packets and connections passed because the host's own destinations
+    /// were incomplete (`LOCAL_DESTS_INCOMPLETE`) and nothing could say
+    /// their destination is not one: the TC program asks the FIB, which
+    /// cannot answer on an interface that does not forward; the cgroup
+    /// hooks cannot ask.
+    pub const LOCAL_UNKNOWN: u32 = 13;
+    pub const COUNT: u32 = 14;
 }
 
 /// A socket address as the cgroup hooks see it (`struct bpf_sock_addr`):
@@ -301,6 +307,8 @@ pub mod names {
     pub const LOCAL_DESTS: &str = "LOCAL_DESTS";
     /// ...unless this is non-zero.
     pub const INTERCEPT_LOCAL: &str = "INTERCEPT_LOCAL";
+    /// Non-zero while `LOCAL_DESTS` may lack some of them.
+    pub const LOCAL_DESTS_INCOMPLETE: &str = "LOCAL_DESTS_INCOMPLETE";
     /// Non-zero: drop what may be for an intercepted port but cannot be
     /// parsed whole, instead of passing it.
     pub const DROP_UNPARSED: &str = "DROP_UNPARSED";

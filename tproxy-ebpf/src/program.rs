@@ -7,12 +7,13 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT,
+        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NOT_FWDED,
+        BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, bpf_fib_lookup as FibParams,
         bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock,
     },
     cty::c_void,
     helpers::{
-        bpf_map_lookup_elem, bpf_map_update_elem, bpf_sk_assign, bpf_sk_lookup_tcp,
+        bpf_fib_lookup, bpf_map_lookup_elem, bpf_map_update_elem, bpf_sk_assign, bpf_sk_lookup_tcp,
         bpf_sk_lookup_udp, bpf_sk_release, bpf_skb_load_bytes_relative, bpf_skc_lookup_tcp,
         bpf_tcp_check_syncookie,
     },
@@ -27,7 +28,7 @@ use tproxy_ebpf::{
 
 use crate::parse::{ETH_L3, ETH_P_IP, ETH_P_IPV6, Flow, Packet, bounded, opaque, parse, ptr_at};
 use crate::{
-    rules::{Query, gated, is_local, match_rule},
+    rules::{Query, gated, is_local, local_dests_incomplete, match_rule},
     stats::{count, rule_stats},
 };
 
@@ -308,13 +309,62 @@ fn steer(ctx: &TcContext, mut flow: Flow) -> Outcome {
     }
     // The host's own services and clients keep their traffic; they would
     // otherwise lose it to the relay wherever a rule covers their port.
-    if global(&INTERCEPT_LOCAL) == 0 && is_local(flow.ipv6, &daddr(&flow)) {
-        return Some(stat::TO_HOST);
+    if global(&INTERCEPT_LOCAL) == 0 {
+        if is_local(flow.ipv6, &daddr(&flow)) {
+            return Some(stat::TO_HOST);
+        }
+        if local_dests_incomplete() {
+            match fib_locality(ctx, &flow) {
+                Locality::Elsewhere => {}
+                Locality::Here => return Some(stat::TO_HOST),
+                Locality::Unknown => return Some(stat::LOCAL_UNKNOWN),
+            }
+        }
     }
     if flow.proto == PROTO_TCP {
         steer_tcp(ctx, &mut flow, to_port)
     } else {
         steer_udp(ctx, &mut flow, to_port)
+    }
+}
+
+enum Locality {
+    Here,
+    Elsewhere,
+    Unknown,
+}
+
+/// Where the kernel's FIB sends the flow's packets, for when `LOCAL_DESTS`
+/// is incomplete. A lookup per packet, so only then.
+#[inline(always)]
+fn fib_locality(ctx: &TcContext, flow: &Flow) -> Locality {
+    const AF_INET: u8 = 2;
+    const AF_INET6: u8 = 10;
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.l4_protocol = flow.proto;
+    params.sport = flow.sport.to_be();
+    params.dport = flow.dport.to_be();
+    params.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    unsafe {
+        if flow.ipv6 {
+            params.family = AF_INET6;
+            params.__bindgen_anon_3.ipv6_src = flow.tuple.__bindgen_anon_1.ipv6.saddr;
+            params.__bindgen_anon_4.ipv6_dst = flow.tuple.__bindgen_anon_1.ipv6.daddr;
+        } else {
+            params.family = AF_INET;
+            params.__bindgen_anon_3.ipv4_src = flow.tuple.__bindgen_anon_1.ipv4.saddr;
+            params.__bindgen_anon_4.ipv4_dst = flow.tuple.__bindgen_anon_1.ipv4.daddr;
+        }
+    }
+    let size = core::mem::size_of::<FibParams>() as i32;
+    let ret = unsafe { bpf_fib_lookup(ctx.skb.skb as *mut _, &mut params, size, 0) };
+    match ret {
+        // Local, broadcast and multicast routes are not forwarded.
+        r if r == BPF_FIB_LKUP_RET_NOT_FWDED as i64 => Locality::Here,
+        // An error, or an interface that does not forward (the lookup
+        // stops before the route).
+        r if r < 0 || r == BPF_FIB_LKUP_RET_FWD_DISABLED as i64 => Locality::Unknown,
+        _ => Locality::Elsewhere,
     }
 }
 

@@ -31,6 +31,17 @@ static ACTIVE_RULES: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static LOCAL_DESTS: LpmTrie<AddrKey, u8> = LpmTrie::with_max_entries(MAX_LOCAL_DESTS, 0);
 
+/// Non-zero while `LOCAL_DESTS` may lack some of the host's destinations
+/// (userland could not fit or sync them): what is not in it is then not
+/// known to be elsewhere.
+#[map]
+static LOCAL_DESTS_INCOMPLETE: Array<u32> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn local_dests_incomplete() -> bool {
+    LOCAL_DESTS_INCOMPLETE.get(0).is_some_and(|v| *v != 0)
+}
+
 /// A flow as the rules see it. Addresses in network order, IPv4 in `[0]`.
 pub struct Query {
     pub ipv6: bool,

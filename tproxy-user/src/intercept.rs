@@ -17,7 +17,7 @@ use crate::{
     datapath::original_dst::OriginalDsts,
     datapath::{
         self, Datapath, DatapathStats,
-        local_table::LocalTable,
+        local_table::{self, LocalTable},
         routing::{self, PolicyRouting, RoutingConfig},
     },
     error::{Error, Result},
@@ -145,6 +145,11 @@ pub struct InterceptConfig {
     /// longer than the program walks), so that interception cannot be
     /// bypassed with them. By default they pass untouched.
     pub drop_unparsed: bool,
+    /// Most of the host's own destinations (its `local` routing table) the
+    /// datapath holds. `None`: sized from the host
+    /// ([`local_table::default_capacity`]). Past it the programs are told
+    /// the table is incomplete and leave what it may lack to the host.
+    pub local_dests_capacity: Option<u32>,
 }
 
 impl InterceptConfig {
@@ -167,6 +172,7 @@ impl InterceptConfig {
             intercept_local: false,
             drop_unparsed: false,
             takeover: false,
+            local_dests_capacity: None,
         }
     }
 
@@ -915,6 +921,9 @@ pub fn load_programs(config: &InterceptConfig, links: &[system::LinkKind]) -> Re
         cgroup_hooks: !config.cgroups.is_empty(),
         original_dst_answers: config.original_dst_cgroup.is_some(),
         netns_cookie: if config.cgroups.is_empty() { 0 } else { system::netns_cookie() },
+        local_dests_capacity: config
+            .local_dests_capacity
+            .unwrap_or_else(local_table::default_capacity),
     })
 }
 

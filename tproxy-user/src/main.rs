@@ -231,6 +231,12 @@ struct AttachArgs {
     /// goes to the host's own services untouched.
     #[arg(long)]
     intercept_local: bool,
+    /// Most of the host's own destinations (its `local` routing table) the
+    /// datapath holds. Past it, intercepted packets to the others are
+    /// checked against the kernel's routes one by one. Default: four times
+    /// the host's addresses and interfaces, at least 16384.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(16..))]
+    local_destinations: Option<u32>,
     /// What to do with packets that may be for an intercepted port but
     /// cannot be parsed whole: first fragments to an intercepted port, IPv6
     /// extension chains longer than the program walks. `drop` makes
@@ -426,6 +432,7 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
         intercept.spoof_source = !args.no_return_path;
     }
     intercept.intercept_local = args.intercept_local;
+    intercept.local_dests_capacity = args.local_destinations;
     intercept.drop_unparsed = args.unparsed == "drop";
     let (tcp, udp) = relay_configs(&args.relay)?;
     Ok(AttachConfig {

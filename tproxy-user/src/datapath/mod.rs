@@ -22,7 +22,7 @@ use aya::{
     },
     util::nr_cpus,
 };
-use tproxy_ebpf::{AddrKey, ParseTrace, RuleAction, RuleMatch, RuleStats, gate_index, names, stat};
+use tproxy_ebpf::{ParseTrace, RuleAction, RuleMatch, RuleStats, gate_index, names, stat};
 use tracing::{debug, warn};
 
 use crate::{
@@ -83,6 +83,11 @@ crate::counters::counters! {
         /// there (fail-open).
         cgroup_no_target: Counter("tproxy_cgroup_redirects" outcome = "no_target", "cgroup without target",
             "Connections and unconnected sends of the host's own processes a rule intercepts, by what was done"),
+        /// Packets and connections on intercepted ports passed because the
+        /// host's own destinations were incomplete in the datapath and
+        /// nothing could say theirs is not one (fail-safe).
+        local_unknown: Counter("tproxy_datapath_local_unknown", "passed, locality unknown",
+            "Packets and connections on intercepted ports passed while the host's own destinations were incomplete"),
     }
 }
 
@@ -128,6 +133,9 @@ pub struct Settings {
     /// The network namespace whose sockets the cgroup hooks rewrite, by
     /// its cookie; 0: every one.
     pub netns_cookie: u64,
+    /// Most entries of the host's own destinations; 0: the program's
+    /// default (`MAX_LOCAL_DESTS`).
+    pub local_dests_capacity: u32,
 }
 
 /// What [`Datapath::attach`] added.
@@ -149,6 +157,8 @@ pub struct Datapath {
     reopen_loaded: bool,
     /// Which copy of the rule trie the program reads.
     active_rules: u32,
+    /// Most entries of `LOCAL_DESTS`.
+    local_dests_capacity: u32,
 }
 
 impl Datapath {
@@ -170,6 +180,10 @@ impl Datapath {
         // Network order, as the program compares them with packets.
         let target_ipv4 = settings.target_ipv4.map_or(0, |a| u32::from_ne_bytes(a.octets()));
         let target_ipv6: [u32; 4] = settings.target_ipv6.map_or([0; 4], original_dst::words);
+        let local_dests_capacity = match settings.local_dests_capacity {
+            0 => tproxy_ebpf::MAX_LOCAL_DESTS,
+            n => n,
+        };
         let mut ebpf = EbpfLoader::new()
             .override_global(names::MARK, &settings.mark, true)
             .override_global(names::BYPASS_MARK, &settings.upstream_mark, true)
@@ -181,6 +195,7 @@ impl Datapath {
             .override_global(names::TARGET_ADDR4, &target_ipv4, true)
             .override_global(names::TARGET_ADDR6, &target_ipv6, true)
             .override_global(names::NETNS_COOKIE, &settings.netns_cookie, true)
+            .map_max_entries(names::LOCAL_DESTS, local_dests_capacity)
             .load(PROGRAM_OBJECT)
             .map_err(Error::Load)?;
         for (wanted, name) in
@@ -208,7 +223,7 @@ impl Datapath {
                 false
             }
         };
-        Ok(Self { links: Vec::new(), ebpf, reopen_loaded, active_rules: 0 })
+        Ok(Self { links: Vec::new(), ebpf, reopen_loaded, active_rules: 0, local_dests_capacity })
     }
 
     /// How many instructions the verifier explored to accept each loaded TC
@@ -483,12 +498,17 @@ impl Datapath {
         traces.get(&0, 0).map_err(map_err(names::PARSE_TRACE))
     }
 
-    /// Takes the map of the host's own destinations out, for
+    /// Takes the maps of the host's own destinations out, for
     /// [`local_table::LocalTable`] to keep current.
-    pub fn take_local_dests(&mut self) -> Result<LpmTrie<MapData, AddrKey, u8>> {
+    pub fn take_local_dests(&mut self) -> Result<local_table::LocalDests> {
         let map =
             self.ebpf.take_map(names::LOCAL_DESTS).ok_or_else(|| missing(names::LOCAL_DESTS))?;
-        LpmTrie::try_from(map).map_err(map_err(names::LOCAL_DESTS))
+        let capacity = self.local_dests_capacity;
+        let trie = LpmTrie::try_from(map).map_err(map_err(names::LOCAL_DESTS))?;
+        let name = names::LOCAL_DESTS_INCOMPLETE;
+        let map = self.ebpf.take_map(name).ok_or_else(|| missing(name))?;
+        let incomplete = Array::try_from(map).map_err(map_err(name))?;
+        Ok(local_table::LocalDests { trie, incomplete, capacity })
     }
 
     fn map_mut<'a, M>(&'a mut self, name: &'static str) -> Result<M>
