@@ -144,3 +144,22 @@ fn to_addr_that_no_listener_can_bind() -> Result<()> {
         "a target address must be one a listener can bind to",
     )
 }
+
+#[test]
+fn to_port_owner_that_is_no_user() -> Result<()> {
+    rejected(
+        "toowner",
+        &[],
+        &[
+            "attach",
+            PROXY_CLIENT_IFACE,
+            "--port",
+            "80",
+            "--to-port",
+            "8080",
+            "--to-port-owner",
+            "no-such-user",
+        ],
+        "--to-port-owner: no user \"no-such-user\"",
+    )
+}

@@ -440,3 +440,85 @@ fn the_upgrade_helper_holds_only_what_a_start_needs() -> Result<()> {
     proxy.stop()?;
     Ok(())
 }
+
+/// Binds UDP and listens on TCP on 0.0.0.0:PORT, prints `ready`, then
+/// prints `udp` or `tcp` for each datagram or connection that reaches it.
+const SQUAT: &str = r#"
+import socket, sys
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(('0.0.0.0', int(sys.argv[1])))
+print('ready', flush=True)
+while True:
+    print(u.recv(2048).decode(), flush=True)
+"#;
+
+/// Item 6: while the `--to-port` listener is down, another user who binds
+/// its UDP port gets no datagram: the datapath hands new flows only to the
+/// owner's sockets (root's by default), and drops and counts those that
+/// meet anyone else's. With that user named as the owner, the same socket
+/// gets them, which is what any user's socket got before. (A TCP listener
+/// of theirs could not answer: its SYN-ACK from the client's destination
+/// needs IP_TRANSPARENT, which needs CAP_NET_ADMIN.)
+#[test]
+fn no_local_user_can_stand_in_for_a_to_port_listener() -> Result<()> {
+    const PORT: &str = "8443";
+    let topology = Topology::new("squat")?;
+    let server = Topology::server_addr(false, 5300);
+    for (owner, stolen) in [("root", false), ("65534", true)] {
+        let mut squatter = as_nobody(&topology.proxy, PYTHON)
+            .args(["-c", SQUAT, PORT])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let said = lines_of(squatter.stdout.take().context("stdout")?);
+        let ready = said.recv_timeout(Duration::from_secs(10));
+        ensure!(ready.as_deref() == Ok("ready"), "the squatter did not bind: {ready:?}");
+        let proxy = Proxy::start(
+            &topology.proxy,
+            &[
+                "attach",
+                PROXY_CLIENT_IFACE,
+                "--rule",
+                "udp/5300",
+                "--to-port",
+                PORT,
+                "--to-port-owner",
+                owner,
+            ],
+        )?;
+        let client = topology.client.udp_client(server)?;
+        client.send_to(b"secret", server)?;
+        let outcome = if stolen {
+            said.recv_timeout(Duration::from_secs(10)).ok()
+        } else {
+            proxy.wait_for_counter(&topology.proxy, "datapath", "target_foreign", 1)?;
+            None
+        };
+        let stats = proxy.stop_with_stats(&topology.proxy)?;
+        let _ = squatter.kill();
+        let _ = squatter.wait();
+        if stolen {
+            ensure!(
+                outcome.as_deref() == Some("secret"),
+                "owner {owner}: got {outcome:?}; {stats}"
+            );
+        } else {
+            let rest: Vec<String> = said.try_iter().collect();
+            ensure!(rest.is_empty(), "owner root: nobody's socket got {rest:?}");
+            ensure!(stats["datapath"]["to_listener"] == 0, "{stats}");
+        }
+    }
+    Ok(())
+}
+
+/// The lines a child prints, as they come, so a test can wait with a bound.
+fn lines_of(out: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (send, recv) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    recv
+}

@@ -214,7 +214,10 @@ pub mod stat {
     /// cannot answer on an interface that does not forward; the cgroup
     /// hooks cannot ask.
     pub const LOCAL_UNKNOWN: u32 = 13;
-    pub const COUNT: u32 = 14;
+    /// New flows dropped because the `--to-port` listener on the port was
+    /// not the owner's (any user can bind the port while it is down).
+    pub const TARGET_FOREIGN: u32 = 14;
+    pub const COUNT: u32 = 15;
 }
 
 /// A socket address as the cgroup hooks see it (`struct bpf_sock_addr`):
@@ -315,6 +318,8 @@ pub mod names {
     /// Non-zero: new flows go to whatever transparent listener has this
     /// port (`--to-port`), not to the relay's sockets in `LISTENERS`.
     pub const TARGET_PORT: &str = "TARGET_PORT";
+    /// The uid that must own that listener; `u32::MAX`: any.
+    pub const TARGET_OWNER: &str = "TARGET_OWNER";
     /// The address that listener is bound to, when not the wildcard
     /// (network order; 0 and `::` mean the packet's own destination).
     pub const TARGET_ADDR4: &str = "TARGET_ADDR4";

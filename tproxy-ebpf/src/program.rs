@@ -13,9 +13,9 @@ use aya_ebpf::{
     },
     cty::c_void,
     helpers::{
-        bpf_fib_lookup, bpf_map_lookup_elem, bpf_map_update_elem, bpf_sk_assign, bpf_sk_lookup_tcp,
-        bpf_sk_lookup_udp, bpf_sk_release, bpf_skb_load_bytes_relative, bpf_skc_lookup_tcp,
-        bpf_tcp_check_syncookie,
+        bpf_fib_lookup, bpf_get_socket_uid, bpf_map_lookup_elem, bpf_map_update_elem,
+        bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
+        bpf_skb_load_bytes_relative, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie,
     },
     macros::{classifier, map, sk_lookup},
     maps::{Array, LruHashMap, SockMap},
@@ -55,6 +55,8 @@ static DROP_UNPARSED: u32 = 0;
 static TRACE_PARSE: u32 = 0;
 #[unsafe(no_mangle)]
 static TARGET_PORT: u32 = 0;
+#[unsafe(no_mangle)]
+static TARGET_OWNER: u32 = 0;
 #[unsafe(no_mangle)]
 static TARGET_ADDR4: u32 = 0;
 #[unsafe(no_mangle)]
@@ -171,7 +173,10 @@ fn handle(ctx: &TcContext, l3: usize, ether_type: u16) -> i32 {
     };
     let Some(index) = outcome else { return TC_NEXT };
     count(index);
-    if index == stat::UNPARSED_DROPPED { TC_DROP } else { TC_NEXT }
+    match index {
+        stat::UNPARSED_DROPPED | stat::TARGET_FOREIGN => TC_DROP,
+        _ => TC_NEXT,
+    }
 }
 
 /// Records what the parser made of the packet (tests only). A subprogram
@@ -738,9 +743,27 @@ fn assign_listener(
     let mut ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk.cast(), 0) };
     if ret == -ESOCKTNOSUPPORT && flow.proto == PROTO_TCP {
         ret = hand_over_in_lookup(flow, sk, index);
+    } else if ret == 0 && !target_owned(ctx) {
+        // Assigned already: passing it on would deliver it there.
+        unsafe { bpf_sk_release(sk.cast()) };
+        return Some(stat::TARGET_FOREIGN);
     }
     unsafe { bpf_sk_release(sk.cast()) };
     settle(ctx, ret == 0, Some(rule), stat::TO_LISTENER)
+}
+
+/// Whether the socket just assigned is one `--to-port` may hand flows to:
+/// its owner's, as only the owner (root by default) can make the
+/// transparent listener the iptables recipe requires, and any user could
+/// bind the port while that listener is down. The relay's own need no check.
+/// The owner is known only once assigned (`bpf_get_socket_uid` reads the
+/// packet's socket).
+#[inline(always)]
+fn target_owned(ctx: &TcContext) -> bool {
+    let owner = global(&TARGET_OWNER);
+    global(&TARGET_PORT) == 0
+        || owner == u32::MAX
+        || unsafe { bpf_get_socket_uid(ctx.skb.skb) } == owner
 }
 
 /// Notes the flow for `tproxy_reopen`, with `sk` (a `--to-port` listener;

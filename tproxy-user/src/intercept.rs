@@ -61,6 +61,12 @@ pub struct PortTarget {
     pub ipv4: Option<Ipv4Addr>,
     /// The IPv6 listener's address, if it is not bound to the wildcard.
     pub ipv6: Option<Ipv6Addr>,
+    /// The uid whose listeners on the port may receive flows (the creator
+    /// of the socket); `None`: anyone's. While the real listener is down
+    /// any user can bind the port, so by default only root's count; a new
+    /// flow that meets another user's socket is dropped and counted
+    /// (`target_foreign`).
+    pub owner: Option<u32>,
 }
 
 impl std::fmt::Display for Target {
@@ -87,7 +93,7 @@ impl PortTarget {
     /// Listeners on `port` bound to the wildcard (or to the original
     /// destination).
     pub fn new(port: u16) -> Self {
-        Self { port, ipv4: None, ipv6: None }
+        Self { port, ipv4: None, ipv6: None, owner: Some(0) }
     }
 }
 
@@ -916,6 +922,7 @@ pub fn load_programs(config: &InterceptConfig, links: &[system::LinkKind]) -> Re
         ethernet_links: links.contains(&system::LinkKind::Ethernet),
         l3_links: links.contains(&system::LinkKind::L3),
         target_port: target.map_or(0, |t| t.port),
+        target_owner: target.map_or(0, |t| t.owner.unwrap_or(u32::MAX)),
         target_ipv4: target.and_then(|t| t.ipv4),
         target_ipv6: target.and_then(|t| t.ipv6),
         cgroup_hooks: !config.cgroups.is_empty(),

@@ -253,6 +253,14 @@ struct AttachArgs {
     /// to the wildcard: one IPv4 and one IPv6 at most (`TPROXY --on-ip`).
     #[arg(long, value_name = "ADDR", requires = "to_port")]
     to_addr: Vec<IpAddr>,
+    /// The user whose listeners on --to-port may receive flows (name or
+    /// uid; `any` for anyone's). While the real listener is down any user
+    /// can bind the port: a new flow that meets another user's socket is
+    /// dropped and counted (target_foreign). HAProxy and Squid open their
+    /// sockets as root before they drop privileges; an Envoy sidecar runs
+    /// as its own uid (1337 in Istio).
+    #[arg(long, value_name = "USER", default_value = "root", requires = "to_port")]
+    to_port_owner: String,
     /// With --to-port: do not steer the replies to the other program's
     /// upstream sockets bound to clients' addresses (HAProxy `usesrc
     /// clientip`, go-tproxy `DialOriginalDestination(false)`), which is on by
@@ -428,7 +436,7 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
     intercept.upstream_mark = args.relay.upstream_mark.unwrap_or(DEFAULT_UPSTREAM_MARK);
     intercept.spoof_source = args.relay.spoof_source;
     if let Some(port) = args.to_port {
-        intercept.target = Target::Port(port_target(port, &args.to_addr)?);
+        intercept.target = Target::Port(port_target(port, &args.to_addr, &args.to_port_owner)?);
         intercept.spoof_source = !args.no_return_path;
     }
     intercept.intercept_local = args.intercept_local;
@@ -451,9 +459,17 @@ fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
     })
 }
 
-/// `--to-port` with its `--to-addr`s.
-fn port_target(port: u16, addrs: &[IpAddr]) -> anyhow::Result<PortTarget> {
+/// `--to-port` with its `--to-addr`s and `--to-port-owner`.
+fn port_target(port: u16, addrs: &[IpAddr], owner: &str) -> anyhow::Result<PortTarget> {
     let mut target = PortTarget::new(port);
+    target.owner = match owner {
+        "any" => None,
+        uid if uid.parse::<u32>().is_ok() => uid.parse().ok(),
+        name => match nix::unistd::User::from_name(name) {
+            Ok(Some(user)) => Some(user.uid.as_raw()),
+            _ => anyhow::bail!("--to-port-owner: no user {name:?}"),
+        },
+    };
     for addr in addrs {
         let taken = match addr.to_canonical() {
             IpAddr::V4(a) => target.ipv4.replace(a).is_some(),

@@ -88,6 +88,10 @@ crate::counters::counters! {
         /// nothing could say theirs is not one (fail-safe).
         local_unknown: Counter("tproxy_datapath_local_unknown", "passed, locality unknown",
             "Packets and connections on intercepted ports passed while the host's own destinations were incomplete"),
+        /// New flows dropped because the `--to-port` listener that met them
+        /// was not its owner's.
+        target_foreign: Counter("tproxy_datapath_target_foreign", "dropped, foreign listener",
+            "New flows dropped because the --to-port listener on the port was another user's"),
     }
 }
 
@@ -115,6 +119,8 @@ pub struct Settings {
     /// Non-zero: new flows go to whatever transparent listener has this
     /// port, not to the sockets given to [`Datapath::set_listener`].
     pub target_port: u16,
+    /// The uid that must own that listener; `u32::MAX`: any.
+    pub target_owner: u32,
     /// The IPv4 address that listener is bound to, if not the wildcard.
     pub target_ipv4: Option<std::net::Ipv4Addr>,
     /// The IPv6 address that listener is bound to, if not the wildcard.
@@ -192,6 +198,7 @@ impl Datapath {
             .override_global(names::DROP_UNPARSED, &drop_unparsed, true)
             .override_global(names::TRACE_PARSE, &trace, true)
             .override_global(names::TARGET_PORT, &target_port, true)
+            .override_global(names::TARGET_OWNER, &settings.target_owner, true)
             .override_global(names::TARGET_ADDR4, &target_ipv4, true)
             .override_global(names::TARGET_ADDR6, &target_ipv6, true)
             .override_global(names::NETNS_COOKIE, &settings.netns_cookie, true)
