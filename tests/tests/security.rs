@@ -259,7 +259,8 @@ fn no_local_user_can_hold_the_locks_a_start_needs() -> Result<()> {
 
 /// Item 4: root's `cleanup` in a runtime directory that the daemon's
 /// (dynamic) user owns follows no link planted there, and removes no TC
-/// filter that is not tproxy's, whatever a state file says.
+/// filter and no policy routing that is not tproxy's, whatever a state file
+/// says.
 #[test]
 fn roots_cleanup_follows_no_planted_link_and_removes_only_our_filters() -> Result<()> {
     let topology = Topology::new("planted")?;
@@ -299,11 +300,17 @@ fn roots_cleanup_follows_no_planted_link_and_removes_only_our_filters() -> Resul
         "classid",
         "1:1",
     ])?;
+    // And another tool's policy routing (Istio's TPROXY mark and table).
+    let rule = ["rule", "add", "fwmark", "0x539", "lookup", "133", "priority", "32764"];
+    topology.proxy.exec(&[&["ip"], &rule[..]].concat())?;
+    topology
+        .proxy
+        .exec(&["ip", "route", "add", "local", "default", "dev", "lo", "table", "133"])?;
     for link in ["victim.state", "victim.lock"] {
         std::fs::remove_file(dir.0.join(link))?;
     }
     let forged = format!(
-        r#"{{"filters":[{{"iface":"{PROXY_CLIENT_IFACE}","priority":7,"handle":1}}],"netns":0}}"#
+        r#"{{"filters":[{{"iface":"{PROXY_CLIENT_IFACE}","priority":7,"handle":1}}],"netns":0,"routing":{{"mark":1337,"table":133,"priority":32764,"ipv6":false}}}}"#
     );
     let out = as_nobody(&topology.proxy, "sh")
         .args(["-c", &format!("umask 077; printf '%s' '{forged}' > {}", dir.file("victim.state"))])
@@ -314,6 +321,13 @@ fn roots_cleanup_follows_no_planted_link_and_removes_only_our_filters() -> Resul
     let filters =
         topology.proxy.exec(&["tc", "filter", "show", "dev", PROXY_CLIENT_IFACE, "ingress"])?;
     ensure!(filters.contains("bytecode"), "cleanup removed another tool's filter: {filters}");
+    let rules = topology.proxy.exec(&["ip", "rule", "show"])?;
+    ensure!(
+        rules.contains("fwmark 0x539 lookup 133"),
+        "cleanup removed another tool's rule: {rules}"
+    );
+    let routes = topology.proxy.exec(&["ip", "route", "show", "table", "133"])?;
+    ensure!(routes.contains("local default"), "cleanup removed another tool's route: {routes}");
     Ok(())
 }
 

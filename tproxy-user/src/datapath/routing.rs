@@ -12,7 +12,7 @@ use rtnetlink::{
     Handle, IpVersion, RouteMessageBuilder,
     packet_route::{
         AddressFamily,
-        route::{RouteAttribute, RouteMessage, RouteScope, RouteType},
+        route::{RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
         rule::{RuleAction, RuleAttribute, RuleMessage},
     },
 };
@@ -25,6 +25,13 @@ use crate::{
 
 /// The kernel's main routing table.
 const MAIN_TABLE: u32 = 254;
+
+/// The origin our rules and routes carry (`ip rule`/`ip route` show
+/// `proto 116`; iproute2 names no protocol so). Removal takes only what
+/// carries it: a state file that names another tool's mark, table and
+/// priority cannot make root's `cleanup` remove that tool's routing, and
+/// only a process with CAP_NET_ADMIN could tag routing as ours.
+const OURS: RouteProtocol = RouteProtocol::Other(116);
 
 /// Identifies our routing state: the mark our program sets, the table it
 /// routes to, and the rule priority.
@@ -106,8 +113,8 @@ impl RoutingConfig {
 }
 
 /// Removes exactly our rules (priority P: fwmark M → table T) and our local
-/// default routes in table T, in both families. Succeeds when there is
-/// nothing to remove.
+/// default routes in table T, in both families, each only if it carries
+/// [`OURS`]. Succeeds when there is nothing to remove.
 pub async fn remove(config: &RoutingConfig) -> Result<()> {
     let netlink = Netlink::connect()?;
     remove_with(&netlink.handle, config).await
@@ -119,7 +126,8 @@ async fn remove_with(handle: &Handle, config: &RoutingConfig) -> Result<()> {
             continue;
         }
         for rule in rules(handle, family.clone()).await? {
-            let ours = rule_mark(&rule) == Some(config.mark)
+            let ours = rule_protocol(&rule) == Some(OURS)
+                && rule_mark(&rule) == Some(config.mark)
                 && rule_priority(&rule) == Some(config.priority)
                 && (rule_table(&rule) == config.table
                     || (rule_table(&rule) == MAIN_TABLE && rule_iif(&rule) == Some("lo")));
@@ -130,7 +138,10 @@ async fn remove_with(handle: &Handle, config: &RoutingConfig) -> Result<()> {
             }
         }
         for route in routes(handle, family).await? {
-            if route_table(&route) == config.table && is_local_default(&route) {
+            if route_table(&route) == config.table
+                && is_local_default(&route)
+                && route.header.protocol == OURS
+            {
                 trace!("removing route {route:?}");
                 ignore_missing(handle.route().del(route).execute().await)
                     .map_err(routing_err("removing a route"))?;
@@ -209,6 +220,7 @@ impl Netlink {
                 .kind(RouteType::Local)
                 .scope(RouteScope::Host)
                 .output_interface(lo)
+                .protocol(OURS)
                 .build(),
             IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new()
                 .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
@@ -216,6 +228,7 @@ impl Netlink {
                 .kind(RouteType::Local)
                 .scope(RouteScope::Host)
                 .output_interface(lo)
+                .protocol(OURS)
                 .build(),
         };
         self.handle
@@ -233,7 +246,7 @@ impl Netlink {
     /// and the packet dropped as a martian. So is any packet of the host's
     /// own that carries the mark (`tcp_fwmark_accept` replies).
     async fn add_local_rule(&self, family: &IpVersion, config: &RoutingConfig) -> Result<()> {
-        let request = self
+        let mut request = self
             .handle
             .rule()
             .add()
@@ -242,6 +255,7 @@ impl Netlink {
             .table_id(MAIN_TABLE)
             .priority(config.priority)
             .action(RuleAction::ToTable);
+        request.message_mut().attributes.push(RuleAttribute::Protocol(OURS));
         let result = match family {
             IpVersion::V4 => request.v4().execute().await,
             IpVersion::V6 => request.v6().execute().await,
@@ -250,7 +264,7 @@ impl Netlink {
     }
 
     async fn add_rule(&self, family: &IpVersion, config: &RoutingConfig) -> Result<()> {
-        let request = self
+        let mut request = self
             .handle
             .rule()
             .add()
@@ -258,6 +272,7 @@ impl Netlink {
             .table_id(config.table)
             .priority(config.priority)
             .action(RuleAction::ToTable);
+        request.message_mut().attributes.push(RuleAttribute::Protocol(OURS));
         let result = match family {
             IpVersion::V4 => request.v4().execute().await,
             IpVersion::V6 => request.v6().execute().await,
@@ -287,6 +302,13 @@ pub(crate) async fn routes(handle: &Handle, family: IpVersion) -> Result<Vec<Rou
 fn rule_mark(rule: &RuleMessage) -> Option<u32> {
     rule.attributes.iter().find_map(|a| match a {
         RuleAttribute::FwMark(mark) => Some(*mark),
+        _ => None,
+    })
+}
+
+fn rule_protocol(rule: &RuleMessage) -> Option<RouteProtocol> {
+    rule.attributes.iter().find_map(|a| match a {
+        RuleAttribute::Protocol(p) => Some(*p),
         _ => None,
     })
 }
