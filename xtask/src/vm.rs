@@ -134,7 +134,8 @@ fn boot_and_test(
     // and /run: a checkout under /tmp must be passed in explicitly. The
     // binaries and the (writable) results must not nest, or one mount
     // hides the other.
-    let status = Command::new(&vng)
+    let mut guest = Command::new(&vng);
+    guest
         .args(["--disable-kvm", "--memory", "2G", "--cpus", "2"])
         .arg(format!("--rodir={}", super::workspace().join("target/debug").display()))
         .arg(format!("--rwdir={}", results.display()))
@@ -143,24 +144,30 @@ fn boot_and_test(
         .arg("--exec")
         .arg(format!("sh {} {}", script.display(), results.display()))
         // vng finds virtme-run next to itself.
-        .env("PATH", format!("{}:{}", vng.parent().unwrap().display(), std::env::var("PATH")?))
-        .stdin(Stdio::null())
-        // Through a pipe: given our stdout itself, the console output of the
-        // guest clobbered a log file it was redirected to.
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
+        .env("PATH", format!("{}:{}", vng.parent().unwrap().display(), std::env::var("PATH")?));
+    let run = run_bounded(guest, guest_timeout())
         .with_context(|| format!("running {}", vng.display()))?;
-    for line in String::from_utf8_lossy(&status.stdout)
-        .lines()
-        .chain(String::from_utf8_lossy(&status.stderr).lines())
-    {
-        let line = line.trim_matches(|c: char| c.is_whitespace() || c.is_control());
-        if !line.is_empty() {
-            println!("  | {line}");
-        }
+    for line in &run.console {
+        println!("  | {line}");
     }
-    let status = status.status;
+    let Some(status) = run.status else {
+        // The guest's last words, and the end of the test log it was in.
+        let current = run.console.iter().rev().find_map(|l| l.strip_prefix("== "));
+        let mut why = format!(
+            "the guest did not finish within {} s (TPROXY_VM_TIMEOUT); it was in {}",
+            guest_timeout().as_secs(),
+            current.unwrap_or("no test binary yet")
+        );
+        if let Some(name) = current {
+            let log = fs::read_to_string(results.join(format!("{name}.log"))).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            for line in &lines[lines.len().saturating_sub(30)..] {
+                eprintln!("vm-test {version}: {name}: | {line}");
+            }
+            why += &format!(" (its log: {})", results.join(format!("{name}.log")).display());
+        }
+        return Ok((version, 0, 0, Some(why)));
+    };
     let (mut passed, mut failed, mut seen) = (0, 0, 0);
     let mut problems = Vec::new();
     for (name, _) in &binaries.tests {
@@ -194,6 +201,70 @@ fn boot_and_test(
         None
     };
     Ok((version, passed, failed, error))
+}
+
+/// How long one kernel may take, boot and every test binary (TCG runs them
+/// in about ten minutes); past it the guest counts as hung.
+/// `TPROXY_VM_TIMEOUT` overrides it, in seconds.
+fn guest_timeout() -> Duration {
+    let given = std::env::var("TPROXY_VM_TIMEOUT").ok().and_then(|s| s.parse().ok());
+    Duration::from_secs(given.unwrap_or(25 * 60))
+}
+
+/// What a bounded run printed, and how it ended (`None`: killed at the
+/// bound).
+struct BoundedRun {
+    console: Vec<String>,
+    status: Option<std::process::ExitStatus>,
+}
+
+/// Runs `command` in its own process group and kills the group (vng,
+/// virtme and qemu) if it has not ended within `limit`.
+fn run_bounded(mut command: Command, limit: Duration) -> Result<BoundedRun> {
+    use std::os::unix::process::CommandExt as _;
+    // Through pipes: given our stdout itself, the console output of the
+    // guest clobbered a log file it was redirected to.
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()?;
+    let group = child.id() as i32;
+    let readers = [
+        read_all(child.stdout.take().context("stdout")?),
+        read_all(child.stderr.take().context("stderr")?),
+    ];
+    let (ended, end) = std::sync::mpsc::channel();
+    std::thread::spawn(move || ended.send(child.wait()));
+    let status = match end.recv_timeout(limit) {
+        Ok(status) => Some(status?),
+        Err(_) => {
+            // SAFETY: kill(2) on the process group this function made.
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+            end.recv().context("waiting for the killed guest")??;
+            None
+        }
+    };
+    let mut console = Vec::new();
+    for reader in readers {
+        let text = reader.join().unwrap_or_default();
+        for line in String::from_utf8_lossy(&text).lines() {
+            let line = line.trim_matches(|c: char| c.is_whitespace() || c.is_control());
+            if !line.is_empty() {
+                console.push(line.to_owned());
+            }
+        }
+    }
+    Ok(BoundedRun { console, status })
+}
+
+fn read_all(mut from: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let _ = from.read_to_end(&mut all);
+        all
+    })
 }
 
 /// libtest's `failures:` section: each failed test's output and panic.
@@ -298,4 +369,26 @@ fn newest_package(series: &Series, apt: &[String]) -> Result<String> {
 /// The numbers in a package name, for ordering versions.
 fn version_key(name: &str) -> Vec<u64> {
     name.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_past_its_bound_is_killed_with_what_it_printed() {
+        let mut hung = Command::new("sh");
+        hung.args(["-c", "echo '== udp'; sleep 600 & wait"]);
+        let started = Instant::now();
+        let run = run_bounded(hung, Duration::from_secs(1)).unwrap();
+        assert!(run.status.is_none());
+        assert_eq!(run.console, ["== udp"]);
+        // The whole group went: the sleep held the pipe too.
+        assert!(started.elapsed() < Duration::from_secs(60));
+        let mut done = Command::new("sh");
+        done.args(["-c", "echo fine; exit 3"]);
+        let run = run_bounded(done, Duration::from_secs(60)).unwrap();
+        assert_eq!(run.status.and_then(|s| s.code()), Some(3));
+        assert_eq!(run.console, ["fine"]);
+    }
 }
