@@ -268,33 +268,64 @@ impl Netns {
 }
 
 impl Proxy {
-    /// The instance's counters, from `tproxy-user stats --json`.
-    pub fn stats(&self, ns: &Netns) -> Result<serde_json::Value> {
+    /// `tproxy-user stats --json` as printed.
+    pub fn stats_json(&self, ns: &Netns) -> Result<String> {
         let out = run_tproxy(ns, &["stats", "--json", "--name", &self.name])?;
         ensure!(out.status.success(), "stats: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(serde_json::from_slice(&out.stdout)?)
+        Ok(String::from_utf8(out.stdout)?)
+    }
+}
+
+#[cfg(feature = "report")]
+impl Proxy {
+    /// The instance's counters, from `tproxy-user stats --json`, as the
+    /// library's own type.
+    pub fn stats(&self, ns: &Netns) -> Result<StatsReport> {
+        serde_json::from_str(&self.stats_json(ns)?).context("stats --json")
     }
 
-    /// Waits until the counter `group.name` (as in `stats --json`) reaches
-    /// `value`: counters of a connection's end move just after the client
-    /// sees it.
-    pub fn wait_for_counter(&self, ns: &Netns, group: &str, name: &str, value: u64) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+    /// Waits until the counters pass `reached` (`what` names it in the
+    /// error): counters of a connection's end move just after the client
+    /// sees it. Returns the counters that passed.
+    pub fn wait_for(
+        &self,
+        ns: &Netns,
+        what: &str,
+        reached: impl Fn(&StatsReport) -> bool,
+    ) -> Result<StatsReport> {
+        eventually(Duration::from_secs(10), || {
             let stats = self.stats(ns)?;
-            if stats[group][name] == value {
-                return Ok(());
-            }
-            ensure!(Instant::now() < deadline, "{group}.{name} never reached {value}: {stats}");
-            thread::sleep(Duration::from_millis(50));
-        }
+            ensure!(reached(&stats), "{what} was never reached: {stats:?}");
+            Ok(stats)
+        })
     }
 
     /// The counters as the instance stops: read, then a clean stop.
-    pub fn stop_with_stats(self, ns: &Netns) -> Result<serde_json::Value> {
+    pub fn stop_with_stats(self, ns: &Netns) -> Result<StatsReport> {
         let stats = self.stats(ns)?;
         self.stop()?;
         Ok(stats)
+    }
+}
+
+#[cfg(feature = "report")]
+pub use tproxy_user::control::stats::StatsReport;
+
+/// The relays' counters of a report, which has them unless it steers to
+/// another program (`--to-port`).
+#[cfg(feature = "report")]
+pub trait RelayCounters {
+    fn tcp(&self) -> &tproxy_user::relay::TcpRelayCounters;
+    fn udp(&self) -> &tproxy_user::relay::UdpRelayCounters;
+}
+
+#[cfg(feature = "report")]
+impl RelayCounters for StatsReport {
+    fn tcp(&self) -> &tproxy_user::relay::TcpRelayCounters {
+        self.tcp.as_ref().expect("the report has no TCP relay (--to-port?)")
+    }
+    fn udp(&self) -> &tproxy_user::relay::UdpRelayCounters {
+        self.udp.as_ref().expect("the report has no UDP relay (--to-port?)")
     }
 }
 

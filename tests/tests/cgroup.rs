@@ -148,9 +148,9 @@ fn own_connections_go_through_the_relay_and_keep_their_destination() -> Result<(
     }
     // Every one of them went through the relay.
     let stats = proxy.stats(&topology.proxy)?;
-    ensure!(stats["tcp"]["accepted"] == 2, "{}", stats["tcp"]);
-    ensure!(stats["udp"]["sessions_total"] == 6, "{}", stats["udp"]);
-    ensure!(stats["datapath"]["cgroup_to_target"] == 8, "{}", stats["datapath"]);
+    ensure!(stats.tcp().accepted == 2, "{:?}", stats.tcp());
+    ensure!(stats.udp().sessions_total == 6, "{:?}", stats.udp());
+    ensure!(stats.datapath.cgroup_to_target == 8, "{:?}", stats.datapath);
 
     // A connection that stays open is the relay's upstream, and the
     // client's own socket goes to the relay's loopback listener.
@@ -185,10 +185,10 @@ fn own_connections_go_through_the_relay_and_keep_their_destination() -> Result<(
     let outside = app(&topology, None, "udp", Topology::server_addr(true, 5300))?;
     ensure!(outside["local"] == PROXY_SERVER_SIDE_V6.to_string(), "{outside}");
     let stats = proxy.stop_with_stats(&topology.proxy)?;
-    ensure!(stats["tcp"]["accepted"] == 4 && stats["udp"]["sessions_total"] == 6, "{stats}");
+    ensure!(stats.tcp().accepted == 4 && stats.udp().sessions_total == 6, "{stats:?}");
     ensure!(
-        stats["tcp"]["refused_unknown"] == 0 && stats["udp"]["refused_unknown"] == 0,
-        "{stats}"
+        stats.tcp().refused_unknown == 0 && stats.udp().refused_unknown == 0,
+        "{stats:?}"
     );
     Ok(())
 }
@@ -226,8 +226,8 @@ fn a_relay_inside_the_cgroup_never_catches_its_own_connections() -> Result<()> {
     // Had it caught its upstream connections, each would have come back
     // to it, and come back again.
     let stats = proxy.stop_with_stats(&topology.proxy)?;
-    ensure!(stats["tcp"]["accepted"] == 2 && stats["udp"]["sessions_total"] == 2, "{stats}");
-    ensure!(stats["tcp"]["upstream_failures"] == 0, "{stats}");
+    ensure!(stats.tcp().accepted == 2 && stats.udp().sessions_total == 2, "{stats:?}");
+    ensure!(stats.tcp().upstream_failures == 0, "{stats:?}");
     Ok(())
 }
 
@@ -321,7 +321,7 @@ fn a_redirect_style_proxy_reads_so_original_dst() -> Result<()> {
     let seen = peers.recv_timeout(Duration::from_secs(10))?;
     ensure!(seen.ip() == IpAddr::from(SERVER_V4), "the server saw {seen}");
     let stats = proxy.stop_with_stats(&topology.proxy)?;
-    ensure!(stats["datapath"]["cgroup_to_target"] == 1, "{stats}");
+    ensure!(stats.datapath.cgroup_to_target == 1, "{stats:?}");
     Ok(())
 }
 
@@ -378,10 +378,10 @@ fn interfaces_and_a_cgroup_together() -> Result<()> {
         ensure!(seen.ip() == IpAddr::from(PROXY_SERVER_SIDE_V4), "the server saw {seen}");
     }
     let stats = proxy.stop_with_stats(&topology.proxy)?;
-    ensure!(stats["tcp"]["accepted"] == 2, "{stats}");
+    ensure!(stats.tcp().accepted == 2, "{stats:?}");
     ensure!(
-        stats["datapath"]["to_listener"] == 1 && stats["datapath"]["cgroup_to_target"] == 1,
-        "{stats}"
+        stats.datapath.to_listener == 1 && stats.datapath.cgroup_to_target == 1,
+        "{stats:?}"
     );
     Ok(())
 }

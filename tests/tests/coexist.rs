@@ -52,16 +52,16 @@ fn the_hosts_own_services_answer_directly() -> Result<()> {
         ensure!(server_dns.saw_query_from(&proxy_ip(v6).to_string()), "{}", server_dns.log());
     }
     let stats = proxy.stats(&topology.proxy)?;
-    ensure!(stats["datapath"]["to_host"].as_u64() > Some(0), "{}", stats["datapath"]);
+    ensure!(stats.datapath.to_host > 0, "{:?}", stats.datapath);
     ensure!(
-        stats["tcp"]["accepted"] == 2 && stats["tcp"]["refused_local"] == 0,
-        "{}",
-        stats["tcp"]
+        stats.tcp().accepted == 2 && stats.tcp().refused_local == 0,
+        "{:?}",
+        stats.tcp()
     );
     ensure!(
-        stats["udp"]["sessions_total"] == 2 && stats["udp"]["refused_local"] == 0,
-        "{}",
-        stats["udp"]
+        stats.udp().sessions_total == 2 && stats.udp().refused_local == 0,
+        "{:?}",
+        stats.udp()
     );
     let mut stream = topology.client.tcp_connect((PROXY_CLIENT_SIDE_V4, 8080).into())?;
     ensure!(read_to_end(&mut stream)? == b"bye");
@@ -104,9 +104,9 @@ fn an_address_added_while_running_is_left_to_the_host() -> Result<()> {
     proxy.wait_for_log("local destination removed: 192.0.2.77/32", Duration::from_secs(5))?;
     let stats = proxy.stats(&topology.proxy)?;
     ensure!(
-        stats["tcp"]["accepted"] == 0,
-        "the host's own traffic reached the relay: {}",
-        stats["tcp"]
+        stats.tcp().accepted == 0,
+        "the host's own traffic reached the relay: {:?}",
+        stats.tcp()
     );
     proxy.stop()?;
     Ok(())
@@ -124,7 +124,7 @@ fn intercept_local_relays_the_hosts_own_ports() -> Result<()> {
     )?;
     ensure!(topology.client.curl("http://192.0.2.1/")?.contains("the proxy host itself"));
     let stats = proxy.stats(&topology.proxy)?;
-    ensure!(stats["tcp"]["accepted"] == 1 && stats["datapath"]["to_host"] == 0, "{stats}");
+    ensure!(stats.tcp().accepted == 1 && stats.datapath.to_host == 0, "{stats:?}");
     proxy.stop()?;
     Ok(())
 }
@@ -164,9 +164,9 @@ fn intercept_local_never_opens_loopback_to_another_host() -> Result<()> {
     ensure!(answer.is_err(), "another host reached loopback: {answer:?}");
     ensure!(seen.try_recv().is_err(), "the loopback service was reached");
     ensure!(
-        stats["tcp"]["accepted"] == 1 && stats["tcp"]["refused_local"] == 1,
-        "the relay did not refuse it: {}",
-        stats["tcp"]
+        stats.tcp().accepted == 1 && stats.tcp().refused_local == 1,
+        "the relay did not refuse it: {:?}",
+        stats.tcp()
     );
     proxy.stop()?;
     Ok(())
@@ -206,10 +206,10 @@ fn local_destinations_past_the_datapaths_capacity_stay_the_hosts() -> Result<()>
     ensure!(seen.try_recv().is_ok_and(|peer| peer.ip() != client_ip(false)), "not relayed");
     let stats = proxy.stats(&topology.proxy)?;
     ensure!(
-        stats["tcp"]["accepted"] == 1
-            && stats["tcp"]["refused_local"] == 0
-            && stats["datapath"]["local_unknown"] == 0,
-        "{stats}"
+        stats.tcp().accepted == 1
+            && stats.tcp().refused_local == 0
+            && stats.datapath.local_unknown == 0,
+        "{stats:?}"
     );
     topology.proxy.ip_batch(&batch("del"))?;
     proxy.wait_for_log("all fit in the datapath again", Duration::from_secs(10))?;
@@ -266,8 +266,8 @@ fn a_rule_over_ephemeral_ports_leaves_the_relays_own_replies() -> Result<()> {
         );
     }
     let stats = proxy.stats(&topology.proxy)?;
-    ensure!(stats["udp"]["sessions_total"] == 2, "{}", stats["udp"]);
-    ensure!(stats["datapath"]["to_host"].as_u64() >= Some(10), "{}", stats["datapath"]);
+    ensure!(stats.udp().sessions_total == 2, "{:?}", stats.udp());
+    ensure!(stats.datapath.to_host >= 10, "{:?}", stats.datapath);
     proxy.stop()?;
     Ok(())
 }

@@ -244,29 +244,18 @@ fn counters_match_the_traffic() -> Result<()> {
         thread::sleep(Duration::from_millis(20));
     }
 
-    let json: serde_json::Value =
-        serde_json::from_str(&tproxy_ok(&topology, &["stats", "--json"])?)?;
-    let rule = json["rules"]
-        .as_array()
-        .context("no rules")?
-        .iter()
-        .find(|r| r["rule"] == "tcp/80")
-        .context("no tcp/80 rule")?;
-    ensure!(rule["new_flows"] == N, "new flows: {rule}");
+    let json: StatsReport = serde_json::from_str(&tproxy_ok(&topology, &["stats", "--json"])?)?;
+    let rule = |name: &str| json.rules.iter().find(|r| r.rule == name).map(|r| &r.counters);
+    let web = rule("tcp/80").context("no tcp/80 rule")?;
+    ensure!(web.new_flows == N, "new flows: {web:?}");
     // A rule decides the first packet of each flow; the rest go to their
     // sockets without a rule lookup (about 4 more per connection here).
-    let packets = rule["packets"].as_u64().context("packets")?;
-    ensure!((N..2 * N).contains(&packets), "packets: {rule}");
-    ensure!(rule["bytes"].as_u64() > Some(0), "bytes: {rule}");
-    ensure!(json["tcp"]["accepted"] == N, "tcp: {}", json["tcp"]);
-    ensure!(json["tcp"]["bytes_to_upstream"] == 4 * N, "tcp: {}", json["tcp"]);
-    let dns = json["rules"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["rule"] == "tcp/53")
-        .context("no tcp/53 rule")?;
-    ensure!(dns["packets"] == 0, "port 53 saw traffic: {dns}");
+    ensure!((N..2 * N).contains(&web.packets), "packets: {web:?}");
+    ensure!(web.bytes > 0, "bytes: {web:?}");
+    ensure!(json.tcp().accepted == N, "tcp: {:?}", json.tcp());
+    ensure!(json.tcp().bytes_to_upstream == 4 * N, "tcp: {:?}", json.tcp());
+    let dns = rule("tcp/53").context("no tcp/53 rule")?;
+    ensure!(dns.packets == 0, "port 53 saw traffic: {dns:?}");
 
     let table = tproxy_ok(&topology, &["stats"])?;
     ensure!(table.contains("tcp/80") && table.contains("NEW FLOWS"), "{table}");
@@ -299,7 +288,7 @@ fn counters_match_the_traffic() -> Result<()> {
     ensure!(value("tproxy_tcp_connections_active", None)? == 0.0);
     ensure!(
         value("tproxy_rule_packets_total", Some(("rule", "tcp/80")))?
-            == rule["packets"].as_f64().unwrap()
+            == web.packets as f64
     );
     proxy.stop()?;
     Ok(())
@@ -412,13 +401,13 @@ fn named_instances_run_side_by_side() -> Result<()> {
     tproxy_ok(&topology, &["cleanup", PROXY_CLIENT_IFACE, "--name", "never-ran-here"])?;
     ensure!(topology.proxy.exec(&["ip", "rule", "show"])? == routing, "cleanup of another name");
     let stats_b = b.stop_with_stats(&topology.proxy)?;
-    ensure!(stats_b["tcp"]["accepted"] == 1, "{stats_b}");
+    ensure!(stats_b.tcp().accepted == 1, "{stats_b:?}");
     // The first instance's routing and filter survived the second's exit.
     let seen = echo_server(&topology.server, Topology::server_addr(true, 80))?;
     let peer = peer_seen(&topology, &seen, Topology::server_addr(true, 80), None)?;
     ensure!(peer.ip() == proxy_ip(true), "not relayed after the second instance left: {peer}");
     let stats_a = a.stop_with_stats(&topology.proxy)?;
-    ensure!(stats_a["tcp"]["accepted"] == 2, "{stats_a}");
+    ensure!(stats_a.tcp().accepted == 2, "{stats_a:?}");
     Ok(())
 }
 

@@ -106,7 +106,7 @@ fn haproxy_relays(v6: bool) -> Result<()> {
         .lines()
         .find(|l| l.contains(&peer.to_string()) && l.contains(&addr.to_string()))
         .with_context(|| format!("no upstream socket {peer} -> {addr}: {sockets}"))?;
-    ensure!(upstream.contains("\"haproxy\""), "not HAProxy's: {upstream}");
+    ensure!(upstream.contains("\"haproxy\""), "not HAProxy's: {upstream:?}");
 
     go.send(())?;
     ensure!(read_to_end(&mut client)? == reply, "reply corrupted");
@@ -114,14 +114,14 @@ fn haproxy_relays(v6: bool) -> Result<()> {
     no_packet_filter_rules(&topology.proxy)?;
 
     let stats = proxy.stop_with_stats(&topology.proxy)?;
-    ensure!(stats["target"] == format!("port {PROXY_PORT}"), "{stats}");
+    ensure!(stats.target == format!("port {PROXY_PORT}"), "{stats:?}");
     // No relay of ours ran.
-    ensure!(stats.get("tcp").is_none() && stats.get("udp").is_none(), "{stats}");
-    let datapath = &stats["datapath"];
-    ensure!(datapath["to_listener"] == 1, "{datapath}");
+    ensure!(stats.tcp.is_none() && stats.udp.is_none(), "{stats:?}");
+    let datapath = &stats.datapath;
+    ensure!(datapath.to_listener == 1, "{datapath:?}");
     // HAProxy's spoofed upstream socket got the server's replies.
-    ensure!(datapath["return_path"].as_u64() > Some(0), "{datapath}");
-    ensure!(stats["rules"][0]["new_flows"] == 1, "{stats}");
+    ensure!(datapath.return_path > 0, "{datapath:?}");
+    ensure!(stats.rules[0].counters.new_flows == 1, "{stats:?}");
     Ok(())
 }
 
@@ -155,18 +155,18 @@ fn the_proxy_may_start_late_and_stop_and_traffic_fails_open() -> Result<()> {
     };
     // Nothing listens: forwarded as if we were not there.
     connect()?;
-    proxy.wait_for_counter(&topology.proxy, "datapath", "no_listener", 1)?;
+    proxy.wait_for(&topology.proxy, "datapath.no_listener", |s| s.datapath.no_listener == 1)?;
     let haproxy = haproxy(&topology.proxy)?;
     connect()?;
-    proxy.wait_for_counter(&topology.proxy, "datapath", "to_listener", 1)?;
+    proxy.wait_for(&topology.proxy, "datapath.to_listener", |s| s.datapath.to_listener == 1)?;
     drop(haproxy);
     connect()?;
-    proxy.wait_for_counter(&topology.proxy, "datapath", "no_listener", 2)?;
+    proxy.wait_for(&topology.proxy, "datapath.no_listener", |s| s.datapath.no_listener == 2)?;
     // Every connection reached the server as the client itself.
     let peers = server.join().unwrap()?;
     ensure!(peers.iter().all(|p| p.ip() == client_ip(false)), "{peers:?}");
     let stats = proxy.stop_with_stats(&topology.proxy)?;
-    ensure!(stats["datapath"]["to_listener"] == 1, "{stats}");
+    ensure!(stats.datapath.to_listener == 1, "{stats:?}");
     Ok(())
 }
 
@@ -204,7 +204,7 @@ fn another_process_reads_the_original_destination_tcp_and_udp() -> Result<()> {
     }
     let stats = proxy.stop_with_stats(&topology.proxy)?;
     // Two connections and two datagrams.
-    ensure!(stats["datapath"]["to_listener"] == 4, "{stats}");
+    ensure!(stats.datapath.to_listener == 4, "{stats:?}");
     Ok(())
 }
 
@@ -231,7 +231,7 @@ fn syn_meeting_the_other_programs_time_wait_reaches_its_listener() -> Result<()>
         ensure!(resets == 0, "the client had to reset {resets} times");
     }
     let reopens = 2 * (ROUNDS - 1) as u64;
-    let datapath = &proxy.stop_with_stats(&topology.proxy)?["datapath"];
-    ensure!(datapath["tw_syn"] == reopens && datapath["tw_handover"] == reopens, "{datapath}");
+    let datapath = &proxy.stop_with_stats(&topology.proxy)?.datapath;
+    ensure!(datapath.tw_syn == reopens && datapath.tw_handover == reopens, "{datapath:?}");
     Ok(())
 }

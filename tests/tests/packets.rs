@@ -305,11 +305,8 @@ fn crafted_packets_are_steered_correctly_or_passed_untouched() -> Result<()> {
     ];
 
     let counters = |proxy: &Proxy| -> Result<(u64, u64)> {
-        let d = &proxy.stats(&topology.proxy)?["datapath"];
-        Ok((
-            d["to_listener"].as_u64().context("to_listener")?,
-            d["assign_failed"].as_u64().unwrap_or(0),
-        ))
+        let d = &proxy.stats(&topology.proxy)?.datapath;
+        Ok((d.to_listener, d.assign_failed))
     };
     // After each case, a sentinel SYN that is always steered: frames on one
     // device are judged in order, so once the sentinel is counted, the
@@ -337,7 +334,7 @@ fn crafted_packets_are_steered_correctly_or_passed_untouched() -> Result<()> {
         steered_before = steered;
     }
     ensure!(wrong.is_empty(), "{}", wrong.join("\n"));
-    let unparsed = proxy.stats(&topology.proxy)?["datapath"]["unparsed_passed"].clone();
+    let unparsed = proxy.stats(&topology.proxy)?.datapath.unparsed_passed;
     ensure!(unparsed == 3, "unparsed packets passed: {unparsed}, expected the 3 marked so");
     eprintln!("packets: {} crafted packets, each steered or passed as expected", cases.len());
 
@@ -396,27 +393,25 @@ fn unparsed_packets_pass_or_drop_as_configured() -> Result<()> {
         for frame in fragmented_datagram(&wire, 4242) {
             send(&raw, &frame)?;
         }
-        let counter = if arrives { "unparsed_passed" } else { "unparsed_dropped" };
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while proxy.stats(&topology.proxy)?["datapath"][counter] != 1 {
-            ensure!(std::time::Instant::now() < deadline, "{policy}: not counted as {counter}");
-            thread::sleep(Duration::from_millis(10));
-        }
+        proxy.wait_for(&topology.proxy, policy, |s| {
+            let d = &s.datapath;
+            if arrives { d.unparsed_passed == 1 } else { d.unparsed_dropped == 1 }
+        })?;
         if arrives {
-            while server.peers().is_empty() {
-                ensure!(std::time::Instant::now() < deadline, "the fragmented datagram was lost");
-                thread::sleep(Duration::from_millis(10));
-            }
+            eventually(Duration::from_secs(5), || {
+                ensure!(!server.peers().is_empty(), "the fragmented datagram was lost");
+                Ok(())
+            })?;
             ensure!(server.peers()[0].ip() == client_ip(false), "{:?}", server.peers());
         } else {
             // A datagram sent after it, whole, is relayed; the dropped one
             // never arrived before it.
             let client = topology.client.udp_client(Topology::server_addr(false, 5300))?;
             client.send_to(b"whole", Topology::server_addr(false, 5300))?;
-            while server.peers().is_empty() {
-                ensure!(std::time::Instant::now() < deadline, "the whole datagram was lost");
-                thread::sleep(Duration::from_millis(10));
-            }
+            eventually(Duration::from_secs(5), || {
+                ensure!(!server.peers().is_empty(), "the whole datagram was lost");
+                Ok(())
+            })?;
             ensure!(server.peers() == [server.peers()[0]], "{:?}", server.peers());
             ensure!(server.peers()[0].ip() == proxy_ip(false), "{:?}", server.peers());
         }
@@ -450,9 +445,9 @@ fn an_unspecified_source_never_reaches_the_hosts_own_server() -> Result<()> {
     send(&raw, &wire.eth(ETH_P_IPV6, &v6))?;
     // Both were judged once the datapath counts them.
     eventually(Duration::from_secs(10), || {
-        let d = &proxy.stats(&topology.proxy)?["datapath"];
-        let judged = d["to_listener"].as_u64().unwrap_or(0) + d["to_socket"].as_u64().unwrap_or(0);
-        ensure!(judged + d["return_path"].as_u64().unwrap_or(0) >= 2, "not judged yet: {d}");
+        let d = &proxy.stats(&topology.proxy)?.datapath;
+        let judged = d.to_listener + d.to_socket;
+        ensure!(judged + d.return_path >= 2, "not judged yet: {d:?}");
         Ok(())
     })?;
     own.set_nonblocking(true)?;
@@ -461,7 +456,7 @@ fn an_unspecified_source_never_reaches_the_hosts_own_server() -> Result<()> {
         other => anyhow::bail!("the host's own server got {other:?}"),
     }
     let stats = proxy.stop_with_stats(&topology.proxy)?;
-    ensure!(stats["datapath"]["return_path"] == 0, "{stats}");
-    ensure!(stats["datapath"]["to_listener"] == 2, "{stats}");
+    ensure!(stats.datapath.return_path == 0, "{stats:?}");
+    ensure!(stats.datapath.to_listener == 2, "{stats:?}");
     Ok(())
 }

@@ -102,8 +102,8 @@ fn path_mtu_is_learnt_by_spoofed_upstream_sockets() -> Result<()> {
         bulk_to_far(&topology, &far, v6).with_context(|| format!("v6={v6}"))?;
     }
     let stats = proxy.stats(&topology.proxy)?;
-    ensure!(stats["datapath"]["icmp_to_socket"].as_u64() >= Some(2), "{}", stats["datapath"]);
-    ensure!(stats["tcp"]["accepted"] == 2, "{}", stats["tcp"]);
+    ensure!(stats.datapath.icmp_to_socket >= 2, "{:?}", stats.datapath);
+    ensure!(stats.tcp().accepted == 2, "{:?}", stats.tcp());
     proxy.stop()?;
     Ok(())
 }
@@ -117,7 +117,7 @@ fn path_mtu_is_learnt_by_plain_upstream_sockets() -> Result<()> {
     for v6 in [false, true] {
         bulk_to_far(&topology, &far, v6).with_context(|| format!("v6={v6}"))?;
     }
-    ensure!(proxy.stats(&topology.proxy)?["tcp"]["accepted"] == 2);
+    ensure!(proxy.stats(&topology.proxy)?.tcp().accepted == 2);
     proxy.stop()?;
     Ok(())
 }
@@ -149,12 +149,12 @@ fn an_unreachable_upstream_fails_the_connect_at_once() -> Result<()> {
         let started = Instant::now();
         let _ = topology.client.tcp_connect(dst);
         loop {
-            let tcp = proxy.stats(&topology.proxy)?["tcp"].clone();
-            if tcp["upstream_failures"] == i + 1 {
-                ensure!(tcp["connect_timeouts"] == 0, "{tcp}");
+            let tcp = *proxy.stats(&topology.proxy)?.tcp();
+            if tcp.upstream_failures == i as u64 + 1 {
+                ensure!(tcp.connect_timeouts == 0, "{tcp:?}");
                 break;
             }
-            ensure!(started.elapsed() < Duration::from_secs(3), "{dst}: the connect waited: {tcp}");
+            ensure!(started.elapsed() < Duration::from_secs(3), "{dst}: the connect waited: {tcp:?}");
             thread::sleep(Duration::from_millis(20));
         }
     }
@@ -229,7 +229,7 @@ fn a_tun_device_is_intercepted() -> Result<()> {
         let peer = seen.recv_timeout(Duration::from_secs(5))?;
         ensure!(peer.ip() == proxy_ip(v6), "{url} not relayed: the server saw {peer}");
     }
-    ensure!(proxy.stats(&topology.proxy)?["tcp"]["accepted"] == 2);
+    ensure!(proxy.stats(&topology.proxy)?.tcp().accepted == 2);
     proxy.stop()?;
     Ok(())
 }

@@ -82,7 +82,7 @@ fn no_local_user_can_bind_the_relays_udp_sockets() -> Result<()> {
         .output()?;
     ensure!(String::from_utf8_lossy(&out.stdout).trim() == "203.0.113.80", "dig: {out:?}");
     let stats = proxy.stop_with_stats(&topology.proxy)?;
-    ensure!(stats["udp"]["sessions_total"] == 1, "{stats}");
+    ensure!(stats.udp().sessions_total == 1, "{stats:?}");
     Ok(())
 }
 
@@ -504,7 +504,7 @@ fn no_local_user_can_stand_in_for_a_to_port_listener() -> Result<()> {
         let outcome = if stolen {
             said.recv_timeout(Duration::from_secs(10)).ok()
         } else {
-            proxy.wait_for_counter(&topology.proxy, "datapath", "target_foreign", 1)?;
+            proxy.wait_for(&topology.proxy, "datapath.target_foreign", |s| s.datapath.target_foreign == 1)?;
             None
         };
         let stats = proxy.stop_with_stats(&topology.proxy)?;
@@ -513,12 +513,12 @@ fn no_local_user_can_stand_in_for_a_to_port_listener() -> Result<()> {
         if stolen {
             ensure!(
                 outcome.as_deref() == Some("secret"),
-                "owner {owner}: got {outcome:?}; {stats}"
+                "owner {owner}: got {outcome:?}; {stats:?}"
             );
         } else {
             let rest: Vec<String> = said.try_iter().collect();
             ensure!(rest.is_empty(), "owner root: nobody's socket got {rest:?}");
-            ensure!(stats["datapath"]["to_listener"] == 0, "{stats}");
+            ensure!(stats.datapath.to_listener == 0, "{stats:?}");
         }
     }
     Ok(())

@@ -39,8 +39,8 @@ fn spoofed_tcp(v6: bool) -> Result<()> {
     // The client's port was free on the proxy, so it was kept too.
     ensure!(served.peer.port() == client_port, "server saw port {}", served.peer.port());
     let stats = proxy.stop_with_stats(&topology.proxy)?;
-    ensure!(stats["tcp"]["accepted"] == 1, "{stats}");
-    ensure!(stats["datapath"]["return_path"].as_u64() > Some(0), "{stats}");
+    ensure!(stats.tcp().accepted == 1, "{stats:?}");
+    ensure!(stats.datapath.return_path > 0, "{stats:?}");
     Ok(())
 }
 
@@ -117,8 +117,9 @@ fn many_concurrent_spoofed_connections() -> Result<()> {
     for server in servers {
         server.join().unwrap()?;
     }
-    let tcp = &proxy.stop_with_stats(&topology.proxy)?["tcp"];
-    ensure!(tcp["accepted"] == CONNECTIONS as u64, "{tcp}");
+    let stats = proxy.stop_with_stats(&topology.proxy)?;
+    let tcp = stats.tcp();
+    ensure!(tcp.accepted == CONNECTIONS as u64, "{tcp:?}");
     Ok(())
 }
 
@@ -145,8 +146,9 @@ fn spoofed_udp_session() -> Result<()> {
             "server saw {peers:?}"
         );
     }
-    let udp = &proxy.stop_with_stats(&topology.proxy)?["udp"];
-    ensure!(udp["sessions_total"] == 2, "{udp}");
+    let stats = proxy.stop_with_stats(&topology.proxy)?;
+    let udp = stats.udp();
+    ensure!(udp.sessions_total == 2, "{udp:?}");
     Ok(())
 }
 
@@ -172,8 +174,9 @@ fn unrelated_traffic_on_the_upstream_interface_is_untouched() -> Result<()> {
     stream.shutdown(Shutdown::Write)?;
     ensure!(read_to_end(&mut stream)? == b"from the client");
     ensure!(served.join().unwrap()?.peer.ip() == std::net::IpAddr::from(SERVER_V4));
-    let tcp = &proxy.stop_with_stats(&topology.proxy)?["tcp"];
-    ensure!(tcp["accepted"] == 0, "{tcp}");
+    let stats = proxy.stop_with_stats(&topology.proxy)?;
+    let tcp = stats.tcp();
+    ensure!(tcp.accepted == 0, "{tcp:?}");
     Ok(())
 }
 
@@ -195,8 +198,8 @@ fn symmetric_ports_make_one_spoofed_session() -> Result<()> {
         let peers = server.peers();
         ensure!(peers.iter().all(|p| p.port() == 5300 && p.ip() == client_ip(v6)), "{peers:?}");
     }
-    let udp = proxy.stats(&topology.proxy)?["udp"].clone();
-    ensure!(udp["sessions_total"] == 2, "mirrored sessions were opened: {udp}");
+    let udp = *proxy.stats(&topology.proxy)?.udp();
+    ensure!(udp.sessions_total == 2, "mirrored sessions were opened: {udp:?}");
     proxy.stop()?;
     Ok(())
 }

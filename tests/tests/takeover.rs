@@ -175,8 +175,8 @@ fn takeover_under_load_loses_nothing() -> Result<()> {
     let total = load.finish()?;
 
     let stats = new.stats(&topology.proxy)?;
-    ensure!(stats["tcp"]["accepted"].as_u64() >= Some(300), "{}", stats["tcp"]);
-    ensure!(stats["tcp"]["aborted"] == 0 && stats["tcp"]["upstream_failures"] == 0, "{stats}");
+    ensure!(stats.tcp().accepted >= 300, "{:?}", stats.tcp());
+    ensure!(stats.tcp().aborted == 0 && stats.tcp().upstream_failures == 0, "{stats:?}");
     // The name, its control socket and its routing are the new one's.
     let rules = run_tproxy(&topology.proxy, &["port", "list"])?;
     ensure!(String::from_utf8_lossy(&rules.stdout).contains("5300"), "{rules:?}");
@@ -215,7 +215,7 @@ fn a_udp_session_talks_across_the_takeover() -> Result<()> {
     let fresh = topology.client.udp_client(server)?;
     udp_round_trips(&fresh, server, 3)?;
     let stats = new.stop_with_stats(&topology.proxy)?;
-    ensure!(stats["udp"]["sessions_total"] == 1, "{}", stats["udp"]);
+    ensure!(stats.udp().sessions_total == 1, "{:?}", stats.udp());
     Ok(())
 }
 
@@ -294,7 +294,7 @@ fn a_takeover_killed_before_the_handover_leaves_the_old_instance() -> Result<()>
     // The old instance read the dead one's request, and stays.
     old.wait_for_log("is gone", Duration::from_secs(20))?;
     ensure!(seen_by_server(&topology, &peers)?.ip() == PROXY_SERVER_SIDE_V4, "not relayed");
-    ensure!(old.stats(&topology.proxy)?["tcp"]["accepted"] == 1);
+    ensure!(old.stats(&topology.proxy)?.tcp().accepted == 1);
     // A later takeover works, and removes what the killed one left.
     let next = attach(&topology, &["--takeover"])?;
     drained(old)?;
@@ -310,7 +310,7 @@ fn the_old_instance_killed_before_it_answers() -> Result<()> {
     old.stop_with(libc::SIGKILL)?;
     new.wait_for_log("ready:", Duration::from_secs(60))
         .map_err(|e| anyhow::anyhow!("{e}\n{}", new.log()))?;
-    ensure!(new.stats(&topology.proxy)?["tcp"]["accepted"] == 0);
+    ensure!(new.stats(&topology.proxy)?.tcp().accepted == 0);
     relays_then_stops_clean(&topology, &peers, new)
 }
 
@@ -365,7 +365,7 @@ fn a_takeover_onto_the_running_mark_and_table_is_refused() -> Result<()> {
     ];
     expect_refused(&topology.proxy, &[], &args, "held by the running instance")?;
     // The old one is untouched.
-    ensure!(old.stats(&topology.proxy)?["tcp"]["accepted"] == 0);
+    ensure!(old.stats(&topology.proxy)?.tcp().accepted == 0);
     old.stop()?;
     Ok(())
 }

@@ -46,8 +46,9 @@ fn request_response(v6: bool) -> Result<()> {
     ensure!(peers.iter().all(|p| p.ip() == proxy_ip(v6)), "server saw {peers:?}");
     // One session: both datagrams left from the same upstream socket.
     ensure!(peers[0] == peers[1], "a second upstream socket was opened: {peers:?}");
-    let udp = &proxy.stop_with_stats(&topology.proxy)?["udp"];
-    ensure!(udp["sessions_total"] == 1, "{udp}");
+    let stats = proxy.stop_with_stats(&topology.proxy)?;
+    let udp = stats.udp();
+    ensure!(udp.sessions_total == 1, "{udp:?}");
     Ok(())
 }
 
@@ -88,9 +89,10 @@ fn a_thousand_datagrams_in_one_session() -> Result<()> {
         ensure!(outstanding.remove(&seq), "reply {seq} was not asked for, or came twice");
         answered += 1;
     }
-    let udp = &proxy.stop_with_stats(&topology.proxy)?["udp"];
-    ensure!(udp["sessions_total"] == 1, "{udp}");
-    ensure!(udp["datagrams_up"] == COUNT as u64 && udp["datagrams_down"] == COUNT as u64, "{udp}");
+    let stats = proxy.stop_with_stats(&topology.proxy)?;
+    let udp = stats.udp();
+    ensure!(udp.sessions_total == 1, "{udp:?}");
+    ensure!(udp.datagrams_up == COUNT as u64 && udp.datagrams_down == COUNT as u64, "{udp:?}");
     Ok(())
 }
 
@@ -133,8 +135,9 @@ fn concurrent_clients_get_only_their_own_replies() -> Result<()> {
     for client in clients {
         client.join().unwrap()?;
     }
-    let udp = &proxy.stop_with_stats(&topology.proxy)?["udp"];
-    ensure!(udp["sessions_total"] == 2, "{udp}");
+    let stats = proxy.stop_with_stats(&topology.proxy)?;
+    let udp = stats.udp();
+    ensure!(udp.sessions_total == 2, "{udp:?}");
     Ok(())
 }
 
@@ -162,8 +165,9 @@ fn several_replies_and_a_silent_server() -> Result<()> {
     client.set_read_timeout(Some(Duration::from_millis(300)))?;
     ensure!(client.recv_from(&mut [0u8; 16]).is_err(), "an unexpected extra reply");
     ensure!(silent.peers().len() == 5, "the silent server got {:?}", silent.peers());
-    let udp = &proxy.stop_with_stats(&topology.proxy)?["udp"];
-    ensure!(udp["sessions_total"] == 2 && udp["datagrams_down"] == 15, "{udp}");
+    let stats = proxy.stop_with_stats(&topology.proxy)?;
+    let udp = stats.udp();
+    ensure!(udp.sessions_total == 2 && udp.datagrams_down == 15, "{udp:?}");
     Ok(())
 }
 
@@ -181,8 +185,9 @@ fn largest_datagrams_pass_whole() -> Result<()> {
         let reply = recv_from(&client, server_addr)?;
         ensure!(reply.len() == len && reply == data, "{len} bytes sent, {} came back", reply.len());
     }
-    let udp = &proxy.stop_with_stats(&topology.proxy)?["udp"];
-    ensure!(udp["truncated"] == 0, "{udp}");
+    let stats = proxy.stop_with_stats(&topology.proxy)?;
+    let udp = stats.udp();
+    ensure!(udp.truncated == 0, "{udp:?}");
     Ok(())
 }
 
@@ -191,7 +196,9 @@ fn largest_datagrams_pass_whole() -> Result<()> {
 #[test]
 fn idle_sessions_expire() -> Result<()> {
     let topology = Topology::new("udpidle")?;
-    let proxy = attach(&topology, &["--udp-idle-timeout", "0.5"])?;
+    // Seconds, not less: an emulated guest can stall past a short timeout
+    // between two sends.
+    let proxy = attach(&topology, &["--udp-idle-timeout", "3"])?;
     let server_addr = Topology::server_addr(false, PORT);
     let server = UdpServer::start(&topology.server, server_addr, 1)?;
     let client = topology.client.udp_client(server_addr)?;
@@ -201,15 +208,16 @@ fn idle_sessions_expire() -> Result<()> {
     thread::sleep(Duration::from_millis(200));
     client.send_to(b"b", server_addr)?;
     recv_from(&client, server_addr)?;
-    proxy.wait_for_log("UDP session expired", Duration::from_secs(5))?;
+    proxy.wait_for(&topology.proxy, "udp.sessions_expired", |s| s.udp().sessions_expired == 1)?;
     client.send_to(b"c", server_addr)?;
     recv_from(&client, server_addr)?;
     let peers = server.peers();
     ensure!(peers[0] == peers[1], "the session did not survive activity: {peers:?}");
     ensure!(peers[1].port() != peers[2].port(), "no new upstream socket after expiry: {peers:?}");
-    let udp = &proxy.stats(&topology.proxy)?["udp"];
+    let stats = proxy.stats(&topology.proxy)?;
+    let udp = stats.udp();
     // The second session may expire too before the counters are read.
-    ensure!(udp["sessions_total"] == 2 && udp["sessions_expired"].as_u64() >= Some(1), "{udp}");
+    ensure!(udp.sessions_total == 2 && udp.sessions_expired >= 1, "{udp:?}");
     proxy.stop()?;
     Ok(())
 }
@@ -242,10 +250,11 @@ fn the_session_table_is_bounded() -> Result<()> {
     recv_from(&clients[0], server_addr)?;
     let again = *server.peers().last().unwrap();
     ensure!(again.port() != first_port, "the evicted session was still there");
-    let udp = &proxy.stats(&topology.proxy)?["udp"];
+    let stats = proxy.stats(&topology.proxy)?;
+    let udp = stats.udp();
     ensure!(
-        udp["sessions_total"] == 11 && udp["sessions_expired"] == 0 && udp["sessions_evicted"] == 7,
-        "{udp}"
+        udp.sessions_total == 11 && udp.sessions_expired == 0 && udp.sessions_evicted == 7,
+        "{udp:?}"
     );
     proxy.stop()?;
     Ok(())
@@ -281,13 +290,14 @@ fn a_flood_from_one_source_evicts_only_its_own_sessions() -> Result<()> {
     // The flood's first session was closed for its newer ones.
     flood[0].send_to(b"first", server_addr)?;
     recv_from(&flood[0], server_addr)?;
-    let udp = &proxy.stats(&topology.proxy)?["udp"];
+    let stats = proxy.stats(&topology.proxy)?;
+    let udp = stats.udp();
     ensure!(
-        udp["sessions_total"] == 42
-            && udp["sessions_evicted_per_source"] == 39
-            && udp["sessions_evicted"] == 0
-            && udp["sessions_active"] == 3,
-        "{udp}"
+        udp.sessions_total == 42
+            && udp.sessions_evicted_per_source == 39
+            && udp.sessions_evicted == 0
+            && udp.sessions_active == 3,
+        "{udp:?}"
     );
     proxy.stop()?;
     Ok(())
@@ -339,8 +349,9 @@ fn dig_queries_dnsmasq_through_the_proxy() -> Result<()> {
     for proxy_addr in ["198.51.100.1", "2001:db8:2::1"] {
         ensure!(dnsmasq.saw_query_from(proxy_addr), "{}", dnsmasq.log());
     }
-    let udp = &proxy.stop_with_stats(&topology.proxy)?["udp"];
-    ensure!(udp["datagrams_up"].as_u64() > Some(0), "{udp}");
+    let stats = proxy.stop_with_stats(&topology.proxy)?;
+    let udp = stats.udp();
+    ensure!(udp.datagrams_up > 0, "{udp:?}");
     Ok(())
 }
 
@@ -359,8 +370,9 @@ fn proto_tcp_leaves_udp_alone() -> Result<()> {
     client.send_to(b"direct", server_addr)?;
     ensure!(recv_from(&client, server_addr)? == b"direct");
     ensure!(server.peers()[0].ip() == client_ip(false), "server saw {:?}", server.peers());
-    let udp = &proxy.stop_with_stats(&topology.proxy)?["udp"];
-    ensure!(udp["sessions_total"] == 0, "{udp}");
+    let stats = proxy.stop_with_stats(&topology.proxy)?;
+    let udp = stats.udp();
+    ensure!(udp.sessions_total == 0, "{udp:?}");
     Ok(())
 }
 

@@ -122,8 +122,8 @@ fn refused_through(topology: &Topology, upstream: &str) -> Result<()> {
     let addr = Topology::server_addr(false, 80);
     ensure!(topology.client.connection_is_reset(addr)?, "not reset");
     let stats = proxy.stop_with_stats(&topology.proxy)?;
-    ensure!(stats["tcp"]["upstream_failures"] == 1, "{stats}");
-    ensure!(stats["upstreams"][0]["failed"] == 1, "{stats}");
+    ensure!(stats.tcp().upstream_failures == 1, "{stats:?}");
+    ensure!(stats.upstreams[0].failed == 1, "{stats:?}");
     Ok(())
 }
 
@@ -147,9 +147,9 @@ fn socks5_carries_tcp_both_families() -> Result<()> {
         curl_through(&topology, v6)?;
     }
     let stats = proxy.stop_with_stats(&topology.proxy)?;
-    ensure!(stats["tcp"]["accepted"] == 4 && stats["tcp"]["upstream_failures"] == 0, "{stats}");
-    let upstream = &stats["upstreams"][0];
-    ensure!(upstream["name"] == "default" && upstream["opened"] == 4, "{stats}");
+    ensure!(stats.tcp().accepted == 4 && stats.tcp().upstream_failures == 0, "{stats:?}");
+    let upstream = &stats.upstreams[0];
+    ensure!(upstream.name == "default" && upstream.opened == 4, "{stats:?}");
     Ok(())
 }
 
@@ -170,9 +170,9 @@ fn socks5_carries_udp_through_udp_associate() -> Result<()> {
     ensure!(dns.saw_query_from(&UPSTREAM_V6.to_string()), "{}", dns.log());
     ensure!(!dns.saw_query_from(&CLIENT_V4.to_string()), "{}", dns.log());
     let stats = proxy.stop_with_stats(&topology.proxy)?;
-    ensure!(stats["udp"]["sessions_total"].as_u64() >= Some(2), "{stats}");
+    ensure!(stats.udp().sessions_total >= 2, "{stats:?}");
     // One association per session.
-    ensure!(stats["upstreams"][0]["opened"] == stats["udp"]["sessions_total"], "{stats}");
+    ensure!(stats.upstreams[0].opened == stats.udp().sessions_total, "{stats:?}");
     Ok(())
 }
 
@@ -306,7 +306,7 @@ backend origin6
         }
     }
     let stats = proxy.stop_with_stats(&topology.proxy)?;
-    ensure!(stats["tcp"]["accepted"] == 2, "{stats}");
+    ensure!(stats.tcp().accepted == 2, "{stats:?}");
     Ok(())
 }
 
@@ -381,15 +381,10 @@ fn rules_pick_their_upstream() -> Result<()> {
     let said = String::from_utf8_lossy(&refused.stderr);
     ensure!(!refused.status.success() && said.contains("no upstream named"), "{said}");
     let stats = proxy.stop_with_stats(&topology.proxy)?;
-    ensure!(stats["tcp"]["accepted"] == 3, "{stats}");
+    ensure!(stats.tcp().accepted == 3, "{stats:?}");
     // Each upstream counted what went through it.
-    let opened = |name: &str| {
-        stats["upstreams"]
-            .as_array()
-            .and_then(|a| a.iter().find(|u| u["name"] == name))
-            .map(|u| u["opened"].clone())
-    };
-    ensure!(opened("default") == Some(1.into()) && opened("web") == Some(1.into()), "{stats}");
+    let opened = |name: &str| stats.upstreams.iter().find(|u| u.name == name).map(|u| u.opened);
+    ensure!(opened("default") == Some(1) && opened("web") == Some(1), "{stats:?}");
     Ok(())
 }
 
@@ -426,7 +421,8 @@ fn an_upstream_password_stays_out_of_argv_logs_stats_and_metrics() -> Result<()>
         }
     }
     ensure!(seen.is_empty(), "the password is in the command line of {seen:?}");
-    let stats = proxy.stats(&topology.proxy)?.to_string();
+    // As a user sees them.
+    let stats = proxy.stats_json(&topology.proxy)?;
     ensure!(stats.contains("alice") && !stats.contains(PASSWORD), "{stats}");
     let scraped = topology.proxy.exec(&["curl", "-sS", &format!("http://{metrics}/metrics")])?;
     ensure!(scraped.contains("tproxy_") && !scraped.contains(PASSWORD), "{scraped}");
@@ -503,8 +499,9 @@ fn datagrams_waiting_for_a_stalled_upstream_are_bounded() -> Result<()> {
         .output()?;
     ensure!(out.status.success(), "the flood: {out:?}");
     eventually(Duration::from_secs(10), || {
-        let udp = &proxy.stats(&topology.proxy)?["udp"];
-        ensure!(udp["queue_full"].as_u64() > Some(0), "nothing counted: {udp}");
+        let stats = proxy.stats(&topology.proxy)?;
+        let udp = stats.udp();
+        ensure!(udp.queue_full > 0, "nothing counted: {udp:?}");
         Ok(())
     })?;
     let grown = rss()?.saturating_sub(before);
@@ -558,7 +555,7 @@ fn an_upstream_cannot_point_the_relay_at_the_host() -> Result<()> {
     client.send_to(b"for the server", Topology::server_addr(false, 5300))?;
     eventually(Duration::from_secs(10), || {
         let stats = proxy.stats(&topology.proxy)?;
-        ensure!(stats["udp"]["upstream_failures"].as_u64() > Some(0), "not refused: {stats}");
+        ensure!(stats.udp().upstream_failures > 0, "not refused: {stats:?}");
         Ok(())
     })?;
     match victim.recv_from(&mut [0u8; 256]) {
