@@ -1,6 +1,8 @@
 //! `cargo xtask setup | build | run | demo | test`: everything a fresh
 //! machine needs to build, try and test tproxy, with no manual steps.
 
+// Charts and flame graphs: only `cargo xtask bench` builds them.
+#[cfg(feature = "bench")]
 mod bench;
 mod demo;
 mod dist;
@@ -121,6 +123,9 @@ fn main() -> Result<()> {
                 vm::SERIES.iter().find(|s| s.name == "6.1").expect("6.1 is in the matrix");
             vm::run(&[six_one], &binaries)
         }
+        #[cfg(not(feature = "bench"))]
+        Task::Bench { .. } => with_bench_feature(),
+        #[cfg(feature = "bench")]
         Task::Bench { rounds, seconds, upgrade_only, modes, binary } => {
             require_root("the benchmark creates network namespaces and loads BPF programs")?;
             setup::demo()?;
@@ -224,6 +229,22 @@ fn run(command: &mut Command) -> Result<()> {
         bail!("{command:?} failed: {status}");
     }
     Ok(())
+}
+
+/// Runs this same command again from an xtask built with the `bench`
+/// feature, so that `test`, `demo` and `setup` never build its chart and
+/// flame-graph crates.
+#[cfg(not(feature = "bench"))]
+fn with_bench_feature() -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["run", "--quiet", "--package", "xtask", "--features", "bench", "--"])
+        .args(std::env::args_os().skip(1))
+        .current_dir(workspace())
+        .status()
+        .context("running cargo")?;
+    // It said why itself.
+    std::process::exit(status.code().unwrap_or(1))
 }
 
 fn require_root(why: &str) -> Result<()> {

@@ -127,6 +127,7 @@ fn virtme_ng() -> Result<()> {
 }
 
 /// What `cargo xtask bench` runs besides tproxy.
+#[cfg(feature = "bench")]
 const BENCH_TOOLS: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("nginx", "nginx-light"),
@@ -142,6 +143,7 @@ const BENCH_TOOLS: &[(&str, &str)] = &[
 ];
 
 /// Installs the benchmark's tools that are missing.
+#[cfg(feature = "bench")]
 pub fn bench_tools() -> Result<()> {
     install_missing(BENCH_TOOLS)
 }
