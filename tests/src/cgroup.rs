@@ -4,8 +4,7 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -85,17 +84,14 @@ impl TestCgroup {
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        // Best effort: a cgroup still busy after 10 s is left.
+        let _ = crate::eventually(Duration::from_secs(10), || {
             let procs = std::fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
             for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
-            if std::fs::remove_dir(&self.path).is_ok() || Instant::now() > deadline {
-                return;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+            Ok(std::fs::remove_dir(&self.path)?)
+        });
     }
 }
 

@@ -306,17 +306,11 @@ pub fn connect_from(
 
 /// Waits until the client holds no socket on `port` (its side closed).
 pub fn wait_until_port_free(topology: &Topology, port: u16) -> Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !topology
-        .client
-        .exec(&["ss", "-Htan", "sport", "=", &format!(":{port}")])?
-        .trim()
-        .is_empty()
-    {
-        ensure!(std::time::Instant::now() < deadline, "the client's socket on {port} lingers");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(())
+    crate::eventually(Duration::from_secs(5), || {
+        let held = topology.client.exec(&["ss", "-Htan", "sport", "=", &format!(":{port}")])?;
+        ensure!(held.trim().is_empty(), "the client's socket on {port} lingers");
+        Ok(())
+    })
 }
 
 /// A server that answers `bye` and closes first, `count` times.
@@ -383,14 +377,16 @@ impl Daemon {
         let _ = crate::proxy::collect_lines(child.stdout.take().expect("stdout"), log.clone());
         let _ = crate::proxy::collect_lines(child.stderr.take().expect("stderr"), log.clone());
         let mut daemon = Self { child, config: path, log };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while ns.exec(&["ss", "-Hltn", "sport", "=", &format!(":{port}")])?.trim().is_empty() {
+        let listening = crate::eventually(Duration::from_secs(60), || {
             if daemon.child.try_wait()?.is_some() {
-                anyhow::bail!("{program} exited: {}", daemon.log());
+                // Exited: no use waiting.
+                return Ok(Err(anyhow::anyhow!("{program} exited: {}", daemon.log())));
             }
-            ensure!(Instant::now() < deadline, "{program} never listened: {}", daemon.log());
-            thread::sleep(Duration::from_millis(20));
-        }
+            let bound = ns.exec(&["ss", "-Hltn", "sport", "=", &format!(":{port}")])?;
+            ensure!(!bound.trim().is_empty(), "{program} never listened: {}", daemon.log());
+            Ok(Ok(()))
+        });
+        listening??;
         Ok(daemon)
     }
 

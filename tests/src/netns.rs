@@ -9,7 +9,7 @@ use std::{
     process::{Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -282,17 +282,12 @@ impl Netns {
     /// `-u` UDP. Programs we start (python, socat) take a while under
     /// emulation, and a peer that talks first meets a refusal.
     pub fn wait_until_bound(&self, proto: &str, port: u16) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(60);
         let flags = format!("-Hln{}", proto.trim_start_matches('-'));
-        while self.exec(&["ss", &flags, "sport", "=", &format!(":{port}")])?.trim().is_empty() {
-            ensure!(
-                Instant::now() < deadline,
-                "nothing bound {proto} port {port} in {}",
-                self.name
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
+        crate::eventually(Duration::from_secs(60), || {
+            let bound = self.exec(&["ss", &flags, "sport", "=", &format!(":{port}")])?;
+            ensure!(!bound.trim().is_empty(), "nothing bound {proto} port {port} in {}", self.name);
+            Ok(())
+        })
     }
 
     /// `dig +short @server name A` here; the answer.

@@ -7,11 +7,11 @@ use std::{
     process::{Child, ExitStatus, Output, Stdio},
     sync::{Arc, Mutex},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::*;
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 
 /// tproxy's default routing values, which a lone instance in a sandbox gets
 /// (`library::the_sandbox_defaults_are_the_librarys` holds them to the
@@ -120,14 +120,10 @@ impl Proxy {
     }
 
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self.log().contains(needle) {
-                return Ok(());
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        bail!("no {needle:?} in the proxy log within {timeout:?}:\n{}", self.log())
+        crate::eventually(timeout, || {
+            ensure!(self.log().contains(needle), "no {needle:?} in the proxy log:\n{}", self.log());
+            Ok(())
+        })
     }
 
     /// The port the TCP relay listens on, from the ready line.
@@ -162,21 +158,21 @@ impl Proxy {
 
     /// Waits for it to exit by itself, for `timeout` at most.
     pub fn wait_exit(mut self, timeout: Duration) -> Result<(ExitStatus, String)> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                // The readers end at EOF, after the last lines.
-                for reader in self.readers.drain(..) {
-                    let _ = reader.join();
-                }
-                return Ok((status, self.log()));
-            }
-            if Instant::now() > deadline {
+        let exited = crate::eventually(timeout, || {
+            self.child.try_wait()?.context("tproxy-user did not exit")
+        });
+        let status = match exited {
+            Ok(status) => status,
+            Err(e) => {
                 let _ = self.child.kill();
-                bail!("tproxy-user did not exit within {timeout:?}:\n{}", self.log());
+                return Err(e.context(self.log()));
             }
-            thread::sleep(Duration::from_millis(20));
+        };
+        // The readers end at EOF, after the last lines.
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
         }
+        Ok((status, self.log()))
     }
 
     /// SIGTERM, and the exit must be clean.

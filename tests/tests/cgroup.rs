@@ -186,10 +186,7 @@ fn own_connections_go_through_the_relay_and_keep_their_destination() -> Result<(
     ensure!(outside["local"] == PROXY_SERVER_SIDE_V6.to_string(), "{outside}");
     let stats = proxy.stop_with_stats(&topology.proxy)?;
     ensure!(stats.tcp().accepted == 4 && stats.udp().sessions_total == 6, "{stats:?}");
-    ensure!(
-        stats.tcp().refused_unknown == 0 && stats.udp().refused_unknown == 0,
-        "{stats:?}"
-    );
+    ensure!(stats.tcp().refused_unknown == 0 && stats.udp().refused_unknown == 0, "{stats:?}");
     Ok(())
 }
 
@@ -379,9 +376,6 @@ fn interfaces_and_a_cgroup_together() -> Result<()> {
     }
     let stats = proxy.stop_with_stats(&topology.proxy)?;
     ensure!(stats.tcp().accepted == 2, "{stats:?}");
-    ensure!(
-        stats.datapath.to_listener == 1 && stats.datapath.cgroup_to_target == 1,
-        "{stats:?}"
-    );
+    ensure!(stats.datapath.to_listener == 1 && stats.datapath.cgroup_to_target == 1, "{stats:?}");
     Ok(())
 }

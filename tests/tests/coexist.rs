@@ -53,16 +53,8 @@ fn the_hosts_own_services_answer_directly() -> Result<()> {
     }
     let stats = proxy.stats(&topology.proxy)?;
     ensure!(stats.datapath.to_host > 0, "{:?}", stats.datapath);
-    ensure!(
-        stats.tcp().accepted == 2 && stats.tcp().refused_local == 0,
-        "{:?}",
-        stats.tcp()
-    );
-    ensure!(
-        stats.udp().sessions_total == 2 && stats.udp().refused_local == 0,
-        "{:?}",
-        stats.udp()
-    );
+    ensure!(stats.tcp().accepted == 2 && stats.tcp().refused_local == 0, "{:?}", stats.tcp());
+    ensure!(stats.udp().sessions_total == 2 && stats.udp().refused_local == 0, "{:?}", stats.udp());
     let mut stream = topology.client.tcp_connect((PROXY_CLIENT_SIDE_V4, 8080).into())?;
     ensure!(read_to_end(&mut stream)? == b"bye");
     drop(stream);

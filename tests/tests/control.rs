@@ -5,7 +5,7 @@ use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -75,16 +75,10 @@ fn peer_seen(
 
 /// Retries `check` for up to 5 s: a change must show within a bounded wait.
 fn within_bounded_wait(mut check: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if check()? {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("the change did not show within 5 s");
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+    eventually(Duration::from_secs(5), || {
+        ensure!(check()?, "the change did not show");
+        Ok(())
+    })
 }
 
 /// Ports added and deleted while running change interception at once, and a
@@ -235,14 +229,10 @@ fn counters_match_the_traffic() -> Result<()> {
     for _ in 0..N {
         peer_seen(&topology, &seen, Topology::server_addr(false, 80), None)?;
     }
-    // Each relayed connection is logged once it ends.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while proxy.log().matches("DEBUG tproxy_user::relay::tcp::connection: connection").count()
-        < N as usize
-    {
-        ensure!(Instant::now() < deadline, "not every connection ended");
-        thread::sleep(Duration::from_millis(20));
-    }
+    // Every relayed connection has ended, its last packets counted.
+    proxy.wait_for(&topology.proxy, "every connection's end", |s| {
+        s.tcp().accepted == N && s.tcp().active == 0
+    })?;
 
     let json: StatsReport = serde_json::from_str(&tproxy_ok(&topology, &["stats", "--json"])?)?;
     let rule = |name: &str| json.rules.iter().find(|r| r.rule == name).map(|r| &r.counters);
@@ -286,10 +276,7 @@ fn counters_match_the_traffic() -> Result<()> {
     ensure!(value("tproxy_tcp_connections_total", None)? == N as f64);
     ensure!(value("tproxy_tcp_bytes_total", Some(("direction", "up")))? == (4 * N) as f64);
     ensure!(value("tproxy_tcp_connections_active", None)? == 0.0);
-    ensure!(
-        value("tproxy_rule_packets_total", Some(("rule", "tcp/80")))?
-            == web.packets as f64
-    );
+    ensure!(value("tproxy_rule_packets_total", Some(("rule", "tcp/80")))? == web.packets as f64);
     proxy.stop()?;
     Ok(())
 }

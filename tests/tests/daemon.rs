@@ -8,7 +8,7 @@ use std::{
     net::Shutdown,
     os::unix::{fs::PermissionsExt as _, net::UnixDatagram},
     path::PathBuf,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -59,15 +59,11 @@ fn http(ns: &Netns, path: &str) -> Result<(u16, String)> {
 
 /// Waits until `path` answers `status`.
 fn wait_for_status(ns: &Netns, path: &str, status: u16) -> Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually(Duration::from_secs(20), || {
         let (code, body) = http(ns, path)?;
-        if code == status {
-            return Ok(body);
-        }
-        ensure!(Instant::now() < deadline, "{path} answers {code} ({body:?}), not {status}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        ensure!(code == status, "{path} answers {code} ({body:?}), not {status}");
+        Ok(body)
+    })
 }
 
 /// As the unit runs it: uid and gid 65534, only the unit's capabilities
@@ -330,11 +326,10 @@ fn sigusr2_hands_over_to_the_installed_binary() -> Result<()> {
     let pid: u32 =
         announced.lines().find_map(|l| l.strip_prefix("MAINPID=")).context("MAINPID")?.parse()?;
     ensure!(pid != old.pid(), "{announced:?}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while old.exited()?.is_none() {
-        ensure!(Instant::now() < deadline, "the old process never exited:\n{}", old.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually(Duration::from_secs(60), || {
+        ensure!(old.exited()?.is_some(), "the old process never exited:\n{}", old.log());
+        Ok(())
+    })?;
     ensure!(old.log().contains("drained"), "{}", old.log());
     relayed("after").map_err(|e| anyhow::anyhow!("{e}\n{}", old.log()))?;
     // Pings from the new process: the old one is gone.
@@ -380,16 +375,12 @@ fn a_watched_rules_file_is_reloaded_when_it_changes() -> Result<()> {
         ],
     )?;
     write_version("v2", "rules = [\"tcp/80\", \"udp/53\"]\n")?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually(Duration::from_secs(20), || {
         let rules = run_tproxy(&topology.proxy, &["rule", "list"])?;
         let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
-        if rules.lines().any(|l| l == "udp/53") {
-            break;
-        }
-        ensure!(Instant::now() < deadline, "the change never arrived: {rules}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        ensure!(rules.lines().any(|l| l == "udp/53"), "the change never arrived: {rules}");
+        Ok(())
+    })?;
     // A broken file is refused and the rules stay.
     write_version("v3", "rules = [\"tcp/0\"]\n")?;
     proxy.wait_for_log("reload refused", Duration::from_secs(20))?;

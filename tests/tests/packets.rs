@@ -5,7 +5,6 @@
 
 use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    thread,
     time::Duration,
 };
 
@@ -317,14 +316,13 @@ fn crafted_packets_are_steered_correctly_or_passed_untouched() -> Result<()> {
         send(&raw, frame)?;
         send(&raw, &v4(V4::default(), &tcp_syn(41000 + i as u16, 80)))?;
         let target = steered_before + 1 + u64::from(*expect_steered);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let (steered, failed) = loop {
+        // Past the wait, the counters as they stand say what went wrong.
+        let (steered, failed) = eventually(Duration::from_secs(10), || {
             let (steered, failed) = counters(&proxy)?;
-            if steered >= target || std::time::Instant::now() > deadline {
-                break (steered, failed);
-            }
-            thread::sleep(Duration::from_millis(5));
-        };
+            ensure!(steered >= target, "the sentinel was not counted");
+            Ok((steered, failed))
+        })
+        .or_else(|_| counters(&proxy))?;
         let was_steered = steered - steered_before == 2;
         if steered != target || failed != 0 {
             wrong.push(format!(

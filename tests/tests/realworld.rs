@@ -154,7 +154,10 @@ fn an_unreachable_upstream_fails_the_connect_at_once() -> Result<()> {
                 ensure!(tcp.connect_timeouts == 0, "{tcp:?}");
                 break;
             }
-            ensure!(started.elapsed() < Duration::from_secs(3), "{dst}: the connect waited: {tcp:?}");
+            ensure!(
+                started.elapsed() < Duration::from_secs(3),
+                "{dst}: the connect waited: {tcp:?}"
+            );
             thread::sleep(Duration::from_millis(20));
         }
     }
@@ -198,13 +201,11 @@ fn tun_tunnel(topology: &Topology) -> Result<(Socat, Socat)> {
     )?;
     // The listening end opens its TUN when the first datagram arrives;
     // under emulation, with other tests running, that takes a while.
-    let deadline = Instant::now() + Duration::from_secs(60);
     let poke = topology.client.udp_bind((Ipv4Addr::UNSPECIFIED, 0).into())?;
-    while topology.proxy.exec(&["ip", "link", "show", "tl3"]).is_err() {
-        ensure!(Instant::now() < deadline, "the tunnel did not come up");
+    eventually(Duration::from_secs(60), || {
         let _ = poke.send_to(b"up", (Ipv4Addr::new(203, 0, 113, 130), 9));
-        thread::sleep(Duration::from_millis(50));
-    }
+        topology.proxy.exec(&["ip", "link", "show", "tl3"]).context("the tunnel did not come up")
+    })?;
     topology.proxy.exec(&["ip", "addr", "add", "2001:db8:9::1/64", "dev", "tl3", "nodad"])?;
     topology.client.exec(&["ip", "addr", "add", "2001:db8:9::2/64", "dev", "tc3", "nodad"])?;
     topology.client.exec(&["ip", "route", "add", "198.51.100.10/32", "dev", "tc3"])?;
@@ -221,7 +222,8 @@ fn a_tun_device_is_intercepted() -> Result<()> {
     let seen4 = http_responder(&topology.server, Topology::server_addr(false, 80), "the server")?;
     let seen6 = http_responder(&topology.server, Topology::server_addr(true, 80), "the server")?;
     let proxy = Proxy::start(&topology.proxy, &["attach", "tl3", "--port", "80"])?;
-    ensure!(proxy.log().contains("attached to tl3"), "{}", proxy.log());
+    let stats = proxy.stats(&topology.proxy)?;
+    ensure!(stats.interfaces == ["tl3"], "{:?}", stats.interfaces);
     for (url, seen, v6) in
         [("http://198.51.100.10/", &seen4, false), ("http://[2001:db8:2::10]/", &seen6, true)]
     {

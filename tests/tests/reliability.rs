@@ -65,12 +65,10 @@ fn sigkill_under_load_fails_open_within_a_second() -> Result<()> {
         })
     };
     let wait_for_ok = |count: u32| -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while ok.load(Relaxed) < count {
-            ensure!(Instant::now() < deadline, "the load made {} of {count}", ok.load(Relaxed));
-            thread::sleep(Duration::from_millis(10));
-        }
-        Ok(())
+        eventually(Duration::from_secs(30), || {
+            ensure!(ok.load(Relaxed) >= count, "the load made {} of {count}", ok.load(Relaxed));
+            Ok(())
+        })
     };
     wait_for_ok(5)?;
     let killed_at = Instant::now();
@@ -291,16 +289,11 @@ fn fd_exhaustion_backs_off_and_recovers() -> Result<()> {
     drop(open);
     while seen.try_recv().is_ok() {}
     // Once the clients are gone, descriptors come back and it serves again.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(back) = ping(&topology, addr, Duration::from_secs(2))
-            && back == b"ping"
-        {
-            break;
-        }
-        ensure!(Instant::now() < deadline, "the relay did not recover:\n{}", proxy.log());
-        thread::sleep(Duration::from_millis(200));
-    }
+    eventually(Duration::from_secs(10), || {
+        let back = ping(&topology, addr, Duration::from_secs(2));
+        ensure!(back.is_ok_and(|b| b == b"ping"), "the relay did not recover:\n{}", proxy.log());
+        Ok(())
+    })?;
     let (_, peer) = seen.recv_timeout(Duration::from_secs(5))?;
     ensure!(peer.ip() == proxy_ip(false), "not relayed: {peer}");
     proxy.stop()?;
@@ -388,18 +381,11 @@ fn ten_thousand_concurrent_connections() -> Result<()> {
             started.elapsed()
         );
         drop(streams);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        eventually(Duration::from_secs(20), || {
             let now = socket_fds(proxy.pid())?;
-            if now <= baseline {
-                break;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the relay holds {now} sockets, {baseline} before the load"
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
+            ensure!(now <= baseline, "the relay holds {now} sockets, {baseline} before the load");
+            Ok(())
+        })?;
         let stats = proxy.stop_with_stats(&topology.proxy)?;
         let tcp = stats.tcp();
         ensure!(tcp.accepted == connections as u64, "{tcp:?}");
@@ -468,9 +454,7 @@ fn the_relays_own_traffic_is_never_steered_again() -> Result<()> {
             Ok(socket.into())
         })
     };
-    let to_listener = || -> Result<u64> {
-        Ok(proxy.stats(p)?.datapath.to_listener)
-    };
+    let to_listener = || -> Result<u64> { Ok(proxy.stats(p)?.datapath.to_listener) };
     // Marked like the relay's own traffic: not steered, so it dies in the
     // blackhole.
     ensure!(connect(DEFAULT_UPSTREAM_MARK)?.is_err(), "the marked connection reached something");
@@ -621,11 +605,7 @@ fn one_source_cannot_hold_every_slot() -> Result<()> {
     // Another source (the client's IPv6 address) is served meanwhile.
     ensure!(ping(&topology, v6, Duration::from_secs(5))? == b"ping");
     drop(held);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while proxy.stats(&topology.proxy)?.tcp().active != 0 {
-        ensure!(Instant::now() < deadline, "the held connections did not end");
-        thread::sleep(Duration::from_millis(20));
-    }
+    proxy.wait_for(&topology.proxy, "the held connections' end", |s| s.tcp().active == 0)?;
     ensure!(ping(&topology, v4, Duration::from_secs(5))? == b"ping", "the share did not come back");
     let stats = proxy.stats(&topology.proxy)?;
     ensure!(stats.tcp().refused_per_source == 1, "{:?}", stats.tcp());

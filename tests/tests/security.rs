@@ -504,7 +504,9 @@ fn no_local_user_can_stand_in_for_a_to_port_listener() -> Result<()> {
         let outcome = if stolen {
             said.recv_timeout(Duration::from_secs(10)).ok()
         } else {
-            proxy.wait_for(&topology.proxy, "datapath.target_foreign", |s| s.datapath.target_foreign == 1)?;
+            proxy.wait_for(&topology.proxy, "datapath.target_foreign", |s| {
+                s.datapath.target_foreign == 1
+            })?;
             None
         };
         let stats = proxy.stop_with_stats(&topology.proxy)?;

@@ -12,7 +12,7 @@ use std::{
         mpsc,
     },
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Result, ensure};
@@ -63,17 +63,15 @@ impl Load {
 
     /// Waits until `count` requests have succeeded.
     fn wait_for(&self, count: u64) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while self.done() < count {
-            ensure!(
-                self.failures.lock().unwrap().is_empty(),
-                "{:?}",
-                self.failures.lock().unwrap()
-            );
-            ensure!(Instant::now() < deadline, "only {} requests in two minutes", self.done());
-            thread::sleep(Duration::from_millis(10));
-        }
-        Ok(())
+        eventually(Duration::from_secs(120), || {
+            let failures = self.failures.lock().unwrap().clone();
+            // A failure ends the wait at once.
+            if !failures.is_empty() {
+                return Ok(Err(anyhow::anyhow!("{failures:?}")));
+            }
+            ensure!(self.done() >= count, "only {} requests in two minutes", self.done());
+            Ok(Ok(()))
+        })?
     }
 
     /// Stops; the successes, or the failures.
@@ -242,12 +240,10 @@ fn talk(
 }
 
 fn wait_until(done: impl Fn() -> bool) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !done() {
-        ensure!(Instant::now() < deadline, "timed out");
-        thread::sleep(Duration::from_millis(10));
-    }
-    Ok(())
+    eventually(Duration::from_secs(60), || {
+        ensure!(done(), "timed out");
+        Ok(())
+    })
 }
 
 /// Whether the server sees the client itself (traffic passed untouched)

@@ -397,15 +397,22 @@ fn deleting_a_rule_unblocks_reused_client_ports() -> Result<()> {
     let server = closing_server(&topology, addr, 2)?;
     let proxy = attach_port_80(&topology)?;
     ensure!(connect_from(&topology, client_addr, addr, Duration::from_secs(5))? == b"bye");
+    // The relay's side of the client's connection waits in TIME_WAIT.
+    let time_wait = |present: bool| {
+        eventually(Duration::from_secs(5), || {
+            let filter = format!("dst {client_addr}");
+            let held = topology.proxy.exec(&["ss", "-Htan", "state", "time-wait", &filter])?;
+            ensure!(held.trim().is_empty() != present, "TIME_WAIT of {client_addr}: {held:?}");
+            Ok(())
+        })
+    };
+    time_wait(true)?;
     let out = run_tproxy(&topology.proxy, &["port", "del", "80"])?;
     ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     if !kernel_destroys_time_waits() {
         return proxy.wait_for_log(CANNOT_DESTROY_TIME_WAITS, Duration::from_secs(5));
     }
-    proxy.wait_for_log(
-        "removed 1 TIME_WAIT sockets of flows no rule intercepts now",
-        Duration::from_secs(5),
-    )?;
+    time_wait(false)?;
     reused_port_is_forwarded_at_once(&topology, client_addr, addr, server)?;
     proxy.stop()?;
     Ok(())

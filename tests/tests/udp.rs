@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use tproxy_tests::*;
 
 const PORT: u16 = 5300;
@@ -323,8 +323,8 @@ fn dig_queries_dnsmasq_through_the_proxy() -> Result<()> {
         for (server, kind, answer) in
             [("198.51.100.10", "A", "203.0.113.7"), ("2001:db8:2::10", "AAAA", "2001:db8::7")]
         {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
+            // dnsmasq may still be starting.
+            eventually(Duration::from_secs(10), || {
                 let out = topology.client.exec(&[
                     "dig",
                     "+short",
@@ -334,13 +334,12 @@ fn dig_queries_dnsmasq_through_the_proxy() -> Result<()> {
                     "tproxy.test",
                     kind,
                 ]);
-                match out {
-                    Ok(out) if out.trim() == answer => break,
-                    // dnsmasq may still be starting.
-                    _ if Instant::now() < deadline => thread::sleep(Duration::from_millis(200)),
-                    other => bail!("dig @{server} {kind}: {other:?}"),
-                }
-            }
+                ensure!(
+                    out.as_ref().is_ok_and(|out| out.trim() == answer),
+                    "dig @{server} {kind}: {out:?}"
+                );
+                Ok(())
+            })?;
         }
         Ok(())
     })();
@@ -388,9 +387,18 @@ fn deleting_a_rule_ends_its_sessions() -> Result<()> {
     let client = topology.client.udp_client(server_addr)?;
     client.send_to(b"relayed", server_addr)?;
     ensure!(recv_from(&client, server_addr)? == b"relayed");
+    let from = SocketAddr::from((CLIENT_V4, client.local_addr()?.port()));
+    let tuple = format!("src {server_addr} and dst {from}");
+    let held = topology.proxy.exec(&["ss", "-Huan", &tuple])?;
+    ensure!(!held.trim().is_empty(), "no reply socket holds {tuple}");
     let out = run_tproxy(&topology.proxy, &["port", "del", &PORT.to_string(), "--proto", "udp"])?;
     ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    proxy.wait_for_log("UDP session closed: no rule intercepts it now", Duration::from_secs(5))?;
+    // The session's reply socket, which owned the client's tuple, is closed.
+    eventually(Duration::from_secs(5), || {
+        let held = topology.proxy.exec(&["ss", "-Huan", &tuple])?;
+        ensure!(held.trim().is_empty(), "the session still holds {tuple}: {held}");
+        Ok(())
+    })?;
     client.send_to(b"direct", server_addr)?;
     ensure!(recv_from(&client, server_addr)? == b"direct");
     let peers = server.peers();

@@ -294,17 +294,13 @@ backend origin6
         bulk_through(&topology, v6, 47)?;
     }
     // HAProxy logs each connection as it ends, a moment after the client's.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    for client in [CLIENT_V4.to_string(), CLIENT_V6.to_string()] {
-        while !haproxy.log().contains(&client) {
-            ensure!(
-                std::time::Instant::now() < deadline,
-                "HAProxy did not log the client {client}:\n{}",
-                haproxy.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+    eventually(Duration::from_secs(10), || {
+        for client in [CLIENT_V4.to_string(), CLIENT_V6.to_string()] {
+            let log = haproxy.log();
+            ensure!(log.contains(&client), "HAProxy did not log the client {client}:\n{log}");
         }
-    }
+        Ok(())
+    })?;
     let stats = proxy.stop_with_stats(&topology.proxy)?;
     ensure!(stats.tcp().accepted == 2, "{stats:?}");
     Ok(())
@@ -367,11 +363,11 @@ fn rules_pick_their_upstream() -> Result<()> {
     )?;
     ensure!(origin_sees(&topology, 80)? == upstream_ip(false));
     // Logged before it connected; our reader of its log may lag.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !tinyproxy.log().contains("CONNECT 198.51.100.10:80 ") {
-        ensure!(std::time::Instant::now() < deadline, "{}", tinyproxy.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually(Duration::from_secs(5), || {
+        let log = tinyproxy.log();
+        ensure!(log.contains("CONNECT 198.51.100.10:80 "), "{log}");
+        Ok(())
+    })?;
     // The default (dante): tinyproxy never saw it.
     ensure!(origin_sees(&topology, 8080)? == upstream_ip(false));
     ensure!(!tinyproxy.log().contains("198.51.100.10:8080"), "{}", tinyproxy.log());
