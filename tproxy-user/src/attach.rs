@@ -19,6 +19,7 @@ use crate::{
     relay::{
         RelaySettings, SourcePrefixes, TcpRelay, TcpRelayConfig, TcpRelayStats, UdpRelay,
         UdpRelayConfig, UdpRelayStats,
+        timewait::{self, Purge, Whose},
     },
 };
 
@@ -356,7 +357,7 @@ impl Prepared {
                     .stop_then(async {
                         relays_stop.cancel();
                         while relay_tasks.join_next().await.is_some() {}
-                        remove_time_waits(Some(&ports));
+                        timewait::purge(Purge::Ports(&ports), RELAYED);
                     })
                     .await
             }
@@ -499,7 +500,7 @@ pub async fn relay_only(
     let _ = tokio::join!(tasks.0, tasks.1);
     // Which ports were steered here is the rules' business; every
     // transparent TIME_WAIT socket in this namespace is a relay's.
-    remove_time_waits(None);
+    timewait::purge(Purge::All, RELAYED);
     summarize(&tcp_stats, &udp_stats);
     Ok(())
 }
@@ -534,13 +535,5 @@ fn summarize(tcp: &TcpRelayStats, udp: &UdpRelayStats) {
     info!("relay: {}", udp.snapshot().summary());
 }
 
-/// Destroys the relay's TIME_WAIT sockets (see [`crate::relay::timewait`]).
-fn remove_time_waits(ports: Option<&std::collections::HashSet<u16>>) {
-    let removed = crate::host::system::local_addresses()
-        .and_then(|local| crate::relay::timewait::remove_relay_time_waits(ports, &local));
-    match removed {
-        Ok(0) => {}
-        Ok(n) => info!("removed {n} TIME_WAIT sockets of relayed connections"),
-        Err(e) => warn!("could not remove the relay's TIME_WAIT sockets: {e}"),
-    }
-}
+/// The relay's own TIME_WAIT sockets, removed as it stops.
+const RELAYED: Whose = Whose::Ours("of relayed connections");

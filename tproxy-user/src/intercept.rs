@@ -23,6 +23,7 @@ use crate::{
     error::{Error, Result},
     host::{cgroup, kernel, system},
     instance::{self, AllocationLock, Claim, DEFAULT_NAME, validate_name},
+    relay::timewait::{self, Purge, Whose},
     rules::{Protocol, Rule, RuleSet},
 };
 
@@ -656,24 +657,16 @@ impl Interceptor {
     /// next forwarded SYN, which `ip_forward` drops for up to a minute.
     fn remove_unsteered_time_waits(&self) {
         let (rules, gated) = (&self.rules, &self.gated_tcp);
-        let removed = system::local_addresses().and_then(|local| {
-            crate::relay::timewait::remove_relay_time_waits_where(&local, |id| {
-                let (l, r) = (id.source_address, id.destination_address);
-                let (lp, rp) = (id.source_port, id.destination_port);
-                // Client side: bound to the destination; spoofed upstream:
-                // bound to the client.
-                let steered = (gated.contains(&lp) && rules.intercepts(Protocol::Tcp, r, l, lp))
-                    || (gated.contains(&rp) && rules.intercepts(Protocol::Tcp, l, r, rp));
-                (gated.contains(&lp) || gated.contains(&rp)) && !steered
-            })
-        });
-        match removed {
-            Ok(0) => {}
-            Ok(n) => info!("removed {n} TIME_WAIT sockets of flows no rule intercepts now"),
-            Err(e) => {
-                warn!("could not remove TIME_WAIT sockets of flows no rule intercepts now: {e}")
-            }
-        }
+        let unsteered = |id: &crate::host::sock_diag::SocketId| {
+            let (l, r) = (id.source_address, id.destination_address);
+            let (lp, rp) = (id.source_port, id.destination_port);
+            // Client side: bound to the destination; spoofed upstream:
+            // bound to the client.
+            let steered = (gated.contains(&lp) && rules.intercepts(Protocol::Tcp, r, l, lp))
+                || (gated.contains(&rp) && rules.intercepts(Protocol::Tcp, l, r, rp));
+            (gated.contains(&lp) || gated.contains(&rp)) && !steered
+        };
+        timewait::purge(Purge::Where(&unsteered), Whose::Ours("of flows no rule intercepts now"));
     }
 
     /// Where the host's own intercepted sockets meant to go (when there are
@@ -896,13 +889,7 @@ async fn remove_recorded(name: &str, leftover: &instance::InstanceState) {
         return;
     }
     let ports: HashSet<u16> = leftover.tcp_ports.iter().copied().collect();
-    match system::local_addresses()
-        .and_then(|local| crate::relay::timewait::remove_relay_time_waits(Some(&ports), &local))
-    {
-        Ok(0) => {}
-        Ok(n) => warn!("removed {n} TIME_WAIT sockets an earlier run left"),
-        Err(e) => warn!("could not remove an earlier run's TIME_WAIT sockets: {e}"),
-    }
+    timewait::purge(Purge::Ports(&ports), Whose::Leftover);
 }
 
 /// Loads the programs for `config`, with the TC programs for the interface

@@ -12,31 +12,73 @@
 
 use std::{collections::HashSet, io, net::IpAddr};
 
-use crate::host::sock_diag::{self, AF_INET, AF_INET6, IPPROTO_TCP, SocketId, StateFlags};
-use tracing::debug;
+use crate::host::{
+    sock_diag::{self, AF_INET, AF_INET6, IPPROTO_TCP, SocketId, StateFlags},
+    system,
+};
+use tracing::{debug, info, warn};
 
-/// Destroys TCP TIME_WAIT sockets whose local address is not one of this
-/// host's (so only a transparent socket can have made them) and whose local
-/// port (a client-side socket) or remote port (a spoofed upstream socket)
-/// is in `ports` (`None`: any port, for a relay that does not know what is
-/// steered to it). Returns how many went.
-pub fn remove_relay_time_waits(
-    ports: Option<&HashSet<u16>>,
-    local: &HashSet<IpAddr>,
-) -> io::Result<usize> {
-    if ports.is_some_and(HashSet::is_empty) {
-        return Ok(0);
+/// Which of the relay's TIME_WAIT sockets [`purge`] removes.
+pub enum Purge<'a> {
+    /// Every one: for a relay that does not know what was steered to it.
+    All,
+    /// Those whose local port (a client-side socket) or remote port (a
+    /// spoofed upstream socket) is one of these.
+    Ports(&'a HashSet<u16>),
+    /// Those for which this holds.
+    Where(&'a dyn Fn(&SocketId) -> bool),
+}
+
+/// How a [`purge`] that removed some is logged: an earlier run's leftovers
+/// are worth a warning, the relay's own a line of information.
+#[derive(Clone, Copy)]
+pub enum Whose {
+    /// This run's, as it stops or as rules change; the text says which.
+    Ours(&'static str),
+    /// What an earlier run left.
+    Leftover,
+}
+
+/// Removes the relay's TIME_WAIT sockets that `which` names (see the
+/// module) and logs the outcome; a failure is a warning, never an error,
+/// since they expire by themselves. Returns how many went.
+pub fn purge(which: Purge<'_>, whose: Whose) -> usize {
+    if matches!(which, Purge::Ports(p) if p.is_empty()) {
+        return 0;
     }
-    remove_relay_time_waits_where(local, |id| {
-        ports.is_none_or(|p| p.contains(&id.source_port) || p.contains(&id.destination_port))
-    })
+    let removed = system::local_addresses().and_then(|local| {
+        remove_relay_time_waits_where(&local, |id| match which {
+            Purge::All => true,
+            Purge::Ports(p) => p.contains(&id.source_port) || p.contains(&id.destination_port),
+            Purge::Where(f) => f(id),
+        })
+    });
+    match (removed, whose) {
+        (Ok(0), _) => 0,
+        (Ok(n), Whose::Ours(what)) => {
+            info!("removed {n} TIME_WAIT sockets {what}");
+            n
+        }
+        (Ok(n), Whose::Leftover) => {
+            warn!("removed {n} TIME_WAIT sockets an earlier run left");
+            n
+        }
+        (Err(e), Whose::Ours(what)) => {
+            warn!("could not remove the TIME_WAIT sockets {what}: {e}");
+            0
+        }
+        (Err(e), Whose::Leftover) => {
+            warn!("could not remove an earlier run's TIME_WAIT sockets: {e}");
+            0
+        }
+    }
 }
 
 /// Destroys the relay's TIME_WAIT sockets (local address not this host's)
 /// for which `remove` is true. Fails if the kernel cannot destroy them
 /// (5.10's `tcp_abort` refuses anything but a full socket; a kernel may also
 /// lack CONFIG_INET_DIAG_DESTROY), rather than reporting them gone.
-pub fn remove_relay_time_waits_where(
+fn remove_relay_time_waits_where(
     local: &HashSet<IpAddr>,
     remove: impl Fn(&SocketId) -> bool,
 ) -> io::Result<usize> {
