@@ -21,7 +21,7 @@ use crate::{
         routing::{self, PolicyRouting, RoutingConfig},
     },
     error::{Error, Result},
-    host::{cgroup, kernel, system},
+    host::{cgroup, kernel, netlink, system},
     instance::{self, AllocationLock, Claim, DEFAULT_NAME, validate_name},
     relay::timewait::{self, Purge, Whose},
     rules::{Protocol, Rule, RuleSet},
@@ -264,7 +264,7 @@ fn claim(config: &mut InterceptConfig) -> Result<Claim> {
         false => config.name.clone(),
     };
     let (mut claim, leftover) = Claim::acquire(&name)?;
-    system::block_on(async {
+    netlink::block_on(async {
         remove_recorded(&name, &leftover).await;
         // A takeover killed half way leaves its own records.
         if !config.takeover {
@@ -852,7 +852,7 @@ impl Drop for CreatedQdiscs {
             return;
         }
         let ifaces = std::mem::take(&mut self.0);
-        let _ = system::block_on(async {
+        let _ = netlink::block_on(async {
             for iface in &ifaces {
                 datapath::remove_clsact_if_unused(iface).await;
             }

@@ -22,7 +22,6 @@ use aya::maps::{Array, LpmTrie, MapData, lpm_trie::Key};
 use futures::StreamExt as _;
 use ipnet::IpNet;
 use netlink_packet_core::NetlinkPayload;
-use netlink_sys::{AsyncSocket as _, SocketAddr};
 use rtnetlink::{
     Handle, IpVersion, RouteMessageBuilder,
     constants::{RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE},
@@ -38,7 +37,7 @@ use tracing::{debug, error, info};
 use crate::{
     datapath::routing,
     error::{Error, Result},
-    host::system,
+    host::{netlink::Netlink, system},
 };
 
 /// The kernel's `local` routing table.
@@ -85,25 +84,16 @@ impl LocalTable {
     /// steered); a table larger than the trie does not: the programs are
     /// told the trie is incomplete, and leave what it may lack to the host.
     pub async fn start(dests: LocalDests) -> Result<Self> {
-        let (mut connection, handle, mut events) =
-            rtnetlink::new_connection().map_err(|e| Error::io("opening rtnetlink", e))?;
         let groups =
             RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE;
-        let socket = connection.socket_mut().socket_mut();
-        socket
-            .bind(&SocketAddr::new(0, groups))
-            .map_err(|e| Error::io("subscribing to address and route events", e))?;
-        // Lets the kernel dump the one table asked for; without it (old
-        // kernels) the dump is filtered here.
-        let _ = socket.set_netlink_get_strict_chk(true);
-        let connection = tokio::spawn(connection);
+        // Strict checking lets the kernel dump the one table asked for;
+        // without it (old kernels) the dump is filtered here.
+        let (netlink, mut events) = Netlink::subscribe(groups)?;
+        let handle = netlink.handle.clone();
         let mut synced = Synced { dests, present: HashSet::new(), complete: true };
         match synced.sync(&handle).await {
             Ok(outcome) => synced.report(true, outcome),
-            Err(e) => {
-                connection.abort();
-                return Err(e);
-            }
+            Err(e) => return Err(e),
         }
         let task = tokio::spawn(async move {
             loop {
@@ -139,7 +129,7 @@ impl LocalTable {
             error!(
                 "rtnetlink events ended: the host's own destinations are no longer followed, and what they may lack is left to the host"
             );
-            connection.abort();
+            drop(netlink);
         });
         Ok(Self { task })
     }

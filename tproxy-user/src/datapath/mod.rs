@@ -565,7 +565,7 @@ async fn our_filters(iface: &str) -> Result<Vec<NetlinkFilter>> {
     use futures::TryStreamExt as _;
     use rtnetlink::packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
     let index = crate::host::system::ifindex(iface)?;
-    let filters: Vec<_> = netlink(|handle| async move {
+    let filters: Vec<_> = crate::host::netlink::with_handle(|handle| async move {
         handle.traffic_filter(index as i32).get().ingress().execute().try_collect::<Vec<_>>().await
     })
     .await?
@@ -606,7 +606,7 @@ pub async fn remove_clsact_if_unused(iface: &str) {
     use futures::TryStreamExt as _;
     use rtnetlink::packet_route::tc::TcHandle;
     let Ok(index) = crate::host::system::ifindex(iface) else { return };
-    let result = netlink(|handle| async move {
+    let result = crate::host::netlink::with_handle(|handle| async move {
         let mut filters = handle.traffic_filter(index as i32);
         let ingress: Vec<_> = filters.get().ingress().execute().try_collect().await?;
         let egress: Vec<_> =
@@ -626,20 +626,6 @@ pub async fn remove_clsact_if_unused(iface: &str) {
         Ok(Err(e)) => debug!("removing the clsact qdisc of {iface}: {e}"),
         Err(e) => debug!("removing the clsact qdisc of {iface}: {e}"),
     }
-}
-
-/// Runs `f` with an rtnetlink handle whose connection lives as long as it.
-async fn netlink<F, Fut, T>(f: F) -> Result<T>
-where
-    F: FnOnce(rtnetlink::Handle) -> Fut,
-    Fut: std::future::Future<Output = T>,
-{
-    let (connection, handle, _) =
-        rtnetlink::new_connection().map_err(|e| Error::io("opening rtnetlink", e))?;
-    let task = tokio::spawn(connection);
-    let out = f(handle).await;
-    task.abort();
-    Ok(out)
 }
 
 fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {

@@ -20,7 +20,10 @@ use tracing::{info, trace, warn};
 
 use crate::{
     error::{Error, Result},
-    host::system,
+    host::{
+        netlink::{self, Netlink},
+        system,
+    },
 };
 
 /// The kernel's main routing table.
@@ -90,17 +93,8 @@ impl Drop for PolicyRouting {
             return;
         }
         let config = self.config;
-        // Drop cannot await; use a private runtime on its own thread so this
-        // works whether or not the caller is inside a tokio runtime.
-        let result = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| Error::io("starting a cleanup runtime", e))?
-                .block_on(remove(&config))
-        })
-        .join();
-        if !matches!(result, Ok(Ok(()))) {
+        // Drop cannot await.
+        if !matches!(netlink::block_on(remove(&config)), Ok(Ok(()))) {
             warn!("could not remove policy routing for table {}", config.table);
         }
     }
@@ -199,19 +193,8 @@ pub async fn probe_ipv6_rules() -> Result<()> {
     rules(&netlink.handle, IpVersion::V6).await.map(drop)
 }
 
-/// A connection to rtnetlink whose background task ends with it.
-struct Netlink {
-    handle: Handle,
-    task: tokio::task::JoinHandle<()>,
-}
-
+/// The requests that install the routing.
 impl Netlink {
-    fn connect() -> Result<Self> {
-        let (connection, handle, _) =
-            rtnetlink::new_connection().map_err(|e| Error::io("opening rtnetlink", e))?;
-        Ok(Self { handle, task: tokio::spawn(connection) })
-    }
-
     async fn add_route(&self, family: &IpVersion, table: u32, lo: u32) -> Result<()> {
         let message = match family {
             IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new()
@@ -278,12 +261,6 @@ impl Netlink {
             IpVersion::V6 => request.v6().execute().await,
         };
         result.map_err(routing_err("adding the fwmark rule"))
-    }
-}
-
-impl Drop for Netlink {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 

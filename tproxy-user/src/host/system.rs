@@ -187,26 +187,6 @@ pub fn local_addresses() -> std::io::Result<std::collections::HashSet<std::net::
         .collect())
 }
 
-/// Runs `future` to completion on a private single-threaded runtime, on a
-/// scoped thread: it works inside or outside a runtime, and before the
-/// process has dropped capabilities (the thread ends before that).
-pub(crate) fn block_on<T: Send>(future: impl std::future::Future<Output = T> + Send) -> Result<T> {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| Error::io("starting a runtime", e))?;
-                Ok(runtime.block_on(future))
-            })
-            .join()
-            .unwrap_or_else(|_| {
-                Err(Error::io("a netlink helper", std::io::Error::other("panicked")))
-            })
-    })
-}
-
 /// How packets on a device begin at TC ingress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkKind {
