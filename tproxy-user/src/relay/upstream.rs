@@ -106,7 +106,48 @@ pub struct BadUpstream {
     why: String,
 }
 
-impl FromStr for Upstream {
+/// An upstream URL as given: checked, but its host not yet looked up, so
+/// that parsing does no I/O. [`UpstreamUrl::resolve`] makes the
+/// [`Upstream`] the relay dials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    /// The protocol.
+    pub kind: Kind,
+    /// The host: an address or a name.
+    pub host: String,
+    /// The port.
+    pub port: u16,
+    /// Its credentials, if it wants them (SOCKS5 and HTTP).
+    pub credentials: Option<Credentials>,
+}
+
+impl UpstreamUrl {
+    /// Looks the host up (once, now: the relay dials an address) and makes
+    /// the upstream.
+    pub fn resolve(self) -> Result<Upstream, BadUpstream> {
+        let bad = |why: String| BadUpstream { url: self.to_string(), why };
+        let addr = (self.host.as_str(), self.port)
+            .to_socket_addrs()
+            .map_err(|e| bad(format!("resolving {}: {e}", self.host)))?
+            .next()
+            .ok_or_else(|| bad("the host has no address".into()))?;
+        let Self { kind, credentials, .. } = self;
+        Ok(Upstream { kind, addr, credentials, counters: Arc::default() })
+    }
+}
+
+impl fmt::Display for UpstreamUrl {
+    /// The URL, with the password left out.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_url(f, self.kind, self.credentials.as_ref())?;
+        match self.host.parse::<std::net::Ipv6Addr>() {
+            Ok(v6) => write!(f, "[{v6}]:{}", self.port),
+            Err(_) => write!(f, "{}:{}", self.host, self.port),
+        }
+    }
+}
+
+impl FromStr for UpstreamUrl {
     type Err = BadUpstream;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
@@ -123,12 +164,7 @@ impl FromStr for Upstream {
         }
         let host = url.host_str().ok_or_else(|| bad("no host"))?;
         let port = url.port().ok_or_else(|| bad("no port"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let addr = (host, port)
-            .to_socket_addrs()
-            .map_err(|e| bad(&format!("resolving {host}: {e}")))?
-            .next()
-            .ok_or_else(|| bad("the host has no address"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
         let decode = |s: &str| {
             percent_decode(s)
                 .ok_or_else(|| bad("the user or password is not valid percent-encoded UTF-8"))
@@ -149,7 +185,7 @@ impl FromStr for Upstream {
         {
             return Err(bad("SOCKS5 credentials are at most 255 bytes each"));
         }
-        Ok(Self { kind, addr, credentials, counters: Arc::default() })
+        Ok(Self { kind, host, port, credentials })
     }
 }
 
@@ -178,17 +214,27 @@ fn redact(text: &str) -> String {
 impl fmt::Display for Upstream {
     /// The URL, with the password left out.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = match self.kind {
-            Kind::Socks5 => "socks5",
-            Kind::HttpConnect => "http",
-            Kind::ProxyV2 => "proxy-v2",
-        };
-        write!(f, "{scheme}://")?;
-        if let Some(c) = &self.credentials {
-            write!(f, "{}:***@", c.username)?;
-        }
+        write_url(f, self.kind, self.credentials.as_ref())?;
         write!(f, "{}", self.addr)
     }
+}
+
+/// A URL's scheme and user, up to its host.
+fn write_url(
+    f: &mut fmt::Formatter<'_>,
+    kind: Kind,
+    credentials: Option<&Credentials>,
+) -> fmt::Result {
+    let scheme = match kind {
+        Kind::Socks5 => "socks5",
+        Kind::HttpConnect => "http",
+        Kind::ProxyV2 => "proxy-v2",
+    };
+    write!(f, "{scheme}://")?;
+    if let Some(c) = credentials {
+        write!(f, "{}:***@", c.username)?;
+    }
+    Ok(())
 }
 
 /// A relay's upstream proxies: a default for every flow, and named ones
@@ -287,7 +333,8 @@ impl Upstreams {
             Some((name, url)) if !name.contains(':') => (Some(name), url),
             _ => (None, text),
         };
-        let upstream: Upstream = url.parse().map_err(|e: BadUpstream| e.to_string())?;
+        let upstream =
+            url.parse::<UpstreamUrl>().and_then(UpstreamUrl::resolve).map_err(|e| e.to_string())?;
         match name {
             None if self.default.is_some() => {
                 Err("more than one --upstream without a name: name them (NAME=URL) and pick with `via NAME`".into())
@@ -606,7 +653,7 @@ mod tests {
 
     #[test]
     fn urls() {
-        let u: Upstream = "socks5://alice:p%40ss@192.0.2.1:1080".parse().unwrap();
+        let u = resolved("socks5://alice:p%40ss@192.0.2.1:1080");
         assert_eq!(u.kind, Kind::Socks5);
         assert_eq!(u.addr, "192.0.2.1:1080".parse().unwrap());
         assert_eq!(u.credentials.as_ref().unwrap().password, "p@ss");
@@ -617,13 +664,13 @@ mod tests {
             "alice:s3cret@192.0.2.1",
             "http://a:s3/cr@et@x",
         ] {
-            let e = bad.parse::<Upstream>().unwrap_err().to_string();
+            let e = bad.parse::<UpstreamUrl>().unwrap_err().to_string();
             assert!(!e.contains("s3") || !e.contains("cret"), "{e}");
         }
-        let u: Upstream = "http://[2001:db8::1]:3128".parse().unwrap();
+        let u = resolved("http://[2001:db8::1]:3128");
         assert_eq!(u.kind, Kind::HttpConnect);
         assert_eq!(u.addr, "[2001:db8::1]:3128".parse().unwrap());
-        let u: Upstream = "proxy-v2://198.51.100.5:8443".parse().unwrap();
+        let u = resolved("proxy-v2://198.51.100.5:8443");
         assert_eq!(u.kind, Kind::ProxyV2);
         for bad in [
             "ftp://192.0.2.1:21",
@@ -631,10 +678,19 @@ mod tests {
             "proxy-v2://u:p@192.0.2.1:1",
             "socks5://192.0.2.1:1080/path",
         ] {
-            assert!(bad.parse::<Upstream>().is_err(), "{bad}");
+            assert!(bad.parse::<UpstreamUrl>().is_err(), "{bad}");
         }
-        let e = "ftp://u:secret@192.0.2.1:21".parse::<Upstream>().unwrap_err().to_string();
+        let e = "ftp://u:secret@192.0.2.1:21".parse::<UpstreamUrl>().unwrap_err().to_string();
         assert!(!e.contains("secret"), "{e}");
+        // Parsing looks nothing up (a test sends no DNS query): a name is
+        // kept for resolve(), and shown without the password.
+        let url: UpstreamUrl = "socks5://u:secret@proxy.example:1080".parse().unwrap();
+        assert_eq!(url.host, "proxy.example");
+        assert_eq!(url.to_string(), "socks5://u:***@proxy.example:1080");
+    }
+
+    fn resolved(text: &str) -> Upstream {
+        text.parse::<UpstreamUrl>().and_then(UpstreamUrl::resolve).unwrap()
     }
 
     #[test]
