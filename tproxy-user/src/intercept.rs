@@ -98,6 +98,17 @@ impl PortTarget {
     }
 }
 
+/// What becomes of a packet that may be for an intercepted port but cannot
+/// be parsed whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Unparsed {
+    /// It passes untouched, as it would without us.
+    #[default]
+    Pass,
+    /// It is dropped, so that interception cannot be bypassed with it.
+    Drop,
+}
+
 /// What to intercept and how to route it.
 #[derive(Debug, Clone)]
 pub struct InterceptConfig {
@@ -147,11 +158,10 @@ pub struct InterceptConfig {
     /// instance's, under a name of their own ([`instance::takeover_name`]),
     /// until [`Interceptor::take_name`].
     pub takeover: bool,
-    /// Drop packets that may be for an intercepted port but cannot be
-    /// parsed whole (first fragments to a gated port, IPv6 extension chains
-    /// longer than the program walks), so that interception cannot be
-    /// bypassed with them. By default they pass untouched.
-    pub drop_unparsed: bool,
+    /// What becomes of packets that may be for an intercepted port but
+    /// cannot be parsed whole (first fragments to a gated port, IPv6
+    /// extension chains longer than the program walks).
+    pub unparsed: Unparsed,
     /// Most of the host's own destinations (its `local` routing table) the
     /// datapath holds. `None`: sized from the host
     /// ([`local_table::default_capacity`]). Past it the programs are told
@@ -177,7 +187,7 @@ impl InterceptConfig {
             target: Target::Relay,
             spoof_source: false,
             intercept_local: false,
-            drop_unparsed: false,
+            unparsed: Unparsed::Pass,
             takeover: false,
             local_dests_capacity: None,
         }
@@ -904,7 +914,7 @@ pub fn load_programs(config: &InterceptConfig, links: &[system::LinkKind]) -> Re
         upstream_mark: config.upstream_mark,
         return_path: config.spoof_source,
         intercept_local: config.intercept_local,
-        drop_unparsed: config.drop_unparsed,
+        drop_unparsed: config.unparsed == Unparsed::Drop,
         trace: false,
         ethernet_links: links.contains(&system::LinkKind::Ethernet),
         l3_links: links.contains(&system::LinkKind::L3),

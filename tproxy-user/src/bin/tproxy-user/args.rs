@@ -7,7 +7,7 @@ use std::{
     path::PathBuf,
 };
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tproxy_user::{
     relay::{tcp, udp},
     rules::{Protocol, Rule, parse_ports},
@@ -228,8 +228,8 @@ pub(crate) struct AttachArgs {
     /// cannot be parsed whole: first fragments to an intercepted port, IPv6
     /// extension chains longer than the program walks. `drop` makes
     /// interception impossible to bypass with them.
-    #[arg(long, value_name = "pass|drop", default_value = "pass", value_parser = ["pass", "drop"])]
-    pub(crate) unparsed: String,
+    #[arg(long, value_name = "pass|drop", default_value = "pass")]
+    pub(crate) unparsed: UnparsedArg,
     /// Steer to whatever transparent listener has this port (HAProxy,
     /// Envoy, Squid, a go-tproxy program) instead of running our relay:
     /// iptables' `TPROXY --on-port`. Flows pass untouched while nothing
@@ -379,4 +379,20 @@ fn parse_u32(s: &str) -> Result<u32, String> {
         None => s.parse(),
     };
     parsed.map_err(|e| format!("{s:?} is not a 32-bit number: {e}"))
+}
+
+/// `--unparsed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum UnparsedArg {
+    Pass,
+    Drop,
+}
+
+impl From<UnparsedArg> for tproxy_user::intercept::Unparsed {
+    fn from(arg: UnparsedArg) -> Self {
+        match arg {
+            UnparsedArg::Pass => Self::Pass,
+            UnparsedArg::Drop => Self::Drop,
+        }
+    }
 }

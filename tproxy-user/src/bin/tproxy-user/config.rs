@@ -61,7 +61,7 @@ pub(crate) fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
     }
     intercept.intercept_local = args.intercept_local;
     intercept.local_dests_capacity = args.local_destinations;
-    intercept.drop_unparsed = args.unparsed == "drop";
+    intercept.unparsed = args.unparsed.into();
     let (tcp, udp) = relay_configs(&args.relay)?;
     Ok(AttachConfig {
         control_socket: Some(tproxy_user::instance::socket_path(&intercept.name)),
