@@ -88,16 +88,8 @@ pub fn run_dir() -> Result<Dir> {
     Dir::private(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))
 }
 
-/// A netlink TC filter, enough to find and delete it again.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetlinkFilter {
-    /// The interface.
-    pub iface: String,
-    /// The filter's priority.
-    pub priority: u16,
-    /// The filter's handle.
-    pub handle: u32,
-}
+/// What an instance records of each filter it attached.
+pub use crate::datapath::NetlinkFilter;
 
 /// The recorded state of an instance.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

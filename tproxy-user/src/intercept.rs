@@ -35,8 +35,9 @@ pub const DEFAULT_MARK: u32 = 0x1e5;
 pub const DEFAULT_TABLE: u32 = 485;
 /// Priority of the fwmark rule: before `main` (32766).
 pub const DEFAULT_RULE_PRIORITY: u32 = 485;
-/// SO_MARK of the relay's upstream connections; never steered.
-pub const DEFAULT_UPSTREAM_MARK: u32 = 0x1e6;
+/// SO_MARK of the relay's upstream connections; never steered. The relay
+/// owns it; it is here too because the interception skips it.
+pub use crate::relay::DEFAULT_UPSTREAM_MARK;
 
 /// Where intercepted flows go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -21,8 +21,8 @@
 //! The modules are the layers: [`datapath`] (the program, its maps, the
 //! policy routing), [`relay`] (the relays and their transparent sockets),
 //! [`control`] (the control socket, the rules file, counters and metrics),
-//! [`host`] (privileges, limits, kernel features, `doctor`), and
-//! [`instance`] (a named run's lock, state and paths).
+//! [`host`] (privileges, limits, kernel features), and [`instance`] (a
+//! named run's lock, state and paths); [`doctor`] inspects them all.
 //!
 //! Everything returns the typed [`Error`]; nothing panics on bad input.
 //!
@@ -52,6 +52,7 @@ pub mod attach;
 pub mod control;
 pub mod counters;
 pub mod datapath;
+pub mod doctor;
 pub mod error;
 pub mod host;
 pub mod instance;

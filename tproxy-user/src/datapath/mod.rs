@@ -28,7 +28,6 @@ use tracing::{debug, warn};
 use crate::{
     error::{Error, Result},
     host::system::LinkKind,
-    instance::NetlinkFilter,
     rules::TrieEntry,
 };
 
@@ -525,6 +524,17 @@ impl Datapath {
         let map = self.ebpf.map_mut(name).ok_or_else(|| missing(name))?;
         M::try_from(map).map_err(map_err(name))
     }
+}
+
+/// A netlink TC filter, enough to find and delete it again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetlinkFilter {
+    /// The interface.
+    pub iface: String,
+    /// The filter's priority.
+    pub priority: u16,
+    /// The filter's handle.
+    pub handle: u32,
 }
 
 /// Removes a netlink filter that a killed instance recorded, if it still

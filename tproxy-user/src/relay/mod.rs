@@ -14,6 +14,10 @@ pub mod upstream;
 pub use budget::{DescriptorBudget, fit_to_descriptors};
 pub use source::{SourcePrefixes, default_share};
 
+/// SO_MARK of the relay's upstream connections, so that the datapath never
+/// steers them back.
+pub const DEFAULT_UPSTREAM_MARK: u32 = 0x1e6;
+
 /// What the TCP and UDP relays share: where they listen and how they reach
 /// the original destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +67,7 @@ impl Default for RelaySettings {
         Self {
             listen_port: 0,
             ipv6: true,
-            upstream_mark: crate::intercept::DEFAULT_UPSTREAM_MARK,
+            upstream_mark: DEFAULT_UPSTREAM_MARK,
             spoof_source: false,
             allow_local_destinations: false,
             upstreams: upstream::Upstreams::default(),

@@ -65,11 +65,11 @@ pub(crate) async fn run_other(command: OtherCommand) -> anyhow::Result<()> {
         }
         OtherCommand::Doctor(args) => {
             let config = intercept_config(args.interfaces, vec![], &args.routing);
-            let findings = tproxy_user::host::doctor::check(&config).await;
+            let findings = tproxy_user::doctor::check(&config).await;
             for finding in &findings {
                 println!("{finding}");
             }
-            if tproxy_user::host::doctor::failed(&findings) {
+            if tproxy_user::doctor::failed(&findings) {
                 anyhow::bail!("doctor found problems (FAIL above)");
             }
             Ok(())

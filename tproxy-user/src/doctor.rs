@@ -1,13 +1,17 @@
 //! `tproxy-user doctor`: checks this host for what tproxy needs and for what
-//! gets in its way, each finding with its fix.
+//! gets in its way, each finding with its fix. It sits above the layers it
+//! inspects (it loads the programs to see that they would load).
 
 use std::{fmt, fs};
 
-use super::{
-    kernel::{self, Feature},
-    system,
+use crate::{
+    datapath::routing,
+    host::{
+        kernel::{self, Feature},
+        system,
+    },
+    intercept::InterceptConfig,
 };
-use crate::{datapath::routing, intercept::InterceptConfig};
 
 /// How bad a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
