@@ -108,7 +108,7 @@ impl RoutingConfig {
 
 /// Removes exactly our rules (priority P: fwmark M → table T) and our local
 /// default routes in table T, in both families, each only if it carries
-/// [`OURS`]. Succeeds when there is nothing to remove.
+/// our protocol, 116 (`OURS`). Succeeds when there is nothing to remove.
 pub async fn remove(config: &RoutingConfig) -> Result<()> {
     let netlink = Netlink::connect()?;
     remove_with(&netlink.handle, config).await
