@@ -1,27 +1,29 @@
 //! `tproxy-user attach`: interception plus the relays, live control and
 //! metrics, until told to stop.
 
-use std::{future::Future, net::SocketAddr, os::fd::AsFd, path::PathBuf, sync::Arc};
+mod handover;
+mod relays;
+mod services;
+
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc};
 
 use tokio::signal::unix::{SignalKind, signal};
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    control::{
-        ControlSocket, Controller, config,
-        metrics::{MetricsServer, Served},
-        systemd,
-    },
+    control::{Controller, config, systemd},
     counters::Snapshot as _,
     error::{Error, Result},
-    intercept::{InterceptConfig, Interceptor, Loaded, RelaySocket, Target},
+    intercept::{InterceptConfig, Interceptor, Loaded, Target},
     relay::{
-        RelaySettings, SourcePrefixes, TcpRelay, TcpRelayConfig, TcpRelayStats, UdpRelay,
-        UdpRelayConfig, UdpRelayStats,
-        timewait::{self, Purge, Whose},
+        RelaySettings, SourcePrefixes, TcpRelayConfig, UdpRelayConfig,
+        timewait::{self, Purge},
     },
 };
+use handover::{drain, take_over};
+use relays::Running;
+pub use relays::relay_only;
+use services::{Services, bind_control};
 
 /// Everything `attach` needs.
 #[derive(Debug, Clone)]
@@ -184,75 +186,55 @@ impl Prepared {
         } = config;
         let name = intercept.config().name.clone();
         let takeover = intercept.config().takeover;
-        let stop = CancellationToken::new();
-        let mut services = tokio::task::JoinSet::new();
-        let served = Served::new();
-        // Everything that can fail for a reason the user can fix is bound
+        let target = intercept.config().target;
+
+        // 1. Bind everything that can fail for a reason the user can fix,
         // before anything is attached; the control socket only now that the
         // name is ours. A takeover binds them once the running instance has
         // let go of them.
+        let mut services = Services::new();
         let mut control = None;
         if !takeover {
             control = bind_control(control_socket.as_deref()).await?;
-            serve_metrics(metrics, &served, &stop, &mut services).await?;
+            services.serve_metrics(metrics).await?;
         }
         // Always: a SIGHUP without a rules file is refused, not fatal (a
         // unit's ExecReload sends one).
         let mut hangup = signal(SignalKind::hangup())
             .map_err(|e| Error::io("installing a SIGHUP handler", e))?;
-        let target = intercept.config().target;
+        let mut upgrade = signal(SignalKind::user_defined2())
+            .map_err(|e| Error::io("installing a SIGUSR2 handler", e))?;
         let relays = match target {
-            Target::Relay => Some(bind_relays(settings, tcp, udp).map_err(|e| {
+            Target::Relay => Some(relays::bind_relays(settings, tcp, udp).map_err(|e| {
                 if takeover { Error::Config(format!("{e} (the running instance holds its port until it hands over: leave --listen-port out)")) } else { e }
             })?),
             Target::Port(_) => None,
         };
-        let mut sockets = Vec::new();
-        if let Some((tcp, udp)) = &relays {
-            sockets.push((RelaySocket::TcpV4, tcp.ipv4_listener().as_fd()));
-            sockets.push((RelaySocket::UdpV4, udp.ipv4_socket().as_fd()));
-            if let Some(v6) = tcp.ipv6_listener() {
-                sockets.push((RelaySocket::TcpV6, v6.as_fd()));
-            }
-            if let Some(v6) = udp.ipv6_socket() {
-                sockets.push((RelaySocket::UdpV6, v6.as_fd()));
-            }
-            let tcp_kinds = [RelaySocket::LoopbackTcpV4, RelaySocket::LoopbackTcpV6];
-            let tcp_loopback = tcp.loopback_listeners().iter().map(|l| l.as_fd());
-            sockets.extend(tcp_kinds.into_iter().zip(tcp_loopback));
-            let udp_kinds = [RelaySocket::LoopbackUdpV4, RelaySocket::LoopbackUdpV6];
-            sockets.extend(udp_kinds.into_iter().zip(udp.loopback_sockets().map(|s| s.as_fd())));
-        }
-        let mut interceptor = intercept.start(&sockets).await?;
-        drop(sockets);
+
+        // 2. Attach: beside the running instance, for a takeover.
+        let mut interceptor = intercept.start(&relays::sockets(relays.as_ref())).await?;
+
+        // 3. Take over: new flows come here now; the running instance lets
+        // go of the name, the control socket and the metrics port.
         if takeover {
-            // Attached beside the running instance: new flows come here now.
             if let Err(e) = take_over(&name, &mut interceptor).await {
                 let _ = interceptor.stop().await;
                 return Err(e);
             }
-            control = match bind_control(control_socket.as_deref()).await {
-                Ok(control) => control,
-                Err(e) => {
-                    warn!("{e}: running without a control socket");
-                    None
-                }
-            };
-            if let Err(e) = serve_metrics(metrics, &served, &stop, &mut services).await {
+            control = bind_control(control_socket.as_deref()).await.unwrap_or_else(|e| {
+                warn!("{e}: running without a control socket");
+                None
+            });
+            if let Err(e) = services.serve_metrics(metrics).await {
                 warn!("{e}: running without metrics");
             }
         }
-        let relays = relays.map(|(mut tcp, mut udp)| {
-            tcp.follow_rules(interceptor.watch_rules());
-            udp.follow_rules(interceptor.watch_rules());
-            if let Some(dsts) = interceptor.original_dsts() {
-                tcp.set_original_dsts(dsts.clone());
-                udp.set_original_dsts(dsts.clone());
-            }
-            (tcp, udp)
-        });
+
+        // 4. Serve.
+        let relays = relays.map(|r| relays::follow(r, &interceptor));
         let relay_stats = relays.as_ref().map(|(tcp, udp)| (tcp.stats(), udp.stats()));
-        let watched = rules_file.clone().filter(|_| watch_rules_file);
+        let watched =
+            rules_file.clone().filter(|_| watch_rules_file).map(|p| (p, rules_file_contents));
         let controller = Arc::new(Controller::new(
             name,
             interceptor,
@@ -262,42 +244,27 @@ impl Prepared {
             rules_file,
         ));
         let mut handovers = controller.handovers();
-        if let Some(path) = watched {
-            services.spawn(watch_rules(
-                path,
-                rules_file_contents,
-                controller.clone(),
-                stop.clone(),
-            ));
-        }
-        if let Some(socket) = control {
-            services.spawn(socket.serve(controller.clone(), stop.clone()));
-        }
-        services.spawn(systemd::watchdog(controller.clone(), stop.clone()));
-        let relays_stop = CancellationToken::new();
-        let mut relay_tasks = tokio::task::JoinSet::new();
-        let status = match relays {
-            Some((tcp, udp)) => {
-                let status = ready(&tcp, &udp);
-                relay_tasks.spawn(tcp.run(relays_stop.clone()));
-                relay_tasks.spawn(udp.run(relays_stop.clone()));
-                status
+        services.control(&controller, control, watched);
+        let (running, status) = match relays {
+            Some(relays) => {
+                let (running, status) = Running::start(relays);
+                (Some(running), status)
             }
             None => {
                 let status = format!("steering to {target} (no relay of ours)");
                 info!("ready: {status}");
-                status
+                (None, status)
             }
         };
-        served.running(controller.clone());
+        services.served.running(controller.clone());
         if takeover {
             systemd::took_over(&status)
         } else {
             systemd::ready(&status)
         }
-        let mut upgrade = signal(SignalKind::user_defined2())
-            .map_err(|e| Error::io("installing a SIGUSR2 handler", e))?;
 
+        // 5. Until told to stop, or a successor asks for the name; SIGHUP
+        // reloads, SIGUSR2 starts the successor.
         tokio::pin!(shutdown);
         let handover = loop {
             tokio::select! {
@@ -320,16 +287,13 @@ impl Prepared {
             info!("shutting down");
             systemd::stopping();
         }
-        served.stopping();
-        stop.cancel();
-        // The control socket and the metrics port are free once these end.
-        while services.join_next().await.is_some() {}
+
+        // 6. Stop: hand over and drain, or detach and clean up.
+        services.stop().await;
         let Some(interceptor) = controller.take_interceptor().await else {
             return Ok(());
         };
-        let datapath_stats = interceptor.stats();
-        let ports = interceptor.intercepted_tcp_ports().clone();
-        if let Ok(s) = &datapath_stats {
+        if let Ok(s) = interceptor.stats() {
             info!("datapath: {}", s.summary());
         }
         let stopped = match handover {
@@ -344,8 +308,9 @@ impl Prepared {
                         _ = &mut shutdown => info!("told to stop while draining"),
                     }
                 }
-                relays_stop.cancel();
-                while relay_tasks.join_next().await.is_some() {}
+                if let Some(running) = running {
+                    running.stop().await;
+                }
                 // The new instance relays the same ports: its TIME_WAIT
                 // sockets are not ours to remove.
                 stopped
@@ -353,187 +318,20 @@ impl Prepared {
             None => {
                 // Detach first, so new traffic flows untouched while the
                 // relays close; the name is given up after everything else.
+                let ports = interceptor.intercepted_tcp_ports().clone();
                 interceptor
                     .stop_then(async {
-                        relays_stop.cancel();
-                        while relay_tasks.join_next().await.is_some() {}
-                        timewait::purge(Purge::Ports(&ports), RELAYED);
+                        if let Some(running) = running {
+                            running.stop().await;
+                        }
+                        timewait::purge(Purge::Ports(&ports), relays::RELAYED);
                     })
                     .await
             }
         };
         if let Some((tcp, udp)) = &relay_stats {
-            summarize(tcp, udp);
+            relays::summarize(tcp, udp);
         }
         stopped
     }
 }
-
-/// Asks the running instance of `name` to let go, and claims the name.
-/// An instance that refuses stops the takeover; none answering (none
-/// runs, or it died) leaves the name to take.
-async fn take_over(name: &str, interceptor: &mut Interceptor) -> Result<()> {
-    let handover = crate::control::Request::Handover { pid: std::process::id() };
-    let sent = || info!("asked instance {name:?} to hand over; waiting for it to let go");
-    match crate::control::request_then(name, &handover, sent).await {
-        Ok(crate::control::Response::Ok) => {
-            info!("instance {name:?} let go: it drains its connections and exits")
-        }
-        Ok(crate::control::Response::Error { message }) => {
-            return Err(Error::Config(format!("no takeover: {message}")));
-        }
-        Ok(other) => {
-            return Err(Error::Config(format!(
-                "no takeover: instance {name:?} answered {other:?}"
-            )));
-        }
-        Err(e) => {
-            // None runs, or it died: its lock goes with it, shortly.
-            warn!("{e}: taking the name as it is");
-            return interceptor.take_name(std::time::Duration::from_secs(5)).await;
-        }
-    }
-    interceptor.take_name(std::time::Duration::ZERO).await
-}
-
-/// Waits until the relays hold no connection and no session, or for
-/// `timeout`; what is left then is closed by the caller.
-async fn drain(tcp: &TcpRelayStats, udp: &UdpRelayStats, timeout: std::time::Duration) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let deadline = tokio::time::Instant::now() + timeout;
-    let held = || (tcp.active.load(Relaxed), udp.sessions_active.load(Relaxed));
-    info!(
-        "draining: {} connections and {} UDP sessions, for at most {timeout:?}",
-        held().0,
-        held().1
-    );
-    let mut ticks = tokio::time::interval(std::time::Duration::from_millis(100));
-    loop {
-        ticks.tick().await;
-        let (connections, sessions) = held();
-        if connections == 0 && sessions == 0 {
-            info!("drained");
-            return;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            warn!("drain timeout: closing {connections} connections and {sessions} UDP sessions");
-            return;
-        }
-    }
-}
-
-/// The control socket at `path`, if one is wanted.
-async fn bind_control(path: Option<&std::path::Path>) -> Result<Option<ControlSocket>> {
-    match path {
-        Some(path) => Ok(Some(ControlSocket::bind(path).await?)),
-        None => Ok(None),
-    }
-}
-
-/// Serves metrics and probes on `addr`, if given, until `stop`.
-async fn serve_metrics(
-    addr: Option<SocketAddr>,
-    served: &Arc<Served>,
-    stop: &CancellationToken,
-    services: &mut tokio::task::JoinSet<()>,
-) -> Result<()> {
-    let Some(addr) = addr else { return Ok(()) };
-    let metrics = MetricsServer::bind(addr).await?;
-    if let Some(addr) = metrics.local_addr() {
-        info!("metrics on http://{addr}/metrics, probes on /healthz and /readyz");
-    }
-    services.spawn(metrics.serve(served.clone(), stop.clone()));
-    Ok(())
-}
-
-/// Reloads when the content of the rules file at `path` changes from
-/// `applied` (what the start read).
-async fn watch_rules(
-    path: PathBuf,
-    mut applied: Option<Vec<u8>>,
-    controller: Arc<Controller>,
-    shutdown: CancellationToken,
-) {
-    const PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
-    // A file that cannot be read is left to the next look (a ConfigMap
-    // update swaps it, and an edit may be half done).
-    let mut ticks = tokio::time::interval(PERIOD);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
-        let Ok(now) = tokio::fs::read(&path).await else { continue };
-        if applied.as_ref() == Some(&now) {
-            continue;
-        }
-        info!("{} changed", path.display());
-        if let Err(e) = controller.reload().await {
-            warn!("reload refused, the rules stay as they were: {e}");
-        }
-        // Refused or not, this content was seen: the next change retries.
-        applied = Some(now);
-    }
-}
-
-/// Runs only the relays, on `settings.listen_port`, until `shutdown`
-/// completes: for traffic steered by other means (iptables `-j TPROXY
-/// --on-port`).
-pub async fn relay_only(
-    settings: RelaySettings,
-    tcp: TcpRelayConfig,
-    udp: UdpRelayConfig,
-    shutdown: impl Future<Output = ()>,
-) -> Result<()> {
-    crate::host::system::check_relay_privileges()?;
-    let (mut tcp, mut udp) = (tcp, udp);
-    crate::relay::fit_to_descriptors(&mut tcp, &mut udp);
-    let (tcp, udp) = bind_relays(settings, tcp, udp)?;
-    let (tcp_stats, udp_stats) = (tcp.stats(), udp.stats());
-    systemd::ready(&ready(&tcp, &udp));
-    let stop = CancellationToken::new();
-    let tasks = (tokio::spawn(tcp.run(stop.clone())), tokio::spawn(udp.run(stop.clone())));
-    shutdown.await;
-    info!("shutting down");
-    systemd::stopping();
-    stop.cancel();
-    let _ = tokio::join!(tasks.0, tasks.1);
-    // Which ports were steered here is the rules' business; every
-    // transparent TIME_WAIT socket in this namespace is a relay's.
-    timewait::purge(Purge::All, RELAYED);
-    summarize(&tcp_stats, &udp_stats);
-    Ok(())
-}
-
-/// Binds both relays on one port. With the port left to the kernel, UDP
-/// takes another if TCP's is not free for it.
-fn bind_relays(
-    settings: RelaySettings,
-    tcp: TcpRelayConfig,
-    udp: UdpRelayConfig,
-) -> Result<(TcpRelay, UdpRelay)> {
-    let chosen = settings.listen_port == 0;
-    let tcp = TcpRelay::bind(settings.clone(), tcp)?;
-    let on = |listen_port| RelaySettings { listen_port, ..settings.clone() };
-    let udp = match UdpRelay::bind(on(tcp.port()), udp.clone()) {
-        Err(_) if chosen => UdpRelay::bind(on(0), udp)?,
-        other => other?,
-    };
-    Ok((tcp, udp))
-}
-
-/// The line tests and operators wait for; returns what it says.
-fn ready(tcp: &TcpRelay, udp: &UdpRelay) -> String {
-    let status = format!("relay listening on port {} (tcp) and {} (udp)", tcp.port(), udp.port());
-    info!("ready: {status}");
-    status
-}
-
-/// The relays' counters, as the run ends.
-fn summarize(tcp: &TcpRelayStats, udp: &UdpRelayStats) {
-    info!("relay: {}", tcp.snapshot().summary());
-    info!("relay: {}", udp.snapshot().summary());
-}
-
-/// The relay's own TIME_WAIT sockets, removed as it stops.
-const RELAYED: Whose = Whose::Ours("of relayed connections");
