@@ -1,7 +1,16 @@
 //! What each kernel brings that tproxy uses: one table, read by `attach`
 //! (to refuse, or to choose a way around) and by `doctor` (to report).
+//!
+//! Where the kernel can be asked (a helper, a program type, a socket
+//! option), it is: a vendor kernel that carries a feature back is judged by
+//! what it has. The release a feature came with serves the rest, and the
+//! messages.
 
-use aya::util::KernelVersion;
+use aya::{
+    programs::ProgramType,
+    sys::{BpfHelper, is_helper_supported, is_program_supported},
+    util::KernelVersion,
+};
 
 use crate::error::{Error, Result};
 
@@ -14,18 +23,38 @@ pub struct Feature {
     pub role: &'static str,
     /// First release, major and minor.
     pub since: (u8, u8),
+    /// How to ask the running kernel, where it can be asked.
+    pub probe: Probe,
+}
+
+/// How a [`Feature`] is found in the running kernel.
+#[derive(Debug, Clone, Copy)]
+pub enum Probe {
+    /// By its release alone: nothing short of using it would tell.
+    Release,
+    /// A helper that TC programs may call.
+    TcHelper(BpfHelper),
+    /// A program type the kernel loads.
+    Program(ProgramType),
+    /// A socket option the kernel knows.
+    SocketOption(libc::c_int),
 }
 
 /// `bpf_sk_assign` at TC ingress, and UDP sockets in a sockmap: the
 /// minimum. (The programs keep no log ring buffer, which needs 5.8.)
-pub const SK_ASSIGN: Feature =
-    Feature { name: "bpf_sk_assign at TC ingress", role: "steering; required", since: (5, 7) };
+pub const SK_ASSIGN: Feature = Feature {
+    name: "bpf_sk_assign at TC ingress",
+    role: "steering; required",
+    since: (5, 7),
+    probe: Probe::TcHelper(BpfHelper::BPF_FUNC_sk_assign),
+};
 /// `sk_lookup` programs: a SYN that meets the relay's TIME_WAIT socket is
 /// handed to the listener at once.
 pub const SK_LOOKUP: Feature = Feature {
     name: "sk_lookup (TIME_WAIT handover)",
     role: "without it a client reusing a port retries after a second",
     since: (5, 9),
+    probe: Probe::Program(ProgramType::SkLookup),
 };
 /// BPF memory charged to the memory cgroup instead of RLIMIT_MEMLOCK: a
 /// daemon that is not root needs no raised limit.
@@ -33,16 +62,22 @@ pub const MEMCG_ACCOUNTING: Feature = Feature {
     name: "BPF memory accounted to the memory cgroup",
     role: "without it a daemon that is not root needs RLIMIT_MEMLOCK raised",
     since: (5, 11),
+    probe: Probe::Release,
 };
 /// Sockmap updates from a TC program: with `--to-port` the program puts
 /// the other program's listener where the `sk_lookup` handover finds it.
-pub const SOCKMAP_UPDATE: Feature =
-    Feature { name: "sockmap updates from TC programs", role: "--to-port", since: (5, 10) };
+pub const SOCKMAP_UPDATE: Feature = Feature {
+    name: "sockmap updates from TC programs",
+    role: "--to-port",
+    since: (5, 10),
+    probe: Probe::Release,
+};
 /// `bpf_sk_assign` of SO_REUSEPORT sockets: `--tcp-listeners` above 1.
 pub const REUSEPORT_ASSIGN: Feature = Feature {
     name: "bpf_sk_assign of SO_REUSEPORT sockets",
     role: "--tcp-listeners above 1",
     since: (6, 5),
+    probe: Probe::Release,
 };
 /// TCX links, which detach by themselves when their owner dies; before
 /// them, programs attach as netlink clsact filters that outlive a killed
@@ -51,6 +86,8 @@ pub const TCX: Feature = Feature {
     name: "TCX links",
     role: "without them a killed attach leaves its filters until the next start or cleanup",
     since: (6, 6),
+    // aya chooses TCX by release too: the two must agree.
+    probe: Probe::Release,
 };
 
 /// cgroup socket-address hooks with `getpeername` (5.8), linked so that
@@ -59,6 +96,7 @@ pub const CGROUP_HOOKS: Feature = Feature {
     name: "cgroup connect/sendmsg/recvmsg/getpeername hooks",
     role: "--cgroup",
     since: (5, 8),
+    probe: Probe::Release,
 };
 /// `SO_NETNS_COOKIE`: the cgroup hooks leave alone the sockets of the
 /// cgroup's processes in other network namespaces.
@@ -66,6 +104,7 @@ pub const NETNS_COOKIE: Feature = Feature {
     name: "SO_NETNS_COOKIE",
     role: "without it --cgroup also rewrites connections made in other network namespaces",
     since: (5, 14),
+    probe: Probe::SocketOption(libc::SO_NETNS_COOKIE),
 };
 
 /// Every feature, oldest first.
@@ -81,9 +120,28 @@ pub const FEATURES: [Feature; 8] = [
 ];
 
 impl Feature {
-    /// Whether `kernel` has it.
+    /// Whether the running kernel, of release `kernel`, has it: asked where
+    /// it can be (see [`Probe`]), else judged by the release.
     pub fn in_kernel(&self, kernel: KernelVersion) -> bool {
+        self.probed().unwrap_or_else(|| self.in_release(kernel))
+    }
+
+    /// Whether `kernel`'s release is one that has it.
+    pub fn in_release(&self, kernel: KernelVersion) -> bool {
         kernel >= KernelVersion::new(self.since.0, self.since.1, 0)
+    }
+
+    /// The running kernel's answer, if it can be asked and answers (a
+    /// probe that loads a program needs the privileges loading needs).
+    pub fn probed(&self) -> Option<bool> {
+        match self.probe {
+            Probe::Release => None,
+            Probe::TcHelper(helper) => {
+                is_helper_supported(ProgramType::SchedClassifier, helper).ok()
+            }
+            Probe::Program(program) => is_program_supported(program).ok(),
+            Probe::SocketOption(option) => socket_option_known(option),
+        }
     }
 
     /// "5.9".
@@ -120,4 +178,50 @@ pub fn current() -> Result<KernelVersion> {
 pub fn text(v: KernelVersion) -> String {
     let code = v.code();
     format!("{}.{}.{}", code >> 16, (code >> 8) & 0xff, code & 0xff)
+}
+
+/// Whether the kernel knows a `SOL_SOCKET` option: getsockopt on a fresh
+/// UDP socket fails with ENOPROTOOPT if not.
+fn socket_option_known(option: libc::c_int) -> Option<bool> {
+    let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0)).ok()?;
+    let mut value = [0u8; 8];
+    let mut len = value.len() as libc::socklen_t;
+    // SAFETY: the buffer and its length describe valid memory.
+    let ret = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            option,
+            value.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    match ret {
+        0 => Some(true),
+        _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOPROTOOPT) => {
+            Some(false)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each probe agrees with the release on this kernel, as long as it
+    /// is not one that carries features back; a probe the process lacks
+    /// the privileges for answers nothing.
+    #[test]
+    fn probes_agree_with_the_release_here() {
+        let kernel = current().unwrap();
+        for feature in FEATURES {
+            if let Some(probed) = feature.probed() {
+                assert_eq!(probed, feature.in_release(kernel), "{}", feature.name);
+            }
+        }
+        // A socket option no kernel knows.
+        assert_eq!(socket_option_known(0x7fff), Some(false));
+        assert_eq!(socket_option_known(libc::SO_REUSEADDR), Some(true));
+    }
 }
