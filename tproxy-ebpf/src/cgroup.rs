@@ -26,9 +26,11 @@ use tproxy_ebpf::{
 };
 
 use crate::{
-    program::{BYPASS_MARK, INTERCEPT_LOCAL, global, is_v4_mapped, sock_words},
+    program::{BYPASS_MARK, INTERCEPT_LOCAL, global},
     rules::{Query, gated, is_local, local_dests_incomplete, match_rule},
+    socket::sock_words,
     stats::{count, rule_stats},
+    steer::is_v4_mapped,
 };
 
 /// Set by the loader (see `names::NETNS_COOKIE`).

@@ -18,7 +18,13 @@ mod program;
 #[cfg(target_arch = "bpf")]
 mod rules;
 #[cfg(target_arch = "bpf")]
+mod sk_lookup;
+#[cfg(target_arch = "bpf")]
+mod socket;
+#[cfg(target_arch = "bpf")]
 mod stats;
+#[cfg(target_arch = "bpf")]
+mod steer;
 
 // The bin is only meaningful for the BPF target; on the host it is an empty
 // stub so that `cargo check --workspace` and clippy work.
