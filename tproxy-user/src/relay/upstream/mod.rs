@@ -324,42 +324,22 @@ pub struct UdpAssociation {
 
 /// Bytes before the payload in a SOCKS5 UDP datagram to `dst`.
 pub fn socks5_udp_header(dst: SocketAddr) -> Vec<u8> {
-    // RSV RSV FRAG ATYP DST.ADDR DST.PORT
-    let mut header = vec![0, 0, 0];
-    match dst {
-        SocketAddr::V4(a) => {
-            header.push(1);
-            header.extend_from_slice(&a.ip().octets());
-        }
-        SocketAddr::V6(a) => {
-            header.push(4);
-            header.extend_from_slice(&a.ip().octets());
-        }
-    }
-    header.extend_from_slice(&dst.port().to_be_bytes());
-    header
+    // An address always encodes; the error is for names too long.
+    fast_socks5::new_udp_header(dst).expect("a socket address encodes")
 }
 
 /// The payload of a SOCKS5 UDP datagram and who sent it; `None` for a
-/// fragment (FRAG != 0, which nobody uses) or a malformed datagram.
+/// fragment (FRAG != 0, which nobody uses), a name instead of an address,
+/// or a malformed datagram.
 pub fn socks5_udp_payload(datagram: &[u8]) -> Option<(SocketAddr, &[u8])> {
-    let (head, rest) = datagram.split_at_checked(4)?;
-    if head[2] != 0 {
-        return None;
+    use futures::FutureExt as _;
+    // fast-socks5's parser is async but only reads the slice: it is ready
+    // at its first poll.
+    let parsed = fast_socks5::parse_udp_request(datagram).now_or_never()?.ok()?;
+    match parsed {
+        (0, fast_socks5::util::target_addr::TargetAddr::Ip(from), payload) => Some((from, payload)),
+        _ => None,
     }
-    let (from, rest): (std::net::IpAddr, &[u8]) = match head[3] {
-        1 => {
-            let (a, rest) = rest.split_at_checked(4)?;
-            (<[u8; 4]>::try_from(a).ok()?.into(), rest)
-        }
-        4 => {
-            let (a, rest) = rest.split_at_checked(16)?;
-            (<[u8; 16]>::try_from(a).ok()?.into(), rest)
-        }
-        _ => return None,
-    };
-    let (port, payload) = rest.split_at_checked(2)?;
-    Some((SocketAddr::new(from, u16::from_be_bytes([port[0], port[1]])), payload))
 }
 
 #[cfg(test)]
