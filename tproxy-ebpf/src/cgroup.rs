@@ -107,6 +107,7 @@ pub fn tproxy_getpeername6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn user_addr(sa: &bpf_sock_addr, ipv6_hook: bool) -> ([u32; 4], bool) {
     if !ipv6_hook {
+        // SAFETY: volatile access through a valid reference.
         return ([unsafe { core::ptr::read_volatile(&sa.user_ip4) }, 0, 0, 0], true);
     }
     let words = sock_words(&sa.user_ip6);
@@ -126,6 +127,7 @@ fn target_slot(proto: u8, ipv4: bool) -> u32 {
 /// The socket's protocol, if TCP or UDP.
 #[inline(always)]
 fn protocol(sa: &bpf_sock_addr) -> Option<u8> {
+    // SAFETY: volatile access through a valid reference.
     match unsafe { core::ptr::read_volatile(&sa.protocol) } as u8 {
         p @ (PROTO_TCP | PROTO_UDP) => Some(p),
         _ => None,
@@ -135,19 +137,25 @@ fn protocol(sa: &bpf_sock_addr) -> Option<u8> {
 /// Sends the socket to the target if a rule intercepts where it is going.
 #[inline(always)]
 fn redirect(ctx: &SockAddrContext, ipv6_hook: bool) {
+    // SAFETY: the context the kernel passes is valid for the run.
     let sa = unsafe { &mut *ctx.sock_addr };
     let Some(proto) = protocol(sa) else { return };
+    // SAFETY: volatile access through a valid reference.
     let port = unsafe { core::ptr::read_volatile(&sa.user_port) };
     let dport = u16::from_be(port as u16);
     if !gated(proto, dport) {
         return;
     }
     // The relay's own sockets carry the bypass mark.
+    // SAFETY: the context's socket, the member set for this hook.
     let sk = unsafe { sa.__bindgen_anon_1.sk };
+    // SAFETY: the context's socket, checked non-null, valid for the run.
     if sk.is_null() || unsafe { (*sk).mark } == global(&BYPASS_MARK) {
         return;
     }
+    // SAFETY: volatile access through a valid reference.
     let netns = unsafe { core::ptr::read_volatile(&NETNS_COOKIE) };
+    // SAFETY: reads the context's own socket.
     if netns != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != netns {
         return;
     }
@@ -182,6 +190,7 @@ fn redirect(ctx: &SockAddrContext, ipv6_hook: bool) {
         port,
         family: if ipv6_hook { FAMILY_V6 as u32 } else { FAMILY_V4 as u32 },
     };
+    // SAFETY: reads the context's own socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if ORIGINAL_DST.insert(&cookie, &original, 0).is_err() {
         return;
@@ -211,6 +220,7 @@ fn write_addr(sa: &mut bpf_sock_addr, ipv6_hook: bool, ipv4: bool, addr: &[u32; 
 /// `sock_words`).
 #[inline(always)]
 fn set_words(words: &mut [u32; 4], value: &[u32; 4]) {
+    // SAFETY: volatile access through a valid reference.
     unsafe {
         core::ptr::write_volatile(&mut words[0], value[0]);
         core::ptr::write_volatile(&mut words[1], value[1]);
@@ -223,15 +233,19 @@ fn set_words(words: &mut [u32; 4], value: &[u32; 4]) {
 /// would show the target.
 #[inline(always)]
 fn restore(ctx: &SockAddrContext, ipv6_hook: bool) {
+    // SAFETY: the context the kernel passes is valid for the run.
     let sa = unsafe { &mut *ctx.sock_addr };
     let Some(proto) = protocol(sa) else { return };
     let (addr, ipv4) = user_addr(sa, ipv6_hook);
     let Some(target) = CGROUP_TARGETS.get(target_slot(proto, ipv4)) else { return };
+    // SAFETY: volatile access through a valid reference.
     let port = unsafe { core::ptr::read_volatile(&sa.user_port) };
     if target.port == 0 || port != target.port || addr != target.addr {
         return;
     }
+    // SAFETY: reads the context's own socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the map's value is copied out at once.
     let Some(original) = (unsafe { ORIGINAL_DST.get(&cookie) }).copied() else { return };
     if ipv6_hook {
         set_words(&mut sa.user_ip6, &original.addr);
@@ -248,7 +262,9 @@ fn restore(ctx: &SockAddrContext, ipv6_hook: bool) {
 pub fn tproxy_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            // SAFETY: reads the context's own socket.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            // SAFETY: the map's value is copied out at once.
             let Some(original) = (unsafe { ORIGINAL_DST.get(&cookie) }).copied() else {
                 return 0;
             };
@@ -270,6 +286,7 @@ pub fn tproxy_sockops(ctx: SockOpsContext) -> u32 {
 fn peer_key(ctx: &SockOpsContext) -> PeerKey {
     const AF_INET6: u32 = 10;
     let mut key = PeerKey { addr: [0; 4], port: ctx.local_port(), family: FAMILY_V4 as u32 };
+    // SAFETY: the context the kernel passes is valid for the run.
     let ops = unsafe { &*ctx.ops };
     let remote = if ctx.family() == AF_INET6 { sock_words(&ops.remote_ip6) } else { [0; 4] };
     if ctx.family() == AF_INET6 && !is_v4_mapped(&remote) {
@@ -289,30 +306,38 @@ pub fn tproxy_original_dst(ctx: SockoptContext) -> i32 {
     const SOL_IP: i32 = 0;
     const SOL_IPV6: i32 = 41;
     const SO_ORIGINAL_DST: i32 = 80;
+    // SAFETY: the context the kernel passes is valid for the run.
     let opt = unsafe { &mut *ctx.sockopt };
     if opt.optname != SO_ORIGINAL_DST || (opt.level != SOL_IP && opt.level != SOL_IPV6) {
         return ALLOW;
     }
     let ipv6 = opt.level == SOL_IPV6;
+    // SAFETY: the context's socket, the member set for this hook.
     let sk = unsafe { opt.__bindgen_anon_1.sk };
     if sk.is_null() {
         return ALLOW;
     }
     let mut key = PeerKey {
         addr: [0; 4],
+        // SAFETY: the context's socket, checked non-null, valid for the run.
         port: u16::from_be(unsafe { core::ptr::read_volatile(&(*sk).dst_port) } as u16) as u32,
         family: if ipv6 { FAMILY_V6 as u32 } else { FAMILY_V4 as u32 },
     };
     if ipv6 {
+        // SAFETY: the context's socket, checked non-null, valid for the run.
         key.addr = sock_words(unsafe { &(*sk).dst_ip6 });
     } else {
+        // SAFETY: the context's socket, checked non-null, valid for the run.
         key.addr[0] = unsafe { core::ptr::read_volatile(&(*sk).dst_ip4) };
     }
+    // SAFETY: the map's value is copied out at once.
     let Some(original) = (unsafe { PEER_DST.get(&key) }).copied() else { return ALLOW };
+    // SAFETY: the option buffer's bounds, from the context's unions.
     let (start, end) = unsafe { (opt.__bindgen_anon_2.optval, opt.__bindgen_anon_3.optval_end) };
     let start = start as *mut u8;
     if ipv6 {
         // sockaddr_in6: family, port, flowinfo, address, scope id.
+        // SAFETY: arithmetic only, compared with `end` before any write.
         if unsafe { start.add(28) } > end as *mut u8 {
             return ALLOW;
         }
@@ -324,6 +349,7 @@ pub fn tproxy_original_dst(ctx: SockoptContext) -> i32 {
             original.addr
         };
         sin6[2..6].copy_from_slice(&addr);
+        // SAFETY: `start + len <= end` was checked above.
         unsafe { core::ptr::write_unaligned(start as *mut [u32; 7], sin6) };
         opt.optlen = 28;
     } else {
@@ -333,10 +359,12 @@ pub fn tproxy_original_dst(ctx: SockoptContext) -> i32 {
         let v4 =
             if original.family == FAMILY_V4 as u32 { original.addr[0] } else { original.addr[3] };
         // sockaddr_in: family, port, address, zeros.
+        // SAFETY: arithmetic only, compared with `end` before any write.
         if unsafe { start.add(16) } > end as *mut u8 {
             return ALLOW;
         }
         let sin = [2u32.to_le() | (original.port & 0xffff) << 16, v4, 0, 0];
+        // SAFETY: `start + len <= end` was checked above.
         unsafe { core::ptr::write_unaligned(start as *mut [u32; 4], sin) };
         opt.optlen = 16;
     }

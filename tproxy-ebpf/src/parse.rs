@@ -95,6 +95,7 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
 /// redundant, or offsets with an unbounded copy of the value it checked.
 #[inline(always)]
 pub fn bounded(value: usize, mask: usize) -> usize {
+    // SAFETY: volatile access through a valid reference.
     unsafe { core::ptr::read_volatile(&value) & mask }
 }
 
@@ -104,6 +105,7 @@ pub fn bounded(value: usize, mask: usize) -> usize {
 /// the verifier explores what follows once instead of once per depth.
 #[inline(always)]
 pub fn opaque(ctx: &TcContext, value: usize, mask: usize) -> usize {
+    // SAFETY: the context is valid for the run; `cb` is scratch space.
     unsafe {
         let cb = &mut (*ctx.skb.skb).cb[4];
         let saved = *cb;
@@ -118,6 +120,7 @@ pub fn opaque(ctx: &TcContext, value: usize, mask: usize) -> usize {
 /// protocol. `None`: not TCP, UDP or an error about them, or malformed.
 #[inline(always)]
 pub fn parse(ctx: &TcContext, l3: usize, ether_type: u16) -> Option<Packet> {
+    // SAFETY: a C struct of integers: all zeros is valid.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     let frame_len = ctx.len() as usize;
     // `end`: where the IP datagram ends, by its own length field. A length
@@ -125,6 +128,7 @@ pub fn parse(ctx: &TcContext, l3: usize, ether_type: u16) -> Option<Packet> {
     let (ipv6, proto, l4, end, first_fragment) = match ether_type {
         ETH_P_IP => {
             let ip: *const Ipv4Hdr = ptr_at(ctx, l3)?;
+            // SAFETY: `ptr_at` checked that the packet holds all of it.
             let ip = unsafe { &*ip };
             let ihl = (ip.vihl & 0x0f) as usize;
             if ip.vihl >> 4 != 4 || ihl < 5 {
@@ -135,6 +139,7 @@ pub fn parse(ctx: &TcContext, l3: usize, ether_type: u16) -> Option<Packet> {
             if frags & 0x1fff != 0 {
                 return None;
             }
+            // SAFETY: a union of integers; the flow's family picks the member.
             let v4 = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
             v4.saddr = u32::from_ne_bytes(ip.src_addr);
             v4.daddr = u32::from_ne_bytes(ip.dst_addr);
@@ -146,12 +151,16 @@ pub fn parse(ctx: &TcContext, l3: usize, ether_type: u16) -> Option<Packet> {
         }
         ETH_P_IPV6 => {
             let ip: *const Ipv6Hdr = ptr_at(ctx, l3)?;
+            // SAFETY: `ptr_at` checked that the packet holds all of it.
             let ip = unsafe { &*ip };
             if ip.vcf[0] >> 4 != 6 {
                 return None;
             }
+            // SAFETY: a union of integers; the flow's family picks the member.
             let v6 = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
+            // SAFETY: 16 bytes of integers either way; any bits are valid.
             v6.saddr = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(ip.src_addr) };
+            // SAFETY: 16 bytes of integers either way; any bits are valid.
             v6.daddr = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(ip.dst_addr) };
             let end = match u16::from_be_bytes(ip.payload_len) as usize {
                 0 => frame_len,
@@ -204,10 +213,12 @@ fn ports(
 ) -> Option<Flow> {
     // TCP and UDP both start with the two ports; TCP's flags are at byte 13.
     let ports: *const [u8; 4] = ptr_at(ctx, l4)?;
+    // SAFETY: `ptr_at` checked that the packet holds all of it.
     let ports = unsafe { *ports };
     let mut syn = false;
     if proto == PROTO_TCP && flags {
         let flags: *const u8 = ptr_at(ctx, l4 + 13)?;
+        // SAFETY: `ptr_at` checked that the packet holds all of it.
         syn = unsafe { *flags } & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     }
     let sport = u16::from_ne_bytes([ports[0], ports[1]]);
@@ -239,6 +250,7 @@ fn icmp_error(ctx: &TcContext, icmp: usize, end: usize, ipv6: bool) -> Option<Fl
     // The whole header: a one-byte check compiles to a form the verifier
     // cannot bound.
     let header: *const [u8; ICMP_HDR_LEN] = ptr_at(ctx, icmp)?;
+    // SAFETY: `ptr_at` checked that the packet holds all of it.
     let kind = unsafe { (*header)[0] };
     // v4: unreachable (fragmentation needed among them), time exceeded,
     // parameter problem. v6: unreachable, packet too big, time exceeded,
@@ -248,23 +260,30 @@ fn icmp_error(ctx: &TcContext, icmp: usize, end: usize, ipv6: bool) -> Option<Fl
         return None;
     }
     let inner = icmp + ICMP_HDR_LEN;
+    // SAFETY: a C struct of integers: all zeros is valid.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     let (proto, inner_l4) = if ipv6 {
         let ip: *const Ipv6Hdr = ptr_at(ctx, inner)?;
+        // SAFETY: `ptr_at` checked that the packet holds all of it.
         let ip = unsafe { &*ip };
         // The quoted packet was sent by a socket here: its source is the
         // socket's own address, so it is the lookup's destination.
+        // SAFETY: a union of integers; the flow's family picks the member.
         let v6 = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
+        // SAFETY: 16 bytes of integers either way; any bits are valid.
         v6.saddr = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(ip.dst_addr) };
+        // SAFETY: 16 bytes of integers either way; any bits are valid.
         v6.daddr = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(ip.src_addr) };
         (ip.next_hdr, inner + Ipv6Hdr::LEN)
     } else {
         let ip: *const Ipv4Hdr = ptr_at(ctx, inner)?;
+        // SAFETY: `ptr_at` checked that the packet holds all of it.
         let ip = unsafe { &*ip };
         let ihl = (ip.vihl & 0x0f) as usize;
         if ip.vihl >> 4 != 4 || ihl < 5 || u16::from_be_bytes(ip.frags) & 0x1fff != 0 {
             return None;
         }
+        // SAFETY: a union of integers; the flow's family picks the member.
         let v4 = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
         v4.saddr = u32::from_ne_bytes(ip.dst_addr);
         v4.daddr = u32::from_ne_bytes(ip.src_addr);
@@ -274,6 +293,7 @@ fn icmp_error(ctx: &TcContext, icmp: usize, end: usize, ipv6: bool) -> Option<Fl
         return None;
     }
     let ports: *const [u8; 4] = ptr_at(ctx, inner_l4)?;
+    // SAFETY: `ptr_at` checked that the packet holds all of it.
     let ports = unsafe { *ports };
     // Reversed: the quoted destination port is the lookup's source port.
     let sport = u16::from_ne_bytes([ports[2], ports[3]]);
@@ -320,18 +340,21 @@ fn skip_ipv6_ext(ctx: &TcContext, mut next: u8, mut off: usize) -> Option<Walk> 
         match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
                 let h: *const [u8; 2] = ptr_at(ctx, off)?;
+                // SAFETY: `ptr_at` checked that the packet holds all of it.
                 let h = unsafe { *h };
                 next = h[0];
                 off += (h[1] as usize + 1) * 8;
             }
             NEXTHDR_AUTH => {
                 let h: *const [u8; 2] = ptr_at(ctx, off)?;
+                // SAFETY: `ptr_at` checked that the packet holds all of it.
                 let h = unsafe { *h };
                 next = h[0];
                 off += (h[1] as usize + 2) * 4;
             }
             NEXTHDR_FRAGMENT => {
                 let h: *const [u8; 4] = ptr_at(ctx, off)?;
+                // SAFETY: `ptr_at` checked that the packet holds all of it.
                 let h = unsafe { *h };
                 let offset_and_more = u16::from_be_bytes([h[2], h[3]]);
                 // A fragment other than the first has no L4 header.

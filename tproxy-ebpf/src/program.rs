@@ -56,6 +56,7 @@ pub(crate) static TARGET_ADDR6: [u32; 4] = [0; 4];
 
 #[inline(always)]
 pub(crate) fn global(value: &'static u32) -> u32 {
+    // SAFETY: volatile access through a valid reference.
     unsafe { core::ptr::read_volatile(value) }
 }
 
@@ -69,6 +70,7 @@ pub(crate) static PARSE_TRACE: Array<ParseTrace> = Array::with_max_entries(1, 0)
 #[classifier]
 pub fn tproxy_ingress(ctx: TcContext) -> i32 {
     let Some(eth) = ptr_at::<[u8; 14]>(&ctx, 0) else { return TC_NEXT };
+    // SAFETY: `ptr_at` checked that the packet holds all of it.
     let ether_type = unsafe { u16::from_be_bytes([(*eth)[12], (*eth)[13]]) };
     handle(&ctx, ETH_L3, ether_type)
 }
@@ -109,12 +111,14 @@ pub(crate) fn l3_start(ctx: &TcContext, ether_type: u16) -> usize {
     // A whole minimal header: a one-byte check compiles to `p >= end`,
     // which older verifiers do not credit as a bound.
     if let Some(ip) = ptr_at::<[u8; 20]>(ctx, 0) {
+        // SAFETY: `ptr_at` checked that the packet holds all of it.
         let head = unsafe { &*(ip as *const [u8; 6]) };
         if head[0] >> 4 == version && ip_len(head) == ctx.len() {
             return 0;
         }
     }
     let mut head = [0u8; 6];
+    // SAFETY: a stack buffer of the length given.
     let read = unsafe {
         bpf_skb_load_bytes_relative(
             ctx.as_ptr(),
@@ -133,6 +137,7 @@ pub(crate) fn l3_start(ctx: &TcContext, ether_type: u16) -> usize {
     }
     let outer = bounded(outer as usize, 0xff);
     match ptr_at::<[u8; 20]>(ctx, outer) {
+        // SAFETY: `ptr_at` checked that the packet holds all of it.
         Some(ip) if unsafe { (*ip)[0] } == head[0] => outer,
         _ => 0,
     }
@@ -195,6 +200,7 @@ pub(crate) fn trace(packet: &Option<Packet>) {
         t.syn = f.syn as u8;
         t.sport = f.sport;
         t.dport = f.dport;
+        // SAFETY: a union of integers; the flow's family picks the member.
         unsafe {
             if f.ipv6 {
                 t.saddr = f.tuple.__bindgen_anon_1.ipv6.saddr;
@@ -205,6 +211,7 @@ pub(crate) fn trace(packet: &Option<Packet>) {
             }
         }
     }
+    // SAFETY: a map value from a lookup, valid until the program returns.
     unsafe { *slot = t };
 }
 
@@ -221,5 +228,6 @@ pub(crate) fn unparsed(ctx: &TcContext) -> Outcome {
 
 #[inline(always)]
 pub(crate) fn skb_mark(ctx: &TcContext) -> u32 {
+    // SAFETY: the context the kernel passes is valid for the run.
     unsafe { (*ctx.skb.skb).mark }
 }

@@ -66,6 +66,7 @@ pub fn is_local(ipv6: bool, daddr: &[u32; 4]) -> bool {
     let mut data = AddrKey { family: FAMILY_V4, _pad: [0; 3], addr: [0; 16] };
     let bits = if ipv6 {
         data.family = FAMILY_V6;
+        // SAFETY: 16 bytes of integers either way; any bits are valid.
         data.addr = unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(*daddr) };
         128
     } else {
@@ -83,6 +84,7 @@ pub fn match_rule(q: &Query) -> Option<RuleChoice> {
         RuleMatch { family: FAMILY_V4, proto: q.proto, port: q.dport.to_be_bytes(), addr: [0; 16] };
     let addr_bits = if q.ipv6 {
         data.family = FAMILY_V6;
+        // SAFETY: 16 bytes of integers either way; any bits are valid.
         data.addr = unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(q.daddr) };
         128
     } else {

@@ -32,6 +32,7 @@ pub(crate) fn reopen_key(flow: &Flow) -> ReopenKey {
         ipv6: 0,
         _pad: [0; 3],
     };
+    // SAFETY: a union of integers; the flow's family picks the member.
     unsafe {
         if flow.ipv6 {
             let t = &flow.tuple.__bindgen_anon_1.ipv6;
@@ -54,6 +55,7 @@ pub(crate) fn reopen_key(flow: &Flow) -> ReopenKey {
 pub fn tproxy_reopen(ctx: SkLookupContext) -> u32 {
     const SK_PASS: u32 = 1;
     const AF_INET6: u32 = 10;
+    // SAFETY: the context the kernel passes is valid for the run.
     let l = unsafe { &*ctx.lookup };
     if l.protocol != PROTO_TCP as u32 {
         return SK_PASS;
@@ -74,6 +76,7 @@ pub fn tproxy_reopen(ctx: SkLookupContext) -> u32 {
         key.saddr[0] = l.remote_ip4;
         key.daddr[0] = l.local_ip4;
     }
+    // SAFETY: the map's value is copied out at once.
     if let Some(why) = unsafe { TW_REOPEN.get(&key) }.copied() {
         let _ = TW_REOPEN.remove(&key);
         let index = if ipv6 { slot::TCP_V6 } else { slot::TCP_V4 };

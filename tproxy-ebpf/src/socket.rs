@@ -23,6 +23,7 @@ use crate::{program::*, sk_lookup::*};
 /// moved pointer, which an array copy can be.
 #[inline(always)]
 pub(crate) fn sock_words(words: &[u32; 4]) -> [u32; 4] {
+    // SAFETY: volatile access through a valid reference.
     unsafe {
         [
             core::ptr::read_volatile(&words[0]),
@@ -38,6 +39,7 @@ pub(crate) fn sock_words(words: &[u32; 4]) -> [u32; 4] {
 #[inline(always)]
 pub(crate) fn listener(index: u32) -> Option<*mut bpf_sock> {
     let map = core::ptr::from_ref(&LISTENERS).cast_mut().cast::<c_void>();
+    // SAFETY: one of our maps, with a key (and value) of its types.
     let sk = unsafe { bpf_map_lookup_elem(map, core::ptr::from_ref(&index).cast()) };
     if sk.is_null() { None } else { Some(sk.cast()) }
 }
@@ -60,6 +62,7 @@ pub(crate) fn target(ctx: &TcContext, flow: &Flow, index: u32) -> Option<*mut bp
 #[inline(always)]
 pub(crate) fn port_listener(ctx: &TcContext, flow: &Flow, port: u16) -> Option<*mut bpf_sock> {
     let mut tuple = flow.tuple;
+    // SAFETY: a union of integers; the flow's family picks the member.
     unsafe {
         if flow.ipv6 {
             let t = &mut tuple.__bindgen_anon_1.ipv6;
@@ -79,6 +82,7 @@ pub(crate) fn port_listener(ctx: &TcContext, flow: &Flow, port: u16) -> Option<*
     }
     let len = flow.tuple_len();
     let netns = BPF_F_CURRENT_NETNS as u64;
+    // SAFETY: the flow's tuple and its length; the verifier tracks the result.
     let sk = unsafe {
         if flow.proto == PROTO_TCP {
             bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, len, netns, 0)
@@ -89,7 +93,9 @@ pub(crate) fn port_listener(ctx: &TcContext, flow: &Flow, port: u16) -> Option<*
     if sk.is_null() {
         return None;
     }
+    // SAFETY: `sk` is a lookup's, checked non-null, not yet released.
     if flow.proto == PROTO_TCP && unsafe { (*sk).state } != BPF_TCP_LISTEN {
+        // SAFETY: `sk` holds a lookup's reference, released once.
         unsafe { bpf_sk_release(sk.cast()) };
         return None;
     }
@@ -108,6 +114,7 @@ pub(crate) fn reopen_target_ready(ctx: &TcContext, flow: &Flow) -> bool {
     let Some(sk) = port_listener(ctx, flow, port as u16) else { return false };
     let index = if flow.ipv6 { slot::TCP_V6 } else { slot::TCP_V4 };
     let put = put_listener(sk, index);
+    // SAFETY: `sk` holds a lookup's reference, released once.
     unsafe { bpf_sk_release(sk.cast()) };
     put == 0
 }
@@ -118,6 +125,7 @@ pub(crate) fn reopen_target_ready(ctx: &TcContext, flow: &Flow) -> bool {
 pub(crate) fn put_listener(sk: *mut bpf_sock, index: u32) -> i64 {
     let map = core::ptr::from_ref(&LISTENERS).cast_mut().cast::<c_void>();
     let key = core::ptr::from_ref(&index).cast();
+    // SAFETY: one of our maps, with a key (and value) of its types.
     unsafe { bpf_map_update_elem(map, key, sk.cast(), BPF_ANY as u64) }
 }
 
@@ -151,6 +159,7 @@ pub(crate) fn assign(
     rule: Option<&RuleChoice>,
     counter: u32,
 ) -> Outcome {
+    // SAFETY: `sk` is a live reference; the helper takes its own.
     let mut ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk.cast(), 0) };
     // Before 6.5 the kernel refuses SO_REUSEPORT sockets, and the
     // connections of a reuseport listener (HAProxy's, Envoy's) inherit the
@@ -159,6 +168,7 @@ pub(crate) fn assign(
     if ret == -ESOCKTNOSUPPORT && rule.is_none() {
         ret = 0;
     }
+    // SAFETY: `sk` holds a lookup's reference, released once.
     unsafe { bpf_sk_release(sk.cast()) };
     settle(ctx, ret == 0, rule, counter)
 }
@@ -176,14 +186,17 @@ pub(crate) fn assign_listener(
     index: u32,
     rule: &RuleChoice,
 ) -> Outcome {
+    // SAFETY: `sk` is a live reference; the helper takes its own.
     let mut ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk.cast(), 0) };
     if ret == -ESOCKTNOSUPPORT && flow.proto == PROTO_TCP {
         ret = hand_over_in_lookup(flow, sk, index);
     } else if ret == 0 && !target_owned(ctx) {
         // Assigned already: passing it on would deliver it there.
+        // SAFETY: `sk` holds a lookup's reference, released once.
         unsafe { bpf_sk_release(sk.cast()) };
         return Some(stat::TARGET_FOREIGN);
     }
+    // SAFETY: `sk` holds a lookup's reference, released once.
     unsafe { bpf_sk_release(sk.cast()) };
     settle(ctx, ret == 0, Some(rule), stat::TO_LISTENER)
 }
@@ -199,6 +212,7 @@ pub(crate) fn target_owned(ctx: &TcContext) -> bool {
     let owner = global(&TARGET_OWNER);
     global(&TARGET_PORT) == 0
         || owner == u32::MAX
+        // SAFETY: reads the context's own socket.
         || unsafe { bpf_get_socket_uid(ctx.skb.skb) } == owner
 }
 

@@ -32,6 +32,8 @@ pub(crate) fn steer_error(ctx: &TcContext, mut flow: Flow) -> Outcome {
         return None;
     }
     let len = flow.tuple_len();
+    // SAFETY: the flow's tuple on the stack with its length; each socket
+    // found is checked non-null, read, and released once.
     let owned = unsafe {
         if flow.proto == PROTO_TCP {
             let sk = bpf_skc_lookup_tcp(
@@ -80,6 +82,7 @@ pub(crate) fn steer(ctx: &TcContext, mut flow: Flow) -> Outcome {
     if !to_port && !from_port {
         return None;
     }
+    // SAFETY: the context the kernel passes is valid for the run.
     let skb = unsafe { &*ctx.skb.skb };
     // The relay's own upstream traffic carries the bypass mark. A frame
     // still tagged with a VLAN here belongs to a VLAN device (attach there)
@@ -89,6 +92,7 @@ pub(crate) fn steer(ctx: &TcContext, mut flow: Flow) -> Outcome {
     }
     // An IPv4-mapped IPv6 destination is never a real one on the wire; the
     // relay must not turn it into an IPv4 connection (to loopback, say).
+    // SAFETY: a union of integers; the flow's family picks the member.
     if flow.ipv6 && is_v4_mapped(unsafe { &flow.tuple.__bindgen_anon_1.ipv6.daddr }) {
         return None;
     }
@@ -125,11 +129,14 @@ pub(crate) enum Locality {
 pub(crate) fn fib_locality(ctx: &TcContext, flow: &Flow) -> Locality {
     const AF_INET: u8 = 2;
     const AF_INET6: u8 = 10;
+    // SAFETY: a C struct of integers: all zeros is valid.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     params.l4_protocol = flow.proto;
     params.sport = flow.sport.to_be();
     params.dport = flow.dport.to_be();
+    // SAFETY: the context the kernel passes is valid for the run.
     params.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    // SAFETY: a union of integers; the flow's family picks the member.
     unsafe {
         if flow.ipv6 {
             params.family = AF_INET6;
@@ -142,6 +149,7 @@ pub(crate) fn fib_locality(ctx: &TcContext, flow: &Flow) -> Locality {
         }
     }
     let size = core::mem::size_of::<FibParams>() as i32;
+    // SAFETY: parameters on the stack, of the size given.
     let ret = unsafe { bpf_fib_lookup(ctx.skb.skb as *mut _, &mut params, size, 0) };
     match ret {
         // Local, broadcast and multicast routes are not forwarded.
@@ -166,19 +174,23 @@ pub(crate) fn is_v4_mapped(addr: &[u32; 4]) -> bool {
 #[inline(always)]
 pub(crate) fn steer_tcp(ctx: &TcContext, flow: &mut Flow, to_port: bool) -> Outcome {
     let len = flow.tuple_len();
+    // SAFETY: the flow's tuple and its length; the verifier tracks the result.
     let sk = unsafe {
         bpf_skc_lookup_tcp(ctx.as_ptr(), &mut flow.tuple, len, BPF_F_CURRENT_NETNS as u64, 0)
     };
     if !sk.is_null() {
+        // SAFETY: `sk` is a lookup's, checked non-null, not yet released.
         let state = unsafe { (*sk).state };
         if state == BPF_TCP_TIME_WAIT && flow.syn {
             // A SYN that meets TIME_WAIT opens a new connection, which is
             // ours only if a rule intercepts it now.
             let Some(rule) = intercepting_rule(flow, to_port) else {
+                // SAFETY: `sk` holds a lookup's reference, released once.
                 unsafe { bpf_sk_release(sk.cast()) };
                 return None;
             };
             if !reopen_target_ready(ctx, flow) {
+                // SAFETY: `sk` holds a lookup's reference, released once.
                 unsafe { bpf_sk_release(sk.cast()) };
                 return no_target(&rule);
             }
@@ -195,6 +207,7 @@ pub(crate) fn steer_tcp(ctx: &TcContext, flow: &mut Flow, to_port: bool) -> Outc
         }
         // A LISTEN socket found by tuple is some local server's wildcard
         // listener, not ours.
+        // SAFETY: `sk` holds a lookup's reference, released once.
         unsafe { bpf_sk_release(sk.cast()) };
     }
     let rule = intercepting_rule(flow, to_port)?;
@@ -212,6 +225,7 @@ pub(crate) fn intercepting_rule(flow: &Flow, to_port: bool) -> Option<RuleChoice
     if !to_port {
         return None;
     }
+    // SAFETY: a union of integers; the flow's family picks the member.
     let (saddr, daddr) = unsafe {
         if flow.ipv6 {
             let t = &flow.tuple.__bindgen_anon_1.ipv6;
@@ -227,6 +241,7 @@ pub(crate) fn intercepting_rule(flow: &Flow, to_port: bool) -> Option<RuleChoice
 /// The flow's destination address, IPv4 in `[0]`.
 #[inline(always)]
 pub(crate) fn daddr(flow: &Flow) -> [u32; 4] {
+    // SAFETY: a union of integers; the flow's family picks the member.
     unsafe {
         if flow.ipv6 {
             flow.tuple.__bindgen_anon_1.ipv6.daddr
@@ -250,10 +265,12 @@ pub(crate) fn syncookie_to_listener(
     let sk = target(ctx, flow, index)?;
     let th: Option<*const [u8; 20]> = ptr_at(ctx, flow.l4);
     let valid = match th {
+        // SAFETY: a listener from a lookup, and checked packet pointers.
         Some(th) if flow.ipv6 => ptr_at::<[u8; 40]>(ctx, flow.l3).is_some_and(|iph| unsafe {
             bpf_tcp_check_syncookie(sk.cast(), iph.cast_mut().cast(), 40, th.cast_mut().cast(), 20)
                 == 0
         }),
+        // SAFETY: a listener from a lookup, and checked packet pointers.
         Some(th) => ptr_at::<[u8; 20]>(ctx, flow.l3).is_some_and(|iph| unsafe {
             bpf_tcp_check_syncookie(sk.cast(), iph.cast_mut().cast(), 20, th.cast_mut().cast(), 20)
                 == 0
@@ -261,6 +278,7 @@ pub(crate) fn syncookie_to_listener(
         None => false,
     };
     if !valid {
+        // SAFETY: `sk` holds a lookup's reference, released once.
         unsafe { bpf_sk_release(sk.cast()) };
         return None;
     }
@@ -275,6 +293,7 @@ pub(crate) fn syncookie_to_listener(
 #[inline(always)]
 pub(crate) fn steer_udp(ctx: &TcContext, flow: &mut Flow, to_port: bool) -> Outcome {
     let len = flow.tuple_len();
+    // SAFETY: the flow's tuple and its length; the verifier tracks the result.
     let sk = unsafe {
         bpf_sk_lookup_udp(ctx.as_ptr(), &mut flow.tuple, len, BPF_F_CURRENT_NETNS as u64, 0)
     };
@@ -283,6 +302,7 @@ pub(crate) fn steer_udp(ctx: &TcContext, flow: &mut Flow, to_port: bool) -> Outc
             let counter = if to_port { stat::TO_SOCKET } else { stat::RETURN_PATH };
             return assign(ctx, sk, None, counter);
         }
+        // SAFETY: `sk` holds a lookup's reference, released once.
         unsafe { bpf_sk_release(sk.cast()) };
     }
     let rule = intercepting_rule(flow, to_port)?;
@@ -298,6 +318,8 @@ pub(crate) fn steer_udp(ctx: &TcContext, flow: &mut Flow, to_port: bool) -> Outc
 /// else it would reach a host's wildcard server on the port.
 #[inline(always)]
 pub(crate) fn owns_tuple(sk: *mut bpf_sock, flow: &Flow) -> bool {
+    // SAFETY: `sk` is the caller's lookup result, non-null and not yet
+    // released; the tuple's union member read is the flow's family.
     unsafe {
         if flow.ipv6 {
             let peer = sock_words(&(*sk).dst_ip6);
