@@ -26,11 +26,10 @@ use tproxy_ebpf::{
 };
 
 use crate::{
+    addr::{is_v4_mapped, load, read_words, v4_mapped, write_words},
     program::{BYPASS_MARK, INTERCEPT_LOCAL, global},
     rules::{Query, gated, is_local, local_dests_incomplete, match_rule},
-    socket::sock_words,
     stats::{count, rule_stats},
-    steer::is_v4_mapped,
 };
 
 /// Set by the loader (see `names::NETNS_COOKIE`).
@@ -107,10 +106,9 @@ pub fn tproxy_getpeername6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn user_addr(sa: &bpf_sock_addr, ipv6_hook: bool) -> ([u32; 4], bool) {
     if !ipv6_hook {
-        // SAFETY: volatile access through a valid reference.
-        return ([unsafe { core::ptr::read_volatile(&sa.user_ip4) }, 0, 0, 0], true);
+        return ([load(&sa.user_ip4), 0, 0, 0], true);
     }
-    let words = sock_words(&sa.user_ip6);
+    let words = read_words(&sa.user_ip6);
     if is_v4_mapped(&words) { ([words[3], 0, 0, 0], true) } else { (words, false) }
 }
 
@@ -127,8 +125,7 @@ fn target_slot(proto: u8, ipv4: bool) -> u32 {
 /// The socket's protocol, if TCP or UDP.
 #[inline(always)]
 fn protocol(sa: &bpf_sock_addr) -> Option<u8> {
-    // SAFETY: volatile access through a valid reference.
-    match unsafe { core::ptr::read_volatile(&sa.protocol) } as u8 {
+    match load(&sa.protocol) as u8 {
         p @ (PROTO_TCP | PROTO_UDP) => Some(p),
         _ => None,
     }
@@ -140,8 +137,7 @@ fn redirect(ctx: &SockAddrContext, ipv6_hook: bool) {
     // SAFETY: the context the kernel passes is valid for the run.
     let sa = unsafe { &mut *ctx.sock_addr };
     let Some(proto) = protocol(sa) else { return };
-    // SAFETY: volatile access through a valid reference.
-    let port = unsafe { core::ptr::read_volatile(&sa.user_port) };
+    let port = load(&sa.user_port);
     let dport = u16::from_be(port as u16);
     if !gated(proto, dport) {
         return;
@@ -153,8 +149,7 @@ fn redirect(ctx: &SockAddrContext, ipv6_hook: bool) {
     if sk.is_null() || unsafe { (*sk).mark } == global(&BYPASS_MARK) {
         return;
     }
-    // SAFETY: volatile access through a valid reference.
-    let netns = unsafe { core::ptr::read_volatile(&NETNS_COOKIE) };
+    let netns = load(&NETNS_COOKIE);
     // SAFETY: reads the context's own socket.
     if netns != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != netns {
         return;
@@ -186,7 +181,7 @@ fn redirect(ctx: &SockAddrContext, ipv6_hook: bool) {
         }
     };
     let original = SockDst {
-        addr: if ipv6_hook { sock_words(&sa.user_ip6) } else { daddr },
+        addr: if ipv6_hook { read_words(&sa.user_ip6) } else { daddr },
         port,
         family: if ipv6_hook { FAMILY_V6 as u32 } else { FAMILY_V4 as u32 },
     };
@@ -210,22 +205,9 @@ fn write_addr(sa: &mut bpf_sock_addr, ipv6_hook: bool, ipv4: bool, addr: &[u32; 
     if !ipv6_hook {
         sa.user_ip4 = addr[0];
     } else if ipv4 {
-        set_words(&mut sa.user_ip6, &v4_mapped(addr[0]));
+        write_words(&mut sa.user_ip6, &v4_mapped(addr[0]));
     } else {
-        set_words(&mut sa.user_ip6, addr);
-    }
-}
-
-/// Writes an address into the context one word at a time (see
-/// `sock_words`).
-#[inline(always)]
-fn set_words(words: &mut [u32; 4], value: &[u32; 4]) {
-    // SAFETY: volatile access through a valid reference.
-    unsafe {
-        core::ptr::write_volatile(&mut words[0], value[0]);
-        core::ptr::write_volatile(&mut words[1], value[1]);
-        core::ptr::write_volatile(&mut words[2], value[2]);
-        core::ptr::write_volatile(&mut words[3], value[3]);
+        write_words(&mut sa.user_ip6, addr);
     }
 }
 
@@ -238,8 +220,7 @@ fn restore(ctx: &SockAddrContext, ipv6_hook: bool) {
     let Some(proto) = protocol(sa) else { return };
     let (addr, ipv4) = user_addr(sa, ipv6_hook);
     let Some(target) = CGROUP_TARGETS.get(target_slot(proto, ipv4)) else { return };
-    // SAFETY: volatile access through a valid reference.
-    let port = unsafe { core::ptr::read_volatile(&sa.user_port) };
+    let port = load(&sa.user_port);
     if target.port == 0 || port != target.port || addr != target.addr {
         return;
     }
@@ -248,7 +229,7 @@ fn restore(ctx: &SockAddrContext, ipv6_hook: bool) {
     // SAFETY: the map's value is copied out at once.
     let Some(original) = (unsafe { ORIGINAL_DST.get(&cookie) }).copied() else { return };
     if ipv6_hook {
-        set_words(&mut sa.user_ip6, &original.addr);
+        write_words(&mut sa.user_ip6, &original.addr);
     } else {
         sa.user_ip4 = original.addr[0];
     }
@@ -288,9 +269,9 @@ fn peer_key(ctx: &SockOpsContext) -> PeerKey {
     let mut key = PeerKey { addr: [0; 4], port: ctx.local_port(), family: FAMILY_V4 as u32 };
     // SAFETY: the context the kernel passes is valid for the run.
     let ops = unsafe { &*ctx.ops };
-    let remote = if ctx.family() == AF_INET6 { sock_words(&ops.remote_ip6) } else { [0; 4] };
+    let remote = if ctx.family() == AF_INET6 { read_words(&ops.remote_ip6) } else { [0; 4] };
     if ctx.family() == AF_INET6 && !is_v4_mapped(&remote) {
-        key.addr = sock_words(&ops.local_ip6);
+        key.addr = read_words(&ops.local_ip6);
         key.family = FAMILY_V6 as u32;
     } else {
         key.addr[0] = ctx.local_ip4();
@@ -320,15 +301,15 @@ pub fn tproxy_original_dst(ctx: SockoptContext) -> i32 {
     let mut key = PeerKey {
         addr: [0; 4],
         // SAFETY: the context's socket, checked non-null, valid for the run.
-        port: u16::from_be(unsafe { core::ptr::read_volatile(&(*sk).dst_port) } as u16) as u32,
+        port: u16::from_be(unsafe { load(&(*sk).dst_port) } as u16) as u32,
         family: if ipv6 { FAMILY_V6 as u32 } else { FAMILY_V4 as u32 },
     };
     if ipv6 {
         // SAFETY: the context's socket, checked non-null, valid for the run.
-        key.addr = sock_words(unsafe { &(*sk).dst_ip6 });
+        key.addr = read_words(unsafe { &(*sk).dst_ip6 });
     } else {
         // SAFETY: the context's socket, checked non-null, valid for the run.
-        key.addr[0] = unsafe { core::ptr::read_volatile(&(*sk).dst_ip4) };
+        key.addr[0] = unsafe { load(&(*sk).dst_ip4) };
     }
     // SAFETY: the map's value is copied out at once.
     let Some(original) = (unsafe { PEER_DST.get(&key) }).copied() else { return ALLOW };
@@ -370,10 +351,4 @@ pub fn tproxy_original_dst(ctx: SockoptContext) -> i32 {
     }
     opt.retval = 0;
     ALLOW
-}
-
-/// `::ffff:` and `v4`, in network order.
-#[inline(always)]
-fn v4_mapped(v4: u32) -> [u32; 4] {
-    [0, 0, u32::from_be(0xffff), v4]
 }

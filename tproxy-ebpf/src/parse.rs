@@ -90,6 +90,15 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
     Some((start + offset) as *const T)
 }
 
+/// The `T` at `offset` into the packet, if all of it is in bounds. The
+/// reference lives no longer than the borrow of the context, and no
+/// program here writes packet data, so nothing changes under it.
+#[inline(always)]
+pub fn ref_at<T>(ctx: &TcContext, offset: usize) -> Option<&T> {
+    // SAFETY: `ptr_at` checked that the packet holds all of it.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { &*p })
+}
+
 /// `value & mask`, with the mask kept. The verifier wants a bound on the very
 /// register used as a packet offset; the compiler drops a mask it can prove
 /// redundant, or offsets with an unbounded copy of the value it checked.
@@ -127,9 +136,7 @@ pub fn parse(ctx: &TcContext, l3: usize, ether_type: u16) -> Option<Packet> {
     // of 0 is a BIG TCP or jumbo packet, which runs to the end of the frame.
     let (ipv6, proto, l4, end, first_fragment) = match ether_type {
         ETH_P_IP => {
-            let ip: *const Ipv4Hdr = ptr_at(ctx, l3)?;
-            // SAFETY: `ptr_at` checked that the packet holds all of it.
-            let ip = unsafe { &*ip };
+            let ip: &Ipv4Hdr = ref_at(ctx, l3)?;
             let ihl = (ip.vihl & 0x0f) as usize;
             if ip.vihl >> 4 != 4 || ihl < 5 {
                 return None;
@@ -150,9 +157,7 @@ pub fn parse(ctx: &TcContext, l3: usize, ether_type: u16) -> Option<Packet> {
             (false, ip.proto, l3 + ihl * 4, end, frags & 0x2000 != 0)
         }
         ETH_P_IPV6 => {
-            let ip: *const Ipv6Hdr = ptr_at(ctx, l3)?;
-            // SAFETY: `ptr_at` checked that the packet holds all of it.
-            let ip = unsafe { &*ip };
+            let ip: &Ipv6Hdr = ref_at(ctx, l3)?;
             if ip.vcf[0] >> 4 != 6 {
                 return None;
             }
@@ -212,14 +217,11 @@ fn ports(
     flags: bool,
 ) -> Option<Flow> {
     // TCP and UDP both start with the two ports; TCP's flags are at byte 13.
-    let ports: *const [u8; 4] = ptr_at(ctx, l4)?;
-    // SAFETY: `ptr_at` checked that the packet holds all of it.
-    let ports = unsafe { *ports };
+    let ports: [u8; 4] = *ref_at(ctx, l4)?;
     let mut syn = false;
     if proto == PROTO_TCP && flags {
-        let flags: *const u8 = ptr_at(ctx, l4 + 13)?;
-        // SAFETY: `ptr_at` checked that the packet holds all of it.
-        syn = unsafe { *flags } & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+        let flags: u8 = *ref_at(ctx, l4 + 13)?;
+        syn = flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     }
     let sport = u16::from_ne_bytes([ports[0], ports[1]]);
     let dport = u16::from_ne_bytes([ports[2], ports[3]]);
@@ -249,9 +251,8 @@ fn ports(
 fn icmp_error(ctx: &TcContext, icmp: usize, end: usize, ipv6: bool) -> Option<Flow> {
     // The whole header: a one-byte check compiles to a form the verifier
     // cannot bound.
-    let header: *const [u8; ICMP_HDR_LEN] = ptr_at(ctx, icmp)?;
-    // SAFETY: `ptr_at` checked that the packet holds all of it.
-    let kind = unsafe { (*header)[0] };
+    let header: &[u8; ICMP_HDR_LEN] = ref_at(ctx, icmp)?;
+    let kind = header[0];
     // v4: unreachable (fragmentation needed among them), time exceeded,
     // parameter problem. v6: unreachable, packet too big, time exceeded,
     // parameter problem.
@@ -263,9 +264,7 @@ fn icmp_error(ctx: &TcContext, icmp: usize, end: usize, ipv6: bool) -> Option<Fl
     // SAFETY: a C struct of integers: all zeros is valid.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     let (proto, inner_l4) = if ipv6 {
-        let ip: *const Ipv6Hdr = ptr_at(ctx, inner)?;
-        // SAFETY: `ptr_at` checked that the packet holds all of it.
-        let ip = unsafe { &*ip };
+        let ip: &Ipv6Hdr = ref_at(ctx, inner)?;
         // The quoted packet was sent by a socket here: its source is the
         // socket's own address, so it is the lookup's destination.
         // SAFETY: a union of integers; the flow's family picks the member.
@@ -276,9 +275,7 @@ fn icmp_error(ctx: &TcContext, icmp: usize, end: usize, ipv6: bool) -> Option<Fl
         v6.daddr = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(ip.src_addr) };
         (ip.next_hdr, inner + Ipv6Hdr::LEN)
     } else {
-        let ip: *const Ipv4Hdr = ptr_at(ctx, inner)?;
-        // SAFETY: `ptr_at` checked that the packet holds all of it.
-        let ip = unsafe { &*ip };
+        let ip: &Ipv4Hdr = ref_at(ctx, inner)?;
         let ihl = (ip.vihl & 0x0f) as usize;
         if ip.vihl >> 4 != 4 || ihl < 5 || u16::from_be_bytes(ip.frags) & 0x1fff != 0 {
             return None;
@@ -292,9 +289,7 @@ fn icmp_error(ctx: &TcContext, icmp: usize, end: usize, ipv6: bool) -> Option<Fl
     if !matches!(proto, PROTO_TCP | PROTO_UDP) || inner_l4 + 4 > end {
         return None;
     }
-    let ports: *const [u8; 4] = ptr_at(ctx, inner_l4)?;
-    // SAFETY: `ptr_at` checked that the packet holds all of it.
-    let ports = unsafe { *ports };
+    let ports: [u8; 4] = *ref_at(ctx, inner_l4)?;
     // Reversed: the quoted destination port is the lookup's source port.
     let sport = u16::from_ne_bytes([ports[2], ports[3]]);
     let dport = u16::from_ne_bytes([ports[0], ports[1]]);
@@ -339,23 +334,17 @@ fn skip_ipv6_ext(ctx: &TcContext, mut next: u8, mut off: usize) -> Option<Walk> 
     for _ in 0..MAX_EXT_HDRS {
         match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let h: *const [u8; 2] = ptr_at(ctx, off)?;
-                // SAFETY: `ptr_at` checked that the packet holds all of it.
-                let h = unsafe { *h };
+                let h: [u8; 2] = *ref_at(ctx, off)?;
                 next = h[0];
                 off += (h[1] as usize + 1) * 8;
             }
             NEXTHDR_AUTH => {
-                let h: *const [u8; 2] = ptr_at(ctx, off)?;
-                // SAFETY: `ptr_at` checked that the packet holds all of it.
-                let h = unsafe { *h };
+                let h: [u8; 2] = *ref_at(ctx, off)?;
                 next = h[0];
                 off += (h[1] as usize + 2) * 4;
             }
             NEXTHDR_FRAGMENT => {
-                let h: *const [u8; 4] = ptr_at(ctx, off)?;
-                // SAFETY: `ptr_at` checked that the packet holds all of it.
-                let h = unsafe { *h };
+                let h: [u8; 4] = *ref_at(ctx, off)?;
                 let offset_and_more = u16::from_be_bytes([h[2], h[3]]);
                 // A fragment other than the first has no L4 header.
                 if offset_and_more & 0xfff8 != 0 {

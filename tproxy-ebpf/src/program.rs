@@ -19,7 +19,7 @@ use tproxy_ebpf::{
     PARSED_ERROR, PARSED_FLOW, PARSED_FRAGMENT, PARSED_TOO_DEEP, ParseTrace, slot, stat,
 };
 
-use crate::parse::{ETH_L3, ETH_P_IP, ETH_P_IPV6, Packet, bounded, opaque, parse, ptr_at};
+use crate::parse::{ETH_L3, ETH_P_IP, ETH_P_IPV6, Packet, bounded, opaque, parse, ref_at};
 use crate::{rules::gated, stats::count};
 
 use crate::steer::*;
@@ -56,8 +56,7 @@ pub(crate) static TARGET_ADDR6: [u32; 4] = [0; 4];
 
 #[inline(always)]
 pub(crate) fn global(value: &'static u32) -> u32 {
-    // SAFETY: volatile access through a valid reference.
-    unsafe { core::ptr::read_volatile(value) }
+    crate::addr::load(value)
 }
 
 #[map]
@@ -69,9 +68,8 @@ pub(crate) static PARSE_TRACE: Array<ParseTrace> = Array::with_max_entries(1, 0)
 /// For devices with an Ethernet header.
 #[classifier]
 pub fn tproxy_ingress(ctx: TcContext) -> i32 {
-    let Some(eth) = ptr_at::<[u8; 14]>(&ctx, 0) else { return TC_NEXT };
-    // SAFETY: `ptr_at` checked that the packet holds all of it.
-    let ether_type = unsafe { u16::from_be_bytes([(*eth)[12], (*eth)[13]]) };
+    let Some(eth) = ref_at::<[u8; 14]>(&ctx, 0) else { return TC_NEXT };
+    let ether_type = u16::from_be_bytes([eth[12], eth[13]]);
     handle(&ctx, ETH_L3, ether_type)
 }
 
@@ -110,9 +108,7 @@ pub(crate) fn l3_start(ctx: &TcContext, ether_type: u16) -> usize {
     };
     // A whole minimal header: a one-byte check compiles to `p >= end`,
     // which older verifiers do not credit as a bound.
-    if let Some(ip) = ptr_at::<[u8; 20]>(ctx, 0) {
-        // SAFETY: `ptr_at` checked that the packet holds all of it.
-        let head = unsafe { &*(ip as *const [u8; 6]) };
+    if let Some(head) = ref_at::<[u8; 20]>(ctx, 0).and_then(|ip| ip.first_chunk::<6>()) {
         if head[0] >> 4 == version && ip_len(head) == ctx.len() {
             return 0;
         }
@@ -136,9 +132,8 @@ pub(crate) fn l3_start(ctx: &TcContext, ether_type: u16) -> usize {
         return 0;
     }
     let outer = bounded(outer as usize, 0xff);
-    match ptr_at::<[u8; 20]>(ctx, outer) {
-        // SAFETY: `ptr_at` checked that the packet holds all of it.
-        Some(ip) if unsafe { (*ip)[0] } == head[0] => outer,
+    match ref_at::<[u8; 20]>(ctx, outer) {
+        Some(ip) if ip[0] == head[0] => outer,
         _ => 0,
     }
 }

@@ -8,10 +8,11 @@ use aya_ebpf::{
 };
 use tproxy_ebpf::{MAX_REOPENS, PROTO_TCP, ReopenKey, slot, stat};
 
+use crate::addr::read_words;
 use crate::parse::Flow;
 use crate::stats::count;
 
-use crate::{program::*, socket::*};
+use crate::program::*;
 
 /// Tuples whose next listener lookup `tproxy_reopen` answers, with why.
 #[map]
@@ -70,8 +71,8 @@ pub fn tproxy_reopen(ctx: SkLookupContext) -> u32 {
         _pad: [0; 3],
     };
     if ipv6 {
-        key.saddr = sock_words(&l.remote_ip6);
-        key.daddr = sock_words(&l.local_ip6);
+        key.saddr = read_words(&l.remote_ip6);
+        key.daddr = read_words(&l.local_ip6);
     } else {
         key.saddr[0] = l.remote_ip4;
         key.daddr[0] = l.local_ip4;

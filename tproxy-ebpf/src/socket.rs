@@ -13,26 +13,11 @@ use aya_ebpf::{
 };
 use tproxy_ebpf::{PROTO_TCP, RuleChoice, slot, stat};
 
+use crate::addr::read_words;
 use crate::parse::Flow;
 use crate::stats::rule_stats;
 
 use crate::{program::*, sk_lookup::*};
-
-/// Copies an address out of a context or socket one word at a time: the
-/// verifier allows only 4-byte loads there, and refuses loads through a
-/// moved pointer, which an array copy can be.
-#[inline(always)]
-pub(crate) fn sock_words(words: &[u32; 4]) -> [u32; 4] {
-    // SAFETY: volatile access through a valid reference.
-    unsafe {
-        [
-            core::ptr::read_volatile(&words[0]),
-            core::ptr::read_volatile(&words[1]),
-            core::ptr::read_volatile(&words[2]),
-            core::ptr::read_volatile(&words[3]),
-        ]
-    }
-}
 
 /// The relay's socket in `index` of the sockmap, with a reference the
 /// caller must release (or hand to `assign`).
@@ -67,7 +52,7 @@ pub(crate) fn port_listener(ctx: &TcContext, flow: &Flow, port: u16) -> Option<*
         if flow.ipv6 {
             let t = &mut tuple.__bindgen_anon_1.ipv6;
             t.dport = port.to_be();
-            let addr = sock_words(&TARGET_ADDR6);
+            let addr = read_words(&TARGET_ADDR6);
             if addr != [0; 4] {
                 t.daddr = addr;
             }

@@ -15,6 +15,7 @@ use aya_ebpf::{
 };
 use tproxy_ebpf::{PROTO_TCP, RuleChoice, slot, stat};
 
+use crate::addr::{is_v4_mapped, load, read_words};
 use crate::parse::{Flow, ptr_at};
 use crate::rules::{Query, gated, is_local, local_dests_incomplete, match_rule};
 
@@ -159,12 +160,6 @@ pub(crate) fn fib_locality(ctx: &TcContext, flow: &Flow) -> Locality {
         r if r < 0 || r == BPF_FIB_LKUP_RET_FWD_DISABLED as i64 => Locality::Unknown,
         _ => Locality::Elsewhere,
     }
-}
-
-/// `::ffff:0:0/96`, in network order.
-#[inline(always)]
-pub(crate) fn is_v4_mapped(addr: &[u32; 4]) -> bool {
-    addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_be(0xffff)
 }
 
 /// A packet that belongs to a socket goes to that socket; a new connection
@@ -322,10 +317,10 @@ pub(crate) fn owns_tuple(sk: *mut bpf_sock, flow: &Flow) -> bool {
     // released; the tuple's union member read is the flow's family.
     unsafe {
         if flow.ipv6 {
-            let peer = sock_words(&(*sk).dst_ip6);
+            let peer = read_words(&(*sk).dst_ip6);
             peer != [0; 4] && peer == flow.tuple.__bindgen_anon_1.ipv6.saddr
         } else {
-            let peer = core::ptr::read_volatile(&(*sk).dst_ip4);
+            let peer = load(&(*sk).dst_ip4);
             peer != 0 && peer == flow.tuple.__bindgen_anon_1.ipv4.saddr
         }
     }
