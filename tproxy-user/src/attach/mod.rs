@@ -16,7 +16,7 @@ use crate::{
     error::{Error, Result},
     intercept::{InterceptConfig, Interceptor, Loaded, Target},
     relay::{
-        RelaySettings, SourcePrefixes, TcpRelayConfig, UdpRelayConfig,
+        RelaySettings, TcpRelayConfig, UdpRelayConfig,
         timewait::{self, Purge},
     },
 };
@@ -29,26 +29,20 @@ use services::{Services, bind_control};
 #[derive(Debug, Clone)]
 pub struct AttachConfig {
     /// What to intercept, where, and the routing marks. Its rules are kept
-    /// across reloads of `rules_file`. Its `upstream_mark`, `spoof_source`
-    /// and `intercept_local` are the relays' too (see
-    /// [`AttachConfig::relay_settings`]). With a [`Target::Port`] target no
+    /// across reloads of `rules_file`. With a [`Target::Port`] target no
     /// relay runs: flows go to another program's listener, and the relay
     /// settings below are unused.
     pub intercept: InterceptConfig,
-    /// Port of the relays' transparent sockets, TCP and UDP; 0 lets the
-    /// kernel pick one.
-    pub listen_port: u16,
-    /// Also relay IPv6.
-    pub ipv6: bool,
-    /// How clients are grouped for the relays' per-source bounds.
-    pub source_prefixes: SourcePrefixes,
+    /// The relays' port, IPv6, source grouping and upstreams. What they
+    /// share with the interception (the upstream mark, spoofing, local
+    /// destinations, loopback for the cgroups' connections) is taken from
+    /// `intercept`, whatever is set here (see
+    /// [`AttachConfig::relay_settings`]).
+    pub relay: RelaySettings,
     /// The TCP relay's limits and timeouts.
     pub tcp: TcpRelayConfig,
     /// The UDP relay's limits.
     pub udp: UdpRelayConfig,
-    /// Reach original destinations through these proxies (TCP; UDP too for
-    /// SOCKS5) instead of directly: the default, or the one a rule names.
-    pub upstreams: crate::relay::upstream::Upstreams,
     /// A rules file (see [`crate::control::config`]), applied at start and again on SIGHUP
     /// or `tproxy-user reload`.
     pub rules_file: Option<PathBuf>,
@@ -76,12 +70,12 @@ impl AttachConfig {
         Self {
             control_socket: Some(crate::instance::socket_path(&intercept.name)),
             intercept,
-            listen_port: 0,
-            ipv6: crate::host::system::ipv6_enabled(),
-            source_prefixes: SourcePrefixes::default(),
+            relay: RelaySettings {
+                ipv6: crate::host::system::ipv6_enabled(),
+                ..RelaySettings::default()
+            },
             tcp: TcpRelayConfig::default(),
             udp: UdpRelayConfig::default(),
-            upstreams: Default::default(),
             rules_file: None,
             watch_rules_file: false,
             metrics: None,
@@ -89,17 +83,15 @@ impl AttachConfig {
         }
     }
 
-    /// What the relays share, as this configuration sets it.
+    /// The relays' settings: `relay`, with what they share with the
+    /// interception taken from `intercept`.
     pub fn relay_settings(&self) -> RelaySettings {
         RelaySettings {
-            listen_port: self.listen_port,
-            ipv6: self.ipv6,
             upstream_mark: self.intercept.upstream_mark,
             spoof_source: self.intercept.spoof_source,
             allow_local_destinations: self.intercept.intercept_local,
-            upstreams: self.upstreams.clone(),
             loopback: !self.intercept.cgroups.is_empty(),
-            source_prefixes: self.source_prefixes,
+            ..self.relay.clone()
         }
     }
 }
@@ -136,15 +128,15 @@ pub fn prepare(mut config: AttachConfig) -> Result<Prepared> {
     if config.tcp.listeners > 1 {
         crate::host::kernel::REUSEPORT_ASSIGN.require()?;
     }
-    let port = config.listen_port;
+    let port = config.relay.listen_port;
     let relays = config.intercept.target == Target::Relay;
     if relays && port != 0 && config.intercept.rules.iter().any(|r| r.covers_port(port)) {
         return Err(Error::Config(format!("--listen-port {port} is also an intercepted port")));
     }
     crate::relay::fit_to_descriptors(&mut config.tcp, &mut config.udp);
-    config.upstreams.check(&config.intercept.rules)?;
+    config.relay.upstreams.check(&config.intercept.rules)?;
     if config.intercept.rules.iter().any(|r| r.protocols.contains(&crate::rules::Protocol::Udp)) {
-        for upstream in config.upstreams.all().filter(|u| !u.carries_udp()) {
+        for upstream in config.relay.upstreams.all().filter(|u| !u.carries_udp()) {
             warn!("{upstream} carries TCP only: UDP flows it would take are relayed directly");
         }
     }
@@ -173,10 +165,10 @@ impl Prepared {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let Prepared { config, successor, fixed_rules, rules_file_contents, intercept } = self;
         let settings = config.relay_settings();
+        let upstreams = settings.upstreams.clone();
         let AttachConfig {
             tcp,
             udp,
-            upstreams,
             rules_file,
             watch_rules_file,
             control_socket,

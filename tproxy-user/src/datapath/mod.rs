@@ -8,10 +8,12 @@ mod filters;
 pub mod local_table;
 pub mod original_dst;
 pub mod routing;
+mod settings;
 
 pub use filters::{
     NetlinkFilter, remove_clsact_if_unused, remove_filter, remove_unrecorded_filters,
 };
+pub use settings::{PortTarget, Settings, Target, Unparsed};
 
 use std::os::fd::AsRawFd;
 
@@ -104,50 +106,6 @@ const _: () = assert!(
     "a datapath counter without a description, or one too many"
 );
 
-/// What the programs are loaded with.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Settings {
-    /// Put on steered packets.
-    pub mark: u32,
-    /// The relay's upstream traffic carries it: never steered.
-    pub upstream_mark: u32,
-    /// Also steer replies to the relay's spoofed sockets.
-    pub return_path: bool,
-    /// Also steer traffic to the host's own destinations.
-    pub intercept_local: bool,
-    /// Drop what may be for an intercepted port but cannot be parsed whole.
-    pub drop_unparsed: bool,
-    /// Record each parse for [`Datapath::trace_parse`] (tests and
-    /// diagnostics; off, it costs nothing).
-    pub trace: bool,
-    /// Non-zero: new flows go to whatever transparent listener has this
-    /// port, not to the sockets given to [`Datapath::set_listener`].
-    pub target_port: u16,
-    /// The uid that must own that listener; `u32::MAX`: any.
-    pub target_owner: u32,
-    /// The IPv4 address that listener is bound to, if not the wildcard.
-    pub target_ipv4: Option<std::net::Ipv4Addr>,
-    /// The IPv6 address that listener is bound to, if not the wildcard.
-    pub target_ipv6: Option<std::net::Ipv6Addr>,
-    /// Load the TC program for Ethernet interfaces.
-    pub ethernet_links: bool,
-    /// Load the TC program for L3 interfaces (tunnels, TUN, WireGuard).
-    /// Each program costs the verifier a few hundred milliseconds: load
-    /// only the kinds that will be attached.
-    pub l3_links: bool,
-    /// Also load the cgroup hooks, for [`Datapath::attach_cgroup`].
-    pub cgroup_hooks: bool,
-    /// Also load what answers `getsockopt(SO_ORIGINAL_DST)`, for
-    /// [`Datapath::attach_original_dst_answers`].
-    pub original_dst_answers: bool,
-    /// The network namespace whose sockets the cgroup hooks rewrite, by
-    /// its cookie; 0: every one.
-    pub netns_cookie: u64,
-    /// Most entries of the host's own destinations; 0: the program's
-    /// default (`MAX_LOCAL_DESTS`).
-    pub local_dests_capacity: u32,
-}
-
 /// What [`Datapath::attach`] added.
 #[derive(Debug)]
 pub struct Attached {
@@ -183,13 +141,19 @@ impl Datapath {
         let (return_path, intercept_local, drop_unparsed, trace) = (
             flag(settings.return_path),
             flag(settings.intercept_local),
-            flag(settings.drop_unparsed),
+            flag(settings.unparsed == Unparsed::Drop),
             flag(settings.trace),
         );
-        let target_port = u32::from(settings.target_port);
+        let target = match settings.target {
+            Target::Relay => None,
+            Target::Port(t) => Some(t),
+        };
+        // 0: the relay's sockets.
+        let target_port = target.map_or(0, |t| u32::from(t.port));
+        let target_owner = target.map_or(0, |t| t.owner.unwrap_or(u32::MAX));
         // Network order, as the program compares them with packets.
-        let target_ipv4 = settings.target_ipv4.map_or(0, |a| u32::from_ne_bytes(a.octets()));
-        let target_ipv6: [u32; 4] = settings.target_ipv6.map_or([0; 4], original_dst::words);
+        let target_ipv4 = target.and_then(|t| t.ipv4).map_or(0, |a| u32::from_ne_bytes(a.octets()));
+        let target_ipv6: [u32; 4] = target.and_then(|t| t.ipv6).map_or([0; 4], original_dst::words);
         let local_dests_capacity = match settings.local_dests_capacity {
             0 => tproxy_ebpf::MAX_LOCAL_DESTS,
             n => n,
@@ -202,7 +166,7 @@ impl Datapath {
             .override_global(names::DROP_UNPARSED, &drop_unparsed, true)
             .override_global(names::TRACE_PARSE, &trace, true)
             .override_global(names::TARGET_PORT, &target_port, true)
-            .override_global(names::TARGET_OWNER, &settings.target_owner, true)
+            .override_global(names::TARGET_OWNER, &target_owner, true)
             .override_global(names::TARGET_ADDR4, &target_ipv4, true)
             .override_global(names::TARGET_ADDR6, &target_ipv6, true)
             .override_global(names::NETNS_COOKIE, &settings.netns_cookie, true)

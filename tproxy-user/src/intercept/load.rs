@@ -56,23 +56,16 @@ impl Interceptor {
 /// Loads the programs for `config`, with the TC programs for the interface
 /// kinds in `links` (see [`Datapath::load`]).
 pub fn load_programs(config: &InterceptConfig, links: &[system::LinkKind]) -> Result<Datapath> {
-    let target = match config.target {
-        Target::Relay => None,
-        Target::Port(t) => Some(t),
-    };
     Datapath::load(&datapath::Settings {
         mark: config.mark,
         upstream_mark: config.upstream_mark,
         return_path: config.spoof_source,
         intercept_local: config.intercept_local,
-        drop_unparsed: config.unparsed == Unparsed::Drop,
+        unparsed: config.unparsed,
         trace: false,
         ethernet_links: links.contains(&system::LinkKind::Ethernet),
         l3_links: links.contains(&system::LinkKind::L3),
-        target_port: target.map_or(0, |t| t.port),
-        target_owner: target.map_or(0, |t| t.owner.unwrap_or(u32::MAX)),
-        target_ipv4: target.and_then(|t| t.ipv4),
-        target_ipv6: target.and_then(|t| t.ipv6),
+        target: config.target,
         cgroup_hooks: !config.cgroups.is_empty(),
         original_dst_answers: config.original_dst_cgroup.is_some(),
         netns_cookie: if config.cgroups.is_empty() { 0 } else { system::netns_cookie() },

@@ -37,6 +37,7 @@ mod start;
 
 pub use cleanup::remove_leftovers;
 pub use config::*;
+pub use datapath::{PortTarget, Target, Unparsed};
 pub use load::load_programs;
 pub use port_target::{PortFinding, check_port_target};
 

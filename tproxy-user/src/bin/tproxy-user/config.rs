@@ -64,18 +64,14 @@ pub(crate) fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
     intercept.unparsed = args.unparsed.into();
     let (tcp, udp) = relay_configs(&args.relay)?;
     Ok(AttachConfig {
-        control_socket: Some(tproxy_user::instance::socket_path(&intercept.name)),
-        intercept,
-        listen_port: args.relay.listen_port,
-        ipv6: tproxy_user::host::system::ipv6_enabled(),
-        source_prefixes: source_prefixes(&args.relay),
+        relay: relay_settings(&args.relay)?,
         tcp,
         udp,
-        upstreams: upstreams(&args.relay.upstream, args.relay.upstream_file.as_deref())?,
         rules_file: args.config,
         watch_rules_file: args.watch_config,
         metrics: args.metrics,
         drain_timeout: seconds("--drain-timeout", args.drain_timeout)?,
+        ..AttachConfig::new(intercept)
     })
 }
 
@@ -119,8 +115,8 @@ fn upstreams(given: &[String], file: Option<&std::path::Path>) -> anyhow::Result
     Ok(upstreams)
 }
 
-/// What the relays share, for `relay` (`attach` derives it from its
-/// interception).
+/// What the relays share, as given (`attach` takes the mark, spoofing, local
+/// destinations and loopback from its interception instead).
 pub(crate) fn relay_settings(args: &RelayArgs) -> anyhow::Result<RelaySettings> {
     Ok(RelaySettings {
         listen_port: args.listen_port,
