@@ -31,10 +31,14 @@ pub fn tproxy_bin() -> PathBuf {
     }
 }
 
-/// A running `tproxy-user attach`, with its log collected.
+/// A running `tproxy-user attach`, with its log and its service-manager
+/// notifications collected.
 pub struct Proxy {
     child: Child,
     log: Arc<Mutex<String>>,
+    /// The notifications it sent to `$NOTIFY_SOCKET` (one string each), as
+    /// systemd would receive them.
+    notices: Notices,
     /// The threads copying stdout and stderr into `log`; they end at EOF.
     readers: Vec<thread::JoinHandle<()>>,
     /// The instance name it was given (`--name`), for `stats`.
@@ -50,8 +54,7 @@ impl Proxy {
     /// Like [`Proxy::start`], with `log_filter` as `RUST_LOG`.
     pub fn start_logging(ns: &Netns, args: &[&str], log_filter: &str) -> Result<Self> {
         let proxy = Self::spawn(ns, args, log_filter)?;
-        // Loading through the verifier takes seconds under emulation.
-        proxy.wait_for_log("ready:", Duration::from_secs(60))?;
+        proxy.wait_ready()?;
         Ok(proxy)
     }
 
@@ -88,7 +91,7 @@ impl Proxy {
         let mut command = crate::in_netns(ns, &tproxy_bin().to_string_lossy(), cgroup);
         command.args(&args);
         let proxy = Self::spawn_command(command, &args, "info,aya::bpf=error,tproxy_user=debug")?;
-        proxy.wait_for_log("ready:", Duration::from_secs(60))?;
+        proxy.wait_ready()?;
         Ok(proxy)
     }
 
@@ -100,7 +103,9 @@ impl Proxy {
         log_filter: &str,
     ) -> Result<Self> {
         let program = command.get_program().to_owned();
+        let notices = Notices::bind()?;
         let mut child = command
+            .env("NOTIFY_SOCKET", &notices.path)
             .env("RUST_LOG", log_filter)
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
@@ -112,7 +117,18 @@ impl Proxy {
         let stderr = child.stderr.take().expect("stderr");
         let readers = vec![collect_lines(stdout, log.clone()), collect_lines(stderr, log.clone())];
         let name = args.iter().skip_while(|a| **a != "--name").nth(1).unwrap_or(&"default");
-        Ok(Self { child, log, readers, name: name.to_string() })
+        Ok(Self { child, log, notices, readers, name: name.to_string() })
+    }
+
+    /// Waits for READY=1 (loading through the verifier takes seconds under
+    /// emulation) and returns the STATUS= sent with it.
+    pub fn wait_ready(&self) -> Result<String> {
+        crate::eventually(Duration::from_secs(60), || {
+            let notices = self.notices.received.lock().unwrap();
+            let ready = notices.iter().rev().find(|n| n.lines().any(|l| l == "READY=1"));
+            let ready = ready.with_context(|| format!("no READY=1; the log:\n{}", self.log()))?;
+            Ok(ready.lines().find_map(|l| l.strip_prefix("STATUS=")).unwrap_or("").to_owned())
+        })
     }
 
     pub fn log(&self) -> String {
@@ -126,12 +142,11 @@ impl Proxy {
         })
     }
 
-    /// The port the TCP relay listens on, from the ready line.
+    /// The port the TCP relay listens on, from the status sent with
+    /// READY=1.
     pub fn listen_port(&self) -> Result<u16> {
-        let log = self.log();
-        let line =
-            log.lines().find(|l| l.contains("relay listening on port")).context("no ready line")?;
-        let (_, rest) = line.split_once("relay listening on port ").context("no port")?;
+        let status = self.wait_ready()?;
+        let (_, rest) = status.split_once("relay listening on port ").context("no port")?;
         Ok(rest.split_whitespace().next().unwrap_or_default().parse()?)
     }
 
@@ -187,6 +202,44 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A `$NOTIFY_SOCKET` of our own, read as systemd reads it: each datagram
+/// one notification.
+struct Notices {
+    path: PathBuf,
+    socket: Arc<std::os::unix::net::UnixDatagram>,
+    received: Arc<Mutex<Vec<String>>>,
+}
+
+impl Notices {
+    fn bind() -> Result<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("tproxy-notify-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let socket = Arc::new(std::os::unix::net::UnixDatagram::bind(&path)?);
+        // A proxy that drops root (`setpriv`) notifies too.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let (reader, into) = (socket.clone(), received.clone());
+        thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            // Ends when `Drop` shuts the socket down.
+            while let Ok(n @ 1..) = reader.recv(&mut buf) {
+                into.lock().unwrap().push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        });
+        Ok(Self { path, socket, received })
+    }
+}
+
+impl Drop for Notices {
+    fn drop(&mut self) {
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 

@@ -117,7 +117,7 @@ fn an_unprivileged_daemon_relays_is_controlled_and_answers_probes() -> Result<()
         &args,
         "info,aya::bpf=error",
     )?;
-    proxy.wait_for_log("ready:", Duration::from_secs(60))?;
+    proxy.wait_ready()?;
     let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid()))?;
     let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or_default();
     ensure!(uid.split_whitespace().skip(1).all(|id| id == "65534"), "{uid}");
@@ -238,8 +238,6 @@ fn the_service_manager_is_notified() -> Result<()> {
     };
     let ready = next("READY=1")?;
     ensure!(ready.contains("STATUS=relay listening on port"), "{ready:?}");
-    // The ready line is logged just before (our log reader may lag).
-    proxy.wait_for_log("ready:", Duration::from_secs(5))?;
     next("WATCHDOG=1")?;
     proxy.signal(libc::SIGHUP);
     let reloading = next("RELOADING=1")?;

@@ -275,7 +275,7 @@ fn fd_exhaustion_backs_off_and_recovers() -> Result<()> {
         ],
         "info,aya::bpf=error,tproxy_user=debug",
     )?;
-    proxy.wait_for_log("ready:", Duration::from_secs(30))?;
+    proxy.wait_ready()?;
     // Far more connections than 128 descriptors can relay; they sit open.
     let open: Vec<TcpStream> =
         (0..120).filter_map(|_| topology.client.tcp_connect(addr).ok()).collect();

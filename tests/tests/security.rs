@@ -226,7 +226,7 @@ fn no_local_user_can_hold_the_locks_a_start_needs() -> Result<()> {
     let args = ["attach", PROXY_CLIENT_IFACE, "--port", "80"];
     let command = dir.tproxy(&topology.proxy, &args);
     let proxy = Proxy::spawn_command(command, &args, "info")?;
-    proxy.wait_for_log("ready:", Duration::from_secs(60))?;
+    proxy.wait_ready()?;
     let mode = std::fs::metadata(&dir.0)?.permissions().mode() & 0o777;
     ensure!(mode == 0o700, "the runtime directory is {mode:o}");
     for lock in ["routing.lock", &format!("{}.lock", topology.proxy.name)] {

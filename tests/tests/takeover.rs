@@ -304,8 +304,7 @@ fn the_old_instance_killed_before_it_answers() -> Result<()> {
     let peers = http_responder(&topology.server, Topology::server_addr(false, 80), "ok")?;
     let (old, new) = stalled_takeover(&topology)?;
     old.stop_with(libc::SIGKILL)?;
-    new.wait_for_log("ready:", Duration::from_secs(60))
-        .map_err(|e| anyhow::anyhow!("{e}\n{}", new.log()))?;
+    new.wait_ready()?;
     ensure!(new.stats(&topology.proxy)?.tcp().accepted == 0);
     relays_then_stops_clean(&topology, &peers, new)
 }
