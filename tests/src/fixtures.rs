@@ -377,16 +377,14 @@ impl Daemon {
         let _ = crate::proxy::collect_lines(child.stdout.take().expect("stdout"), log.clone());
         let _ = crate::proxy::collect_lines(child.stderr.take().expect("stderr"), log.clone());
         let mut daemon = Self { child, config: path, log };
-        let listening = crate::eventually(Duration::from_secs(60), || {
+        crate::eventually(Duration::from_secs(60), || {
             if daemon.child.try_wait()?.is_some() {
-                // Exited: no use waiting.
-                return Ok(Err(anyhow::anyhow!("{program} exited: {}", daemon.log())));
+                anyhow::bail!(crate::Hopeless(format!("{program} exited: {}", daemon.log())));
             }
             let bound = ns.exec(&["ss", "-Hltn", "sport", "=", &format!(":{port}")])?;
             ensure!(!bound.trim().is_empty(), "{program} never listened: {}", daemon.log());
-            Ok(Ok(()))
-        });
-        listening??;
+            Ok(())
+        })?;
         Ok(daemon)
     }
 

@@ -22,6 +22,7 @@ pub use proxy::*;
 
 /// Retries `check` until it passes or `within` has gone by; the error is
 /// the last failure's. Waits on what the test can observe, never a guess.
+/// A [`Hopeless`] failure ends the wait at once.
 pub fn eventually<T>(
     within: std::time::Duration,
     mut check: impl FnMut() -> anyhow::Result<T>,
@@ -30,6 +31,7 @@ pub fn eventually<T>(
     loop {
         match check() {
             Ok(value) => return Ok(value),
+            Err(e) if e.is::<Hopeless>() => return Err(e),
             Err(e) if std::time::Instant::now() >= deadline => {
                 return Err(e.context(format!("not within {within:?}")));
             }
@@ -37,3 +39,16 @@ pub fn eventually<T>(
         }
     }
 }
+
+/// A failure [`eventually`] does not wait out: what it waits for can no
+/// longer happen (the process exited, a request failed).
+#[derive(Debug)]
+pub struct Hopeless(pub String);
+
+impl std::fmt::Display for Hopeless {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Hopeless {}

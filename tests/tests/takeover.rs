@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Result, ensure};
+use anyhow::{Result, bail, ensure};
 use tproxy_tests::*;
 
 const SLOW_PORT: u16 = 81;
@@ -65,13 +65,12 @@ impl Load {
     fn wait_for(&self, count: u64) -> Result<()> {
         eventually(Duration::from_secs(120), || {
             let failures = self.failures.lock().unwrap().clone();
-            // A failure ends the wait at once.
             if !failures.is_empty() {
-                return Ok(Err(anyhow::anyhow!("{failures:?}")));
+                bail!(Hopeless(format!("{failures:?}")));
             }
             ensure!(self.done() >= count, "only {} requests in two minutes", self.done());
-            Ok(Ok(()))
-        })?
+            Ok(())
+        })
     }
 
     /// Stops; the successes, or the failures.

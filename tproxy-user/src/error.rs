@@ -28,6 +28,20 @@ pub enum Error {
         needed: String,
     },
 
+    /// The running kernel is recent enough, but probing found a feature
+    /// missing: configured out, or a vendor kernel without it.
+    #[error(
+        "kernel {found} lacks {feature} (in Linux since {needed}): it was built without it, or it is disabled"
+    )]
+    KernelLacks {
+        /// The running kernel's version.
+        found: String,
+        /// What is missing.
+        feature: &'static str,
+        /// The first version that has it.
+        needed: String,
+    },
+
     /// A live instance holds the name.
     #[error(
         "an instance named {0:?} is already running; give this one another --name, or stop that one"

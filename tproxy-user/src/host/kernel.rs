@@ -158,13 +158,21 @@ impl Feature {
         Ok(kernel)
     }
 
-    /// The error for a kernel that lacks it.
+    /// The error for a kernel that lacks it: too old, or (when its release
+    /// should have it) built or configured without it.
     pub fn missing(&self) -> Error {
-        Error::KernelTooOld {
-            found: current().map(text).unwrap_or_else(|_| "this kernel".into()),
-            feature: self.name,
-            needed: self.since_text(),
-        }
+        let (found, feature, needed) = match current() {
+            Ok(kernel) if self.in_release(kernel) => {
+                return Error::KernelLacks {
+                    found: text(kernel),
+                    feature: self.name,
+                    needed: self.since_text(),
+                };
+            }
+            Ok(kernel) => (text(kernel), self.name, self.since_text()),
+            Err(_) => ("this kernel".into(), self.name, self.since_text()),
+        };
+        Error::KernelTooOld { found, feature, needed }
     }
 }
 
@@ -223,5 +231,23 @@ mod tests {
         // A socket option no kernel knows.
         assert_eq!(socket_option_known(0x7fff), Some(false));
         assert_eq!(socket_option_known(libc::SO_REUSEADDR), Some(true));
+    }
+
+    /// A feature this release should have but the probe finds absent is
+    /// not blamed on the kernel's age.
+    #[test]
+    fn a_feature_probed_absent_on_a_new_release_is_not_called_too_old() {
+        let absent = Feature {
+            name: "an option no kernel knows",
+            role: "a test",
+            since: (3, 0),
+            probe: Probe::SocketOption(0x7fff),
+        };
+        let error = absent.require().unwrap_err();
+        assert!(matches!(error, Error::KernelLacks { .. }), "{error}");
+        let future = Feature { since: (99, 0), probe: Probe::Release, ..absent };
+        let error = future.require().unwrap_err();
+        assert!(matches!(error, Error::KernelTooOld { .. }), "{error}");
+        assert!(error.to_string().contains("too old"), "{error}");
     }
 }
