@@ -6,6 +6,7 @@
 mod bench;
 mod demo;
 mod dist;
+mod ebpf_object;
 mod setup;
 mod vm;
 
@@ -77,6 +78,14 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
+    /// Build the eBPF object alone, with the fingerprint of its sources
+    /// beside it, for building tproxy-user elsewhere with stable Rust alone
+    /// (`TPROXY_EBPF_OBJECT=PATH cargo build`).
+    EbpfObject {
+        /// Where to write it (and PATH.source).
+        #[arg(long, default_value = "target/ebpf-object/tproxy.bpf.o")]
+        out: PathBuf,
+    },
     /// Run the integration tests inside Debian kernels under qemu (virtme-ng).
     VmTest {
         /// Which kernel: 5.10, 6.1, 6.12 or all.
@@ -121,7 +130,12 @@ fn main() -> Result<()> {
             let binaries = build_test_binaries()?;
             let six_one =
                 vm::SERIES.iter().find(|s| s.name == "6.1").expect("6.1 is in the matrix");
-            vm::run(&[six_one], &binaries)
+            vm::run(&[six_one], &binaries)?;
+            // Last: it leaves tproxy-user built from the prebuilt object, so the
+            // next plain build rebuilds it.
+            let object = workspace().join("target/ebpf-object/tested.bpf.o");
+            ebpf_object::from_debug_build(&object)?;
+            ebpf_object::check_consumer_build(&object)
         }
         #[cfg(not(feature = "bench"))]
         Task::Bench { .. } => with_bench_feature(),
@@ -145,6 +159,10 @@ fn main() -> Result<()> {
                 dist::check(&deb)?;
             }
             Ok(())
+        }
+        Task::EbpfObject { out } => {
+            setup::demo()?;
+            ebpf_object::build(&out)
         }
         Task::VmTest { kernel } => {
             require_root("the tests create network namespaces and load BPF programs")?;
