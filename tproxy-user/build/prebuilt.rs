@@ -55,7 +55,10 @@ pub fn fingerprint(ebpf_dir: &Path) -> io::Result<String> {
 pub fn check(object: &Path, ebpf_dir: &Path) -> Result<(), String> {
     let beside = fingerprint_path(object);
     let given = fs::read_to_string(&beside).map_err(|e| {
-        format!("{ENV}: reading {}: {e} (write both with `cargo xtask ebpf-object`)", beside.display())
+        format!(
+            "{ENV}: reading {}: {e} (write both with `cargo xtask ebpf-object`)",
+            beside.display()
+        )
     })?;
     let ours = fingerprint(ebpf_dir)
         .map_err(|e| format!("{ENV}: reading the eBPF sources in {}: {e}", ebpf_dir.display()))?;

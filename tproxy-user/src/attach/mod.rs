@@ -83,6 +83,18 @@ impl AttachConfig {
         }
     }
 
+    /// Rejects configurations that cannot work, before anything is
+    /// touched: the interception's checks, and the relays' against it.
+    pub fn validate(&self) -> Result<()> {
+        self.intercept.validate()?;
+        let port = self.relay.listen_port;
+        let relays = self.intercept.target == Target::Relay;
+        if relays && port != 0 && self.intercept.rules.iter().any(|r| r.covers_port(port)) {
+            return Err(Error::Config(format!("--listen-port {port} is also an intercepted port")));
+        }
+        self.relay.upstreams.check(&self.intercept.rules)
+    }
+
     /// The relays' settings: `relay`, with what they share with the
     /// interception taken from `intercept`.
     pub fn relay_settings(&self) -> RelaySettings {
@@ -125,16 +137,11 @@ pub fn prepare(mut config: AttachConfig) -> Result<Prepared> {
         config.intercept.rules.extend(rules);
         rules_file_contents = Some(contents);
     }
+    config.validate()?;
     if config.tcp.listeners > 1 {
         crate::host::kernel::REUSEPORT_ASSIGN.require()?;
     }
-    let port = config.relay.listen_port;
-    let relays = config.intercept.target == Target::Relay;
-    if relays && port != 0 && config.intercept.rules.iter().any(|r| r.covers_port(port)) {
-        return Err(Error::Config(format!("--listen-port {port} is also an intercepted port")));
-    }
     crate::relay::fit_to_descriptors(&mut config.tcp, &mut config.udp);
-    config.relay.upstreams.check(&config.intercept.rules)?;
     if config.intercept.rules.iter().any(|r| r.protocols.contains(&crate::rules::Protocol::Udp)) {
         for upstream in config.relay.upstreams.all().filter(|u| !u.carries_udp()) {
             warn!("{upstream} carries TCP only: UDP flows it would take are relayed directly");
