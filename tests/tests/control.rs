@@ -249,6 +249,17 @@ fn counters_match_the_traffic() -> Result<()> {
 
     let table = tproxy_ok(&topology, &["stats"])?;
     ensure!(table.contains("tcp/80") && table.contains("NEW FLOWS"), "{table}");
+    // Each layer's counters, one per line; those at 0 only with --all.
+    let row = |table: &str, name: &str| -> Option<Vec<String>> {
+        let line = table.lines().find(|l| l.split_whitespace().next() == Some(name))?;
+        Some(line.split_whitespace().map(str::to_owned).collect())
+    };
+    let accepted = row(&table, "accepted").with_context(|| format!("no accepted row:\n{table}"))?;
+    ensure!(accepted[1] == N.to_string(), "{table}");
+    ensure!(json.datapath.assign_failed == 0, "{json:?}");
+    ensure!(row(&table, "assign_failed").is_none(), "a zero shown:\n{table}");
+    let all = tproxy_ok(&topology, &["stats", "--all"])?;
+    ensure!(row(&all, "assign_failed").is_some_and(|r| r[1] == "0"), "{all}");
 
     let text = topology.proxy.run(|| -> Result<String> {
         let mut stream = TcpStream::connect("127.0.0.1:9464")?;

@@ -43,11 +43,16 @@ pub trait Snapshot {
         Self::COUNTERS.iter().zip(self.values()).collect()
     }
 
-    /// One line: "3 connections relayed, 0 refused loops, …".
+    /// One line of the counters not at 0: "3 connections relayed, 1
+    /// aborted, …"; "nothing counted" if all are.
     fn summary(&self) -> String {
-        let parts: Vec<String> =
-            self.described().iter().map(|(c, v)| format!("{v} {}", c.words)).collect();
-        parts.join(", ")
+        let parts: Vec<String> = self
+            .described()
+            .iter()
+            .filter(|(_, v)| *v != 0)
+            .map(|(c, v)| format!("{v} {}", c.words))
+            .collect();
+        if parts.is_empty() { "nothing counted".into() } else { parts.join(", ") }
     }
 }
 
@@ -157,3 +162,16 @@ macro_rules! counters {
     (@label $lk:ident $lv:literal) => { Some((stringify!($lk), $lv)) };
 }
 pub(crate) use counters;
+
+#[cfg(test)]
+mod tests {
+    use super::Snapshot as _;
+    use crate::control::stats::RuleCounters;
+
+    #[test]
+    fn a_summary_names_only_what_was_counted() {
+        assert_eq!(RuleCounters::default().summary(), "nothing counted");
+        let counters = RuleCounters { packets: 3, no_listener: 1, ..Default::default() };
+        assert_eq!(counters.summary(), "3 packets, 1 no listener");
+    }
+}

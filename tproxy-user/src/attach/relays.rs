@@ -131,8 +131,8 @@ fn ready(tcp: &TcpRelay, udp: &UdpRelay) -> String {
 
 /// The relays' counters, as the run ends.
 pub(super) fn summarize(tcp: &TcpRelayStats, udp: &UdpRelayStats) {
-    info!("relay: {}", tcp.snapshot().summary());
-    info!("relay: {}", udp.snapshot().summary());
+    info!("tcp relay: {}", tcp.snapshot().summary());
+    info!("udp relay: {}", udp.snapshot().summary());
 }
 
 /// The relay's own TIME_WAIT sockets, removed as it stops.

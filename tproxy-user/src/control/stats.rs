@@ -87,8 +87,9 @@ pub struct StatsReport {
 }
 
 impl StatsReport {
-    /// A table for people.
-    pub fn to_table(&self) -> String {
+    /// Tables for people: the rules, then each layer's counters (name as in
+    /// JSON, value, meaning), zeros left out unless `all`.
+    pub fn to_table(&self, all: bool) -> String {
         let mut out = String::new();
         let mut places = self.interfaces.clone();
         places.extend(self.cgroups.iter().map(|c| format!("cgroup {c}")));
@@ -113,19 +114,43 @@ impl StatsReport {
             }
         }
         out.push('\n');
-        let _ = writeln!(out, "\ndatapath   {}", self.datapath.summary());
+        let mut layers = vec![("DATAPATH", self.datapath.described())];
         if let Some(tcp) = &self.tcp {
-            let _ = writeln!(out, "tcp relay  {}", tcp.summary());
+            layers.push(("TCP RELAY", tcp.described()));
         }
         if let Some(udp) = &self.udp {
-            let _ = writeln!(out, "udp relay  {}", udp.summary());
+            layers.push(("UDP RELAY", udp.described()));
         }
-        for u in &self.upstreams {
-            let _ = writeln!(
-                out,
-                "upstream   {} ({}): {} opened, {} failed",
-                u.name, u.url, u.opened, u.failed
-            );
+        let shown = |v: u64| all || v != 0;
+        let rows = layers.iter().flat_map(|(_, c)| c).filter(|(_, v)| shown(*v));
+        let name_width = rows.clone().map(|(c, _)| c.name.len()).max().unwrap_or(0);
+        let value_width = rows.map(|(_, v)| v.to_string().len()).max().unwrap_or(1);
+        let mut hidden = 0;
+        for (title, counters) in &layers {
+            let _ = writeln!(out, "\n{title}");
+            for (counter, value) in counters {
+                if !shown(*value) {
+                    hidden += 1;
+                    continue;
+                }
+                let name = counter.name;
+                let _ =
+                    writeln!(out, "  {name:name_width$}  {value:>value_width$}  {}", counter.words);
+            }
+        }
+        if !self.upstreams.is_empty() {
+            let _ = writeln!(out, "\nUPSTREAM");
+            let width = self.upstreams.iter().map(|u| u.name.len()).max().unwrap_or(0);
+            for u in &self.upstreams {
+                let _ = writeln!(
+                    out,
+                    "  {:width$}  {} opened, {} failed  {}",
+                    u.name, u.opened, u.failed, u.url
+                );
+            }
+        }
+        if hidden > 0 {
+            let _ = writeln!(out, "\n({hidden} counters at 0 not shown; --all shows them)");
         }
         out
     }

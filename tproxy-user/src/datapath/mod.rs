@@ -92,11 +92,11 @@ crate::counters::counters! {
         /// Packets and connections on intercepted ports passed because the
         /// host's own destinations were incomplete in the datapath and
         /// nothing could say theirs is not one (fail-safe).
-        local_unknown: Counter("tproxy_datapath_local_unknown", "passed, locality unknown",
+        local_unknown: Counter("tproxy_datapath_local_unknown", "passed with locality unknown",
             "Packets and connections on intercepted ports passed while the host's own destinations were incomplete"),
         /// New flows dropped because the `--to-port` listener that met them
         /// was not its owner's.
-        target_foreign: Counter("tproxy_datapath_target_foreign", "dropped, foreign listener",
+        target_foreign: Counter("tproxy_datapath_target_foreign", "dropped at a foreign listener",
             "New flows dropped because the --to-port listener on the port was another user's"),
     }
 }

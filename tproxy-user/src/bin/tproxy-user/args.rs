@@ -66,6 +66,9 @@ pub(crate) enum OtherCommand {
         /// As JSON.
         #[arg(long)]
         json: bool,
+        /// Also the counters at 0 (JSON always has them).
+        #[arg(long, conflicts_with = "json")]
+        all: bool,
     },
     /// Check this host for what tproxy needs and what gets in its way; each
     /// finding comes with its fix. Exits non-zero if anything fails.

@@ -53,12 +53,12 @@ pub(crate) async fn run_other(command: OtherCommand) -> anyhow::Result<()> {
             RuleAction::List(i) => print_rules(&i.name).await,
         },
         OtherCommand::Reload(i) => ask(&i.name, Request::Reload).await.map(drop),
-        OtherCommand::Stats { instance, json } => {
+        OtherCommand::Stats { instance, json, all } => {
             if let Response::Stats { stats } = ask(&instance.name, Request::Stats).await? {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&stats)?);
                 } else {
-                    print!("{}", stats.to_table());
+                    print!("{}", stats.to_table(all));
                 }
             }
             Ok(())
