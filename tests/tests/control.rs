@@ -288,6 +288,17 @@ fn counters_match_the_traffic() -> Result<()> {
     ensure!(value("tproxy_tcp_bytes_total", Some(("direction", "up")))? == (4 * N) as f64);
     ensure!(value("tproxy_tcp_connections_active", None)? == 0.0);
     ensure!(value("tproxy_rule_packets_total", Some(("rule", "tcp/80")))? == web.packets as f64);
+    // Every reason is a series, from the same counters as the report's
+    // (which only grow).
+    for (family, counts) in [
+        ("tproxy_drops_total", &json.reasons.dropped),
+        ("tproxy_passed_total", &json.reasons.passed),
+    ] {
+        ensure!(!counts.is_empty(), "no reasons in {json:?}");
+        for (reason, n) in counts {
+            ensure!(value(family, Some(("reason", reason)))? >= *n as f64, "{family} {reason}");
+        }
+    }
     proxy.stop()?;
     Ok(())
 }

@@ -167,6 +167,7 @@ fn the_proxy_may_start_late_and_stop_and_traffic_fails_open() -> Result<()> {
     ensure!(peers.iter().all(|p| p.ip() == client_ip(false)), "{peers:?}");
     let stats = proxy.stop_with_stats(&topology.proxy)?;
     ensure!(stats.datapath.to_listener == 1, "{stats:?}");
+    ensure!(stats.reasons.passed["no_listener"] == 2, "{:?}", stats.reasons);
     Ok(())
 }
 

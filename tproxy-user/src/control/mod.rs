@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod metrics;
+pub mod reasons;
 pub mod stats;
 pub mod systemd;
 
@@ -290,15 +291,18 @@ impl Controller {
             .into_iter()
             .map(|(rule, s)| RuleReport { rule: rule.to_string(), counters: s.into() })
             .collect();
+        let tcp = self.relays.as_ref().map(|(tcp, _)| tcp.snapshot());
+        let udp = self.relays.as_ref().map(|(_, udp)| udp.snapshot());
         Ok(StatsReport {
+            reasons: reasons::Reasons::of(&datapath, tcp.as_ref(), udp.as_ref()),
             name: self.name.clone(),
             interfaces,
             cgroups,
             datapath,
             target: target.to_string(),
             rules,
-            tcp: self.relays.as_ref().map(|(tcp, _)| tcp.snapshot()),
-            udp: self.relays.as_ref().map(|(_, udp)| udp.snapshot()),
+            tcp,
+            udp,
             upstreams: self.upstreams.report(),
         })
     }

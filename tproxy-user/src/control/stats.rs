@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tproxy_ebpf::RuleStats;
 
 use crate::{
+    control::reasons::{DROP_REASONS, PASS_REASONS, Reasons},
     counters::{Counter, Kind, Snapshot as _},
     datapath::DatapathStats,
     relay::{TcpRelayCounters, UdpRelayCounters, upstream::UpstreamReport},
@@ -84,6 +85,9 @@ pub struct StatsReport {
     /// Each upstream proxy (`--upstream`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub upstreams: Vec<UpstreamReport>,
+    /// Drops and un-proxied passes by reason, from the counters above.
+    #[serde(default)]
+    pub reasons: Reasons,
 }
 
 impl StatsReport {
@@ -124,7 +128,13 @@ impl StatsReport {
         let shown = |v: u64| all || v != 0;
         let rows = layers.iter().flat_map(|(_, c)| c).filter(|(_, v)| shown(*v));
         let name_width = rows.clone().map(|(c, _)| c.name.len()).max().unwrap_or(0);
-        let value_width = rows.map(|(_, v)| v.to_string().len()).max().unwrap_or(1);
+        let reasons = self.reasons.dropped.values().chain(self.reasons.passed.values());
+        let value_width = rows
+            .map(|(_, v)| *v)
+            .chain(reasons.copied().filter(|v| shown(*v)))
+            .map(|v| v.to_string().len())
+            .max()
+            .unwrap_or(1);
         let mut hidden = 0;
         for (title, counters) in &layers {
             let _ = writeln!(out, "\n{title}");
@@ -136,6 +146,26 @@ impl StatsReport {
                 let name = counter.name;
                 let _ =
                     writeln!(out, "  {name:name_width$}  {value:>value_width$}  {}", counter.words);
+            }
+        }
+        for (title, counts, meanings) in [
+            ("DROPPED", &self.reasons.dropped, DROP_REASONS),
+            ("PASSED WITHOUT THE PROXY", &self.reasons.passed, PASS_REASONS),
+        ] {
+            let rows: Vec<_> = meanings
+                .iter()
+                .map(|(reason, meaning)| {
+                    (reason, counts.get(*reason).copied().unwrap_or(0), meaning)
+                })
+                .filter(|(_, n, _)| shown(*n))
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let _ = writeln!(out, "\n{title}");
+            let width = rows.iter().map(|(r, _, _)| r.len()).max().unwrap_or(0);
+            for (reason, n, meaning) in rows {
+                let _ = writeln!(out, "  {reason:width$}  {n:>value_width$}  {meaning}");
             }
         }
         if !self.upstreams.is_empty() {
@@ -238,6 +268,21 @@ impl Collector for Snapshot {
                 Kind::Gauge => Self::gauge(&mut e, counter.metric, counter.help, series[0].1)?,
             }
         }
+        let by_reason = |counts: &std::collections::BTreeMap<String, u64>| -> Vec<(Labels, u64)> {
+            counts.iter().map(|(r, n)| (vec![("reason", r.clone())], *n)).collect()
+        };
+        c(
+            &mut e,
+            "tproxy_drops",
+            "Packets, flows and datagrams dropped or refused, by reason",
+            &by_reason(&s.reasons.dropped),
+        )?;
+        c(
+            &mut e,
+            "tproxy_passed",
+            "Intercepted traffic that went on without the proxy, by reason",
+            &by_reason(&s.reasons.passed),
+        )?;
         if !s.upstreams.is_empty() {
             let series = |value: fn(&UpstreamReport) -> u64| -> Vec<(Labels, u64)> {
                 s.upstreams.iter().map(|u| (vec![("upstream", u.name.clone())], value(u))).collect()
