@@ -439,3 +439,79 @@ fn control_is_root_only() -> Result<()> {
     proxy.stop()?;
     Ok(())
 }
+
+/// `--access-log`: one JSON line for every relayed TCP connection and UDP
+/// session as it ends, which jq reads; SIGHUP opens the path again, as
+/// logrotate needs.
+#[test]
+fn the_access_log_has_a_line_per_connection_and_session() -> Result<()> {
+    let topology = Topology::new("accesslog")?;
+    let dir = std::env::temp_dir().join(format!("tproxy-accesslog-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (log, rotated) = (dir.join("access.log"), dir.join("access.log.1"));
+    let web = Topology::server_addr(false, 80);
+    let _peers = http_responder(&topology.server, web, "ok")?;
+    let dns = Topology::server_addr(false, 5300);
+    let _udp = UdpServer::start(&topology.server, dns, 1)?;
+    let proxy = Proxy::start(
+        &topology.proxy,
+        &[
+            "attach",
+            PROXY_CLIENT_IFACE,
+            "--port",
+            "80",
+            "--rule",
+            "udp/5300",
+            "--access-log",
+            log.to_str().context("a UTF-8 path")?,
+        ],
+    )?;
+    let url = format!("http://{web}/");
+    let written = |n: u64| {
+        proxy.wait_for(&topology.proxy, "access log entries", move |s| {
+            s.access_log.is_some_and(|a| a.written == n)
+        })
+    };
+    for _ in 0..2 {
+        ensure!(topology.client.curl(&url)?.ends_with("ok"));
+    }
+    written(2)?;
+    // Rotated: the next entries go to a new file at the same path.
+    std::fs::rename(&log, &rotated)?;
+    proxy.signal(libc::SIGHUP);
+    eventually(Duration::from_secs(10), || {
+        ensure!(log.exists(), "SIGHUP did not reopen the access log");
+        Ok(())
+    })?;
+    ensure!(topology.client.curl(&url)?.ends_with("ok"));
+    let client = topology.client.udp_client(dns)?;
+    udp_round_trips(&client, dns, 3)?;
+    written(3)?;
+    // The UDP session ends with the instance, and its line is written
+    // before the exit.
+    proxy.stop()?;
+
+    let entries = |path: &std::path::Path| -> Result<Vec<serde_json::Value>> {
+        let parsed = std::process::Command::new("jq").arg("-c").arg(".").arg(path).output()?;
+        ensure!(parsed.status.success(), "jq: {}", String::from_utf8_lossy(&parsed.stderr));
+        let text = String::from_utf8(parsed.stdout)?;
+        text.lines().map(|l| Ok(serde_json::from_str(l)?)).collect()
+    };
+    let first = entries(&rotated)?;
+    let second = entries(&log)?;
+    ensure!(first.len() == 2 && second.len() == 2, "{first:?}\n{second:?}");
+    let client_ip = client_ip(false).to_string();
+    for tcp in first.iter().chain(&second[..1]) {
+        ensure!(tcp["protocol"] == "tcp" && tcp["outcome"] == "closed", "{tcp}");
+        ensure!(tcp["destination"] == web.to_string() && tcp["rule"] == "80", "{tcp}");
+        ensure!(tcp["client"].as_str().is_some_and(|c| c.starts_with(&client_ip)), "{tcp}");
+        ensure!(tcp["upstream"] == "direct" && tcp["bytes_down"].as_u64() > Some(0), "{tcp}");
+        ensure!(tcp["start"].as_f64() > Some(1e9) && tcp["duration"].as_f64() >= Some(0.0));
+    }
+    let udp = &second[1];
+    ensure!(udp["protocol"] == "udp" && udp["rule"] == "udp/5300", "{udp}");
+    ensure!(udp["bytes_up"] == 48 && udp["bytes_down"] == 48, "{udp}");
+    ensure!(udp["destination"] == dns.to_string() && udp["outcome"] == "closed", "{udp}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

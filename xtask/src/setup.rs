@@ -22,6 +22,8 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     ("prlimit", "util-linux"),
     ("python3", "python3"),
+    // Reads the access log, line by line.
+    ("jq", "jq"),
     ("/usr/lib/nginx/modules/ngx_stream_module.so", "libnginx-mod-stream"),
     ("conntrack", "conntrack"),
     // A transparent proxy of someone else's, steered by `--to-port`; and

@@ -17,6 +17,7 @@ use crate::{
     intercept::{InterceptConfig, Interceptor, Loaded, Target},
     relay::{
         RelaySettings, TcpRelayConfig, UdpRelayConfig,
+        access_log::AccessLog,
         timewait::{self, Purge},
     },
 };
@@ -54,6 +55,9 @@ pub struct AttachConfig {
     pub control_socket: Option<PathBuf>,
     /// Serve Prometheus metrics here.
     pub metrics: Option<SocketAddr>,
+    /// Write a line for every relayed connection and session here (`-`:
+    /// standard output; see [`crate::relay::access_log`]); SIGHUP reopens it.
+    pub access_log: Option<PathBuf>,
     /// Once a takeover has let this instance go, how long it keeps relaying
     /// its connections and sessions before it closes what is left.
     pub drain_timeout: std::time::Duration,
@@ -79,6 +83,7 @@ impl AttachConfig {
             rules_file: None,
             watch_rules_file: false,
             metrics: None,
+            access_log: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
     }
@@ -91,6 +96,12 @@ impl AttachConfig {
         let relays = self.intercept.target == Target::Relay;
         if relays && port != 0 && self.intercept.rules.iter().any(|r| r.covers_port(port)) {
             return Err(Error::Config(format!("--listen-port {port} is also an intercepted port")));
+        }
+        if self.access_log.is_some() && !relays {
+            return Err(Error::Config(
+                "--access-log logs the relay's connections, and with --to-port no relay runs"
+                    .into(),
+            ));
         }
         self.relay.upstreams.check(&self.intercept.rules)
     }
@@ -180,6 +191,7 @@ impl Prepared {
             watch_rules_file,
             control_socket,
             metrics,
+            access_log,
             drain_timeout,
             ..
         } = config;
@@ -191,6 +203,10 @@ impl Prepared {
         // before anything is attached; the control socket only now that the
         // name is ours. A takeover binds them once the running instance has
         // let go of them.
+        let access_log = match (&access_log, target) {
+            (Some(path), Target::Relay) => Some(AccessLog::open(path)?),
+            _ => None,
+        };
         let mut services = Services::new();
         let mut control = None;
         if !takeover {
@@ -230,18 +246,21 @@ impl Prepared {
         }
 
         // 4. Serve.
-        let relays = relays.map(|r| relays::follow(r, &interceptor));
+        let relays = relays.map(|r| relays::follow(r, &interceptor, access_log.as_ref()));
         let relay_stats = relays.as_ref().map(|(tcp, udp)| (tcp.stats(), udp.stats()));
         let watched =
             rules_file.clone().filter(|_| watch_rules_file).map(|p| (p, rules_file_contents));
-        let controller = Arc::new(Controller::new(
-            name,
-            interceptor,
-            relay_stats.clone(),
-            upstreams,
-            fixed_rules,
-            rules_file,
-        ));
+        let controller = Arc::new(
+            Controller::new(
+                name,
+                interceptor,
+                relay_stats.clone(),
+                upstreams,
+                fixed_rules,
+                rules_file,
+            )
+            .with_access_log(access_log.clone()),
+        );
         let mut handovers = controller.handovers();
         services.control(&controller, control, watched);
         let (running, status) = match relays {
@@ -274,6 +293,9 @@ impl Prepared {
                     None => warn!("SIGUSR2: this instance was started without an upgrade helper"),
                 },
                 _ = hangup.recv() => {
+                    if let Some(log) = &access_log {
+                        log.reopen();
+                    }
                     if let Err(e) = controller.reload().await {
                         warn!("reload refused, the rules stay as they were: {e}");
                     }
@@ -330,6 +352,10 @@ impl Prepared {
         };
         if let Some((tcp, udp)) = &relay_stats {
             relays::summarize(tcp, udp);
+        }
+        if let Some(log) = access_log {
+            // The relays' last entries are queued: written before the exit.
+            let _ = tokio::task::spawn_blocking(move || log.flush()).await;
         }
         stopped
     }

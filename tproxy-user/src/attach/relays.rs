@@ -13,6 +13,7 @@ use crate::{
     relay::{
         RelaySettings, TcpRelay, TcpRelayConfig, TcpRelayStats, UdpRelay, UdpRelayConfig,
         UdpRelayStats,
+        access_log::AccessLog,
         timewait::{self, Purge, Whose},
     },
 };
@@ -42,7 +43,12 @@ pub(super) fn sockets(relays: Option<&(TcpRelay, UdpRelay)>) -> Vec<(RelaySocket
 pub(super) fn follow(
     (mut tcp, mut udp): (TcpRelay, UdpRelay),
     interceptor: &Interceptor,
+    access_log: Option<&AccessLog>,
 ) -> (TcpRelay, UdpRelay) {
+    if let Some(log) = access_log {
+        tcp.set_access_log(log.clone());
+        udp.set_access_log(log.clone());
+    }
     tcp.follow_rules(interceptor.watch_rules());
     udp.follow_rules(interceptor.watch_rules());
     if let Some(dsts) = interceptor.original_dsts() {

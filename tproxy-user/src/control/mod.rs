@@ -38,7 +38,7 @@ use crate::{
     error::{Error, Result},
     instance::socket_path,
     intercept::Interceptor,
-    relay::{TcpRelayStats, UdpRelayStats, upstream::Upstreams},
+    relay::{TcpRelayStats, UdpRelayStats, access_log::AccessLog, upstream::Upstreams},
     rules::Rule,
 };
 
@@ -111,6 +111,8 @@ pub struct Controller {
     /// Where handover requests go, once someone listens (see
     /// [`Controller::handovers`]).
     handovers: std::sync::Mutex<Option<tokio::sync::mpsc::Sender<HandoverReply>>>,
+    /// The relays' access log, if any.
+    access_log: Option<AccessLog>,
 }
 
 /// How the instance answers a [`Request::Handover`], once it has let go:
@@ -129,7 +131,23 @@ impl Controller {
     ) -> Self {
         let interceptor = Mutex::new(Some(interceptor));
         let handovers = std::sync::Mutex::new(None);
-        Self { name, interceptor, relays, upstreams, fixed_rules, rules_file, handovers }
+        let access_log = None;
+        Self {
+            name,
+            interceptor,
+            relays,
+            upstreams,
+            fixed_rules,
+            rules_file,
+            handovers,
+            access_log,
+        }
+    }
+
+    /// Reports the counters of the relays' access log too.
+    pub fn with_access_log(mut self, log: Option<AccessLog>) -> Self {
+        self.access_log = log;
+        self
     }
 
     /// Carries out one request.
@@ -303,6 +321,7 @@ impl Controller {
             rules,
             tcp,
             udp,
+            access_log: self.access_log.as_ref().map(AccessLog::counters),
             upstreams: self.upstreams.report(),
         })
     }

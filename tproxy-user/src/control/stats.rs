@@ -18,7 +18,9 @@ use crate::{
     control::reasons::{DROP_REASONS, PASS_REASONS, Reasons},
     counters::{Counter, Kind, Snapshot as _},
     datapath::DatapathStats,
-    relay::{TcpRelayCounters, UdpRelayCounters, upstream::UpstreamReport},
+    relay::{
+        TcpRelayCounters, UdpRelayCounters, access_log::AccessLogCounters, upstream::UpstreamReport,
+    },
 };
 
 crate::counters::counters! {
@@ -85,6 +87,9 @@ pub struct StatsReport {
     /// Each upstream proxy (`--upstream`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub upstreams: Vec<UpstreamReport>,
+    /// The access log's entries written and dropped, if there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<AccessLogCounters>,
     /// Drops and un-proxied passes by reason, from the counters above.
     #[serde(default)]
     pub reasons: Reasons,
@@ -124,6 +129,9 @@ impl StatsReport {
         }
         if let Some(udp) = &self.udp {
             layers.push(("UDP RELAY", udp.described()));
+        }
+        if let Some(log) = &self.access_log {
+            layers.push(("ACCESS LOG", log.described()));
         }
         let shown = |v: u64| all || v != 0;
         let rows = layers.iter().flat_map(|(_, c)| c).filter(|(_, v)| shown(*v));
@@ -253,7 +261,8 @@ impl Collector for Snapshot {
             .tcp
             .iter()
             .flat_map(|t| t.described())
-            .chain(s.udp.iter().flat_map(|u| u.described()));
+            .chain(s.udp.iter().flat_map(|u| u.described()))
+            .chain(s.access_log.iter().flat_map(|a| a.described()));
         let described = s.datapath.described().into_iter().chain(relays);
         for (counter, value) in described {
             let labels: Labels = counter.label.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();

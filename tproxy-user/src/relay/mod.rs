@@ -1,6 +1,7 @@
 //! The relay: accepts what the TC program steers and forwards it to the
 //! original destination, directly or through an upstream proxy.
 
+pub mod access_log;
 mod budget;
 mod local;
 mod pump;

@@ -217,6 +217,11 @@ pub(crate) struct AttachArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     pub(crate) metrics: Option<SocketAddr>,
+    /// Write one JSON line for every relayed TCP connection and UDP session
+    /// as it ends, to PATH (appended; `-`: standard output); SIGHUP reopens
+    /// it, for logrotate.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) access_log: Option<PathBuf>,
     /// Also intercept traffic to this host's own addresses. By default it
     /// goes to the host's own services untouched.
     #[arg(long)]

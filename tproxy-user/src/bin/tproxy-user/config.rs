@@ -70,6 +70,7 @@ pub(crate) fn attach_config(args: AttachArgs) -> anyhow::Result<AttachConfig> {
         rules_file: args.config,
         watch_rules_file: args.watch_config,
         metrics: args.metrics,
+        access_log: args.access_log,
         drain_timeout: seconds("--drain-timeout", args.drain_timeout)?,
         ..AttachConfig::new(intercept)
     })

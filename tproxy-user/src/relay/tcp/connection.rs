@@ -22,6 +22,7 @@ use tracing::debug;
 
 use super::Shared;
 use crate::relay::{
+    access_log::Entry,
     pump::{Progress, Pump, now_ms},
     timewait,
     transparent::{self, DialOptions},
@@ -157,6 +158,11 @@ impl Future for Connection {
                     }
                     let (peer, dst) = (*this.peer, *this.dst);
                     debug!(%peer, %dst, error = %e, "upstream connect failed");
+                    let outcome = match e.kind() {
+                        io::ErrorKind::TimedOut => "upstream_timeout",
+                        _ => "upstream_failed",
+                    };
+                    log_access(this.shared, peer, dst, *this.started, (0, 0), outcome);
                     // Tell the client the way the server would have: a reset.
                     reset(client);
                     *this.phase = Phase::Done;
@@ -233,6 +239,7 @@ fn finish(
     dst: SocketAddr,
     started: Instant,
 ) {
+    let moved = (relaying.up.total, relaying.down.total);
     // No allocation for the common end: this runs for every connection.
     let outcome: std::borrow::Cow<str> = match &result {
         Ok(()) => "closed".into(),
@@ -264,6 +271,29 @@ fn finish(
         }
     }
     debug!(%peer, %dst, up, down, duration = ?started.elapsed(), outcome = &*outcome, "connection");
+    let outcome = match &*outcome {
+        "closed" => "closed",
+        o if o.contains("idle timeout") => "timeout",
+        _ => "reset",
+    };
+    log_access(shared, peer, dst, started, moved, outcome);
+}
+
+/// The connection's access log entry, if there is a log.
+fn log_access(
+    shared: &Shared,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    started: Instant,
+    (up, down): (u64, u64),
+    outcome: &str,
+) {
+    let Some(log) = &shared.access_log else { return };
+    let rules = shared.rules.as_ref().map(|rules| rules.borrow().clone());
+    let entry = Entry::new(crate::rules::Protocol::Tcp, peer, dst)
+        .routed(&shared.settings, rules.as_deref())
+        .ended(started.elapsed(), up, down, outcome);
+    log.record(entry);
 }
 
 /// Closes with RST instead of FIN.

@@ -30,6 +30,7 @@ use super::{
 use crate::{
     datapath::original_dst::OriginalDsts,
     error::{Error, Result},
+    relay::access_log::AccessLog,
 };
 
 /// The TCP relay's own limits and timeouts (what it shares with the UDP
@@ -139,6 +140,7 @@ pub struct TcpRelay {
     original_dsts: Option<OriginalDsts>,
     stats: Arc<TcpRelayStats>,
     rules: Option<RulesWatch>,
+    access_log: Option<AccessLog>,
 }
 
 /// The interceptor's rules in force (see [`crate::Interceptor::watch_rules`]).
@@ -191,8 +193,8 @@ impl TcpRelay {
             Vec::new()
         };
         let settings = RelaySettings { listen_port: port, ..settings };
-        let (stats, rules, original_dsts) = (Arc::default(), None, None);
-        Ok(Self { settings, config, v4, v6, loopback, original_dsts, stats, rules })
+        let (stats, rules, original_dsts, access_log) = (Arc::default(), None, None, None);
+        Ok(Self { settings, config, v4, v6, loopback, original_dsts, stats, rules, access_log })
     }
 
     /// The loopback listeners for the host's own connections (IPv4, then
@@ -205,6 +207,11 @@ impl TcpRelay {
     /// [`crate::Interceptor::original_dsts`]).
     pub fn set_original_dsts(&mut self, dsts: OriginalDsts) {
         self.original_dsts = Some(dsts);
+    }
+
+    /// Writes an entry for every connection as it ends.
+    pub fn set_access_log(&mut self, log: AccessLog) {
+        self.access_log = Some(log);
     }
 
     /// Follows the interceptor's rules: a connection that ends after no
@@ -252,6 +259,7 @@ impl TcpRelay {
             slots,
             per_source,
             rules: self.rules,
+            access_log: self.access_log,
         });
         let mut tasks = JoinSet::new();
         // Indexed within their family's SO_REUSEPORT group.
@@ -282,6 +290,7 @@ pub(super) struct Shared {
     slots: Arc<Semaphore>,
     pub per_source: Option<PerSource>,
     pub rules: Option<RulesWatch>,
+    pub access_log: Option<AccessLog>,
 }
 
 /// A plain listener on loopback, for connections the cgroup hooks send.

@@ -46,6 +46,7 @@ use super::{
 use crate::{
     datapath::original_dst::OriginalDsts,
     error::{Error, Result},
+    relay::access_log::{AccessLog, Entry},
 };
 
 mod session;
@@ -158,6 +159,7 @@ pub struct UdpRelay {
     original_dsts: Option<OriginalDsts>,
     stats: Arc<UdpRelayStats>,
     rules: Option<super::tcp::RulesWatch>,
+    access_log: Option<AccessLog>,
 }
 
 impl UdpRelay {
@@ -193,8 +195,8 @@ impl UdpRelay {
             .map(|addr| TransparentUdp::bind(addr).map_err(bind_err(addr)))
             .collect::<Result<_>>()?;
         let settings = RelaySettings { listen_port: port, ..settings };
-        let (stats, rules, original_dsts) = (Arc::default(), None, None);
-        Ok(Self { settings, config, v4, v6, loopback, original_dsts, stats, rules })
+        let (stats, rules, original_dsts, access_log) = (Arc::default(), None, None, None);
+        Ok(Self { settings, config, v4, v6, loopback, original_dsts, stats, rules, access_log })
     }
 
     /// The loopback sockets for the host's own datagrams (IPv4, then
@@ -207,6 +209,11 @@ impl UdpRelay {
     /// [`crate::Interceptor::original_dsts`]).
     pub fn set_original_dsts(&mut self, dsts: OriginalDsts) {
         self.original_dsts = Some(dsts);
+    }
+
+    /// Writes an entry for every session as it ends.
+    pub fn set_access_log(&mut self, log: AccessLog) {
+        self.access_log = Some(log);
     }
 
     /// The port the sockets are bound to.
@@ -254,6 +261,7 @@ impl UdpRelay {
         let mut rules = self.rules.take();
         let (associated_tx, mut associated) = mpsc::unbounded_channel();
         table.associated = Some(associated_tx);
+        table.access_log = self.access_log.take();
         table.rules = rules.as_mut().map(|r| r.borrow_and_update().clone());
         loop {
             let (received, buf, from_loopback) = tokio::select! {

@@ -43,6 +43,7 @@ pub(super) async fn relay_replies(
     epoch: Instant,
     stats: Arc<UdpRelayStats>,
     stop: oneshot::Receiver<&'static str>,
+    access: Option<(AccessLog, Entry)>,
 ) {
     let opened = Instant::now();
     let outcome = relay_until_stopped(&sockets, &activity, epoch, &stats, stop).await;
@@ -51,6 +52,9 @@ pub(super) async fn relay_replies(
     let down = activity.bytes_down.load(Relaxed);
     let duration = opened.elapsed();
     debug!(%client, %dst, up, down, ?duration, "UDP session {outcome}");
+    if let Some((log, entry)) = access {
+        log.record(entry.ended(duration, up, down, outcome));
+    }
 }
 
 /// Relays until `stop` says why the session ends, and returns that.

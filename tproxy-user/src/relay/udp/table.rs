@@ -79,6 +79,8 @@ pub(super) struct SessionTable {
     pub(super) rules: Option<Arc<crate::rules::RuleSet>>,
     /// Where opened associations are reported, to [`Self::finish_open`].
     pub(super) associated: Option<mpsc::UnboundedSender<(SessionKey, io::Result<Association>)>>,
+    /// Where each session's entry goes as it ends.
+    pub(super) access_log: Option<AccessLog>,
     epoch: Instant,
 }
 
@@ -120,6 +122,7 @@ impl SessionTable {
             queued_bytes,
             rules: None,
             associated,
+            access_log: None,
             epoch,
         }
     }
@@ -298,6 +301,10 @@ impl SessionTable {
             self.epoch,
             self.stats.clone(),
             stopped,
+            self.access_log.clone().map(|log| {
+                let entry = Entry::new(crate::rules::Protocol::Udp, client, dst);
+                (log, entry.routed(&self.settings, self.rules.as_deref()))
+            }),
         ));
         self.stats.sessions_total.fetch_add(1, Relaxed);
         self.stats.sessions_active.fetch_add(1, Relaxed);
