@@ -9,7 +9,7 @@ use std::{
     io::{self, BufWriter},
     net::SocketAddr,
     os::unix::fs::OpenOptionsExt as _,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         Arc,
         atomic::Ordering::Relaxed,
@@ -222,7 +222,7 @@ impl Output {
 /// queue runs dry.
 fn write_until_closed(
     mut out: Output,
-    path: &PathBuf,
+    path: &Path,
     entries: &Receiver<Command>,
     stats: &AccessLogStats,
 ) {
