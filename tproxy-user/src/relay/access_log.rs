@@ -73,7 +73,8 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// An entry for a flow that started `elapsed` ago.
+    /// An entry for a flow of `protocol` from `client` to `destination`,
+    /// direct and decided by no rule until [`Entry::routed`] says otherwise.
     pub fn new(protocol: Protocol, client: SocketAddr, destination: SocketAddr) -> Self {
         Self {
             start: 0.0,
