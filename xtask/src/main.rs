@@ -195,13 +195,7 @@ fn build(release: bool) -> Result<PathBuf> {
 
 fn test(args: &[String]) -> Result<()> {
     let bin = build(false)?;
-    // The library tests run the examples.
-    run(Command::new(env!("CARGO")).current_dir(workspace()).args([
-        "build",
-        "--package",
-        "tproxy-user",
-        "--examples",
-    ]))?;
+    build_examples()?;
     let mut cargo = Command::new(env!("CARGO"));
     cargo
         .current_dir(workspace())
@@ -212,10 +206,21 @@ fn test(args: &[String]) -> Result<()> {
     run(&mut cargo)
 }
 
+/// The library's examples, which the library and external tests run.
+fn build_examples() -> Result<()> {
+    run(Command::new(env!("CARGO")).current_dir(workspace()).args([
+        "build",
+        "--package",
+        "tproxy-user",
+        "--examples",
+    ]))
+}
+
 /// Builds tproxy-user, its examples and the integration tests; returns the
 /// test executables, for running elsewhere (inside a VM).
 fn build_test_binaries() -> Result<vm::TestBinaries> {
     let tproxy_user = build(false)?;
+    build_examples()?;
     let output = Command::new(env!("CARGO"))
         .current_dir(workspace())
         .args(["test", "--package", "tproxy-tests", "--tests", "--no-run", "--message-format=json"])
